@@ -1,0 +1,1 @@
+"""The controller: the mesh's certificate authority, registry and API."""

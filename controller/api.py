@@ -1,0 +1,162 @@
+"""The controller's HTTPS API (FastAPI): a thin layer over :class:`Controller`.
+
+Who is calling is decided from the TLS client certificate alone (mTLS):
+admin calls need the admin credential, node calls a node certificate;
+enrollment and the CA certificate are open, the token being the credential.
+Every error answer is ``{"error": "<one line>"}`` with a meaningful status;
+a request body over the limit is refused with 413 before it is read whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from meshcore.errors import IdmeshError
+from meshcore.identity import Identity, cert_pem
+from meshcore.wire import EnrollRequest, EnrollResponse, NodeInfo, TokenCreated, TokenCreateRequest, TokenInfo
+
+from .registry import Controller
+
+__all__ = ["create_app", "BodyLimit", "TLS_EXTENSION"]
+
+log = logging.getLogger("idmesh.controller.api")
+
+# Key in scope["extensions"] under which the TLS layer (server.py) hands the
+# client certificate (DER) to the app.
+TLS_EXTENSION = "idmesh.tls"
+DEFAULT_MAX_BODY = 64 * 1024
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413."""
+
+    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                return await self._refuse(send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = b'{"error":"request body too large (limit %d bytes)"}' % self.limit
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "malformed request"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"malformed request: {where}: {first.get('msg', 'invalid')}{more}"
+
+
+def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
+    app = FastAPI(title="idmesh controller", version="1", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(IdmeshError)
+    async def _idmesh_error(_: Request, exc: IdmeshError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal error in the controller (see its log)"}, status_code=500)
+
+    def caller(request: Request) -> Identity:
+        der = request.scope.get("extensions", {}).get(TLS_EXTENSION, {}).get("client_cert")
+        return controller.authenticate(der, _now())
+
+    def admin(ident: Identity = Depends(caller)) -> Identity:
+        controller.require(ident, "admin")
+        return ident
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "domain": controller.settings.domain}
+
+    @app.get("/v1/ca", response_class=PlainTextResponse)
+    async def ca() -> str:
+        return cert_pem(controller.ca.cert)
+
+    @app.post("/v1/enroll", response_model=EnrollResponse)
+    async def enroll(req: EnrollRequest, request: Request) -> EnrollResponse:
+        source = request.client.host if request.client else "unknown"
+        return controller.enroll(req, source, _now())
+
+    @app.post("/v1/tokens", response_model=TokenCreated)
+    async def create_token(req: TokenCreateRequest, who: Identity = Depends(admin)) -> TokenCreated:
+        return controller.create_token(str(who.spiffe_id), req, _now())
+
+    @app.get("/v1/tokens", response_model=list[TokenInfo])
+    async def list_tokens(_: Identity = Depends(admin)) -> list[TokenInfo]:
+        return controller.list_tokens()
+
+    @app.delete("/v1/tokens/{token_id}")
+    async def delete_token(token_id: str, who: Identity = Depends(admin)) -> dict[str, str]:
+        controller.delete_token(str(who.spiffe_id), token_id, _now())
+        return {"deleted": token_id}
+
+    @app.get("/v1/nodes", response_model=list[NodeInfo])
+    async def list_nodes(_: Identity = Depends(admin)) -> list[NodeInfo]:
+        return controller.list_nodes()
+
+    @app.delete("/v1/nodes/{name}", response_model=NodeInfo)
+    async def remove_node(name: str, who: Identity = Depends(admin)) -> NodeInfo:
+        return controller.remove_node(str(who.spiffe_id), name, _now())
+
+    return BodyLimit(app, max_body)

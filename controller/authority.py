@@ -1,0 +1,203 @@
+"""The controller's data directory: the CA, its TLS and admin credentials.
+
+Layout of ``--data DIR`` (keys 0600, the directory 0700)::
+
+    ca.crt  ca.key          the mesh CA (Ed25519)
+    server.crt server.key   the API's TLS certificate, issued by the mesh CA
+    admin.conf              the admin credential meshctl uses (0600)
+    controller.db           the SQLite store (WAL)
+
+``init`` builds everything in memory first and writes each file with
+O_EXCL, removing what it wrote if a later step fails: a failed init changes
+nothing and a second init never overwrites a CA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from meshcore.addressing import CGNAT, MeshPrefixes, random_ula48
+from meshcore.errors import Conflict, InvalidInput, PermissionDenied, Unavailable
+from meshcore.identity import (
+    CertificateAuthority,
+    Claims,
+    SpiffeId,
+    build_leaf,
+    cert_pem,
+    key_pem,
+    load_certificate,
+    new_ca,
+)
+
+from .store import Store
+
+__all__ = ["DataDir", "init_data_dir", "load_authority", "default_url", "parse_url"]
+
+ADMIN_CERT_TTL = timedelta(days=365)
+SERVER_CERT_TTL = timedelta(days=365)
+DEFAULT_NODE_CERT_TTL = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class DataDir:
+    path: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.path / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.path / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.path / "server.key"
+
+    @property
+    def admin_conf(self) -> Path:
+        return self.path / "admin.conf"
+
+    @property
+    def database(self) -> Path:
+        return self.path / "controller.db"
+
+
+def default_url() -> str:
+    return f"https://{socket.gethostname()}:8443"
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise InvalidInput(f"invalid controller URL {url!r}: {exc}") from exc
+    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+        raise InvalidInput(f"invalid controller URL {url!r}: expected https://HOST:PORT")
+    return parts.hostname, port
+
+
+def _write_new(path: Path, data: str, mode: int, written: list[Path]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    written.append(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def init_data_dir(
+    data: Path,
+    domain: str,
+    url: str,
+    now: datetime,
+    block_v4: int = 26,
+    block_v6: int = 64,
+    node_cert_ttl: timedelta = DEFAULT_NODE_CERT_TTL,
+) -> dict[str, str]:
+    """Create a mesh: CA, server certificate, admin credential, store."""
+    dd = DataDir(data)
+    host, _ = parse_url(url)
+    prefixes = MeshPrefixes(CGNAT, random_ula48(), block_v4, block_v6)
+    if any(p.exists() for p in (dd.ca_key, dd.ca_cert, dd.database)):
+        raise Conflict(f"{data} already holds a mesh CA; refusing to overwrite it (use another --data directory)")
+    try:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(data, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise PermissionDenied(f"cannot write to the data directory {data}: {exc.strerror or exc}") from exc
+
+    ca = new_ca(domain, ed25519.Ed25519PrivateKey.generate(), now)
+    server_key = ed25519.Ed25519PrivateKey.generate()
+    try:
+        ip = ipaddress.ip_address(host)
+        names: tuple[tuple[str, ...], tuple[object, ...]] = ((), (ip,))
+    except ValueError:
+        names = ((host,), ())
+    server_id = SpiffeId(domain, "controller", host if not names[1] else "controller")
+    server = build_leaf(ca, server_key.public_key(), server_id, Claims(kind="controller"), now,
+                        SERVER_CERT_TTL, dns_names=names[0], ip_addresses=names[1])
+    admin_key = ed25519.Ed25519PrivateKey.generate()
+    admin_id = SpiffeId(domain, "admin", "admin")
+    admin = build_leaf(ca, admin_key.public_key(), admin_id, Claims(kind="admin"), now, ADMIN_CERT_TTL)
+    admin_conf = {
+        "url": url,
+        "domain": domain,
+        "ca_fingerprint": ca.fingerprint,
+        "ca": cert_pem(ca.cert),
+        "certificate": cert_pem(admin),
+        "key": key_pem(admin_key),
+    }
+
+    written: list[Path] = []
+    try:
+        _write_new(dd.ca_key, key_pem(ca.key), 0o600, written)
+        _write_new(dd.ca_cert, cert_pem(ca.cert), 0o644, written)
+        _write_new(dd.server_key, key_pem(server_key), 0o600, written)
+        _write_new(dd.server_cert, cert_pem(server), 0o644, written)
+        _write_new(dd.admin_conf, json.dumps(admin_conf, indent=2) + "\n", 0o600, written)
+        written.append(dd.database)
+        store = Store.open(dd.database, create=True)
+        with store.transaction() as tx:
+            for key, value in {
+                "domain": domain,
+                "url": url,
+                "prefix_v4": str(prefixes.v4),
+                "prefix_v6": str(prefixes.v6),
+                "block_v4": str(prefixes.block_v4),
+                "block_v6": str(prefixes.block_v6),
+                "node_cert_ttl": str(int(node_cert_ttl.total_seconds())),
+            }.items():
+                tx.set_meta(key, value)
+            tx.audit(now, "mesh-controller init", "ca.created", f"spiffe://{domain}", fingerprint=ca.fingerprint)
+            for sid, cert in ((server_id, server), (admin_id, admin)):
+                tx.insert_certificate(format(cert.serial_number, "x"), str(sid), sid.kind, None, now,
+                                      cert.not_valid_after_utc)
+                tx.audit(now, "mesh-controller init", "certificate.issued", str(sid),
+                         serial=format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc)
+        store.close()
+    except BaseException as exc:
+        for path in written:
+            for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                p.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise PermissionDenied(f"cannot write to the data directory {data}: {exc.strerror or exc}") from exc
+        raise
+    return {
+        "domain": domain,
+        "url": url,
+        "ca_fingerprint": ca.fingerprint,
+        "prefix_v4": str(prefixes.v4),
+        "prefix_v6": str(prefixes.v6),
+        "admin_conf": str(dd.admin_conf),
+    }
+
+
+def load_authority(data: Path) -> CertificateAuthority:
+    dd = DataDir(data)
+    try:
+        cert = load_certificate(dd.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(dd.ca_key.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise Unavailable(f"no mesh CA in {data}: run 'mesh-controller init --data {data}' first") from exc
+    except OSError as exc:
+        raise PermissionDenied(f"cannot read the mesh CA in {data}: {exc.strerror}") from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise InvalidInput(f"{dd.ca_key} is not an Ed25519 key")
+    return CertificateAuthority(cert, key)

@@ -1,0 +1,227 @@
+"""What the controller does, independent of HTTP: tokens, enrollment, nodes,
+and deciding who a client certificate belongs to.
+
+Each operation is one store transaction that also writes its audit rows, so
+an identity event is never committed without its record. ``now`` is passed
+in by the caller (the API passes the wall clock, tests a fixed one).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from meshcore.addressing import MeshPrefixes
+from meshcore.errors import Conflict, InvalidCertificate, InvalidInput, InvalidToken, NotFound, PermissionDenied
+from meshcore.identity import (
+    CertificateAuthority,
+    Claims,
+    Identity,
+    SpiffeId,
+    build_leaf,
+    cert_pem,
+    load_csr,
+    verify_leaf,
+)
+from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
+from meshcore.wire import EnrollRequest, EnrollResponse, NodeInfo, TokenCreated, TokenCreateRequest, TokenInfo
+
+from .authority import DataDir, load_authority
+from .ratelimit import FailureLimiter
+from .store import NodeRow, Store, TokenRow
+
+__all__ = ["Controller"]
+
+
+@dataclass
+class Settings:
+    domain: str
+    url: str
+    prefixes: MeshPrefixes
+    node_cert_ttl: timedelta
+
+
+class Controller:
+    def __init__(self, store: Store, ca: CertificateAuthority, settings: Settings,
+                 limiter: FailureLimiter | None = None) -> None:
+        self.store = store
+        self.ca = ca
+        self.settings = settings
+        self.limiter = limiter or FailureLimiter()
+
+    @classmethod
+    def open(cls, data: Path) -> "Controller":
+        dd = DataDir(data)
+        ca = load_authority(data)
+        store = Store.open(dd.database)
+        with store.transaction() as tx:
+            meta = {k: tx.meta(k) or "" for k in ("domain", "url", "prefix_v4", "prefix_v6", "block_v4",
+                                                  "block_v6", "node_cert_ttl")}
+        prefixes = MeshPrefixes(
+            ipaddress.IPv4Network(meta["prefix_v4"]), ipaddress.IPv6Network(meta["prefix_v6"]),
+            int(meta["block_v4"]), int(meta["block_v6"]),
+        )
+        settings = Settings(meta["domain"], meta["url"], prefixes, timedelta(seconds=int(meta["node_cert_ttl"])))
+        return cls(store, ca, settings)
+
+    # who is calling -------------------------------------------------------
+    def authenticate(self, cert_der: bytes | None, now: datetime) -> Identity:
+        """The identity behind a TLS client certificate, or PermissionDenied.
+
+        The TLS layer already checked the chain; this adds the X509-SVID
+        rules, the claims, and whether the controller still honors it.
+        """
+        if not cert_der:
+            raise PermissionDenied("this call needs a client certificate (admin credential or node certificate)")
+        try:
+            ident = verify_leaf(x509.load_der_x509_certificate(cert_der), self.ca.cert, now)
+        except (InvalidCertificate, ValueError) as exc:
+            raise PermissionDenied(f"client certificate refused: {exc}") from exc
+        with self.store.transaction() as tx:
+            revoked = tx.certificate_revoked(ident.serial_hex)
+            node = tx.node(ident.spiffe_id.name) if ident.spiffe_id.kind == "node" else None
+        if revoked is None or revoked:
+            raise PermissionDenied(f"client certificate of {ident.spiffe_id} has been revoked")
+        if ident.spiffe_id.kind == "node" and (node is None or node.cert_serial != ident.serial_hex):
+            raise PermissionDenied(f"{ident.spiffe_id} is no longer a member of this mesh")
+        return ident
+
+    @staticmethod
+    def require(ident: Identity, kind: str) -> None:
+        if ident.spiffe_id.kind != kind:
+            raise PermissionDenied(f"{ident.spiffe_id} may not make this call ({kind} only)")
+
+    # tokens ---------------------------------------------------------------
+    def create_token(self, actor: str, req: TokenCreateRequest, now: datetime) -> TokenCreated:
+        if req.owner and req.tags:
+            # As in Tailscale: a tagged node belongs to the mesh, not to a person.
+            raise InvalidInput("a node is either owned by a principal (--owner) or tagged (--tag), not both")
+        token = new_token(self.settings.url, self.ca.fingerprint)
+        line = token.encode()
+        row = TokenRow(token.id, token_hash(line), sorted(set(req.tags)), req.owner, req.reusable, now,
+                       now + timedelta(seconds=req.ttl_seconds), 0, actor)
+        with self.store.transaction() as tx:
+            tx.insert_token(row)
+            tx.audit(now, actor, "token.created", token.id, tags=row.tags, owner=row.owner,
+                     reusable=row.reusable, expires=row.expires_at)
+        return TokenCreated(token=line, **_token_info(row).model_dump())
+
+    def list_tokens(self) -> list[TokenInfo]:
+        with self.store.transaction() as tx:
+            return [_token_info(t) for t in tx.tokens()]
+
+    def delete_token(self, actor: str, token_id: str, now: datetime) -> None:
+        with self.store.transaction() as tx:
+            if not tx.delete_token(token_id):
+                raise NotFound(f"no token with id {token_id!r}")
+            tx.audit(now, actor, "token.deleted", token_id)
+
+    # enrollment -----------------------------------------------------------
+    def enroll(self, req: EnrollRequest, source: str, now: datetime) -> EnrollResponse:
+        self.limiter.check(source, now)
+        try:
+            token = parse_token(req.token)
+        except InvalidToken as exc:
+            self._refuse(source, None, str(exc), now)
+            raise
+        public_key = load_csr(req.csr)
+        s = self.settings
+        with self.store.transaction() as tx:
+            row = tx.token(token.id)
+            reason = _token_problem(row, req.token, now)
+            if reason is None:
+                assert row is not None
+                if tx.node(req.name) is not None:
+                    raise Conflict(
+                        f"a node named {req.name!r} is already enrolled; remove it first "
+                        f"(meshctl nodes remove {req.name}) or enroll with another --name"
+                    )
+                index = tx.allocate_block(s.prefixes.capacity)
+                block = s.prefixes.block(index)
+                addresses = (str(block.node_v4), str(block.node_v6))
+                sid = SpiffeId(s.domain, "node", req.name)
+                claims = Claims(kind="node", node=req.name, owner=row.owner, tags=tuple(row.tags),
+                                addresses=addresses, blocks=(str(block.v4), str(block.v6)))
+                cert = build_leaf(self.ca, public_key, sid, claims, now, s.node_cert_ttl)
+                serial = format(cert.serial_number, "x")
+                node = NodeRow(req.name, index, req.wireguard_public_key, row.owner, list(row.tags), serial,
+                               cert.not_valid_after_utc, now, row.id)
+                tx.insert_node(node)
+                tx.insert_certificate(serial, str(sid), "node", req.name, now, cert.not_valid_after_utc)
+                tx.use_token(row.id)
+                actor = f"token:{row.id}"
+                tx.audit(now, actor, "token.used", row.id, source, node=req.name)
+                tx.audit(now, actor, "node.enrolled", str(sid), source, owner=row.owner, tags=row.tags,
+                         addresses=list(addresses), wireguard_public_key=req.wireguard_public_key)
+                tx.audit(now, actor, "certificate.issued", str(sid), source, serial=serial,
+                         not_after=cert.not_valid_after_utc)
+        if reason is not None:
+            self._refuse(source, token.id, reason, now)
+            raise InvalidToken(reason)
+        return EnrollResponse(
+            domain=s.domain,
+            certificate=cert_pem(cert),
+            ca=cert_pem(self.ca.cert),
+            node=self._node_info(node),
+            mesh_prefixes=[str(s.prefixes.v4), str(s.prefixes.v6)],
+        )
+
+    def _refuse(self, source: str, token_id: str | None, reason: str, now: datetime) -> None:
+        self.limiter.record_failure(source, now)
+        with self.store.transaction() as tx:
+            tx.audit(now, "anonymous", "token.refused", token_id, source, reason=reason)
+
+    # nodes ----------------------------------------------------------------
+    def _node_info(self, row: NodeRow) -> NodeInfo:
+        block = self.settings.prefixes.block(row.block_index)
+        return NodeInfo(
+            name=row.name,
+            spiffe_id=str(SpiffeId(self.settings.domain, "node", row.name)),
+            owner=row.owner,
+            tags=row.tags,
+            addresses=[str(block.node_v4), str(block.node_v6)],
+            blocks=[str(block.v4), str(block.v6)],
+            wireguard_public_key=row.wg_public_key,
+            enrolled_at=row.enrolled_at,
+            cert_not_after=row.cert_not_after,
+        )
+
+    def list_nodes(self) -> list[NodeInfo]:
+        with self.store.transaction() as tx:
+            return [self._node_info(n) for n in tx.nodes()]
+
+    def remove_node(self, actor: str, name: str, now: datetime) -> NodeInfo:
+        with self.store.transaction() as tx:
+            row = tx.node(name)
+            if row is None:
+                raise NotFound(f"no node named {name!r}")
+            tx.delete_node(name)
+            revoked = tx.revoke_certificates_of_node(name, now)
+            sid = str(SpiffeId(self.settings.domain, "node", name))
+            tx.audit(now, actor, "node.removed", sid, certificates_revoked=revoked)
+            tx.audit(now, actor, "certificate.revoked", sid, serial=row.cert_serial, reason="node removed")
+        return self._node_info(row)
+
+
+def _token_problem(row: TokenRow | None, line: str, now: datetime) -> str | None:
+    """Why a presented token cannot enroll, or None when it can.
+
+    An unknown id and a wrong secret get the same answer, so the reply
+    tells a guesser nothing about which ids exist.
+    """
+    if row is None or not hash_matches(line, row.hash):
+        return "enrollment token is not valid for this mesh"
+    if now >= row.expires_at:
+        return f"enrollment token expired at {row.expires_at.isoformat(timespec='seconds')}"
+    if not row.reusable and row.uses > 0:
+        return "enrollment token was already used (it is single-use; create another with meshctl token create)"
+    return None
+
+
+def _token_info(row: TokenRow) -> TokenInfo:
+    return TokenInfo(id=row.id, tags=row.tags, owner=row.owner, reusable=row.reusable, expires=row.expires_at,
+                     created=row.created_at, uses=row.uses)

@@ -1,0 +1,103 @@
+"""Serving the API over TLS with uvicorn, client certificates included.
+
+uvicorn verifies the client's chain against the mesh CA (CERT_OPTIONAL: a
+node that is enrolling has no certificate yet) but does not pass the
+certificate to the app. :class:`_ClientCertProtocol` takes it from the TLS
+connection once the handshake is done and adds it to every request's scope
+under :data:`controller.api.TLS_EXTENSION`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from meshcore.errors import InvalidInput, Unavailable
+
+from .api import DEFAULT_MAX_BODY, TLS_EXTENSION, create_app
+from .authority import DataDir
+from .registry import Controller
+
+__all__ = ["serve", "server_ssl_context", "parse_listen"]
+
+
+class _ClientCertProtocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        app = self.app
+
+        async def with_cert(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            scope.setdefault("extensions", {})[TLS_EXTENSION] = {"client_cert": der}
+            await app(scope, receive, send)
+
+        self.app = with_cert
+
+
+def server_ssl_context(data: Path) -> ssl.SSLContext:
+    dd = DataDir(data)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(dd.server_cert, dd.server_key)
+    ctx.load_verify_locations(dd.ca_cert)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"invalid --listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY) -> None:
+    host, port = parse_listen(listen)
+    controller = Controller.open(data)
+    ctx = server_ssl_context(data)
+    config = uvicorn.Config(
+        create_app(controller, max_body),
+        host=host,
+        port=port,
+        http=_ClientCertProtocol,
+        ws="none",
+        lifespan="off",
+        log_level="warning",
+        ssl_context_factory=lambda _config, _default: ctx,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        controller.store.close()
+        raise Unavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    logging.getLogger("idmesh.controller").info(
+        "controller for %s listening on https://%s:%d", controller.settings.domain, host, port
+    )
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        controller.store.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a taken port is our one-line error, not uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

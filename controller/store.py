@@ -1,0 +1,302 @@
+"""The controller's durable state in SQLite (WAL).
+
+Every change is one ``BEGIN IMMEDIATE`` transaction, so writers are
+serialised (no two enrollments can take the same block) and a ``kill -9`` at
+any moment leaves either all of a change or none of it. ``synchronous=NORMAL``
+in WAL mode keeps every committed transaction across a process crash; only a
+power loss can drop the last few (never corrupt the file).
+
+Queries are plain methods of :class:`Tx`, one open transaction. Migrations
+are append-only: :data:`MIGRATIONS` grows, a number never changes meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
+
+__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "AuditRow", "iso", "from_iso"]
+
+MIGRATIONS: list[str] = [
+    # 1: foundation
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash BLOB NOT NULL,
+        tags TEXT NOT NULL,
+        owner TEXT,
+        reusable INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        uses INTEGER NOT NULL DEFAULT 0,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        block_index INTEGER NOT NULL UNIQUE,
+        wg_public_key TEXT NOT NULL UNIQUE,
+        owner TEXT,
+        tags TEXT NOT NULL,
+        cert_serial TEXT NOT NULL,
+        cert_not_after TEXT NOT NULL,
+        enrolled_at TEXT NOT NULL,
+        token_id TEXT
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        node TEXT,
+        issued_at TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX certificates_node ON certificates(node);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        source TEXT,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit(at);
+    """,
+]
+
+
+def iso(moment: datetime) -> str:
+    """UTC, fixed width, so text order is time order."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def from_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: str
+    hash: bytes
+    tags: list[str]
+    owner: str | None
+    reusable: bool
+    created_at: datetime
+    expires_at: datetime
+    uses: int
+    created_by: str
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    name: str
+    block_index: int
+    wg_public_key: str
+    owner: str | None
+    tags: list[str]
+    cert_serial: str
+    cert_not_after: datetime
+    enrolled_at: datetime
+    token_id: str | None
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    source: str | None
+    detail: dict[str, Any]
+
+
+class Tx:
+    """One open transaction; every query of the controller is a method here."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    # meta -----------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self._c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # tokens ---------------------------------------------------------------
+    def insert_token(self, row: TokenRow) -> None:
+        self._c.execute(
+            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.hash, json.dumps(row.tags), row.owner, int(row.reusable), iso(row.created_at),
+             iso(row.expires_at), row.uses, row.created_by),
+        )
+
+    def token(self, token_id: str) -> TokenRow | None:
+        r = self._c.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        if r is None:
+            return None
+        return TokenRow(r[0], bytes(r[1]), json.loads(r[2]), r[3], bool(r[4]), from_iso(r[5]), from_iso(r[6]), r[7], r[8])
+
+    def tokens(self) -> list[TokenRow]:
+        ids = [r[0] for r in self._c.execute("SELECT id FROM tokens ORDER BY created_at")]
+        return [t for t in (self.token(i) for i in ids) if t is not None]
+
+    def use_token(self, token_id: str) -> None:
+        self._c.execute("UPDATE tokens SET uses = uses + 1 WHERE id = ?", (token_id,))
+
+    def delete_token(self, token_id: str) -> bool:
+        return self._c.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount > 0
+
+    # nodes ----------------------------------------------------------------
+    def allocate_block(self, capacity: int) -> int:
+        """The next never-used block; only when those run out, the lowest freed one.
+
+        Not reusing a freed block at once keeps a removed node's addresses
+        from meeting a new node while old certificates may still be around.
+        """
+        nxt = int(self.meta("next_block") or 0)
+        if nxt < capacity:
+            self.set_meta("next_block", str(nxt + 1))
+            return nxt
+        used = {r[0] for r in self._c.execute("SELECT block_index FROM nodes")}
+        for index in range(capacity):
+            if index not in used:
+                return index
+        raise Exhausted(f"all {capacity} node blocks of the mesh are in use")
+
+    def insert_node(self, row: NodeRow) -> None:
+        try:
+            self._c.execute(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.name, row.block_index, row.wg_public_key, row.owner, json.dumps(row.tags), row.cert_serial,
+                 iso(row.cert_not_after), iso(row.enrolled_at), row.token_id),
+            )
+        except sqlite3.IntegrityError as exc:
+            if "wg_public_key" in str(exc):
+                raise Conflict("this WireGuard key is already used by another node") from exc
+            raise Conflict(f"a node named {row.name!r} is already enrolled") from exc
+
+    def node(self, name: str) -> NodeRow | None:
+        r = self._c.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        return None if r is None else _node_row(r)
+
+    def nodes(self) -> list[NodeRow]:
+        return [_node_row(r) for r in self._c.execute("SELECT * FROM nodes ORDER BY name")]
+
+    def delete_node(self, name: str) -> bool:
+        return self._c.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount > 0
+
+    # certificates ---------------------------------------------------------
+    def insert_certificate(self, serial: str, spiffe_id: str, kind: str, node: str | None,
+                           issued_at: datetime, not_after: datetime) -> None:
+        self._c.execute(
+            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            (serial, spiffe_id, kind, node, iso(issued_at), iso(not_after)),
+        )
+
+    def certificate_revoked(self, serial: str) -> bool | None:
+        """None when the controller never issued ``serial``."""
+        r = self._c.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)).fetchone()
+        return None if r is None else r[0] is not None
+
+    def revoke_certificates_of_node(self, node: str, at: datetime) -> int:
+        return self._c.execute(
+            "UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (iso(at), node)
+        ).rowcount
+
+    # audit ----------------------------------------------------------------
+    def audit(self, at: datetime, actor: str, action: str, target: str | None = None,
+              source: str | None = None, **detail: Any) -> None:
+        self._c.execute(
+            "INSERT INTO audit(at, actor, action, target, source, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (iso(at), actor, action, target, source, json.dumps(detail, sort_keys=True, default=str)),
+        )
+
+    def audit_rows(self, since: datetime | None = None, action: str | None = None, limit: int = 1000) -> list[AuditRow]:
+        sql, args = "SELECT * FROM audit WHERE 1=1", []  # type: tuple[str, list[Any]]
+        if since is not None:
+            sql += " AND at >= ?"
+            args.append(iso(since))
+        if action is not None:
+            sql += " AND action = ?"
+            args.append(action)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        rows = self._c.execute(sql, args).fetchall()
+        return [AuditRow(r[0], from_iso(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6])) for r in reversed(rows)]
+
+
+def _node_row(r: tuple[Any, ...]) -> NodeRow:
+    return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8])
+
+
+class Store:
+    """One SQLite database file; transactions are serialised in-process too."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, create: bool = False) -> "Store":
+        if not create and not path.exists():
+            raise Unavailable(f"no controller database at {path}: run 'mesh-controller init' first")
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn)
+            store._migrate()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open the controller database {path}: {exc}") from exc
+        return store
+
+    def _migrate(self) -> None:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise IdmeshError(f"the database has schema {version}, newer than this controller knows ({len(MIGRATIONS)})")
+        for number in range(version, len(MIGRATIONS)):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {number + 1}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise Unavailable(f"controller database is unavailable: {exc}") from exc
+            try:
+                yield Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise Unavailable(f"controller database did not commit: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()

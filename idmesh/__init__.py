@@ -1,0 +1,1 @@
+"""The idmesh distribution: shared command-line plumbing and ``meshctl``."""

@@ -1,0 +1,101 @@
+"""The one exceptions module of idmesh.
+
+Every error a user can meet is an :class:`IdmeshError` whose ``str()`` is one
+line that says what is wrong and, where it helps, what to do. Lower-level
+errors (cryptography, sqlite, ssl, httpx) are mapped at the boundary with
+``raise ... from`` so a traceback never reaches a user::
+
+    IdmeshError                     exit code 1
+    ├── InvalidInput                a value the user gave is malformed (2)
+    │   ├── InvalidToken            garbage, tampered, expired, used, foreign
+    │   └── InvalidCertificate      bad signature, expired, not an X509-SVID
+    ├── NotFound                    a named node/token/file does not exist (3)
+    ├── Conflict                    already enrolled, duplicate name, CA exists (4)
+    ├── PermissionDenied            credential missing or not allowed (5)
+    ├── Unavailable                 the controller or a daemon cannot be reached (6)
+    └── Exhausted                   the overlay address space is full (7)
+
+``status`` is the HTTP status the API answers with for that error class.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IdmeshError",
+    "InvalidInput",
+    "InvalidToken",
+    "InvalidCertificate",
+    "NotFound",
+    "Conflict",
+    "PermissionDenied",
+    "Unavailable",
+    "Exhausted",
+    "RateLimited",
+    "error_for_status",
+]
+
+
+class IdmeshError(Exception):
+    exit_code = 1
+    status = 500
+
+
+class InvalidInput(IdmeshError):
+    exit_code = 2
+    status = 422
+
+
+class InvalidToken(InvalidInput):
+    status = 401
+
+
+class InvalidCertificate(InvalidInput):
+    status = 401
+
+
+class NotFound(IdmeshError):
+    exit_code = 3
+    status = 404
+
+
+class Conflict(IdmeshError):
+    exit_code = 4
+    status = 409
+
+
+class PermissionDenied(IdmeshError):
+    exit_code = 5
+    status = 403
+
+
+class RateLimited(PermissionDenied):
+    status = 429
+
+
+class Unavailable(IdmeshError):
+    exit_code = 6
+    status = 503
+
+
+class Exhausted(IdmeshError):
+    exit_code = 7
+    status = 507
+
+
+_BY_STATUS: dict[int, type[IdmeshError]] = {
+    400: InvalidInput,
+    401: InvalidToken,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    413: InvalidInput,
+    422: InvalidInput,
+    429: RateLimited,
+    503: Unavailable,
+    507: Exhausted,
+}
+
+
+def error_for_status(status: int, message: str) -> IdmeshError:
+    """Map an API error answer back to the exception class a client raises."""
+    return _BY_STATUS.get(status, IdmeshError)(message)

@@ -1,0 +1,82 @@
+"""Enrollment tokens: one line that tells a new node where the controller is,
+which CA to trust, and proves it was invited.
+
+Layout: ``idm1.`` followed by base64url (no padding) of compact JSON
+``{"u": controller URL, "f": CA SHA-256 fingerprint (hex), "i": token id,
+"s": secret}``. The controller stores only the SHA-256 of the whole token
+line, keyed by id, and compares in constant time: changing any character —
+the URL and the pinned fingerprint included — makes the token worthless.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import InvalidToken
+
+__all__ = ["EnrollmentToken", "parse_token", "new_token", "token_hash", "hash_matches"]
+
+PREFIX = "idm1."
+_ID = re.compile(r"^[A-Za-z0-9_-]{8,32}$")
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class EnrollmentToken:
+    url: str
+    ca_fingerprint: str
+    id: str
+    secret: str
+
+    def encode(self) -> str:
+        doc = {"u": self.url, "f": self.ca_fingerprint, "i": self.id, "s": self.secret}
+        raw = json.dumps(doc, separators=(",", ":")).encode()
+        return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"EnrollmentToken(url={self.url!r}, id={self.id!r})"
+
+
+def new_token(url: str, ca_fingerprint: str) -> EnrollmentToken:
+    return EnrollmentToken(url, ca_fingerprint, secrets.token_urlsafe(9), secrets.token_urlsafe(32))
+
+
+def parse_token(text: str) -> EnrollmentToken:
+    """Decode a token line; any defect is one :class:`InvalidToken` message."""
+    text = text.strip()
+    if not text.startswith(PREFIX) or len(text) > 2048:
+        raise InvalidToken("not an idmesh enrollment token (it should start with 'idm1.')")
+    body = text[len(PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        doc = json.loads(raw)
+        token = EnrollmentToken(doc["u"], doc["f"], doc["i"], doc["s"])
+    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+        raise InvalidToken("enrollment token is damaged: it does not decode (was it copied whole?)") from exc
+    if not all(isinstance(v, str) for v in (token.url, token.ca_fingerprint, token.id, token.secret)):
+        raise InvalidToken("enrollment token is damaged: fields have the wrong type")
+    parts = urlsplit(token.url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise InvalidToken(f"enrollment token names no https controller URL ({token.url!r})")
+    if not _FINGERPRINT.match(token.ca_fingerprint):
+        raise InvalidToken("enrollment token carries a malformed CA fingerprint")
+    if not _ID.match(token.id) or not _SECRET.match(token.secret):
+        raise InvalidToken("enrollment token is damaged: malformed id or secret")
+    return token
+
+
+def token_hash(line: str) -> bytes:
+    return hashlib.sha256(line.strip().encode()).digest()
+
+
+def hash_matches(line: str, stored: bytes) -> bool:
+    return hmac.compare_digest(token_hash(line), stored)

@@ -1,0 +1,95 @@
+"""The HTTP API's request and answer bodies: the one place they are defined.
+
+The controller validates every request against these models (a malformed
+body is a 422 with a message) and clients parse every answer with them.
+Fields are documented where a missing value has a meaning.
+
+Protocol version history:
+  1 (2026-11-28): enrollment, tokens, node registry.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ErrorBody",
+    "EnrollRequest",
+    "EnrollResponse",
+    "NodeInfo",
+    "TokenCreateRequest",
+    "TokenCreated",
+    "TokenInfo",
+]
+
+PROTOCOL_VERSION = 1
+
+_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_TAG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_PRINCIPAL = r"^[^\s@]+@[^\s@]+$"
+_WG_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+Tag = Annotated[str, StringConstraints(pattern=_TAG)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorBody(_Strict):
+    """Every error answer: one line for the user."""
+
+    error: str
+
+
+class EnrollRequest(_Strict):
+    token: str = Field(max_length=2048, description="the whole enrollment token line")
+    csr: str = Field(max_length=8192, description="PEM CSR over the node's Ed25519 identity key")
+    wireguard_public_key: str = Field(pattern=_WG_KEY, description="base64 X25519 public key")
+    name: str = Field(pattern=_NAME, description="node name, a DNS label")
+
+
+class NodeInfo(_Strict):
+    name: str
+    spiffe_id: str
+    owner: str | None = Field(description="principal who owns the node; None for a tagged node")
+    tags: list[str]
+    addresses: list[str] = Field(description="the node's own overlay addresses, IPv4 then IPv6")
+    blocks: list[str] = Field(description="the node's block prefixes, IPv4 then IPv6")
+    wireguard_public_key: str
+    enrolled_at: datetime
+    cert_not_after: datetime
+
+
+class EnrollResponse(_Strict):
+    protocol: int = PROTOCOL_VERSION
+    domain: str
+    certificate: str = Field(description="PEM node certificate (an X509-SVID)")
+    ca: str = Field(description="PEM mesh CA certificate")
+    node: NodeInfo
+    mesh_prefixes: list[str] = Field(description="the whole overlay, IPv4 then IPv6")
+
+
+class TokenCreateRequest(_Strict):
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    owner: str | None = Field(default=None, pattern=_PRINCIPAL, max_length=320)
+    ttl_seconds: int = Field(default=3600, gt=0, le=366 * 86400)
+    reusable: bool = False
+
+
+class TokenInfo(_Strict):
+    id: str
+    tags: list[str]
+    owner: str | None
+    reusable: bool
+    expires: datetime
+    created: datetime
+    uses: int
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="the token line; shown once, stored only hashed")

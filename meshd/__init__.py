@@ -1,0 +1,1 @@
+"""meshd, the node daemon: enrollment, tunnels, policy enforcement, agents."""

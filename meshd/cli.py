@@ -1,0 +1,52 @@
+"""``meshd``: the node daemon's command line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from idmesh.cli import env_path, parser, print_json, run
+
+from .state import DEFAULT_STATE, StateDir
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "meshd",
+        "The idmesh node daemon: joins this host to a mesh and keeps its tunnels and rules.",
+        epilog="examples:\n"
+        "  meshd enroll idm1.eyJ1Ijo...          join with a token from 'meshctl token create'\n"
+        "  meshd enroll --name db-1 --state /var/lib/meshd-db1 TOKEN\n\n"
+        "The state directory can also be given as IDMESH_STATE.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    en = sub.add_parser("enroll", help="join a mesh with an enrollment token",
+                        description="Generate this node's identity key (Ed25519) and WireGuard key here, "
+                        "prove possession to the controller named in the token (trusting only the CA the "
+                        "token pins) and store the issued certificate and overlay block in the state directory.",
+                        formatter_class=p.formatter_class)
+    en.add_argument("token", help="the one-line token printed by 'meshctl token create'")
+    en.add_argument("--name", help="node name, a DNS label (default: this host's name)")
+    en.add_argument("--state", type=lambda s: env_path("", s), default=env_path("IDMESH_STATE", DEFAULT_STATE),
+                    help="state directory (env IDMESH_STATE; default %(default)s)")
+    en.add_argument("--force", action="store_true", help="enroll again even if this node is enrolled (new keys)")
+    en.add_argument("--json", action="store_true", help="print the node record as JSON")
+    args = p.parse_args(argv)
+
+    from .enroll import enroll
+
+    done = enroll(args.token, StateDir(args.state), args.name, args.force)
+    node = done.response.node
+    if args.json:
+        print_json(done.state.read_record())
+    else:
+        print(f"enrolled {node.spiffe_id}")
+        print(f"  addresses  {' '.join(node.addresses)}")
+        print(f"  block      {' '.join(node.blocks)}")
+        print(f"  {'owner' if node.owner else 'tags':<10} {node.owner or ','.join(node.tags) or '-'}")
+        print(f"  valid to   {node.cert_not_after.isoformat(timespec='seconds')}")
+        print(f"  state      {args.state}")
+    return 0
+
+
+def main() -> None:
+    run("meshd", _main)

@@ -1,0 +1,107 @@
+"""The node's state directory (``--state`` / ``IDMESH_STATE``).
+
+Layout (the directory 0700, keys 0600)::
+
+    node.key    Ed25519 identity key, made here and never sent anywhere
+    node.crt    the node's X509-SVID, issued by the mesh CA
+    ca.crt      the mesh CA, pinned by the enrollment token's fingerprint
+    wg.key      WireGuard private key (base64, as ``wg genkey`` writes it)
+    node.json   what the controller said about this node (name, block, ...)
+
+Files are written to a temporary name and renamed into place, keys created
+with mode 0600 from the start, so a crash never leaves a half-written file
+and a key is never readable by others, not even for a moment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from meshcore.errors import NotFound, PermissionDenied
+
+__all__ = ["StateDir", "write_private", "wireguard_public_key", "DEFAULT_STATE"]
+
+DEFAULT_STATE = "/var/lib/meshd"
+
+
+def write_private(path: Path, data: str, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def wireguard_public_key(private_b64: str) -> str:
+    key = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(private_b64))
+    return base64.b64encode(key.public_key().public_bytes_raw()).decode()
+
+
+@dataclass(frozen=True)
+class StateDir:
+    path: Path
+
+    @property
+    def node_key(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def node_cert(self) -> Path:
+        return self.path / "node.crt"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def wg_key(self) -> Path:
+        return self.path / "wg.key"
+
+    @property
+    def record(self) -> Path:
+        return self.path / "node.json"
+
+    def enrolled(self) -> bool:
+        return self.node_cert.exists() and self.record.exists()
+
+    def ensure(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            raise PermissionDenied(f"cannot write to the state directory {self.path}: {exc.strerror or exc}") from exc
+
+    def read_record(self) -> dict[str, object]:
+        try:
+            return dict(json.loads(self.record.read_text()))
+        except FileNotFoundError as exc:
+            raise NotFound(f"this node is not enrolled (no {self.record}); run 'meshd enroll TOKEN'") from exc
+
+    def write(self, node_key: ed25519.Ed25519PrivateKey, wg_private: str, cert_pem: str, ca_pem: str,
+              record: dict[str, object]) -> None:
+        """Write every file of an enrollment; the record last, as the commit mark."""
+        try:
+            write_private(self.node_key, node_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode())
+            write_private(self.wg_key, wg_private + "\n")
+            write_private(self.ca_cert, ca_pem, 0o644)
+            write_private(self.node_cert, cert_pem, 0o644)
+            write_private(self.record, json.dumps(record, indent=2, default=str) + "\n", 0o644)
+        except OSError as exc:
+            raise PermissionDenied(f"cannot write to the state directory {self.path}: {exc.strerror or exc}") from exc
