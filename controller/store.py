@@ -187,6 +187,8 @@ class Tx:
         except sqlite3.IntegrityError as exc:
             if "wg_public_key" in str(exc):
                 raise Conflict("this WireGuard key is already used by another node") from exc
+            if "block_index" in str(exc):
+                raise Conflict(f"overlay block {row.block_index} is already allocated (store inconsistent)") from exc
             raise Conflict(f"a node named {row.name!r} is already enrolled") from exc
 
     def node(self, name: str) -> NodeRow | None:
