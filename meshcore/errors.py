@@ -8,7 +8,8 @@ errors (cryptography, sqlite, ssl, httpx) are mapped at the boundary with
     IdmeshError                     exit code 1
     ├── InvalidInput                a value the user gave is malformed (2)
     │   ├── InvalidToken            garbage, tampered, expired, used, foreign
-    │   └── InvalidCertificate      bad signature, expired, not an X509-SVID
+    │   ├── InvalidCertificate      bad signature, expired, not an X509-SVID
+    │   └── PolicyError             a policy file that cannot be used, with every location
     ├── NotFound                    a named node/token/file does not exist (3)
     ├── Conflict                    already enrolled, duplicate name, CA exists (4)
     ├── PermissionDenied            credential missing or not allowed (5)
@@ -20,11 +21,14 @@ errors (cryptography, sqlite, ssl, httpx) are mapped at the boundary with
 
 from __future__ import annotations
 
+from typing import Sequence
+
 __all__ = [
     "IdmeshError",
     "InvalidInput",
     "InvalidToken",
     "InvalidCertificate",
+    "PolicyError",
     "NotFound",
     "Conflict",
     "PermissionDenied",
@@ -51,6 +55,20 @@ class InvalidToken(InvalidInput):
 
 class InvalidCertificate(InvalidInput):
     status = 401
+
+
+class PolicyError(InvalidInput):
+    """A policy that cannot be used, and every place where it is wrong.
+
+    ``problems`` holds one line per problem, ``file:line:column: path: what is
+    wrong`` (the form compilers use, so editors can jump to it); ``str()`` is
+    those lines joined by newlines. The policy is rejected as a whole: there
+    is never a partial policy.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class NotFound(IdmeshError):

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from . import der
 from .errors import InvalidCertificate, InvalidInput
@@ -66,9 +66,9 @@ _KINDS = ("node", "agent", "admin", "controller")
 SigningKey = Union[ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey]
 PublicKey = Union[ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey]
 
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, uri: str) -> "SpiffeId":
-        m = re.match(r"^spiffe://([^/]+)/([^/]+)/([^/]+)$", uri)
+        m = re.match(r"^spiffe://([^/]+)/([^/]+)/([^/]+)\Z", uri)
         if not m or m.group(2) not in _KINDS:
             raise InvalidInput(f"not an idmesh SPIFFE ID: {uri!r}")
         return cls(m.group(1), m.group(2), m.group(3))  # type: ignore[arg-type]
@@ -139,8 +139,17 @@ class Claims:
             if offset + size != len(raw):
                 raise ValueError("trailing bytes")
             doc = json.loads(raw[offset:].decode())
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
             if doc.get("v") != 1 or doc.get("kind") not in _KINDS:
                 raise ValueError("unknown claims version or kind")
+            for key in ("node", "owner", "principal", "parent"):
+                if not isinstance(doc.get(key, ""), str):
+                    raise ValueError(f"{key} is not a string")
+            for key in ("tags", "scopes", "addresses", "blocks"):
+                value = doc.get(key, [])
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{key} is not a list of strings")
             return cls(
                 kind=doc["kind"],
                 node=doc.get("node"),
@@ -204,9 +213,12 @@ def _sign_hash(key: SigningKey | PublicKey) -> hashes.HashAlgorithm | None:
 def new_ca(trust_domain: str, key: SigningKey, now: datetime, ttl: timedelta = timedelta(days=3650)) -> CertificateAuthority:
     """A self-signed root for one trust domain; its URI SAN names the domain."""
     SpiffeId(trust_domain, "node", "x")  # validates the domain
+    common_name = f"idmesh CA {trust_domain}"
+    if len(common_name) > 64:  # X.520 upper bound; the URI SAN names the domain in full
+        common_name = common_name[:61] + "..."
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "idmesh"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"idmesh CA {trust_domain}"),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
     public = key.public_key()
     cert = (
@@ -280,6 +292,8 @@ def build_leaf(
     if claims.kind != spiffe_id.kind:
         raise InvalidInput(f"claims of kind {claims.kind} for {spiffe_id}")
     serial = new_serial() if serial is None else serial
+    if not 0 < serial < 2**159:
+        raise InvalidInput(f"certificate serial {serial:#x} must be positive and at most 159 bits")
     not_before = now - CLOCK_SKEW
     not_after = min(now + ttl, ca.cert.not_valid_after_utc)
     if (
@@ -416,16 +430,29 @@ def verify_leaf(cert: x509.Certificate, ca_cert: x509.Certificate, now: datetime
     claims whose kind matches the ID. Revocation is the caller's concern: it
     needs state (the controller's registry, a node's revocation list).
     """
-    if cert.issuer != ca_cert.subject:
+    try:
+        issuer = cert.issuer
+    except ValueError as exc:
+        raise InvalidCertificate(f"malformed certificate issuer: {exc}") from exc
+    if issuer != ca_cert.subject:
         raise InvalidCertificate("certificate was not issued by this mesh's CA")
     try:
         public = ca_cert.public_key()
         if isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(cert.signature, cert.tbs_certificate_bytes)
+            expected_algorithm = SignatureAlgorithmOID.ED25519
         elif isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+            expected_algorithm = SignatureAlgorithmOID.ECDSA_WITH_SHA256
         else:
             raise InvalidCertificate("unsupported CA key type")
+        if cert.signature_algorithm_oid != expected_algorithm:
+            raise InvalidCertificate("certificate signature algorithm does not match the mesh CA key")
+        # Neither the outer algorithm nor the signature's BIT STRING header is signed: both must be exact.
+        if not cert.public_bytes(serialization.Encoding.DER).endswith(der.tlv(0x03, b"\x00" + cert.signature)):
+            raise InvalidCertificate("certificate signature is not a whole-byte BIT STRING")
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
         raise InvalidCertificate("certificate signature does not verify against the mesh CA") from exc
     if now < cert.not_valid_before_utc:
@@ -508,7 +535,7 @@ def load_certificate(pem: bytes | str) -> x509.Certificate:
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise InvalidCertificate(f"malformed certificate: {exc}") from exc
 
 

@@ -1,0 +1,1 @@
+"""The idmesh demo: a whole mesh on this one machine (``make demo``)."""

@@ -1,0 +1,291 @@
+"""The policy file of SPEC.md §4 as pydantic models.
+
+The models check each value's shape (names, ports, scopes, prefixes); the
+checks that need the whole file — unknown groups and services, fields that
+can never matter — run in :mod:`.checks` when a :class:`Policy` is built, so
+a :class:`Policy` that exists is a policy that is valid as a whole. Build one
+with :func:`~meshcore.policy.load_policy` to get errors with file locations.
+
+Sections and what a missing one means:
+
+* ``groups``: name -> principals. Missing: no groups.
+* ``services``: name -> nodes (``tag:``/``node:``), ports, protocol (tcp by default).
+* ``acls``: allow rules, ``from`` a selector ``to`` destinations. Missing: nothing is allowed.
+* ``tests``: flows with an expected verdict, run by ``policy check`` and before every apply.
+* ``delegations`` and ``routes``: parsed and validated; enforced by the agent and routing code.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, field_validator
+from pydantic import model_validator
+
+from ..durations import format_duration
+from ..scopes import Scope
+from .fields import (
+    Destination,
+    NodeSpec,
+    PortRange,
+    Prefix,
+    Protocol,
+    check_agent_name,
+    check_label,
+    check_principal,
+    parse_destination,
+    parse_duration_value,
+    parse_node_spec,
+    parse_port_range,
+    parse_prefix,
+    parse_protocols,
+    parse_scope_value,
+)
+from .problems import ProblemsFound, render_path
+
+if TYPE_CHECKING:
+    from .source import SourceMap
+
+__all__ = [
+    "Via",
+    "Selector",
+    "Service",
+    "Acl",
+    "Delegation",
+    "Route",
+    "FlowSource",
+    "PolicyTest",
+    "Policy",
+]
+
+Via = Literal["direct", "agent", "any"]
+
+
+def _optional(check: Any) -> PlainValidator:
+    """A validator that refuses an explicit null: ``principal: ~`` must not mean "anyone"."""
+
+    def validate(value: object) -> object:
+        if value is None:
+            raise ValueError("a value is required here (remove the key to leave it out)")
+        return check(value)
+
+    return PlainValidator(validate)
+
+
+# Optional fields keep their validator on the whole ``X | None`` annotation,
+# so an explicit YAML null reaches it and is refused instead of meaning "any".
+_Principal = Annotated[str | None, _optional(check_principal)]
+_Agent = Annotated[str | None, _optional(check_agent_name)]
+_Group = Annotated[str | None, _optional(lambda v: check_label("group", v))]
+_Tag = Annotated[str | None, _optional(lambda v: check_label("tag", v))]
+_Node = Annotated[str | None, _optional(lambda v: check_label("node", v))]
+_ScopeOpt = Annotated[Scope | None, _optional(parse_scope_value), PlainSerializer(lambda s: None if s is None else str(s))]
+_ScopeItem = Annotated[Scope, PlainValidator(parse_scope_value), PlainSerializer(str)]
+_PrincipalItem = Annotated[str, PlainValidator(check_principal)]
+_GroupKey = Annotated[str, PlainValidator(lambda v: check_label("group", v))]
+_ServiceKey = Annotated[str, PlainValidator(lambda v: check_label("service", v))]
+_Port = Annotated[PortRange, PlainValidator(parse_port_range), PlainSerializer(str)]
+_Protocols = Annotated[tuple[Protocol, ...], PlainValidator(parse_protocols)]
+_ProtocolsOpt = Annotated[tuple[Protocol, ...] | None, _optional(parse_protocols)]
+_Destination = Annotated[Destination, PlainValidator(parse_destination), PlainSerializer(str)]
+_Target = Annotated[NodeSpec, PlainValidator(parse_node_spec), PlainSerializer(str)]
+_DelegateNodes = Annotated[
+    NodeSpec, PlainValidator(lambda v: parse_node_spec(v, ("owner", "tag", "node"))), PlainSerializer(str)
+]
+_Duration = Annotated[timedelta, PlainValidator(parse_duration_value), PlainSerializer(format_duration)]
+_Prefix = Annotated[Prefix, PlainValidator(parse_prefix), PlainSerializer(str)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Selector(_Model):
+    """``from``: whom a rule is about. Fields are ANDed; a missing field matches anything.
+
+    ``via`` says how the identity acts: ``direct`` is a node's own address (a
+    person's device, or a tagged server, acting without an agent), ``agent``
+    is an agent's address, ``any`` (the default) is both. ``scope`` and
+    ``agent`` only ever match agents, so they imply ``via: agent``.
+    """
+
+    principal: _Principal = None
+    group: _Group = None
+    owner: _Principal = None
+    tag: _Tag = None
+    node: _Node = None
+    via: Via | None = None
+    agent: _Agent = None
+    scope: _ScopeOpt = None
+
+    @property
+    def effective_via(self) -> Via:
+        """The ``via`` the selector means, with ``scope``/``agent`` implying agents."""
+        if self.scope is not None or self.agent is not None:
+            return "agent"
+        return self.via or "any"
+
+    def text(self) -> str:
+        """Canonical one-line form: equal selectors (by meaning) have equal text.
+
+        Set names are derived from it, so it must not change between releases
+        without a reason: a changed text renames every set on every node.
+        """
+        parts = [
+            f"{key}: {value}"
+            for key, value in (
+                ("principal", self.principal),
+                ("group", self.group),
+                ("owner", self.owner),
+                ("tag", self.tag),
+                ("node", self.node),
+            )
+            if value is not None
+        ]
+        if self.effective_via != "any" or not parts and self.agent is None:
+            parts.append(f"via: {self.effective_via}")
+        if self.agent is not None:
+            parts.append(f"agent: {self.agent}")
+        if self.scope is not None:
+            parts.append(f'scope: "{self.scope}"')
+        return "{" + ", ".join(parts) + "}"
+
+
+class Service(_Model):
+    """A named destination: nodes (``tag:NAME``/``node:NAME``), ports and protocol(s)."""
+
+    nodes: tuple[_Target, ...] = Field(min_length=1)
+    ports: tuple[_Port, ...] = ()
+    protocol: _Protocols = ("tcp",)
+
+
+class Acl(_Model):
+    """An allow rule. ``protocol`` applies to ``tag:``/``node:`` destinations (tcp if missing);
+    a service brings its own."""
+
+    source: Selector = Field(alias="from")
+    to: tuple[_Destination, ...] = Field(min_length=1)
+    protocol: _ProtocolsOpt = None
+
+    def text(self) -> str:
+        proto = "" if self.protocol is None else f", protocol: {'/'.join(self.protocol)}"
+        return f"from {self.source.text()} to [{', '.join(str(d) for d in self.to)}]{proto}"
+
+
+class Delegation(_Model):
+    """Which nodes may mint agents for ``principal``, with which scopes, for how long."""
+
+    principal: _PrincipalItem
+    nodes: tuple[_DelegateNodes, ...] = Field(min_length=1)
+    scopes: tuple[_ScopeItem, ...] = Field(min_length=1)
+    max_ttl: _Duration
+
+
+class Route(_Model):
+    """Traffic ``from`` a selector ``to`` a prefix goes ``via`` a gateway node."""
+
+    source: Selector = Field(alias="from")
+    to: _Prefix
+    via: _Target
+
+
+class FlowSource(_Model):
+    """A test's ``from``: one hypothetical identity, not a pattern.
+
+    ``via`` is ``agent`` when ``scope``/``scopes``/``agent`` is given, else
+    ``direct``. Acting directly, a node's principal is its owner, so
+    ``principal`` alone describes a device that person owns. Groups follow
+    from the principal and the policy's ``groups``.
+    """
+
+    principal: _Principal = None
+    owner: _Principal = None
+    tag: _Tag = None
+    node: _Node = None
+    via: Literal["direct", "agent"] | None = None
+    agent: _Agent = None
+    scope: _ScopeOpt = None
+    scopes: tuple[_ScopeItem, ...] | None = None
+
+    @property
+    def effective_via(self) -> Literal["direct", "agent"]:
+        if self.via is not None:
+            return self.via
+        return "agent" if self.scope or self.scopes or self.agent else "direct"
+
+    @property
+    def all_scopes(self) -> tuple[Scope, ...]:
+        return ((self.scope,) if self.scope else ()) + (self.scopes or ())
+
+
+class PolicyTest(_Model):
+    """A flow and the verdict the policy must give it."""
+
+    source: FlowSource = Field(alias="from")
+    to: _Destination
+    protocol: Protocol = "tcp"
+    expect: Literal["allow", "deny"]
+
+
+def _empty_section(value: object, default: object) -> object:
+    return default if value is None else value
+
+
+class Policy(_Model):
+    """A whole policy, valid as a whole (see the module docstring)."""
+
+    groups: dict[_GroupKey, tuple[_PrincipalItem, ...]] = Field(default_factory=dict)
+    services: dict[_ServiceKey, Service] = Field(default_factory=dict)
+    acls: tuple[Acl, ...] = ()
+    tests: tuple[PolicyTest, ...] = ()
+    delegations: tuple[Delegation, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    # Not part of the policy's value: where it came from (for messages) and
+    # the compiled plan, built once on first use. __eq__ below ignores both.
+    _source: "SourceMap | None" = PrivateAttr(default=None)
+    _plan: object = PrivateAttr(default=None)
+
+    @field_validator("groups", "services", mode="before")
+    @classmethod
+    def _null_mapping(cls, value: object) -> object:
+        """``groups:`` with nothing under it is an empty section, not an error."""
+        return _empty_section(value, {})
+
+    @field_validator("acls", "tests", "delegations", "routes", mode="before")
+    @classmethod
+    def _null_list(cls, value: object) -> object:
+        return _empty_section(value, ())
+
+    @model_validator(mode="after")
+    def _check_whole(self) -> "Policy":
+        from .checks import policy_problems
+
+        found = policy_problems(self)
+        if found:
+            raise ProblemsFound(found)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def members(self, group: str) -> frozenset[str]:
+        return frozenset(self.groups.get(group, ()))
+
+    def groups_of(self, principal: str | None) -> tuple[str, ...]:
+        """Every group ``principal`` belongs to, sorted."""
+        if principal is None:
+            return ()
+        return tuple(sorted(name for name, members in self.groups.items() if principal in members))
+
+    def where(self, *path: str | int) -> str:
+        """``policy.yaml:12`` for a path, or just the path's text when not loaded from a file."""
+        if self._source is None:
+            return render_path(path)
+        line, _ = self._source.locate(path)
+        return f"{self._source.filename}:{line}"

@@ -1,0 +1,127 @@
+"""The difference between a WireGuard device and the config we want, as a list of operations.
+
+Pure functions, no I/O: the UAPI and netlink back ends render the same
+operations. The operations are incremental on purpose. ``replace_peers``
+would be simpler, but it deletes every peer and with it every session
+(handshake, keys, counters): each netmap change would stall all tunnels of
+the node for a round trip. Here a peer that did not change gets no operation
+at all, and a changed one gets only its changed fields (``update_only``).
+
+Order: removals, then updates, then additions, each sorted by key. Removing
+first frees the prefixes of departed peers; a prefix moving between two
+remaining peers converges in either order because every touched peer gets
+its full allowed-IP list with ``replace_allowed_ips``.
+
+Endpoints are a hint, not state to enforce: a device learns a peer's current
+address from its authenticated packets (roaming), so the live endpoint may
+legitimately differ from the one we gave. An endpoint is therefore sent only
+when our intent changed (it differs from the endpoint of the previous
+``desired``), or, without a previous one, when it differs from the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .model import DeviceConfig, DeviceState, PeerConfig, PeerState
+
+__all__ = [
+    "SetDevice",
+    "RemovePeer",
+    "AddPeer",
+    "UpdatePeer",
+    "PeerOp",
+    "Op",
+    "diff_peers",
+    "diff_device",
+]
+
+
+@dataclass(frozen=True)
+class SetDevice:
+    """Change the device itself. None leaves a field unchanged; a new private key resets every session."""
+
+    private_key: str | None = None
+    listen_port: int | None = None
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    public_key: str
+
+
+@dataclass(frozen=True)
+class AddPeer:
+    """Create a peer with its whole configuration."""
+
+    peer: PeerConfig
+
+
+@dataclass(frozen=True)
+class UpdatePeer:
+    """Change fields of an existing peer (never creates one). None leaves a field unchanged.
+
+    ``persistent_keepalive`` 0 turns it off; ``allowed_ips`` replaces the
+    peer's whole list (an empty tuple removes them all).
+    """
+
+    public_key: str
+    endpoint: str | None = None
+    persistent_keepalive: int | None = None
+    allowed_ips: tuple[str, ...] | None = None
+
+
+PeerOp = RemovePeer | AddPeer | UpdatePeer
+Op = SetDevice | PeerOp
+
+
+def _update_for(current: PeerState, desired: PeerConfig, last: PeerConfig | None) -> UpdatePeer | None:
+    endpoint = None
+    if desired.endpoint is not None:
+        reference = last.endpoint if last is not None and last.endpoint is not None else current.endpoint
+        if desired.endpoint != reference:
+            endpoint = desired.endpoint
+    keepalive = None
+    if (desired.persistent_keepalive or 0) != (current.persistent_keepalive or 0):
+        keepalive = desired.persistent_keepalive or 0
+    allowed = None
+    if set(desired.allowed_ips) != set(current.allowed_ips):
+        allowed = desired.allowed_ips
+    if endpoint is None and keepalive is None and allowed is None:
+        return None
+    return UpdatePeer(desired.public_key, endpoint, keepalive, allowed)
+
+
+def diff_peers(
+    current: Iterable[PeerState],
+    desired: Iterable[PeerConfig],
+    last: Iterable[PeerConfig] | None = None,
+) -> list[PeerOp]:
+    """Operations that turn the device's peers ``current`` into ``desired``.
+
+    ``last`` is the previous desired peer list given to this device, if any;
+    it only decides whether an endpoint is re-sent (see the module docstring).
+    """
+    have = {p.public_key: p for p in current}
+    want = {p.public_key: p for p in desired}
+    before = {p.public_key: p for p in last or ()}
+    removals: list[PeerOp] = [RemovePeer(key) for key in sorted(have.keys() - want.keys())]
+    updates: list[PeerOp] = []
+    for key in sorted(have.keys() & want.keys()):
+        update = _update_for(have[key], want[key], before.get(key))
+        if update is not None:
+            updates.append(update)
+    additions: list[PeerOp] = [AddPeer(want[key]) for key in sorted(want.keys() - have.keys())]
+    return removals + updates + additions
+
+
+def diff_device(current: DeviceState, desired: DeviceConfig, last: DeviceConfig | None = None) -> list[Op]:
+    """Operations that turn the whole device into ``desired``: a :class:`SetDevice` if needed, then the peers."""
+    private_key = desired.private_key if current.public_key != desired.public_key else None
+    port = desired.listen_port if desired.listen_port and desired.listen_port != current.listen_port else None
+    ops: list[Op] = []
+    if private_key is not None or port is not None:
+        ops.append(SetDevice(private_key, port))
+    ops.extend(diff_peers(current.peers, desired.peers, last.peers if last is not None else None))
+    return ops
