@@ -9,18 +9,30 @@ a request body over the limit is refused with 413 before it is read whole.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
-from meshcore.wire import EnrollRequest, EnrollResponse, NodeInfo, TokenCreated, TokenCreateRequest, TokenInfo
+from meshcore.netmap import EndpointReport, PeerNode, StreamMessage
+from meshcore.wire import (
+    EnrollRequest,
+    EnrollResponse,
+    NodeInfo,
+    RenewRequest,
+    RenewResponse,
+    TokenCreated,
+    TokenCreateRequest,
+    TokenInfo,
+)
 
 from .registry import Controller
 
@@ -32,6 +44,9 @@ log = logging.getLogger("idmesh.controller.api")
 # client certificate (DER) to the app.
 TLS_EXTENSION = "idmesh.tls"
 DEFAULT_MAX_BODY = 64 * 1024
+# A keepalive line this often keeps NATs open and lets a node notice a dead
+# controller within KEEPALIVE + its read timeout.
+KEEPALIVE_SECONDS = 10.0
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
@@ -125,6 +140,10 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
         controller.require(ident, "admin")
         return ident
 
+    def node(ident: Identity = Depends(caller)) -> Identity:
+        controller.require(ident, "node")
+        return ident
+
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "domain": controller.settings.domain}
@@ -158,5 +177,47 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
     @app.delete("/v1/nodes/{name}", response_model=NodeInfo)
     async def remove_node(name: str, who: Identity = Depends(admin)) -> NodeInfo:
         return controller.remove_node(str(who.spiffe_id), name, _now())
+
+    @app.post("/v1/renew", response_model=RenewResponse)
+    async def renew(req: RenewRequest, who: Identity = Depends(node)) -> RenewResponse:
+        return controller.renew(who, req, _now())
+
+    @app.post("/v1/endpoints", response_model=PeerNode)
+    async def endpoints(report: EndpointReport, request: Request, who: Identity = Depends(node)) -> PeerNode:
+        observed = request.client.host if request.client else None
+        return controller.report_endpoints(who, report, observed)
+
+    @app.get("/v1/netmap")
+    async def netmap(since: int | None = None, who: Identity = Depends(node)) -> StreamingResponse:
+        """The node's stream: a full map (or the deltas since ``since``), then
+        deltas as they happen, and a keepalive line when nothing does."""
+        hub = controller.hub
+        sub = hub.subscribe(who.spiffe_id.name)
+        backlog = hub.since(since) if since is not None else None
+        first = ([StreamMessage(type="delta", delta=d) for d in backlog] if backlog is not None
+                 else [StreamMessage(type="full", full=hub.full())])
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                for message in first:
+                    yield message.model_dump_json(exclude_none=True).encode() + b"\n"
+                while not sub.closed:
+                    if sub.resync:
+                        while not sub.queue.empty():
+                            sub.queue.get_nowait()
+                        sub.resync = False
+                        message = StreamMessage(type="full", full=hub.full())
+                    else:
+                        try:
+                            message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+                        except TimeoutError:
+                            message = StreamMessage(type="keepalive")
+                    if sub.closed:
+                        break
+                    yield message.model_dump_json(exclude_none=True).encode() + b"\n"
+            finally:
+                hub.unsubscribe(sub)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return BodyLimit(app, max_body)

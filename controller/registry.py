@@ -28,9 +28,20 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
-from meshcore.wire import EnrollRequest, EnrollResponse, NodeInfo, TokenCreated, TokenCreateRequest, TokenInfo
+from meshcore.netmap import EndpointReport, PeerNode
+from meshcore.wire import (
+    EnrollRequest,
+    EnrollResponse,
+    NodeInfo,
+    RenewRequest,
+    RenewResponse,
+    TokenCreated,
+    TokenCreateRequest,
+    TokenInfo,
+)
 
 from .authority import DataDir, load_authority
+from .netmap import NetmapHub
 from .ratelimit import FailureLimiter
 from .store import NodeRow, Store, TokenRow
 
@@ -52,6 +63,10 @@ class Controller:
         self.ca = ca
         self.settings = settings
         self.limiter = limiter or FailureLimiter()
+        with store.transaction() as tx:
+            version = int(tx.meta("netmap_version") or 0)
+            peers = {row.name: self._peer(row) for row in tx.nodes()}
+        self.hub = NetmapHub(settings.domain, (str(settings.prefixes.v4), str(settings.prefixes.v6)), version, peers)
 
     @classmethod
     def open(cls, data: Path) -> "Controller":
@@ -159,6 +174,9 @@ class Controller:
                          addresses=list(addresses), wireguard_public_key=req.wireguard_public_key)
                 tx.audit(now, actor, "certificate.issued", str(sid), source, serial=serial,
                          not_after=cert.not_valid_after_utc)
+                version = self.hub.bump(tx)
+        if reason is None:
+            self.hub.publish(version, upsert=(self._peer(node),))
         if reason is not None:
             self._refuse(source, token.id, reason, now)
             raise InvalidToken(reason)
@@ -204,7 +222,77 @@ class Controller:
             sid = str(SpiffeId(self.settings.domain, "node", name))
             tx.audit(now, actor, "node.removed", sid, certificates_revoked=revoked)
             tx.audit(now, actor, "certificate.revoked", sid, serial=row.cert_serial, reason="node removed")
+            version = self.hub.bump(tx)
+        self.hub.publish(version, remove=(name,))
         return self._node_info(row)
+
+    def _peer(self, row: NodeRow) -> PeerNode:
+        block = self.settings.prefixes.block(row.block_index)
+        return PeerNode(name=row.name, wireguard_public_key=row.wg_public_key,
+                        addresses=(str(block.node_v4), str(block.node_v6)), blocks=(str(block.v4), str(block.v6)),
+                        endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags))
+
+    # the data plane ---------------------------------------------------------
+    def report_endpoints(self, ident: Identity, report: EndpointReport, observed: str | None) -> PeerNode:
+        """Record where a node can be reached: its own candidates, then the
+        source address the controller saw (which may be a NAT's)."""
+        name = ident.spiffe_id.name
+        candidates = [_endpoint(e, self.settings.prefixes) for e in report.endpoints]
+        if observed:
+            candidates.append(_endpoint(_join(observed, report.listen_port), self.settings.prefixes))
+        endpoints = tuple(dict.fromkeys(c for c in candidates if c))
+        with self.store.transaction() as tx:
+            row = tx.node(name)
+            if row is None:
+                raise NotFound(f"no node named {name!r}")
+            if row.endpoints == endpoints:
+                return self._peer(row)
+            tx.set_node_endpoints(name, endpoints)
+            version = self.hub.bump(tx)
+            row = tx.node(name)
+            assert row is not None
+        peer = self._peer(row)
+        self.hub.publish(version, upsert=(peer,))
+        return peer
+
+    def renew(self, ident: Identity, req: RenewRequest, now: datetime) -> RenewResponse:
+        """A fresh certificate for a node that still holds a valid one."""
+        public_key = load_csr(req.csr)
+        name = ident.spiffe_id.name
+        with self.store.transaction() as tx:
+            row = tx.node(name)
+            if row is None:
+                raise NotFound(f"no node named {name!r}")
+            cert = build_leaf(self.ca, public_key, ident.spiffe_id, ident.claims, now, self.settings.node_cert_ttl)
+            serial = format(cert.serial_number, "x")
+            tx.insert_certificate(serial, str(ident.spiffe_id), "node", name, now, cert.not_valid_after_utc)
+            tx.set_node_certificate(name, serial, cert.not_valid_after_utc)
+            tx.audit(now, str(ident.spiffe_id), "certificate.renewed", str(ident.spiffe_id), serial=serial,
+                     previous=ident.serial_hex, not_after=cert.not_valid_after_utc)
+        return RenewResponse(certificate=cert_pem(cert))
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _endpoint(text: str, prefixes: MeshPrefixes) -> str | None:
+    """Normalise an underlay ``ip:port``; None for what can never be an endpoint.
+
+    Loopback, link-local, multicast and the overlay itself are dropped (an
+    endpoint inside the mesh would route the tunnel through itself).
+    """
+    host, sep, port = text.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        number = int(port)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid endpoint {text!r}: expected IP:PORT or [IPv6]:PORT") from exc
+    if not sep or not 0 < number < 65536:
+        raise InvalidInput(f"invalid endpoint {text!r}: expected IP:PORT or [IPv6]:PORT")
+    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or prefixes.block_of(str(ip)) is not None:
+        return None
+    return _join(str(ip), number)
 
 
 def _token_problem(row: TokenRow | None, line: str, now: datetime) -> str | None:

@@ -73,6 +73,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_at ON audit(at);
     """,
+    # 2: data plane — where each node can be reached (underlay ip:port candidates)
+    """
+    ALTER TABLE nodes ADD COLUMN endpoints TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -109,6 +113,7 @@ class NodeRow:
     cert_not_after: datetime
     enrolled_at: datetime
     token_id: str | None
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,9 +185,9 @@ class Tx:
     def insert_node(self, row: NodeRow) -> None:
         try:
             self._c.execute(
-                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (row.name, row.block_index, row.wg_public_key, row.owner, json.dumps(row.tags), row.cert_serial,
-                 iso(row.cert_not_after), iso(row.enrolled_at), row.token_id),
+                 iso(row.cert_not_after), iso(row.enrolled_at), row.token_id, json.dumps(list(row.endpoints))),
             )
         except sqlite3.IntegrityError as exc:
             if "wg_public_key" in str(exc):
@@ -197,6 +202,13 @@ class Tx:
 
     def nodes(self) -> list[NodeRow]:
         return [_node_row(r) for r in self._c.execute("SELECT * FROM nodes ORDER BY name")]
+
+    def set_node_endpoints(self, name: str, endpoints: tuple[str, ...]) -> None:
+        self._c.execute("UPDATE nodes SET endpoints = ? WHERE name = ?", (json.dumps(list(endpoints)), name))
+
+    def set_node_certificate(self, name: str, serial: str, not_after: datetime) -> None:
+        self._c.execute("UPDATE nodes SET cert_serial = ?, cert_not_after = ? WHERE name = ?",
+                        (serial, iso(not_after), name))
 
     def delete_node(self, name: str) -> bool:
         return self._c.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount > 0
@@ -242,7 +254,8 @@ class Tx:
 
 
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
-    return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8])
+    return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8],
+                   tuple(json.loads(r[9])))
 
 
 class Store:

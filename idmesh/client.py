@@ -23,7 +23,7 @@ import httpx
 from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable, error_for_status
 from meshcore.identity import fingerprint, load_certificate
 
-__all__ = ["ControllerClient", "AdminCredential", "client_ssl_context", "fetch_ca"]
+__all__ = ["ControllerClient", "AdminCredential", "LocalClient", "client_ssl_context", "fetch_ca"]
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -141,3 +141,27 @@ def _reason(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text)
+
+
+class LocalClient:
+    """The local meshd's API over its Unix socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    def get(self, path: str) -> Any:
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        try:
+            with httpx.Client(transport=transport, base_url="http://meshd", timeout=TIMEOUT) as http:
+                resp = http.get(path)
+        except httpx.ConnectError as exc:
+            raise Unavailable(f"meshd is not running or not reachable at {self.socket_path}: {_reason(exc)}") from exc
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"talking to meshd at {self.socket_path} failed: {_reason(exc)}") from exc
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"meshd answered HTTP {resp.status_code}"
+            raise error_for_status(resp.status_code, message)
+        return resp.json()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from meshcore.durations import format_duration
 from meshcore.wire import NodeInfo, TokenCreated, TokenCreateRequest, TokenInfo
 
 from .cli import duration, env_path, parser, print_json, run
-from .client import AdminCredential
+from .client import AdminCredential, LocalClient
+
+DEFAULT_SOCKET = "/run/meshd/meshd.sock"
 
 DEFAULT_ADMIN = "/var/lib/idmesh/admin.conf"
 
@@ -69,11 +71,42 @@ def _build_parser() -> argparse.ArgumentParser:
     nrm = nodes.add_parser("remove", help="remove a node and revoke its certificate")
     nrm.add_argument("name")
     nrm.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="this node: its identity, the controller link, its peers",
+                        description="Ask the local meshd (over its Unix socket) for this node's identity, "
+                        "whether it is connected to the controller, and each peer's endpoint and handshake.")
+    st.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET),
+                    help="meshd's local API socket (env IDMESH_SOCKET; default %(default)s)")
+    st.add_argument("--json", action="store_true")
     return p
+
+
+def _ago(iso_time: str | None) -> str:
+    if not iso_time:
+        return "never"
+    seconds = int((datetime.now(timezone.utc) - datetime.fromisoformat(iso_time)).total_seconds())
+    return f"{format_duration(timedelta(seconds=max(seconds, 1)))} ago"
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = LocalClient(args.socket).get("/v1/status")
+    if args.json:
+        print_json(status)
+        return 0
+    me, ctl = status["self"], status["controller"]
+    print(f"{me['name']}  {' '.join(me['addresses'])}  {me['owner'] or ','.join('tag:' + t for t in me['tags'])}")
+    state = "connected" if ctl["connected"] else f"disconnected ({ctl.get('last_error') or 'connecting'})"
+    print(f"controller {ctl['url']}: {state}, netmap version {ctl['netmap_version']}")
+    _table([[p["name"], " ".join(p["addresses"]), p["endpoint"] or "-", _ago(p["latest_handshake"]),
+             str(p["rx_bytes"]), str(p["tx_bytes"])] for p in status["peers"]],
+           ["PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"])
+    return 0
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "status":
+        return _status(args)
     with AdminCredential.load(args.admin).client() as api:
         if args.command == "token" and args.action == "create":
             req = TokenCreateRequest(tags=args.tags, owner=args.owner,

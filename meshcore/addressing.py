@@ -79,6 +79,10 @@ class MeshPrefixes:
             raise InvalidInput(f"IPv4 block size /{self.block_v4} must be longer than /{self.v4.prefixlen} and at most /30")
         if not self.v6.prefixlen < self.block_v6 <= 120:
             raise InvalidInput(f"IPv6 block size /{self.block_v6} must be longer than /{self.v6.prefixlen} and at most /120")
+        if 128 - self.block_v6 < 32 - self.block_v4:  # agent slots take the same offset in both families
+            raise InvalidInput(
+                f"IPv6 block size /{self.block_v6} holds fewer addresses than the IPv4 block /{self.block_v4}"
+            )
 
     @property
     def capacity(self) -> int:

@@ -9,7 +9,7 @@ byte-for-byte what ``cryptography``'s CertificateBuilder produces.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 __all__ = ["tlv", "length", "read_length", "integer", "time", "sequence", "octet_string", "utf8_string"]
 
@@ -64,7 +64,7 @@ def utf8_string(text: str) -> bytes:
 
 def time(moment: datetime) -> bytes:
     """RFC 5280 §4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050."""
-    m = moment.astimezone(timezone.utc) if moment.utcoffset() else moment
+    m = moment.astimezone(UTC) if moment.utcoffset() else moment
     clock = f"{m.month:02d}{m.day:02d}{m.hour:02d}{m.minute:02d}{m.second:02d}Z"
     if 1950 <= m.year < 2050:
         return tlv(0x17, f"{m.year % 100:02d}{clock}".encode())

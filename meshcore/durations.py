@@ -20,7 +20,10 @@ def parse_duration(text: str) -> timedelta:
     seconds = sum(int(n) * _UNIT[u] for n, u in _PART.findall(text))
     if seconds <= 0:
         raise InvalidInput(f"invalid duration {text!r}: must be longer than zero")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError as exc:
+        raise InvalidInput(f"invalid duration {text!r}: too long") from exc
 
 
 def format_duration(delta: timedelta) -> str:

@@ -145,11 +145,11 @@ class Claims:
                 raise ValueError("unknown claims version or kind")
             for key in ("node", "owner", "principal", "parent"):
                 if not isinstance(doc.get(key, ""), str):
-                    raise ValueError(f"{key} is not a string")
+                    raise TypeError(f"{key} is not a string")
             for key in ("tags", "scopes", "addresses", "blocks"):
                 value = doc.get(key, [])
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"{key} is not a list of strings")
+                    raise TypeError(f"{key} is not a list of strings")
             return cls(
                 kind=doc["kind"],
                 node=doc.get("node"),
@@ -432,7 +432,7 @@ def verify_leaf(cert: x509.Certificate, ca_cert: x509.Certificate, now: datetime
     """
     try:
         issuer = cert.issuer
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # cryptography parses the name only now
         raise InvalidCertificate(f"malformed certificate issuer: {exc}") from exc
     if issuer != ca_cert.subject:
         raise InvalidCertificate("certificate was not issued by this mesh's CA")

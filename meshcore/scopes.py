@@ -18,7 +18,7 @@ from .errors import InvalidInput
 
 __all__ = ["Scope", "parse_scope", "parse_scopes", "scope_within", "scopes_within"]
 
-_SEGMENT = re.compile(r"^(\*|[a-z0-9][a-z0-9._-]{0,62})$")
+_SEGMENT = re.compile(r"^(\*|[a-z0-9][a-z0-9._-]{0,62})\Z")
 
 
 @dataclass(frozen=True, order=True)

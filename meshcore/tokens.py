@@ -25,9 +25,9 @@ from .errors import InvalidToken
 __all__ = ["EnrollmentToken", "parse_token", "new_token", "token_hash", "hash_matches"]
 
 PREFIX = "idm1."
-_ID = re.compile(r"^[A-Za-z0-9_-]{8,32}$")
-_SECRET = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{8,32}\Z")
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{32,64}\Z")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,11 @@ def parse_token(text: str) -> EnrollmentToken:
         raise InvalidToken("enrollment token is damaged: it does not decode (was it copied whole?)") from exc
     if not all(isinstance(v, str) for v in (token.url, token.ca_fingerprint, token.id, token.secret)):
         raise InvalidToken("enrollment token is damaged: fields have the wrong type")
-    parts = urlsplit(token.url)
+    try:
+        parts = urlsplit(token.url)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise InvalidToken(f"enrollment token names no valid controller URL ({token.url!r})") from exc
     if parts.scheme != "https" or not parts.hostname:
         raise InvalidToken(f"enrollment token names no https controller URL ({token.url!r})")
     if not _FINGERPRINT.match(token.ca_fingerprint):

@@ -5,7 +5,8 @@ body is a 422 with a message) and clients parse every answer with them.
 Fields are documented where a missing value has a meaning.
 
 Protocol version history:
-  1 (2026-11-28): enrollment, tokens, node registry.
+  1 (2026-11-28): enrollment, tokens, node registry; renewal, endpoint reports,
+                  the netmap stream (see meshcore.netmap).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "TokenCreateRequest",
     "TokenCreated",
     "TokenInfo",
+    "RenewRequest",
+    "RenewResponse",
 ]
 
 PROTOCOL_VERSION = 1
@@ -72,6 +75,14 @@ class EnrollResponse(_Strict):
     ca: str = Field(description="PEM mesh CA certificate")
     node: NodeInfo
     mesh_prefixes: list[str] = Field(description="the whole overlay, IPv4 then IPv6")
+
+
+class RenewRequest(_Strict):
+    csr: str = Field(max_length=8192, description="PEM CSR over the node's (possibly new) Ed25519 key")
+
+
+class RenewResponse(_Strict):
+    certificate: str = Field(description="PEM node certificate with a fresh validity window")
 
 
 class TokenCreateRequest(_Strict):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from idmesh.cli import env_path, parser, print_json, run
 
-from .state import DEFAULT_STATE, StateDir
+from .state import DEFAULT_SOCKET, DEFAULT_STATE, StateDir
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -30,7 +31,38 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="state directory (env IDMESH_STATE; default %(default)s)")
     en.add_argument("--force", action="store_true", help="enroll again even if this node is enrolled (new keys)")
     en.add_argument("--json", action="store_true", help="print the node record as JSON")
+
+    rn = sub.add_parser("run", help="run the node daemon",
+                        description="Connect to the controller, receive the netmap and keep the WireGuard "
+                        "interface, its addresses and routes converged to it. SIGTERM stops it and removes the "
+                        "interface. The data plane keeps working while the controller is away.",
+                        formatter_class=p.formatter_class)
+    rn.add_argument("--state", type=lambda s: env_path("", s), default=env_path("IDMESH_STATE", DEFAULT_STATE),
+                    help="state directory (env IDMESH_STATE; default %(default)s)")
+    rn.add_argument("--interface", default=os.environ.get("IDMESH_INTERFACE") or "idmesh0",
+                    help="WireGuard interface name (env IDMESH_INTERFACE; default %(default)s)")
+    rn.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET),
+                    help="local API socket (env IDMESH_SOCKET; default %(default)s)")
+    rn.add_argument("--listen-port", type=int, default=51820, help="WireGuard UDP port (default %(default)s)")
+    rn.add_argument("--no-discovery", action="store_true", help="do not announce or look for peers with mDNS")
+    rn.add_argument("--wireguard", choices=["auto", "kernel", "wireguard-go"], default="auto",
+                    help="WireGuard implementation (default: the kernel module if present, else wireguard-go)")
+    rn.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = p.parse_args(argv)
+
+    if args.command == "run":
+        import asyncio
+        import logging
+
+        from .daemon import Daemon, Options
+
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("httpx", "httpcore", "pyroute2", "zeroconf", "uvicorn"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard)
+        asyncio.run(Daemon(opts).run())
+        return 0
 
     from .enroll import enroll
 

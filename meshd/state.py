@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from meshcore.errors import NotFound, PermissionDenied
 
-__all__ = ["StateDir", "write_private", "wireguard_public_key", "DEFAULT_STATE"]
+__all__ = ["StateDir", "write_private", "wireguard_public_key", "DEFAULT_STATE", "DEFAULT_SOCKET"]
 
 DEFAULT_STATE = "/var/lib/meshd"
+DEFAULT_SOCKET = "/run/meshd/meshd.sock"
 
 
 def write_private(path: Path, data: str, mode: int = 0o600) -> None:

@@ -222,9 +222,10 @@ def parse_destination(value: object) -> Destination:
         raise ValueError(f"expected a destination (a service, tag:NAME[:PORT] or node:NAME[:PORT]), got {value!r}")
     kind: Literal["service", "tag", "node"] = "service"
     rest = value
-    for prefix in ("tag", "node"):
-        if value.startswith(prefix + ":"):
-            kind, rest = prefix, value[len(prefix) + 1 :]  # type: ignore[assignment]
+    if value.startswith("tag:"):
+        kind, rest = "tag", value[4:]
+    elif value.startswith("node:"):
+        kind, rest = "node", value[5:]
     name, colon, port_text = rest.partition(":")
     if kind == "service":
         if not _LABEL.match(name):

@@ -42,7 +42,7 @@ from .fields import (
     parse_protocols,
     parse_scope_value,
 )
-from .problems import ProblemsFound, render_path
+from .problems import ProblemsFound
 
 if TYPE_CHECKING:
     from .source import SourceMap
@@ -218,6 +218,25 @@ class FlowSource(_Model):
     def all_scopes(self) -> tuple[Scope, ...]:
         return ((self.scope,) if self.scope else ()) + (self.scopes or ())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_group(cls, value: object) -> object:
+        if isinstance(value, dict) and "group" in value:
+            raise ValueError("a flow comes from one identity, not a group: name a principal of the group")
+        return value
+
+    def text(self) -> str:
+        parts = [f"{k}: {getattr(self, k)}" for k in ("principal", "owner", "tag", "node") if getattr(self, k)]
+        parts.append(f"via: {self.effective_via}")
+        if self.agent is not None:
+            parts.append(f"agent: {self.agent}")
+        scopes = self.all_scopes
+        if len(scopes) == 1:
+            parts.append(f'scope: "{scopes[0]}"')
+        elif scopes:
+            parts.append("scopes: [" + ", ".join(f'"{s}"' for s in scopes) + "]")
+        return "{" + ", ".join(parts) + "}"
+
 
 class PolicyTest(_Model):
     """A flow and the verdict the policy must give it."""
@@ -283,9 +302,9 @@ class Policy(_Model):
             return ()
         return tuple(sorted(name for name, members in self.groups.items() if principal in members))
 
-    def where(self, *path: str | int) -> str:
-        """``policy.yaml:12`` for a path, or just the path's text when not loaded from a file."""
-        if self._source is None:
-            return render_path(path)
-        line, _ = self._source.locate(path)
-        return f"{self._source.filename}:{line}"
+    def where(self, *path: str | int) -> str | None:
+        """``policy.yaml:12:5``, where ``path`` starts in the file; None when not loaded from text."""
+        if self._source is None or not self._source.values:
+            return None
+        line, column = self._source.locate(path)
+        return f"{self._source.filename}:{line}:{column}"

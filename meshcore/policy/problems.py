@@ -35,11 +35,16 @@ def render_path(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """What is wrong at ``path``; ``at_key`` points at the key rather than its value."""
+    """What is wrong at ``path``.
+
+    ``at_key`` points at the key rather than its value; ``where`` is a known
+    ``(line, column)`` for problems found while reading the text itself.
+    """
 
     path: Path
     message: str
     at_key: bool = False
+    where: tuple[int, int] | None = None
 
     def __str__(self) -> str:
         return f"{render_path(self.path)}: {self.message}"

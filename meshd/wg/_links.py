@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import errno
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from meshcore.errors import IdmeshError, PermissionDenied, Unavailable
 
-__all__ = ["link_kind", "delete_link", "create_link", "netlink_error"]
+__all__ = ["create_link", "delete_link", "link_kind", "netlink_error"]
 
 
 def netlink_error(exc: NetlinkError, what: str) -> IdmeshError:

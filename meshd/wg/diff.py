@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from .model import DeviceConfig, DeviceState, PeerConfig, PeerState
 
 __all__ = [
-    "SetDevice",
-    "RemovePeer",
     "AddPeer",
-    "UpdatePeer",
-    "PeerOp",
     "Op",
-    "diff_peers",
+    "PeerOp",
+    "RemovePeer",
+    "SetDevice",
+    "UpdatePeer",
     "diff_device",
+    "diff_peers",
 ]
 
 

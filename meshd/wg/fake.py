@@ -119,7 +119,7 @@ class FakeUapiServer:
         """Pretend a handshake with ``public_key`` completed at ``when`` and some bytes moved."""
         peer = self.peers[key_to_hex(public_key)]
         ts = when.timestamp()
-        peer.handshake = (int(ts), int(round((ts - int(ts)) * 1e9)))
+        peer.handshake = (int(ts), round((ts - int(ts)) * 1e9))
         peer.rx += rx
         peer.tx += tx
 

@@ -26,16 +26,16 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from meshcore.errors import InvalidInput
 
 __all__ = [
-    "PeerConfig",
     "DeviceConfig",
-    "PeerState",
     "DeviceState",
+    "PeerConfig",
+    "PeerState",
     "WireGuardDevice",
-    "generate_private_key",
-    "public_key_of",
-    "parse_endpoint",
-    "format_endpoint",
     "check_ifname",
+    "format_endpoint",
+    "generate_private_key",
+    "parse_endpoint",
+    "public_key_of",
 ]
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")

@@ -32,13 +32,13 @@ from .model import DeviceState, PeerState, public_key_of
 
 __all__ = [
     "UAPI_DIR",
+    "UapiClient",
     "UapiTransport",
     "UnixSocketTransport",
-    "UapiClient",
-    "render_set",
-    "parse_get",
-    "key_to_hex",
     "key_from_hex",
+    "key_to_hex",
+    "parse_get",
+    "render_set",
 ]
 
 UAPI_DIR = Path("/var/run/wireguard")

@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
+from typing import Self
 
 from meshcore.errors import Conflict, IdmeshError, Unavailable
 
@@ -45,6 +47,7 @@ from .uapi import UAPI_DIR, UapiClient, UnixSocketTransport
 __all__ = ["WireGuardGo"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _STOP_GRACE = 3.0
 _MAX_BACKOFF = 5.0
@@ -52,7 +55,7 @@ _HEALTHY_AFTER = 10.0  # a child that lived this long resets the back-off
 
 
 def _backoff(failures: int) -> float:
-    return min(_MAX_BACKOFF, 0.05 * 2**failures)
+    return min(_MAX_BACKOFF, 0.05 * 2.0**failures)
 
 
 def _socket_owner(path: Path) -> int | None:
@@ -193,15 +196,12 @@ class WireGuardGo:
 
     def apply(self, desired: DeviceConfig) -> None:
         """Converge the device to ``desired``; kept and re-applied should wireguard-go have to be restarted."""
-        self._wait_ready()
         with self._lock:
             self._desired = desired
-            self._converge_locked()
+        self._retrying(self._converge_locked)
 
     def state(self) -> DeviceState:
-        self._wait_ready()
-        with self._lock:
-            return self._client.get()
+        return self._retrying(self._client.get)
 
     def close(self) -> None:
         """Stop the child and make sure the interface and socket are gone. Idempotent."""
@@ -220,7 +220,7 @@ class WireGuardGo:
         if self.sock_path.exists() and _socket_owner(self.sock_path) is None:
             self.sock_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> WireGuardGo:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -233,6 +233,20 @@ class WireGuardGo:
         self.start()
         if not self._ready.wait(self.start_timeout):
             raise Unavailable(f"wireguard-go for {self.ifname} is not running (restarting after: {self._last_error})")
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Run ``call`` under the lock; if the child died under it, wait for the restart and try once more."""
+        for attempt in (1, 2):
+            self._wait_ready()
+            with self._lock:
+                proc = self._proc
+                try:
+                    return call()
+                except Unavailable:
+                    if attempt == 2 or proc is None or proc.poll() is None or self._stopping.is_set():
+                        raise
+                    self._ready.clear()  # the supervisor sets it again once the new child is configured
+        raise AssertionError("unreachable")
 
     def _converge_locked(self) -> list[Op]:
         assert self._desired is not None

@@ -1,0 +1,95 @@
+"""Fan-out of the netmap: the mesh-wide map, its version, recent deltas, and
+one queue per connected node.
+
+Versions are persisted with the change they describe (``bump`` runs inside
+the registry's transaction), so they only grow, across restarts too. The
+last :data:`HISTORY` deltas are kept in memory: a node reconnecting with a
+version among them gets just the deltas it missed, anyone else a full map.
+A subscriber whose queue overflows (a node too slow to read) is switched to
+a full resync instead of holding the controller's memory hostage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from meshcore.netmap import Netmap, NetmapDelta, PeerNode, StreamMessage
+
+from .store import Tx
+
+__all__ = ["NetmapHub", "Subscription"]
+
+HISTORY = 4096
+QUEUE_LIMIT = 1024
+
+
+@dataclass(eq=False)
+class Subscription:
+    node: str
+    queue: asyncio.Queue[StreamMessage] = field(default_factory=asyncio.Queue)
+    resync: bool = False
+    closed: bool = False
+
+
+class NetmapHub:
+    def __init__(self, domain: str, prefixes: tuple[str, ...], version: int, nodes: dict[str, PeerNode]) -> None:
+        self.domain = domain
+        self.prefixes = prefixes
+        self.version = version
+        self.nodes = nodes
+        self._history: deque[NetmapDelta] = deque(maxlen=HISTORY)
+        self._subscribers: set[Subscription] = set()
+
+    # -- the map ------------------------------------------------------------
+    def full(self) -> Netmap:
+        return Netmap(version=self.version, domain=self.domain, prefixes=self.prefixes, nodes=dict(self.nodes))
+
+    def since(self, version: int) -> list[NetmapDelta] | None:
+        """The deltas after ``version``, or None when only a full map will do."""
+        if version == self.version:
+            return []
+        if not self._history or version < self._history[0].base or version > self.version:
+            return None
+        return [d for d in self._history if d.base >= version]
+
+    def bump(self, tx: Tx) -> int:
+        """Reserve the next version inside the transaction making the change."""
+        stored = int(tx.meta("netmap_version") or 0)
+        nxt = max(stored, self.version) + 1
+        tx.set_meta("netmap_version", str(nxt))
+        return nxt
+
+    def publish(self, version: int, upsert: tuple[PeerNode, ...] = (), remove: tuple[str, ...] = ()) -> NetmapDelta:
+        """After the commit: update the map and send the delta to every subscriber."""
+        delta = NetmapDelta(base=self.version, version=version, upsert=upsert, remove=remove)
+        for name in remove:
+            self.nodes.pop(name, None)
+        for node in upsert:
+            self.nodes[node.name] = node
+        self.version = version
+        self._history.append(delta)
+        message = StreamMessage(type="delta", delta=delta)
+        for sub in list(self._subscribers):
+            if sub.node in remove:
+                sub.closed = True  # a removed node's stream ends; its certificate is revoked
+                sub.queue.put_nowait(StreamMessage(type="keepalive"))
+            elif sub.queue.qsize() >= QUEUE_LIMIT:
+                sub.resync = True
+            elif not sub.resync:
+                sub.queue.put_nowait(message)
+        return delta
+
+    # -- subscribers -----------------------------------------------------------
+    def subscribe(self, node: str) -> Subscription:
+        sub = Subscription(node)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+
+    @property
+    def connected(self) -> int:
+        return len(self._subscribers)

@@ -1,0 +1,124 @@
+"""The netmap: what every node must know about the other nodes, and how it
+travels from the controller to the nodes.
+
+The controller keeps one mesh-wide map with a version number that grows by
+one with every change (a node enrolled or removed, an endpoint changed).
+A node's stream starts with a full map and continues with deltas; each
+delta names the version it applies to (``base``), so a node that missed one
+notices and asks for a full resync instead of drifting. Applying a delta is
+pure (:class:`NodeView`): its cost depends on the size of the delta, not of
+the mesh.
+
+Messages on the stream are one JSON object per line (NDJSON), each a
+:class:`StreamMessage`.
+
+Protocol version history:
+  1 (2026-11-28): full maps, deltas, keepalives.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "NETMAP_PROTOCOL",
+    "PeerNode",
+    "Netmap",
+    "NetmapDelta",
+    "StreamMessage",
+    "ResyncNeeded",
+    "NodeView",
+    "EndpointReport",
+]
+
+NETMAP_PROTOCOL = 1
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeerNode(_Wire):
+    """One node as the others see it."""
+
+    name: str = Field(description="node name, unique in the mesh")
+    wireguard_public_key: str = Field(description="base64 X25519 key; identifies the tunnel peer")
+    addresses: tuple[str, ...] = Field(description="the node's own overlay addresses, IPv4 then IPv6")
+    blocks: tuple[str, ...] = Field(description="the node's blocks (itself + its agents); a peer's allowed IPs")
+    endpoints: tuple[str, ...] = Field(
+        default=(), description="underlay ip:port candidates, best first; empty = not known yet (keep what works)"
+    )
+    owner: str | None = Field(default=None, description="owning principal; None for a tagged node")
+    tags: tuple[str, ...] = ()
+
+
+class Netmap(_Wire):
+    """The whole mesh at ``version``."""
+
+    version: int
+    domain: str
+    prefixes: tuple[str, ...] = Field(description="the overlay, IPv4 then IPv6: routed through the mesh interface")
+    nodes: dict[str, PeerNode] = Field(description="every node by name, the receiving node included")
+
+
+class NetmapDelta(_Wire):
+    """The change from version ``base`` to ``version`` (= base + 1)."""
+
+    base: int
+    version: int
+    upsert: tuple[PeerNode, ...] = Field(default=(), description="nodes added or changed, whole")
+    remove: tuple[str, ...] = Field(default=(), description="names of nodes that left the mesh")
+
+
+class StreamMessage(_Wire):
+    """One line of the netmap stream. Exactly the field named by ``type`` is set."""
+
+    type: Literal["full", "delta", "keepalive"]
+    full: Netmap | None = None
+    delta: NetmapDelta | None = None
+
+
+class EndpointReport(_Wire):
+    """What a node tells the controller about how to reach it."""
+
+    listen_port: int = Field(ge=1, le=65535)
+    endpoints: tuple[str, ...] = Field(default=(), max_length=32, description="local underlay ip:port candidates")
+
+
+class ResyncNeeded(Exception):
+    """A delta does not follow the map it was given: fetch a full map."""
+
+
+class NodeView:
+    """A node's live copy of the netmap, changed in place by each delta.
+
+    In place, because the cost of a delta must not grow with the mesh: a
+    10,000-node map is never copied to change one entry.
+    """
+
+    def __init__(self, full: Netmap) -> None:
+        self.version = full.version
+        self.domain = full.domain
+        self.prefixes = full.prefixes
+        self.nodes: dict[str, PeerNode] = dict(full.nodes)
+
+    def apply(self, delta: NetmapDelta) -> tuple[list[PeerNode], list[str]]:
+        """Apply ``delta``; return (nodes added or changed, names removed).
+
+        Raises :class:`ResyncNeeded` on a version gap, leaving the view as it was.
+        """
+        if delta.version <= self.version:
+            return [], []  # already contained in the full map this view started from
+        if delta.base != self.version:
+            raise ResyncNeeded(f"delta {delta.base}->{delta.version} does not follow version {self.version}")
+        removed = [name for name in delta.remove if self.nodes.pop(name, None) is not None]
+        changed = [n for n in delta.upsert if self.nodes.get(n.name) != n]
+        for node in changed:
+            self.nodes[node.name] = node
+        self.version = delta.version
+        return changed, removed
+
+    def snapshot(self) -> Netmap:
+        return Netmap(version=self.version, domain=self.domain, prefixes=self.prefixes, nodes=dict(self.nodes))

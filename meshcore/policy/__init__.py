@@ -1,0 +1,113 @@
+"""The policy core of idmesh: the policy file, its compiler, and single-flow decisions.
+
+Pure code: it reads the YAML text it is given and nothing else — no
+nftables, no network, no clock. The controller stores and serves policies,
+the node daemon's firewall applier renders :class:`NodeFilter` s; both sit
+outside this package.
+
+Semantics
+---------
+
+**Default deny.** Nothing reaches a node over the mesh unless some acl
+allows it; an empty policy allows nothing (replies to allowed flows pass
+by connection tracking).
+
+**Acls are a union of allows; there are no deny rules.** A flow is allowed
+when *any* acl's ``from`` matches its source and one of that acl's ``to``
+entries covers its destination, protocol and port. Rule order does not
+matter. We chose this, as Tailscale and Headscale do, because
+
+* each rule can be read, reviewed and tested on its own — adding a rule can
+  only ever open what it says, never close or reopen something elsewhere;
+* there is no "first match wins" trap where a broad rule high up silently
+  shadows a narrower one below (and no precedence to get wrong between
+  allow and deny);
+* it compiles to sets and an unordered list of accepts, which is what
+  nftables evaluates in constant time per packet;
+* the narrowing that deny rules are usually wanted for is expressed in the
+  selector instead: ``via``, ``scope`` and ``agent`` say exactly which
+  identities a rule is about ("reads from Nikita's agents, writes only from
+  Nikita's own devices" is two allows, no deny).
+
+**Selectors** (``from``) AND their fields: ``principal``, ``group``,
+``owner``, ``tag``, ``node``, ``agent``, ``scope`` and ``via: direct |
+agent | any`` (default ``any``). ``direct`` is a node's own address — a
+person's device or a tagged server acting without an agent; a node acting
+directly acts as its owner, and a tagged node has no principal. An agent
+acts with its own principal and scopes, from the node it runs on (whose
+name, owner and tags selectors also see). Scope wildcards: see
+:mod:`.sources`. Fields that contradict or hide each other are errors:
+see :mod:`.checks`.
+
+**Destinations** (``to``): service names, ``tag:NAME[:PORT]``,
+``node:NAME[:PORT]``; a port is ``5432``, ``8000-8100`` or ``*``, and no
+port means every port. A service brings its own nodes, ports and
+protocol(s); for tag and node destinations the acl's ``protocol`` applies
+(``tcp`` if not given; ``tcp``, ``udp``, ``icmp`` or a list).
+
+Where to read on: the compiled data and its evaluation order —
+:class:`NodeFilter`; the model — :mod:`.model`; errors with file locations —
+:func:`load_policy`.
+"""
+
+from .compile import (
+    AddressSet,
+    Change,
+    FilterDelta,
+    FilterRule,
+    MeshFilters,
+    NodeFilter,
+    apply_delta,
+    compile_mesh,
+    compile_node_filter,
+    identity_delta,
+)
+from .evaluate import Decision, PolicyTestFailure, Target, actor_for, decide, decide_flow, explain, run_tests
+from .fields import ALL_PORTS, Destination, NodeSpec, PortRange, Protocol
+from .identities import Actor, AgentIdentity, Identities, NodeIdentity
+from .load import load_policy, validate_policy
+from .model import Acl, Delegation, FlowSource, Policy, PolicyTest, Route, Selector, Service
+from .sources import SourceClass, scopes_overlap, set_name
+
+__all__ = [
+    "load_policy",
+    "validate_policy",
+    "Policy",
+    "Selector",
+    "Service",
+    "Acl",
+    "Delegation",
+    "Route",
+    "PolicyTest",
+    "FlowSource",
+    "Destination",
+    "NodeSpec",
+    "PortRange",
+    "ALL_PORTS",
+    "Protocol",
+    "NodeIdentity",
+    "AgentIdentity",
+    "Actor",
+    "Identities",
+    "SourceClass",
+    "set_name",
+    "scopes_overlap",
+    "AddressSet",
+    "FilterRule",
+    "NodeFilter",
+    "FilterDelta",
+    "MeshFilters",
+    "Change",
+    "compile_node_filter",
+    "compile_mesh",
+    "identity_delta",
+    "apply_delta",
+    "Target",
+    "Decision",
+    "PolicyTestFailure",
+    "decide",
+    "decide_flow",
+    "actor_for",
+    "run_tests",
+    "explain",
+]

@@ -1,0 +1,296 @@
+"""The identities the compiler works on: nodes, agents, and actors.
+
+A *node* is a host (owned by a principal, or tagged, or neither); an *agent*
+runs on a node for a principal with scopes. Both have their own overlay
+addresses, one IPv4 and one IPv6. Policy rules match *actors*: an
+:class:`Actor` is one source of traffic as a selector sees it —
+
+* a node acting directly (``via="direct"``): its principal is its owner (a
+  tagged node has none), it has no scopes;
+* an agent (``via="agent"``): its own principal and scopes, and the name,
+  owner and tags of the node it runs on (so ``{tag: agents, principal: P}``
+  means P's agents on nodes tagged ``agents``).
+
+:class:`Identities` holds a mesh's nodes and agents with an index over their
+actors, so a selector's members are found without scanning everyone, and
+``with_*``/``without_*`` return a new :class:`Identities` in time
+proportional to the change (copy-on-write of the touched index buckets).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Mapping
+
+from ..errors import InvalidInput
+from ..scopes import Scope
+from .fields import check_agent_name, check_label, check_principal
+
+__all__ = ["NodeIdentity", "AgentIdentity", "Actor", "Identities", "IndexKey"]
+
+
+def _checked(check: object, value: object) -> str:
+    try:
+        return check(value)  # type: ignore[operator, no-any-return]
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+def _address(text: str, version: int, whose: str) -> str:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{whose}: invalid address {text!r}") from exc
+    if ip.version != version:
+        raise InvalidInput(f"{whose}: {text!r} is not an IPv{version} address")
+    return str(ip)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeIdentity:
+    """A node: owned by ``owner``, or tagged with ``tags``, or neither — never both."""
+
+    name: str
+    owner: str | None = None
+    tags: frozenset[str] = frozenset()
+    ipv4: str
+    ipv6: str
+
+    def __post_init__(self) -> None:
+        _checked(lambda v: check_label("node", v), self.name)
+        if self.owner is not None:
+            _checked(check_principal, self.owner)
+        object.__setattr__(self, "tags", frozenset(self.tags))
+        for tag in self.tags:
+            _checked(lambda v: check_label("tag", v), tag)
+        if self.owner is not None and self.tags:
+            raise InvalidInput(f"node {self.name}: a node is either owned or tagged, not both")
+        object.__setattr__(self, "ipv4", _address(self.ipv4, 4, f"node {self.name}"))
+        object.__setattr__(self, "ipv6", _address(self.ipv6, 6, f"node {self.name}"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentIdentity:
+    """An agent: ``id`` is unique in the mesh, ``name`` is what rules call it."""
+
+    id: str
+    name: str
+    principal: str
+    scopes: tuple[Scope, ...]
+    node: str
+    parent: str | None = None
+    ipv4: str
+    ipv6: str
+
+    def __post_init__(self) -> None:
+        _checked(check_agent_name, self.id)
+        _checked(check_agent_name, self.name)
+        _checked(check_principal, self.principal)
+        _checked(lambda v: check_label("node", v), self.node)
+        if not self.scopes:
+            raise InvalidInput(f"agent {self.id}: an agent holds at least one scope")
+        object.__setattr__(self, "scopes", tuple(sorted(set(self.scopes))))
+        object.__setattr__(self, "ipv4", _address(self.ipv4, 4, f"agent {self.id}"))
+        object.__setattr__(self, "ipv6", _address(self.ipv6, 6, f"agent {self.id}"))
+
+
+@dataclass(frozen=True)
+class Actor:
+    """One source of traffic as selectors see it (module docstring).
+
+    ``key`` is ``node:NAME`` or ``agent:ID`` for real identities; a
+    hypothetical actor (a policy test's ``from``) has key ``hypothetical``
+    and no addresses.
+    """
+
+    key: str
+    via: Literal["direct", "agent"]
+    principal: str | None
+    node: str | None
+    owner: str | None
+    tags: frozenset[str]
+    agent: str | None = None
+    scopes: tuple[Scope, ...] = ()
+    ipv4: str | None = None
+    ipv6: str | None = None
+
+    @classmethod
+    def of_node(cls, node: NodeIdentity) -> "Actor":
+        return cls(
+            key=f"node:{node.name}",
+            via="direct",
+            principal=node.owner,
+            node=node.name,
+            owner=node.owner,
+            tags=node.tags,
+            ipv4=node.ipv4,
+            ipv6=node.ipv6,
+        )
+
+    @classmethod
+    def of_agent(cls, agent: AgentIdentity, node: NodeIdentity) -> "Actor":
+        if agent.node != node.name:
+            raise InvalidInput(f"agent {agent.id} runs on {agent.node}, not on {node.name}")
+        return cls(
+            key=f"agent:{agent.id}",
+            via="agent",
+            principal=agent.principal,
+            node=node.name,
+            owner=node.owner,
+            tags=node.tags,
+            agent=agent.name,
+            scopes=agent.scopes,
+            ipv4=agent.ipv4,
+            ipv6=agent.ipv6,
+        )
+
+    def index_keys(self) -> Iterator["IndexKey"]:
+        """The buckets of :class:`Identities` this actor belongs to."""
+        yield ("via", self.via)
+        for name, value in (("principal", self.principal), ("node", self.node), ("owner", self.owner),
+                            ("agent", self.agent)):
+            if value is not None:
+                yield (name, value)
+        for tag in self.tags:
+            yield ("tag", tag)
+
+
+IndexKey = tuple[str, str]
+"""``("tag", "db")``, ``("principal", "nikita@acme.com")``, ``("via", "agent")``..."""
+
+
+@dataclass(frozen=True)
+class Identities:
+    """A mesh's nodes and agents, and the actor index selectors are resolved with.
+
+    Build with :meth:`build`; change with the ``with_*``/``without_*``
+    methods, which check the same invariants: unique names and ids, unique
+    addresses, every agent on a known node.
+    """
+
+    nodes: Mapping[str, NodeIdentity] = field(default_factory=dict)
+    agents: Mapping[str, AgentIdentity] = field(default_factory=dict)
+    actors: Mapping[str, Actor] = field(default_factory=dict)
+    index: Mapping[IndexKey, frozenset[str]] = field(default_factory=dict)
+    _addresses: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, nodes: Iterable[NodeIdentity] = (), agents: Iterable[AgentIdentity] = ()) -> "Identities":
+        node_map: dict[str, NodeIdentity] = {}
+        for node in nodes:
+            if node.name in node_map:
+                raise InvalidInput(f"node {node.name} is listed twice")
+            node_map[node.name] = node
+        agent_map: dict[str, AgentIdentity] = {}
+        for agent in agents:
+            if agent.id in agent_map:
+                raise InvalidInput(f"agent {agent.id} is listed twice")
+            if agent.node not in node_map:
+                raise InvalidInput(f"agent {agent.id} runs on unknown node {agent.node}")
+            agent_map[agent.id] = agent
+        actors = [Actor.of_node(n) for n in node_map.values()]
+        actors += [Actor.of_agent(a, node_map[a.node]) for a in agent_map.values()]
+        addresses: dict[str, str] = {}
+        buckets: dict[IndexKey, set[str]] = {}
+        for actor in actors:
+            _claim_addresses(addresses, actor)
+            for key in actor.index_keys():
+                buckets.setdefault(key, set()).add(actor.key)
+        return cls(
+            nodes=node_map,
+            agents=agent_map,
+            actors={a.key: a for a in actors},
+            index={k: frozenset(v) for k, v in buckets.items()},
+            _addresses=addresses,
+        )
+
+    def node(self, name: str) -> NodeIdentity:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise InvalidInput(f"unknown node {name!r}") from None
+
+    def actor_of(self, identity: NodeIdentity | AgentIdentity) -> Actor:
+        if isinstance(identity, NodeIdentity):
+            return Actor.of_node(identity)
+        return Actor.of_agent(identity, self.node(identity.node))
+
+    def members(self, key: IndexKey) -> frozenset[str]:
+        return self.index.get(key, frozenset())
+
+    def with_node(self, node: NodeIdentity) -> "Identities":
+        """Add ``node``, or replace the node of that name (its agents see its new owner/tags)."""
+        if node.name in self.nodes:
+            riders = [a for a in self.agents.values() if a.node == node.name]
+            removed = [self.actors[f"node:{node.name}"]] + [self.actors[f"agent:{a.id}"] for a in riders]
+            added = [Actor.of_node(node)] + [Actor.of_agent(a, node) for a in riders]
+        else:
+            removed, added = [], [Actor.of_node(node)]
+        nodes = dict(self.nodes)
+        nodes[node.name] = node
+        return self._replace(nodes, dict(self.agents), removed, added)
+
+    def without_node(self, name: str) -> "Identities":
+        """Remove node ``name`` and every agent running on it."""
+        self.node(name)
+        gone = [a for a in self.agents.values() if a.node == name]
+        removed = [self.actors[f"node:{name}"]] + [self.actors[f"agent:{a.id}"] for a in gone]
+        nodes = {k: v for k, v in self.nodes.items() if k != name}
+        agents = {k: v for k, v in self.agents.items() if v.node != name}
+        return self._replace(nodes, agents, removed, [])
+
+    def with_agent(self, agent: AgentIdentity) -> "Identities":
+        if agent.id in self.agents:
+            raise InvalidInput(f"agent {agent.id} already exists")
+        actor = Actor.of_agent(agent, self.node(agent.node))
+        agents = dict(self.agents)
+        agents[agent.id] = agent
+        return self._replace(dict(self.nodes), agents, [], [actor])
+
+    def without_agent(self, agent_id: str) -> "Identities":
+        if agent_id not in self.agents:
+            raise InvalidInput(f"unknown agent {agent_id!r}")
+        agents = dict(self.agents)
+        del agents[agent_id]
+        return self._replace(dict(self.nodes), agents, [self.actors[f"agent:{agent_id}"]], [])
+
+    def _replace(
+        self,
+        nodes: dict[str, NodeIdentity],
+        agents: dict[str, AgentIdentity],
+        removed: list[Actor],
+        added: list[Actor],
+    ) -> "Identities":
+        actors = dict(self.actors)
+        addresses = dict(self._addresses)
+        touched: dict[IndexKey, set[str]] = {}
+        for actor in removed:
+            del actors[actor.key]
+            for address in (actor.ipv4, actor.ipv6):
+                if address is not None:
+                    addresses.pop(address, None)
+            for key in actor.index_keys():
+                touched.setdefault(key, set(self.index.get(key, ()))).discard(actor.key)
+        for actor in added:
+            _claim_addresses(addresses, actor)
+            actors[actor.key] = actor
+            for key in actor.index_keys():
+                touched.setdefault(key, set(self.index.get(key, ()))).add(actor.key)
+        index = dict(self.index)
+        for key, members in touched.items():
+            if members:
+                index[key] = frozenset(members)
+            else:
+                index.pop(key, None)
+        return Identities(nodes=nodes, agents=agents, actors=actors, index=index, _addresses=addresses)
+
+
+def _claim_addresses(addresses: dict[str, str], actor: Actor) -> None:
+    for address in (actor.ipv4, actor.ipv6):
+        if address is None:
+            continue
+        holder = addresses.get(address)
+        if holder is not None and holder != actor.key:
+            raise InvalidInput(f"address {address} of {actor.key} is already held by {holder}")
+        addresses[address] = actor.key

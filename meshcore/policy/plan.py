@@ -1,0 +1,98 @@
+"""A policy prepared for compiling: rules flattened into grants, indexed by target.
+
+Each acl is expanded once into :class:`Grant` s — (source class, target
+``tag:``/``node:``, protocol, ports) — with services replaced by their nodes,
+protocols and ports. Grants are indexed by the tag or node they target, so a
+node's rules are the grants of its name and of its tags: no scan of all
+rules per node. The plan depends on the policy only, and is built once per
+:class:`Policy` object (memoised on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .fields import ALL_PORTS, NodeSpec, PortRange, Protocol, merge_ports
+from .model import Acl, Policy
+from .sources import SourceClass, source_class
+
+__all__ = ["Grant", "PolicyPlan", "plan_policy"]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Acl ``acl`` lets source class ``source`` reach ``target`` on ``protocol``/``ports``.
+
+    ``ports`` is empty for ICMP, which has none.
+    """
+
+    acl: int
+    source: str
+    target: NodeSpec
+    protocol: Protocol
+    ports: tuple[PortRange, ...]
+
+    def covers(self, protocol: Protocol, port: int | None) -> bool:
+        if protocol != self.protocol:
+            return False
+        return protocol == "icmp" or (port is not None and any(lo <= port <= hi for lo, hi in self.ports))
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    sources: Mapping[str, SourceClass]
+    acl_sources: tuple[str, ...]
+    by_tag: Mapping[str, tuple[Grant, ...]]
+    by_node: Mapping[str, tuple[Grant, ...]]
+
+    def grants_for(self, name: str | None, tags: Iterable[str]) -> list[Grant]:
+        """Every grant whose target is node ``name`` or one of ``tags``."""
+        out = list(self.by_node.get(name, ())) if name is not None else []
+        for tag in tags:
+            out += self.by_tag.get(tag, ())
+        return out
+
+
+def plan_policy(policy: Policy) -> PolicyPlan:
+    cached = policy._plan
+    if isinstance(cached, PolicyPlan):
+        return cached
+    plan = _build(policy)
+    policy._plan = plan
+    return plan
+
+
+def _build(policy: Policy) -> PolicyPlan:
+    sources: dict[str, SourceClass] = {}
+    acl_sources: list[str] = []
+    by_tag: dict[str, list[Grant]] = {}
+    by_node: dict[str, list[Grant]] = {}
+    for index, acl in enumerate(policy.acls):
+        source = source_class(acl.source, policy.groups)
+        sources.setdefault(source.name, source)
+        acl_sources.append(source.name)
+        for grant in _grants(index, source.name, acl, policy):
+            table = by_tag if grant.target.kind == "tag" else by_node
+            table.setdefault(grant.target.name, []).append(grant)
+    return PolicyPlan(
+        sources=sources,
+        acl_sources=tuple(acl_sources),
+        by_tag={k: tuple(v) for k, v in by_tag.items()},
+        by_node={k: tuple(v) for k, v in by_node.items()},
+    )
+
+
+def _grants(index: int, source: str, acl: Acl, policy: Policy) -> Iterable[Grant]:
+    for dest in acl.to:
+        if dest.kind == "service":
+            service = policy.services[dest.name]
+            for target in service.nodes:
+                for protocol in service.protocol:
+                    ports = () if protocol == "icmp" else merge_ports(service.ports)
+                    yield Grant(index, source, target, protocol, ports)
+        else:
+            target = NodeSpec(dest.kind, dest.name)
+            for protocol in acl.protocol or ("tcp",):
+                ports = () if protocol == "icmp" else (dest.ports or ALL_PORTS,)
+                yield Grant(index, source, target, protocol, ports)

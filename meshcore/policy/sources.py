@@ -1,0 +1,132 @@
+"""Source classes: a selector, resolved against the policy's groups, with a stable set name.
+
+Every distinct selector (by meaning: :meth:`Selector.text`) becomes one
+:class:`SourceClass` and, on a node, one pair of nftables address sets. The
+set name is derived from the selector's text alone — not from the rule's
+position, not from who currently matches — so reordering rules renames
+nothing, and an identity joining or leaving changes set *elements*, never
+rules. Group membership is resolved here, from the policy's ``groups``: a
+change of membership is a policy change.
+
+Scope matching: an agent matches ``scope: S`` when one of its scopes and
+``S`` have an action in common — each segment equal, or ``*`` on either
+side. So ``scope: "db:*"`` (any db action) matches an agent holding
+``db:read``, and ``scope: "db:read"`` matches an agent holding ``db:*``
+(it may read, among other things). An agent holding ``*:*`` matches every
+scope selector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+from ..scopes import Scope
+from .identities import Actor, Identities
+from .model import Selector
+
+__all__ = ["SourceClass", "source_class", "set_name", "scopes_overlap", "resolve"]
+
+
+def set_name(selector_text: str) -> str:
+    """``src_`` and 12 hex digits of SHA-256: short enough for any nftables set name."""
+    return "src_" + hashlib.sha256(selector_text.encode()).hexdigest()[:12]
+
+
+def _segments_overlap(a: str, b: str) -> bool:
+    return a == b or a == "*" or b == "*"
+
+
+def scopes_overlap(wanted: Scope, held: Scope) -> bool:
+    """True when some concrete ``resource:action`` lies within both (module docstring)."""
+    return _segments_overlap(wanted.resource, held.resource) and _segments_overlap(wanted.action, held.action)
+
+
+@dataclass(frozen=True)
+class SourceClass:
+    """A selector ready to match actors: ``members`` is the group's principals, resolved."""
+
+    name: str
+    text: str
+    via: Literal["direct", "agent", "any"]
+    principal: str | None = None
+    group: str | None = None
+    members: frozenset[str] | None = None
+    owner: str | None = None
+    tag: str | None = None
+    node: str | None = None
+    agent: str | None = None
+    scope: Scope | None = None
+
+    def matches(self, actor: Actor) -> bool:
+        """Every given field must hold (AND); a missing field matches anything."""
+        return (
+            (self.via == "any" or actor.via == self.via)
+            and (self.principal is None or actor.principal == self.principal)
+            and (self.members is None or actor.principal in self.members)
+            and (self.owner is None or actor.owner == self.owner)
+            and (self.tag is None or self.tag in actor.tags)
+            and (self.node is None or actor.node == self.node)
+            and (self.agent is None or actor.agent == self.agent)
+            and (self.scope is None or any(scopes_overlap(self.scope, s) for s in actor.scopes))
+        )
+
+
+def source_class(selector: Selector, groups: Mapping[str, Sequence[str]]) -> SourceClass:
+    text = selector.text()
+    return SourceClass(
+        name=set_name(text),
+        text=text,
+        via=selector.effective_via,
+        principal=selector.principal,
+        group=selector.group,
+        members=None if selector.group is None else frozenset(groups.get(selector.group, ())),
+        owner=selector.owner,
+        tag=selector.tag,
+        node=selector.node,
+        agent=selector.agent,
+        scope=selector.scope,
+    )
+
+
+def resolve(source: SourceClass, identities: Identities) -> tuple[frozenset[str], frozenset[str]]:
+    """The IPv4 and IPv6 addresses of every actor ``source`` matches.
+
+    The index narrows the candidates to the smallest bucket a given field
+    names (a group is the union of its members' buckets); only those are
+    matched field by field. So a narrow selector costs its members, not the mesh.
+    """
+    candidates: frozenset[str] | None = None
+    for bucket_key in _bucket_keys(source):
+        bucket = identities.members(bucket_key)
+        if candidates is None or len(bucket) < len(candidates):
+            candidates = bucket
+    if source.members is not None:
+        union: set[str] = set()
+        for principal in source.members:
+            union |= identities.members(("principal", principal))
+        if candidates is None or len(union) < len(candidates):
+            candidates = frozenset(union)
+    keys = identities.actors.keys() if candidates is None else candidates
+    v4: list[str] = []
+    v6: list[str] = []
+    actors = identities.actors
+    for key in keys:
+        actor = actors[key]
+        if source.matches(actor):
+            if actor.ipv4 is not None:
+                v4.append(actor.ipv4)
+            if actor.ipv6 is not None:
+                v6.append(actor.ipv6)
+    return frozenset(v4), frozenset(v6)
+
+
+def _bucket_keys(source: SourceClass) -> list[tuple[str, str]]:
+    keys = [(name, value) for name, value in (
+        ("principal", source.principal), ("owner", source.owner), ("tag", source.tag),
+        ("node", source.node), ("agent", source.agent),
+    ) if value is not None]
+    if source.via != "any":
+        keys.append(("via", source.via))
+    return keys

@@ -1,0 +1,225 @@
+"""``meshd run``: the node daemon.
+
+One asyncio task group holds everything that lives as long as the daemon:
+the controller session (netmap stream with reconnection), certificate
+renewal, the converger (netmap -> WireGuard peers, addresses, routes), the
+local API and LAN discovery. SIGTERM/SIGINT end the group in order and the
+interface (with its wireguard-go process) is removed: nothing is left.
+
+The data plane outlives the control plane: when the controller is away the
+interface keeps its peers; the last netmap is cached in the state
+directory so a restarted meshd rebuilds its tunnels before the controller
+answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshcore.errors import IdmeshError
+from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, NodeView, ResyncNeeded
+
+from .converge import desired_device, desired_link
+from .discovery import LanDiscovery
+from .localapi import LocalApi
+from .netconf import IPRouteNetConf
+from .session import ControllerSession
+from .state import StateDir, write_private
+from .underlay import local_endpoints
+from .wg import WireGuardDevice, open_device
+
+__all__ = ["Options", "Daemon"]
+
+log = logging.getLogger("meshd")
+RETRY_APPLY = 2.0
+
+
+@dataclass(frozen=True)
+class Options:
+    state: Path
+    interface: str = "idmesh0"
+    socket: Path = Path("/run/meshd/meshd.sock")
+    listen_port: int = 51820
+    discovery: bool = True
+    wireguard: str = "auto"
+
+
+class Daemon:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.state = StateDir(opts.state)
+        self.record = self.state.read_record()
+        self.name = str(self.record["name"])
+        self.wg_private = self.state.wg_key.read_text().strip()
+        self.view: NodeView | None = self._load_cache()
+        self.device: WireGuardDevice | None = None
+        self.netconf = IPRouteNetConf()
+        self._device_lock = threading.Lock()
+        self._dirty = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.applied_version: int | None = None
+        self.session = ControllerSession(
+            self.state, str(self.record["controller"]),
+            version=lambda: self.view.version if self.view else None,
+            on_full=self._on_full, on_delta=self._on_delta, endpoints=self._endpoint_report,
+        )
+        self.discovery: LanDiscovery | None = None
+        self.api = LocalApi(opts.socket, self.status)
+
+    # -- netmap --------------------------------------------------------------
+    def _load_cache(self) -> NodeView | None:
+        path = self.state.path / "netmap.json"
+        try:
+            return NodeView(Netmap.model_validate_json(path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def _on_full(self, netmap: Netmap) -> None:
+        self.view = NodeView(netmap)
+        log.info("netmap version %d: %d nodes", netmap.version, len(netmap.nodes))
+        self._dirty.set()
+
+    def _on_delta(self, delta: NetmapDelta) -> None:
+        if self.view is None:
+            raise ResyncNeeded("a delta before any full map")
+        changed, removed = self.view.apply(delta)
+        if changed or removed:
+            log.info("netmap version %d: %s%s", delta.version,
+                     " ".join(f"+{n.name}" for n in changed), " ".join(f" -{n}" for n in removed))
+            self._dirty.set()
+
+    async def _endpoint_report(self) -> EndpointReport:
+        # pyroute2's synchronous API runs an event loop of its own: keep it off ours.
+        prefixes = tuple(str(p) for p in self.record.get("mesh_prefixes", ()))  # type: ignore[union-attr]
+        found = await asyncio.to_thread(local_endpoints, self.opts.listen_port, self.opts.interface, prefixes)
+        return EndpointReport(listen_port=self.opts.listen_port, endpoints=found)
+
+    # -- converging the interface ---------------------------------------------
+    def _mark_dirty_threadsafe(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
+
+    def _apply(self, view: NodeView) -> None:
+        assert self.device is not None
+        found = self.discovery.found if self.discovery else {}
+        device = desired_device(self.wg_private, self.opts.listen_port, view, self.name, found)
+        link = desired_link(self.opts.interface, list(self.record["addresses"]),  # type: ignore[call-overload]
+                            list(view.prefixes))
+        with self._device_lock:
+            self.device.apply(device)
+            self.netconf.apply(link)
+        write_private(self.state.path / "netmap.json", view.snapshot().model_dump_json(), 0o644)
+
+    async def _converge(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            view = self.view
+            if view is None:
+                continue
+            try:
+                await asyncio.to_thread(self._apply, view)
+                self.applied_version = view.version
+            except IdmeshError as exc:
+                log.error("could not apply netmap version %d: %s; retrying", view.version, exc)
+                await asyncio.sleep(RETRY_APPLY)
+                self._dirty.set()
+
+    # -- status ------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        view = self.view
+        with self._device_lock:
+            state = self.device.state() if self.device else None
+        by_key = {p.public_key: p for p in state.peers} if state else {}
+        peers = []
+        for name, node in sorted((view.nodes if view else {}).items()):
+            if name == self.name:
+                continue
+            ps = by_key.get(node.wireguard_public_key)
+            peers.append({
+                "name": name,
+                "addresses": list(node.addresses),
+                "endpoint": ps.endpoint if ps else None,
+                "latest_handshake": ps.latest_handshake.isoformat() if ps and ps.latest_handshake else None,
+                "rx_bytes": ps.rx_bytes if ps else 0,
+                "tx_bytes": ps.tx_bytes if ps else 0,
+                "tags": list(node.tags),
+                "owner": node.owner,
+            })
+        return {
+            "self": {
+                "name": self.name,
+                "addresses": self.record["addresses"],
+                "public_key": self.record["wireguard_public_key"],
+                "tags": self.record["tags"],
+                "owner": self.record["owner"],
+                "interface": self.opts.interface,
+                "listen_port": state.listen_port if state else self.opts.listen_port,
+            },
+            "controller": {
+                "url": self.session.url,
+                "connected": self.session.connected,
+                "netmap_version": view.version if view else None,
+                "applied_version": self.applied_version,
+                "last_error": self.session.last_error,
+            },
+            "peers": peers,
+        }
+
+    # -- lifetime ------------------------------------------------------------------
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, stop.set)
+        self.device = await asyncio.to_thread(
+            open_device, self.opts.interface, implementation=self.opts.wireguard,  # type: ignore[arg-type]
+            on_restart=self._mark_dirty_threadsafe,
+        )
+        log.info("%s up on %s (%s), listening on %d", self.name, self.opts.interface,
+                 type(self.device).__name__, self.opts.listen_port)
+        try:
+            if self.view is not None:
+                self._dirty.set()  # rebuild from the cached map before the controller answers
+            if self.opts.discovery:
+                await self._start_discovery()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.session.run(), name="controller"),
+                    tg.create_task(self.session.renew_when_due(), name="renewal"),
+                    tg.create_task(self._converge(), name="converge"),
+                ]
+                api = tg.create_task(self.api.serve(), name="local-api")
+                waiter = tg.create_task(stop.wait(), name="stop")
+                await asyncio.wait([api, waiter], return_when=asyncio.FIRST_COMPLETED)
+                log.info("stopping")
+                self.api.stop()
+                for task in tasks:
+                    task.cancel()
+                waiter.cancel()
+        except* IdmeshError as group:
+            raise group.exceptions[0] from None
+        finally:
+            if self.discovery is not None:
+                await self.discovery.stop()
+            device, self.device = self.device, None
+            if device is not None:
+                await asyncio.to_thread(device.close)
+            log.info("stopped; interface %s removed", self.opts.interface)
+
+    async def _start_discovery(self) -> None:
+        report = await self._endpoint_report()
+        underlay = [e.rsplit(":", 1)[0] for e in report.endpoints if not e.startswith("[")]
+        self.discovery = LanDiscovery(self.name, str(self.record["wireguard_public_key"]), self.opts.listen_port,
+                                      underlay, self._dirty.set)
+        try:
+            await self.discovery.start()
+        except (OSError, RuntimeError) as exc:  # no multicast here: discovery is an optimisation
+            log.warning("LAN discovery unavailable: %s", exc)
+            self.discovery = None

@@ -1,0 +1,80 @@
+"""LAN discovery with mDNS/DNS-SD (zeroconf): ``_idmesh._udp.local.``
+
+Each node announces its WireGuard public key and listen port; peers found
+on the local link are tried first (see :func:`meshd.converge.choose_endpoint`).
+Discovery only proposes endpoints. Who a key belongs to, and whether it is a
+member at all, comes from the controller-signed netmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+__all__ = ["LanDiscovery", "SERVICE"]
+
+SERVICE = "_idmesh._udp.local."
+log = logging.getLogger("meshd.discovery")
+
+
+class LanDiscovery:
+    def __init__(self, node: str, public_key: str, port: int, addresses: list[str],
+                 on_change: Callable[[], None]) -> None:
+        self.node = node
+        self.public_key = public_key
+        self.port = port
+        self.addresses = addresses
+        self.found: dict[str, str] = {}  # WireGuard public key -> ip:port
+        self._on_change = on_change
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        self._info = AsyncServiceInfo(
+            SERVICE, f"{self.node}.{SERVICE}", port=self.port,
+            properties={"pk": self.public_key, "v": "1"},
+            parsed_addresses=[a for a in self.addresses if ipaddress.ip_address(a).version == 4],
+        )
+        await self._zc.async_register_service(self._info, allow_name_change=True)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[self._changed])
+
+    def _changed(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            return
+        # Resolution needs a round trip; keep the task so stop() can cancel it (no orphans).
+        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        assert self._zc is not None
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self._zc.zeroconf, 3000):
+            return
+        key = (info.properties or {}).get(b"pk")
+        addrs = info.parsed_addresses(IPVersion.V4Only)
+        if not key or not addrs or not info.port or key.decode() == self.public_key:
+            return
+        endpoint = f"{addrs[0]}:{info.port}"
+        if self.found.get(key.decode()) != endpoint:
+            self.found[key.decode()] = endpoint
+            log.info("found %s on the local link at %s", name, endpoint)
+            self._on_change()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._zc is not None:
+            if self._info is not None:
+                await self._zc.async_unregister_service(self._info)
+            await self._zc.async_close()

@@ -1,0 +1,170 @@
+"""meshd's link to the controller: the netmap stream, endpoint reports and
+certificate renewal, with reconnection.
+
+The protocol logic (what a message does to the view) is in
+:class:`meshcore.netmap.NodeView`; this module only moves bytes and waits.
+A lost connection changes nothing on the data plane: the interface keeps
+its peers until the controller says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from idmesh.client import client_ssl_context
+from meshcore.errors import IdmeshError, error_for_status
+from meshcore.identity import build_csr
+from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, ResyncNeeded, StreamMessage
+from meshcore.wire import RenewRequest, RenewResponse
+
+from .state import StateDir, write_private
+
+__all__ = ["ControllerSession", "Backoff"]
+
+log = logging.getLogger("meshd.session")
+
+READ_TIMEOUT = 35.0  # the controller sends a keepalive every 10 s
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential back-off: base·2ⁿ capped, times a factor in [0.5, 1.5)."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempt: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2 ** self.attempt)
+        self.attempt += 1
+        return delay * (0.5 + random.random())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ControllerSession:
+    def __init__(self, state: StateDir, url: str, version: Callable[[], int | None],
+                 on_full: Callable[[Netmap], None], on_delta: Callable[[NetmapDelta], None],
+                 endpoints: Callable[[], Awaitable[EndpointReport]]) -> None:
+        self.state = state
+        self.url = url.rstrip("/")
+        self._version = version
+        self._on_full = on_full
+        self._on_delta = on_delta
+        self._endpoints = endpoints
+        self.connected = False
+        self.last_error: str | None = None
+        self._ca = state.ca_cert.read_text()
+        self._ssl = self._context()
+
+    def _context(self) -> ssl.SSLContext:
+        return client_ssl_context(self._ca, cert_file=self.state.node_cert, key_file=self.state.node_key)
+
+    def _client(self) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(10.0, read=READ_TIMEOUT)
+        return httpx.AsyncClient(base_url=self.url, verify=self._ssl, timeout=timeout, trust_env=False)
+
+    async def run(self) -> None:
+        """Stay connected forever; every failure is logged once and retried."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self._stream(backoff)
+                self.last_error = "the controller closed the stream"
+            except (httpx.HTTPError, IdmeshError, ValueError, ResyncNeeded) as exc:
+                self.last_error = _describe(exc)
+            self.connected = False
+            delay = backoff.next()
+            log.warning("controller %s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
+            await asyncio.sleep(delay)
+
+    async def _stream(self, backoff: Backoff) -> None:
+        async with self._client() as http:
+            await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
+            since = self._version()
+            params = {"since": str(since)} if since is not None else {}
+            async with http.stream("GET", "/v1/netmap", params=params) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error(resp)
+                self.connected = True
+                self.last_error = None
+                backoff.reset()
+                log.info("connected to controller %s", self.url)
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    message = StreamMessage.model_validate_json(line)
+                    if message.type == "full" and message.full is not None:
+                        self._on_full(message.full)
+                    elif message.type == "delta" and message.delta is not None:
+                        self._on_delta(message.delta)
+
+    async def report_endpoints(self) -> None:
+        """Tell the controller where we are now (e.g. after an address change)."""
+        async with self._client() as http:
+            await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
+
+    async def renew_when_due(self, check_every: float = 60.0) -> None:
+        """Renew the node certificate once two thirds of its life have passed."""
+        while True:
+            try:
+                cert = x509.load_pem_x509_certificate(self.state.node_cert.read_bytes())
+                start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+                due = start + (end - start) * 2 / 3
+                if datetime.now(timezone.utc) >= due:
+                    await self.renew()
+            except (httpx.HTTPError, IdmeshError, OSError, ValueError) as exc:
+                log.warning("certificate renewal failed: %s; will retry", _describe(exc))
+            await asyncio.sleep(check_every)
+
+    async def renew(self) -> None:
+        key = serialization.load_pem_private_key(self.state.node_key.read_bytes(), password=None)
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        async with self._client() as http:
+            answer = RenewResponse.model_validate(
+                await self._post(http, "/v1/renew", RenewRequest(csr=build_csr(key)).model_dump())
+            )
+        write_private(self.state.node_cert, answer.certificate, 0o644)
+        self._ssl = self._context()
+        cert = x509.load_pem_x509_certificate(answer.certificate.encode())
+        log.info("node certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())
+
+    @staticmethod
+    async def _post(http: httpx.AsyncClient, path: str, body: object) -> object:
+        resp = await http.post(path, json=body)
+        if resp.status_code >= 400:
+            raise _error(resp)
+        return resp.json()
+
+
+def _error(resp: httpx.Response) -> IdmeshError:
+    try:
+        message = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        message = f"controller answered HTTP {resp.status_code}"
+    return error_for_status(resp.status_code, message)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, IdmeshError):
+        return str(exc)
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({exc.__cause__ or exc})"
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {exc}"
+
+

@@ -1,0 +1,93 @@
+"""E2E prerequisites and fixtures: root, the data-plane tools, throwaway networks that clean up after themselves.
+
+Every test under tests/e2e is marked ``e2e``. Before one runs, the
+prerequisites are checked: outside CI a missing one skips the test (a
+developer without root can still run the suite), but with ``CI=true`` it
+fails, because a skipped e2e test in CI is a promise nobody checked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+from tests.e2e.netns import Network, reap_stale
+
+REQUIRED_TOOLS = ("ip", "wireguard-go", "ping")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_prerequisites() -> list[str]:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN)")
+    missing += [f"the {tool} command (apt-get install iproute2 wireguard-go iputils-ping)"
+                for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if not Path("/dev/net/tun").exists():
+        missing.append("/dev/net/tun (wireguard-go needs the TUN driver)")
+    return missing
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _e2e_prerequisites(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("e2e") is None:
+        return
+    missing = missing_prerequisites()
+    if not missing:
+        return
+    message = "e2e prerequisites missing: " + "; ".join(missing)
+    if in_ci():
+        pytest.fail(message + " (CI=true: e2e tests must not be skipped)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_and_trap_sigterm() -> Iterator[None]:
+    """Reap namespaces of harness runs that were killed, and turn SIGTERM into a clean teardown."""
+    if os.geteuid() == 0 and shutil.which("ip"):
+        reap_stale()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def network() -> Iterator[Callable[..., Network]]:
+    """``network(hosts=3)`` builds a :class:`Network`; all of them are torn down (and checked empty) after the test."""
+    made: list[Network] = []
+
+    def build(hosts: int = 2, *, ipv6: bool = True) -> Network:
+        net = Network(hosts, ipv6=ipv6)
+        made.append(net)
+        net.build()
+        return net
+
+    yield build
+    errors = []
+    for net in reversed(made):
+        try:
+            net.close()
+        except Exception as exc:  # keep closing the others
+            errors.append(str(exc))
+    assert not errors, "; ".join(errors)

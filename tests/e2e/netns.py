@@ -1,0 +1,281 @@
+"""Throwaway hosts for end-to-end tests: network namespaces on a bridge, cleaned up by name and PID.
+
+Layout for ``Network(hosts=3)``::
+
+    idm-<pid>-<n>-sw      the "switch": bridge br0 with ports p1..p3
+    idm-<pid>-<n>-h1      eth0 198.51.100.11/24, 2001:db8::11/64 (veth to p1), lo up
+    idm-<pid>-<n>-h2      eth0 198.51.100.12/24, 2001:db8::12/64
+    ...
+
+Every name carries the test process's PID and a per-process counter, so
+parallel runs never collide, and a run that was killed outright can be
+recognised afterwards (its PID is gone) and reaped by :func:`reap_stale`.
+The veths are created inside the switch namespace and their host ends moved
+straight into the host namespaces, so nothing ever appears in the root
+namespace. Each host also gets a WireGuard interface name unique on the
+machine (``host.wg_ifname``), because wireguard-go's socket directory
+/var/run/wireguard is shared by all namespaces.
+
+Cleanup (``close()``, also run by ``with`` on failure or Ctrl-C) stops the
+processes started through ``host.popen`` (their process groups), then
+anything else still running inside our namespaces (e.g. the wireguard-go
+child of a helper that was killed), deletes the namespaces (which deletes
+the veths and the bridge), removes stale UAPI sockets of our interface
+names, and finally checks that nothing is left, raising if something is.
+
+Commands run through ``ip netns exec``, which also remounts /sys for the
+namespace (cgroup2 then needs mounting there; not needed here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+__all__ = ["UAPI_DIR", "Host", "HostCommandError", "Network", "processes_mentioning", "reap_stale", "wait_until"]
+
+UAPI_DIR = Path("/var/run/wireguard")
+_NAME = re.compile(r"^idm-(\d+)-(\d+)-")
+_sequence = itertools.count()
+
+
+class HostCommandError(RuntimeError):
+    """A command inside a host failed; the message carries its stderr so the test failure says why."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise HostCommandError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy (which is returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def netns_pids(netns: str) -> list[int]:
+    """Live processes inside ``netns`` (``ip netns pids``), zombies excluded."""
+    done = _ip("netns", "pids", netns, check=False)
+    return [int(p) for p in done.stdout.split() if p.isdigit() and _alive(int(p))]
+
+
+def _kill_pids(pids: Sequence[int], grace: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.02)
+        if not any(_alive(p) for p in pids):
+            return
+
+
+def _delete_netns(netns: str) -> None:
+    _kill_pids(netns_pids(netns))
+    _ip("netns", "del", netns, check=False)
+
+
+def reap_stale(prefix: str = "idm-") -> list[str]:
+    """Delete namespaces left by harness runs whose process is gone (killed before it could clean up)."""
+    reaped = []
+    for netns in _ip("netns", "list").stdout.split("\n"):
+        name = netns.split(" ")[0]
+        match = _NAME.match(name)
+        if name.startswith(prefix) and match and not _alive(int(match.group(1))):
+            _delete_netns(name)
+            reaped.append(name)
+    for sock in UAPI_DIR.glob("w*-*.sock"):
+        match = re.match(r"^w([0-9a-f]+)-[0-9a-f]+h\d+\.sock$", sock.name)
+        if match and not _alive(int(match.group(1), 16)) and not _listening(sock):
+            sock.unlink(missing_ok=True)
+    return reaped
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def processes_mentioning(words: Sequence[str]) -> list[str]:
+    """Live processes whose command line contains one of ``words`` (our interface or namespace names)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if any(w in text for w in words) and _alive(int(entry.name)):
+            found.append(f"pid {entry.name} ({' '.join(text).strip()})")
+    return found
+
+
+@dataclass
+class Host:
+    """One namespace. ``run``/``popen`` take an argv and execute it inside via ``ip netns exec``."""
+
+    name: str
+    index: int
+    netns: str
+    underlay4: str
+    underlay6: str
+    wg_ifname: str
+    _network: Network = field(repr=False)
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
+            input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run to completion; with ``check`` a non-zero exit raises :class:`HostCommandError` with stderr."""
+        try:
+            done = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, input=input,
+                                  env=env)
+        except subprocess.TimeoutExpired as exc:
+            raise HostCommandError(f"{self.name}: {' '.join(argv)} did not finish in {timeout:g} s") from exc
+        if check and done.returncode != 0:
+            raise HostCommandError(f"{self.name}: {' '.join(argv)} exited with {done.returncode}: "
+                                   f"{(done.stderr or done.stdout).strip()}")
+        return done
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start in the background, in its own process group; the network stops it at cleanup."""
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(argv), start_new_session=True, **kwargs)
+        self._network.processes.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        return netns_pids(self.netns)
+
+
+class Network:
+    """N hosts on one bridge. Use as a context manager; ``close()`` is idempotent."""
+
+    def __init__(self, hosts: int = 2, *, ipv6: bool = True) -> None:
+        if not 1 <= hosts <= 200:
+            raise ValueError("1 to 200 hosts")
+        seq = next(_sequence)
+        self.prefix = f"idm-{os.getpid()}-{seq}"
+        self.switch = f"{self.prefix}-sw"
+        self.ipv6 = ipv6
+        self.processes: list[subprocess.Popen[Any]] = []
+        self.hosts = [
+            Host(f"h{i}", i, f"{self.prefix}-h{i}", f"198.51.100.{10 + i}", f"2001:db8::{10 + i}",
+                 f"w{os.getpid():x}-{seq:x}h{i}", self)
+            for i in range(1, hosts + 1)
+        ]
+        assert all(len(h.wg_ifname) <= 15 for h in self.hosts)
+        self._namespaces: list[str] = []
+        self._closed = False
+
+    def __getitem__(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def __enter__(self) -> Network:
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _add_netns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self._namespaces.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def build(self) -> None:
+        self._add_netns(self.switch)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "mcast_snooping", "0")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        for host in self.hosts:
+            self._add_netns(host.netns)
+            port = f"p{host.index}"
+            _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+            _ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+            _ip("-n", host.netns, "addr", "add", f"{host.underlay4}/24", "dev", "eth0")
+            if self.ipv6:
+                _ip("-n", host.netns, "addr", "add", f"{host.underlay6}/64", "dev", "eth0", "nodad")
+            _ip("-n", host.netns, "link", "set", "eth0", "up")
+
+    def close(self) -> None:
+        """Remove everything this network made; raise if something could not be removed."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in reversed(self.processes):
+            self._stop(proc)
+        for netns in reversed(self._namespaces):
+            _delete_netns(netns)
+        for host in self.hosts:
+            (UAPI_DIR / f"{host.wg_ifname}.sock").unlink(missing_ok=True)
+        left = self.leftovers()
+        if left:
+            raise RuntimeError(f"network {self.prefix} left behind: {', '.join(left)}")
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[Any]) -> None:
+        if proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def leftovers(self) -> list[str]:
+        """What of ours still exists: namespaces, tracked processes, UAPI sockets."""
+        names = [n.split(" ")[0] for n in _ip("netns", "list").stdout.splitlines()]
+        left = [f"netns {n}" for n in names if n.startswith(self.prefix + "-")]
+        left += [f"pid {p.pid}" for p in self.processes if _alive(p.pid)]
+        left += [f"socket {s}" for h in self.hosts if (s := UAPI_DIR / f"{h.wg_ifname}.sock").exists()]
+        left += processes_mentioning([h.wg_ifname for h in self.hosts] + self._namespaces)
+        return left
