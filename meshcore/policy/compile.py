@@ -59,13 +59,14 @@ class FilterRule:
     """Accept ``protocol`` from set ``source`` to ``ports`` (empty for ICMP; ``*`` is 0-65535).
 
     ``acls`` are the indexes of the policy rules it came from: for logs and
-    explanations only, left out of :attr:`NodeFilter.rules_hash`.
+    explanations only, left out of equality and of :attr:`NodeFilter.rules_hash`
+    (reordering the policy's rules changes no filter).
     """
 
     source: str
     protocol: Protocol
     ports: tuple[PortRange, ...]
-    acls: tuple[int, ...] = ()
+    acls: tuple[int, ...] = field(default=(), compare=False)
 
     def text(self) -> str:
         ports = ",".join(str(p) for p in self.ports)

@@ -86,8 +86,10 @@ _PrincipalItem = Annotated[str, PlainValidator(check_principal)]
 _GroupKey = Annotated[str, PlainValidator(lambda v: check_label("group", v))]
 _ServiceKey = Annotated[str, PlainValidator(lambda v: check_label("service", v))]
 _Port = Annotated[PortRange, PlainValidator(parse_port_range), PlainSerializer(str)]
-_Protocols = Annotated[tuple[Protocol, ...], PlainValidator(parse_protocols)]
-_ProtocolsOpt = Annotated[tuple[Protocol, ...] | None, _optional(parse_protocols)]
+_Protocols = Annotated[tuple[Protocol, ...], PlainValidator(parse_protocols), PlainSerializer(list)]
+_ProtocolsOpt = Annotated[
+    tuple[Protocol, ...] | None, _optional(parse_protocols), PlainSerializer(lambda v: None if v is None else list(v))
+]
 _Destination = Annotated[Destination, PlainValidator(parse_destination), PlainSerializer(str)]
 _Target = Annotated[NodeSpec, PlainValidator(parse_node_spec), PlainSerializer(str)]
 _DelegateNodes = Annotated[
@@ -292,6 +294,10 @@ class Policy(_Model):
         return self.__dict__ == other.__dict__
 
     __hash__ = None  # type: ignore[assignment]
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain JSON-able data that validates back to an equal policy (keys as in the file)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def members(self, group: str) -> frozenset[str]:
         return frozenset(self.groups.get(group, ()))

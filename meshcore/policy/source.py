@@ -128,7 +128,7 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
-        raise PolicyError([f"{where}: {exc.problem or exc.context or 'invalid YAML'}"]) from exc
+        raise PolicyError([f"{where}: {_yaml_message(exc)}"]) from exc
     except yaml.YAMLError as exc:
         raise PolicyError([f"{filename}: invalid YAML: {exc}"]) from exc
     finally:
@@ -139,12 +139,24 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
     return data, source
 
 
+def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML splits its message in a context ("while parsing a flow mapping") and a problem."""
+    if exc.context and exc.problem:
+        joiner = ", " if exc.problem.startswith("but ") else ": "
+        return f"{exc.context}{joiner}{exc.problem}"
+    return exc.problem or exc.context or "invalid YAML"
+
+
 def validation_problems(exc: ValidationError, root: type[BaseModel]) -> list[Problem]:
     """pydantic's errors as :class:`Problem` lines a person can act on."""
     out = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for err in errors:
         loc: Path = tuple(err["loc"])
         kind = err["type"]
+        if kind == "too_short" and any(tuple(e["loc"][: len(loc)]) == loc and len(e["loc"]) > len(loc)
+                                       for e in errors):
+            continue  # pydantic counts only the valid items; the invalid one is the real problem
         if "[key]" in loc:
             out.append(Problem(loc[: loc.index("[key]")], _message(err), at_key=True))
         elif kind == "extra_forbidden":

@@ -58,6 +58,15 @@ def _backoff(failures: int) -> float:
     return min(_MAX_BACKOFF, 0.05 * 2.0**failures)
 
 
+def _exits_soon(proc: subprocess.Popen[bytes], within: float = 1.0) -> bool:
+    """True if ``proc`` has exited or does within ``within`` s (a SIGKILLed child dies a few ms later)."""
+    try:
+        proc.wait(within)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
 def _socket_owner(path: Path) -> int | None:
     """PID of the process serving the unix socket at ``path``; None if nobody listens (a stale file)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -243,7 +252,7 @@ class WireGuardGo:
                 try:
                     return call()
                 except Unavailable:
-                    if attempt == 2 or proc is None or proc.poll() is None or self._stopping.is_set():
+                    if attempt == 2 or proc is None or self._stopping.is_set() or not _exits_soon(proc):
                         raise
                     self._ready.clear()  # the supervisor sets it again once the new child is configured
         raise AssertionError("unreachable")

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import selectors
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -127,4 +128,5 @@ class WgNode:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # orderly: close the device, like meshd
     serve(sys.argv[1])

@@ -105,7 +105,7 @@ acls:
 
 def test_unknown_group_is_an_error() -> None:
     text = "groups: {sre: [li@acme.com]}\nacls:\n  - from: {group: ops}\n    to: [tag:db:22]\n"
-    assert only_problem(text) == "policy.yaml:3:21: acls[0].from.group: unknown group 'ops' (known: sre)"
+    assert only_problem(text) == "policy.yaml:3:19: acls[0].from.group: unknown group 'ops' (known: sre)"
 
 
 def test_unknown_top_level_section_lists_the_known_ones() -> None:
@@ -116,7 +116,7 @@ def test_unknown_top_level_section_lists_the_known_ones() -> None:
 
 def test_unknown_key_in_selector_points_at_the_key() -> None:
     found = only_problem("acls:\n  - from: {principal: a@b.c, scpoe: 'db:read'}\n    to: [tag:db]\n")
-    assert found == ("policy.yaml:2:29: acls[0].from.scpoe: unknown key 'scpoe' "
+    assert found == ("policy.yaml:2:30: acls[0].from.scpoe: unknown key 'scpoe' "
                      "(expected principal, group, owner, tag, node, via, agent, scope)")
 
 
@@ -136,7 +136,7 @@ def test_missing_key_is_reported_at_its_mapping() -> None:
 )
 def test_bad_service_port_is_an_error(port: str, message: str) -> None:
     text = f"services:\n  db: {{nodes: [tag:db], ports: [{port}]}}\n"
-    assert only_problem(text) == f"policy.yaml:2:34: services.db.ports[0]: {message}"
+    assert only_problem(text) == f"policy.yaml:2:33: services.db.ports[0]: {message}"
 
 
 def test_bad_port_on_tag_destination_is_an_error() -> None:
@@ -160,7 +160,7 @@ def test_route_via_must_name_a_tag_or_node() -> None:
 
 def test_bad_scope_is_an_error() -> None:
     found = only_problem("acls:\n  - from: {scope: 'db'}\n    to: [tag:db]\n")
-    assert found == ("policy.yaml:2:21: acls[0].from.scope: invalid scope 'db': "
+    assert found == ("policy.yaml:2:19: acls[0].from.scope: invalid scope 'db': "
                      "expected resource:action, each a lower-case name or '*'")
 
 
@@ -171,17 +171,17 @@ def test_bad_principal_is_an_error() -> None:
 
 def test_tag_syntax_is_checked_and_a_prefix_gets_a_hint() -> None:
     assert only_problem("acls:\n  - from: {tag: 'tag:ci'}\n    to: [tag:db]\n") == (
-        "policy.yaml:2:19: acls[0].from.tag: write the tag name without the 'tag:' prefix: 'ci'"
+        "policy.yaml:2:17: acls[0].from.tag: write the tag name without the 'tag:' prefix: 'ci'"
     )
     assert only_problem("acls:\n  - from: {tag: CI}\n    to: [tag:db]\n") == (
-        "policy.yaml:2:19: acls[0].from.tag: invalid tag name 'CI': use lower-case letters, digits and '-' "
+        "policy.yaml:2:17: acls[0].from.tag: invalid tag name 'CI': use lower-case letters, digits and '-' "
         "(a DNS label)"
     )
 
 
 def test_explicit_null_in_selector_is_refused_rather_than_meaning_anyone() -> None:
     found = only_problem("acls:\n  - from: {principal: , tag: ci}\n    to: [tag:db]\n")
-    assert found.startswith("policy.yaml:2:25: acls[0].from.principal: a value is required here")
+    assert found.startswith("policy.yaml:2:22: acls[0].from.principal: a value is required here")
 
 
 def test_empty_selector_is_an_error() -> None:
@@ -227,18 +227,18 @@ def test_wildcard_scope_with_via_direct_can_never_match() -> None:
 
 def test_agent_name_with_via_direct_can_never_match() -> None:
     found = only_problem("acls:\n  - from: {agent: bot, via: direct}\n    to: [tag:db]\n")
-    assert found.startswith("policy.yaml:2:21: acls[0].from.agent: agent can never match with via: direct")
+    assert found.startswith("policy.yaml:2:19: acls[0].from.agent: agent can never match with via: direct")
 
 
 def test_via_any_with_scope_never_matters() -> None:
     found = only_problem("acls:\n  - from: {via: any, scope: 'db:read'}\n    to: [tag:db]\n")
-    assert found == ("policy.yaml:2:19: acls[0].from.via: via: any never matters: scope only matches agents "
+    assert found == ("policy.yaml:2:17: acls[0].from.via: via: any never matters: scope only matches agents "
                      "(write via: agent, or leave via out)")
 
 
 def test_wildcard_scope_with_via_agent_never_matters() -> None:
     found = only_problem("acls:\n  - from: {via: agent, scope: '*:*'}\n    to: [tag:db]\n")
-    assert found == ('policy.yaml:2:33: acls[0].from.scope: scope "*:*" never matters: every agent holds a '
+    assert found == ('policy.yaml:2:31: acls[0].from.scope: scope "*:*" never matters: every agent holds a '
                      "scope, so it adds nothing to via: agent")
 
 
@@ -249,14 +249,14 @@ def test_via_agent_next_to_scope_is_allowed_as_in_the_spec() -> None:
 def test_principal_inside_the_named_group_hides_the_group() -> None:
     text = "groups: {sre: [li@acme.com]}\nacls:\n  - from: {group: sre, principal: li@acme.com}\n    to: [tag:db]\n"
     assert only_problem(text) == (
-        "policy.yaml:3:21: acls[0].from.group: group 'sre' never matters: principal li@acme.com is a member of it"
+        "policy.yaml:3:19: acls[0].from.group: group 'sre' never matters: principal li@acme.com is a member of it"
     )
 
 
 def test_principal_outside_the_named_group_can_never_match() -> None:
     text = "groups: {sre: [li@acme.com]}\nacls:\n  - from: {group: sre, principal: bo@acme.com}\n    to: [tag:db]\n"
     assert only_problem(text) == (
-        "policy.yaml:3:37: acls[0].from.principal: can never match: principal bo@acme.com is not a member "
+        "policy.yaml:3:35: acls[0].from.principal: can never match: principal bo@acme.com is not a member "
         "of group 'sre'"
     )
 
@@ -291,7 +291,7 @@ def test_port_on_an_icmp_destination_never_matters() -> None:
 def test_port_inside_another_listed_range_never_matters() -> None:
     text = "services:\n  web: {nodes: [tag:web], ports: ['8000-8100', 8080]}\n"
     assert only_problem(text) == (
-        "policy.yaml:2:47: services.web.ports[1]: port 8080 never matters: port 8000-8100 already covers it"
+        "policy.yaml:2:48: services.web.ports[1]: port 8080 never matters: port 8000-8100 already covers it"
     )
 
 
@@ -389,7 +389,7 @@ def test_duplicate_key_is_an_error_instead_of_last_one_wins() -> None:
 
 def test_non_string_key_is_an_error() -> None:
     found = only_problem("acls:\n  - from: {tag: ci, on: x}\n    to: [tag:db]\n")
-    assert found == "policy.yaml:2:23: acls[0].from: key 'on' is not a string: quote it"
+    assert found == "policy.yaml:2:21: acls[0].from: key 'on' is not a string: quote it"
 
 
 def test_merge_keys_are_refused() -> None:
@@ -416,7 +416,7 @@ def test_alias_bomb_is_refused_not_expanded() -> None:
 
 def test_every_problem_of_a_file_is_reported_in_file_order() -> None:
     text = SERVICES + "acls:\n  - from: {group: nope}\n    to: [dbx]\n  - from: {tag: ci}\n    to: [dby]\n"
-    assert [p.split(": ")[0] for p in problems(text)] == ["policy.yaml:4:20", "policy.yaml:5:10", "policy.yaml:7:10"]
+    assert [p.split(": ")[0] for p in problems(text)] == ["policy.yaml:4:19", "policy.yaml:5:10", "policy.yaml:7:10"]
 
 
 def test_validate_policy_from_data_names_paths_without_lines() -> None:

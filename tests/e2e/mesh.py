@@ -1,0 +1,183 @@
+"""A whole mesh on a :class:`~tests.e2e.netns.Network`: the controller on h1,
+meshd on the other hosts, all started with the real commands.
+
+Each process is started through ``host.popen`` so the network stops it at
+cleanup; logs go to the test's tmp directory and are printed when a wait
+fails, so a red test says what the daemons saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.netns import Host, Network
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(condition: Any, timeout: float, what: str, on_fail: Any = None, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until truthy; on time-out fail naming ``what`` and showing the daemons' logs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = condition()
+        except Exception:  # noqa: BLE001 — a daemon not up yet answers with an error; keep polling
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{on_fail() if on_fail else ''}")
+        time.sleep(interval)
+
+
+def cmd(name: str) -> str:
+    return str(BIN / name)
+
+
+@dataclass
+class Node:
+    host: Host
+    name: str
+    state: Path
+    socket: Path
+    log: Path
+    proc: subprocess.Popen[Any] | None = None
+
+    def status(self) -> dict[str, Any]:
+        out = self.host.run([cmd("meshctl"), "status", "--json", "--socket", str(self.socket)])
+        return dict(json.loads(out.stdout))
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(json.loads((self.state / "node.json").read_text())["addresses"])
+
+    def peer_names(self) -> set[str]:
+        return {p["name"] for p in self.status()["peers"]}
+
+
+@dataclass
+class Mesh:
+    net: Network
+    tmp: Path
+    controller_host: Host
+    url: str = ""
+    controller: subprocess.Popen[Any] | None = None
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "IDMESH_ADMIN": str(self.tmp / "ctl" / "admin.conf")}
+
+    def init(self) -> None:
+        self.url = f"https://{self.controller_host.underlay4}:8443"
+        self.controller_host.run([cmd("mesh-controller"), "init", "--domain", "acme.mesh", "--data",
+                                  str(self.tmp / "ctl"), "--url", self.url])
+        self.start_controller()
+
+    def start_controller(self) -> None:
+        with (self.tmp / "controller.log").open("a") as log:
+            self.controller = self.controller_host.popen(
+                [cmd("mesh-controller"), "serve", "--data", str(self.tmp / "ctl"), "--listen", "0.0.0.0:8443"],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.admin("nodes", "list", check=False).returncode == 0, 20, "controller up",
+                   on_fail=self.logs)
+
+    def kill_controller(self) -> None:
+        assert self.controller is not None
+        self.controller.send_signal(signal.SIGKILL)
+        self.controller.wait(10)
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.controller_host.run([cmd("meshctl"), *args], env=self.env, check=check)
+
+    def enroll(self, host: Host, name: str | None = None, *token_flags: str, force: bool = False) -> Node:
+        name = name or host.name
+        token = self.admin("token", "create", *(token_flags or ("--tag", "e2e"))).stdout.strip()
+        state = self.tmp / "nodes" / name
+        host.run([cmd("meshd"), "enroll", token, "--name", name, "--state", str(state),
+                  *(["--force"] if force else [])])
+        node = self.nodes.get(name) or Node(host, name, state, self.tmp / f"{name}.sock", self.tmp / f"{name}.log")
+        self.nodes[name] = node
+        return node
+
+    def start(self, node: Node) -> None:
+        with node.log.open("a") as log:
+            node.proc = node.host.popen(
+                [cmd("meshd"), "run", "--state", str(node.state), "--interface", node.host.wg_ifname,
+                 "--socket", str(node.socket)], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: node.socket.exists(), 20, f"{node.name}'s local API", on_fail=self.logs)
+
+    def stop(self, node: Node, sig: int = signal.SIGTERM) -> int:
+        assert node.proc is not None
+        node.proc.send_signal(sig)
+        code = node.proc.wait(20)
+        node.proc = None
+        return code
+
+    def converged(self, names: set[str] | None = None) -> bool:
+        """Every running node lists every other running node as a peer with a handshake."""
+        running = {n for n, node in self.nodes.items() if node.proc is not None}
+        names = names or running
+        for name in names:
+            peers = {p["name"]: p for p in self.nodes[name].status()["peers"]}
+            if set(peers) != (running | names) - {name}:
+                return False
+            if any(peers[p]["latest_handshake"] is None for p in peers if p in running):
+                return False
+        return True
+
+    def wait_converged(self, timeout: float = 30) -> None:
+        wait_until(self.converged, timeout, "mesh converged", on_fail=self.logs)
+
+    def logs(self) -> str:
+        out = []
+        for path in sorted(self.tmp.glob("*.log")):
+            out.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-30:]))
+        return "\n".join(out)
+
+
+def ping(host: Host, address: str, count: int = 1) -> bool:
+    six = ["-6"] if ":" in address else []
+    return host.run(["ping", *six, "-c", str(count), "-W", "2", address], check=False, timeout=15).returncode == 0
+
+
+TCP_SERVER = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(); print('ready', flush=True)\n"
+    "while True:\n"
+    "    c,a=s.accept(); c.sendall(('hello '+a[0]+'\\n').encode()); c.close()\n"
+)
+
+TCP_CLIENT = (
+    "import socket,sys\n"
+    "c=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "print(c.recv(200).decode().strip())\n"
+)
+
+
+def tcp_server(host: Host, address: str, port: int) -> subprocess.Popen[Any]:
+    proc = host.popen([sys.executable, "-c", TCP_SERVER, address, str(port)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def tcp_hello(host: Host, address: str, port: int) -> str | None:
+    done = host.run([sys.executable, "-c", TCP_CLIENT, address, str(port)], check=False, timeout=15)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def wait_for(what: str, condition: Any, timeout: float, mesh: Mesh) -> float:
+    """Wait and return how long it took (for the notes, never asserted as speed)."""
+    t0 = time.monotonic()
+    wait_until(condition, timeout, what, on_fail=mesh.logs)
+    return time.monotonic() - t0
