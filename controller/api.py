@@ -27,6 +27,8 @@ from meshcore.wire import (
     EnrollRequest,
     EnrollResponse,
     NodeInfo,
+    PolicyApply,
+    PolicyInfo,
     RenewRequest,
     RenewResponse,
     TokenCreated,
@@ -60,18 +62,23 @@ class _TooLarge(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes with 413."""
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413.
 
-    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_BODY) -> None:
+    ``larger`` raises the limit for named paths (a policy file may be big).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_BODY, larger: dict[str, int] | None = None) -> None:
         self.app = app
-        self.limit = limit
+        self.default = limit
+        self.larger = larger or {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = max(self.default, self.larger.get(scope.get("path", ""), 0))
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                return await self._refuse(send)
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                return await self._refuse(send, limit)
         seen = 0
         started = False
 
@@ -80,7 +87,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise _TooLarge
             return message
 
@@ -93,10 +100,11 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Any) -> None:
-        body = b'{"error":"request body too large (limit %d bytes)"}' % self.limit
+    @staticmethod
+    async def _refuse(send: Any, limit: int) -> None:
+        body = b'{"error":"request body too large (limit %d bytes)"}' % limit
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -178,6 +186,18 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
     async def remove_node(name: str, who: Identity = Depends(admin)) -> NodeInfo:
         return controller.remove_node(str(who.spiffe_id), name, _now())
 
+    @app.post("/v1/policy", response_model=PolicyInfo)
+    async def apply_policy(req: PolicyApply, who: Identity = Depends(admin)) -> PolicyInfo:
+        return controller.apply_policy(str(who.spiffe_id), req, _now())
+
+    @app.get("/v1/policy", response_model=PolicyInfo)
+    async def get_policy(version: int | None = None, _: Identity = Depends(admin)) -> PolicyInfo:
+        return controller.policy(version)
+
+    @app.get("/v1/policy/history", response_model=list[PolicyInfo])
+    async def policy_history(_: Identity = Depends(admin)) -> list[PolicyInfo]:
+        return controller.policy_history()
+
     @app.post("/v1/renew", response_model=RenewResponse)
     async def renew(req: RenewRequest, who: Identity = Depends(node)) -> RenewResponse:
         return controller.renew(who, req, _now())
@@ -194,8 +214,9 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
         hub = controller.hub
         sub = hub.subscribe(who.spiffe_id.name)
         backlog = hub.since(since) if since is not None else None
-        first = ([StreamMessage(type="delta", delta=d) for d in backlog] if backlog is not None
-                 else [StreamMessage(type="full", full=hub.full())])
+        first = ([StreamMessage(type="policy", policy=hub.policy)] if hub.policy else [])
+        first += ([StreamMessage(type="delta", delta=d) for d in backlog] if backlog is not None
+                  else [StreamMessage(type="full", full=hub.full())])
 
         async def lines() -> AsyncIterator[bytes]:
             try:
@@ -220,4 +241,4 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    return BodyLimit(app, max_body)
+    return BodyLimit(app, max_body, larger={"/v1/policy": 4 * 1024 * 1024 + 4096})

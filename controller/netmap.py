@@ -15,7 +15,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshcore.netmap import Netmap, NetmapDelta, PeerNode, StreamMessage
+from meshcore.netmap import Netmap, NetmapDelta, PeerNode, PolicyDoc, StreamMessage
 
 from .store import Tx
 
@@ -41,6 +41,7 @@ class NetmapHub:
         self.nodes = nodes
         self._history: deque[NetmapDelta] = deque(maxlen=HISTORY)
         self._subscribers: set[Subscription] = set()
+        self.policy: PolicyDoc | None = None
 
     # -- the map ------------------------------------------------------------
     def full(self) -> Netmap:
@@ -80,6 +81,13 @@ class NetmapHub:
             elif not sub.resync:
                 sub.queue.put_nowait(message)
         return delta
+
+    def publish_policy(self, doc: PolicyDoc) -> None:
+        """A new policy version goes to everyone at once; it is small and final."""
+        self.policy = doc
+        message = StreamMessage(type="policy", policy=doc)
+        for sub in list(self._subscribers):
+            sub.queue.put_nowait(message)
 
     # -- subscribers -----------------------------------------------------------
     def subscribe(self, node: str) -> Subscription:

@@ -8,6 +8,8 @@ in by the caller (the API passes the wall clock, tests a fixed one).
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,11 +30,14 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
-from meshcore.netmap import EndpointReport, PeerNode
+from meshcore.netmap import EndpointReport, PeerNode, PolicyDoc
+from meshcore.policy import load_policy, run_tests
 from meshcore.wire import (
     EnrollRequest,
     EnrollResponse,
     NodeInfo,
+    PolicyApply,
+    PolicyInfo,
     RenewRequest,
     RenewResponse,
     TokenCreated,
@@ -43,7 +48,7 @@ from meshcore.wire import (
 from .authority import DataDir, load_authority
 from .netmap import NetmapHub
 from .ratelimit import FailureLimiter
-from .store import NodeRow, Store, TokenRow
+from .store import NodeRow, PolicyRow, Store, TokenRow
 
 __all__ = ["Controller"]
 
@@ -66,7 +71,9 @@ class Controller:
         with store.transaction() as tx:
             version = int(tx.meta("netmap_version") or 0)
             peers = {row.name: self._peer(row) for row in tx.nodes()}
+            policy = tx.policy()
         self.hub = NetmapHub(settings.domain, (str(settings.prefixes.v4), str(settings.prefixes.v6)), version, peers)
+        self.hub.policy = _policy_doc(policy)
 
     @classmethod
     def open(cls, data: Path) -> "Controller":
@@ -232,6 +239,43 @@ class Controller:
                         addresses=(str(block.node_v4), str(block.node_v6)), blocks=(str(block.v4), str(block.v6)),
                         endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags))
 
+    # policy ---------------------------------------------------------------
+    def apply_policy(self, actor: str, req: PolicyApply, now: datetime) -> PolicyInfo:
+        """Validate, run the file's tests, store as the next version, push to every node.
+
+        A file that does not load or whose tests fail changes nothing; the
+        previous version stays in force.
+        """
+        policy = load_policy(req.text, req.filename)
+        failures = run_tests(policy)
+        if failures:
+            raise InvalidInput(f"{len(failures)} policy test(s) fail, first: {failures[0]}")
+        digest = hashlib.sha256(req.text.encode()).hexdigest()
+        with self.store.transaction() as tx:
+            current = tx.policy()
+            if current is not None and current.hash == digest:
+                return _policy_info(current, unchanged=True)
+            row = PolicyRow((current.version if current else 0) + 1, digest, req.filename, req.text, actor, now)
+            tx.insert_policy(row)
+            diff = "".join(difflib.unified_diff(
+                (current.text if current else "").splitlines(keepends=True), req.text.splitlines(keepends=True),
+                f"v{current.version if current else 0}", f"v{row.version}"))
+            tx.audit(now, actor, "policy.applied", f"policy v{row.version}", hash=digest, filename=req.filename,
+                     diff=diff[:20000])
+        self.hub.publish_policy(_policy_doc(row))
+        return _policy_info(row)
+
+    def policy(self, version: int | None = None) -> PolicyInfo:
+        with self.store.transaction() as tx:
+            row = tx.policy(version)
+        if row is None:
+            raise NotFound("no policy has been applied yet" if version is None else f"no policy version {version}")
+        return _policy_info(row)
+
+    def policy_history(self) -> list[PolicyInfo]:
+        with self.store.transaction() as tx:
+            return [_policy_info(r, with_text=False) for r in tx.policies()]
+
     # the data plane ---------------------------------------------------------
     def report_endpoints(self, ident: Identity, report: EndpointReport, observed: str | None) -> PeerNode:
         """Record where a node can be reached: its own candidates, then the
@@ -270,6 +314,17 @@ class Controller:
             tx.audit(now, str(ident.spiffe_id), "certificate.renewed", str(ident.spiffe_id), serial=serial,
                      previous=ident.serial_hex, not_after=cert.not_valid_after_utc)
         return RenewResponse(certificate=cert_pem(cert))
+
+
+def _policy_doc(row: PolicyRow | None) -> PolicyDoc | None:
+    if row is None:
+        return None
+    return PolicyDoc(version=row.version, hash=row.hash, filename=row.filename, text=row.text)
+
+
+def _policy_info(row: PolicyRow, unchanged: bool = False, with_text: bool = True) -> PolicyInfo:
+    return PolicyInfo(version=row.version, hash=row.hash, filename=row.filename, applied_by=row.applied_by,
+                      applied_at=row.applied_at, text=row.text if with_text else None, unchanged=unchanged)
 
 
 def _join(host: str, port: int) -> str:

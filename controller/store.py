@@ -24,7 +24,7 @@ from typing import Any
 
 from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
 
-__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "AuditRow", "iso", "from_iso"]
+__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "PolicyRow", "AuditRow", "iso", "from_iso"]
 
 MIGRATIONS: list[str] = [
     # 1: foundation
@@ -77,6 +77,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE nodes ADD COLUMN endpoints TEXT NOT NULL DEFAULT '[]';
     """,
+    # 3: policy versions, append-only
+    """
+    CREATE TABLE policies (
+        version INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        text TEXT NOT NULL,
+        applied_by TEXT NOT NULL,
+        applied_at TEXT NOT NULL
+    );
+    """,
 ]
 
 
@@ -114,6 +125,16 @@ class NodeRow:
     enrolled_at: datetime
     token_id: str | None
     endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    version: int
+    hash: str
+    filename: str
+    text: str
+    applied_by: str
+    applied_at: datetime
 
 
 @dataclass(frozen=True)
@@ -230,6 +251,24 @@ class Tx:
         return self._c.execute(
             "UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (iso(at), node)
         ).rowcount
+
+    # policies -------------------------------------------------------------
+    def insert_policy(self, row: PolicyRow) -> None:
+        self._c.execute("INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?)",
+                        (row.version, row.hash, row.filename, row.text, row.applied_by, iso(row.applied_at)))
+
+    def policy(self, version: int | None = None) -> PolicyRow | None:
+        if version is None:
+            r = self._c.execute("SELECT * FROM policies ORDER BY version DESC LIMIT 1").fetchone()
+        else:
+            r = self._c.execute("SELECT * FROM policies WHERE version = ?", (version,)).fetchone()
+        return None if r is None else PolicyRow(r[0], r[1], r[2], r[3], r[4], from_iso(r[5]))
+
+    def policies(self) -> list[PolicyRow]:
+        rows = self._c.execute(
+            "SELECT version, hash, filename, '', applied_by, applied_at FROM policies ORDER BY version"
+        ).fetchall()
+        return [PolicyRow(r[0], r[1], r[2], r[3], r[4], from_iso(r[5])) for r in rows]
 
     # audit ----------------------------------------------------------------
     def audit(self, at: datetime, actor: str, action: str, target: str | None = None,

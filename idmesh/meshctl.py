@@ -7,11 +7,15 @@ Controller-side commands (``token``, ``nodes``) use the admin credential
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 from meshcore.durations import format_duration
-from meshcore.wire import NodeInfo, TokenCreated, TokenCreateRequest, TokenInfo
+from meshcore.errors import InvalidInput, NotFound
+from meshcore.policy import Policy, explain, load_policy, run_tests
+from meshcore.wire import NodeInfo, PolicyApply, PolicyInfo, TokenCreated, TokenCreateRequest, TokenInfo
 
 from .cli import duration, env_path, parser, print_json, run
 from .client import AdminCredential, LocalClient
@@ -72,6 +76,39 @@ def _build_parser() -> argparse.ArgumentParser:
     nrm.add_argument("name")
     nrm.add_argument("--json", action="store_true")
 
+    pol = sub.add_parser("policy", help="who may reach what: check, apply, show, explain").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    pc = pol.add_parser("check", help="validate a policy file and run its tests; changes nothing",
+                        description="Validate FILE (every error names file:line:column) and run its 'tests'. "
+                        "Exit 0 when it is valid and every test passes; otherwise list each problem and exit 2. "
+                        "Needs no controller.")
+    pc.add_argument("file", type=Path)
+    pa = pol.add_parser("apply", help="check, then make FILE the mesh's policy (every node within 1 s)",
+                        description="Check FILE as 'policy check' does, then store it at the controller as the "
+                        "next version (with its hash and who applied it) and push it to every node. A file "
+                        "that fails changes nothing.")
+    pa.add_argument("file", type=Path)
+    pa.add_argument("--json", action="store_true")
+    ps = pol.add_parser("show", help="print the policy in force (or an older version)")
+    ps.add_argument("--version", type=int, metavar="N")
+    ps.add_argument("--json", action="store_true")
+    ph = pol.add_parser("history", help="every policy version: when, by whom, its hash")
+    ph.add_argument("--json", action="store_true")
+    pe = pol.add_parser("explain", help="the decision for one flow and the rule that made it",
+                        description="Decide whether SOURCE may reach DEST under the policy in force "
+                        "(or --file), and name the rule.",
+                        epilog="examples:\n"
+                        "  meshctl policy explain --from principal=nikita@acme.com,via=agent,scope=db:read --to db:5432\n"
+                        "  meshctl policy explain --from '{group: sre}' --to tag:monitoring:9100\n"
+                        "  meshctl policy explain --file policy.yaml --from tag=ci --to db:5432",
+                        formatter_class=p.formatter_class)
+    pe.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                    help="key=value,... or a YAML mapping: principal, group, tag, node, owner, agent, scope, via")
+    pe.add_argument("--to", dest="dest", required=True, metavar="DEST", help="SERVICE[:PORT], tag:T[:PORT], node:N[:PORT]")
+    pe.add_argument("--protocol", default="tcp", choices=["tcp", "udp", "icmp"])
+    pe.add_argument("--file", type=Path, help="explain against this file instead of the policy in force")
+    pe.add_argument("--json", action="store_true")
+
     st = sub.add_parser("status", help="this node: its identity, the controller link, its peers",
                         description="Ask the local meshd (over its Unix socket) for this node's identity, "
                         "whether it is connected to the controller, and each peer's endpoint and handshake.")
@@ -103,10 +140,84 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise NotFound(f"cannot read {path}: {exc.strerror}") from exc
+    return load_policy(text, str(path))
+
+
+def _check(path: Path) -> Policy:
+    """Load and test; every failing test is printed, the error says how many."""
+    policy = _read_policy(path)
+    failures = run_tests(policy)
+    for failure in failures:
+        print(f"FAIL {failure}", file=sys.stderr)
+    if failures:
+        raise InvalidInput(f"{path}: {len(failures)} of {len(policy.tests)} policy test(s) fail")
+    return policy
+
+
+def _policy(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        policy = _check(args.file)
+        print(f"{args.file}: valid; {len(policy.acls)} acl(s), {len(policy.tests)} test(s) pass")
+        return 0
+    if args.action == "explain" and args.file is not None:
+        return _explain(args, _read_policy(args.file))
+    if args.action == "apply":
+        _check(args.file)
+    with AdminCredential.load(args.admin).client() as api:
+        if args.action == "apply":
+            body = PolicyApply(text=args.file.read_text(), filename=str(args.file)).model_dump()
+            info = PolicyInfo.model_validate(api.request("POST", "/v1/policy", body))
+            if args.json:
+                print_json(info.model_copy(update={"text": None}))
+            elif info.unchanged:
+                print(f"policy unchanged: version {info.version} (sha256:{info.hash[:16]}) is already in force")
+            else:
+                print(f"applied policy version {info.version} (sha256:{info.hash[:16]}); nodes update now")
+        elif args.action == "show":
+            query = f"?version={args.version}" if args.version is not None else ""
+            info = PolicyInfo.model_validate(api.request("GET", f"/v1/policy{query}"))
+            if args.json:
+                print_json(info)
+            else:
+                print(f"# version {info.version}, sha256:{info.hash}, applied by {info.applied_by} "
+                      f"at {_when(info.applied_at)} from {info.filename}")
+                print(info.text, end="" if (info.text or "").endswith("\n") else "\n")
+        elif args.action == "history":
+            history = [PolicyInfo.model_validate(h) for h in api.request("GET", "/v1/policy/history")]
+            if args.json:
+                print_json(history)
+            else:
+                _table([[str(h.version), _when(h.applied_at), h.applied_by, h.hash[:16], h.filename]
+                        for h in history], ["VERSION", "APPLIED", "BY", "SHA256", "FILE"])
+        elif args.action == "explain":
+            info = PolicyInfo.model_validate(api.request("GET", "/v1/policy"))
+            return _explain(args, load_policy(info.text or "", f"policy v{info.version}"))
+    return 0
+
+
+def _explain(args: argparse.Namespace, policy: Policy) -> int:
+    decision = explain(policy, args.source, args.dest, args.protocol)
+    if args.json:
+        print_json({"verdict": decision.verdict, "flow": decision.flow, "rule": decision.rule_text,
+                    "rule_index": decision.rule_index, "also": list(decision.also), "hints": list(decision.hints)})
+    else:
+        print(decision)
+        for hint in decision.hints:
+            print(f"  hint: {hint}")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "status":
         return _status(args)
+    if args.command == "policy":
+        return _policy(args)
     with AdminCredential.load(args.admin).client() as api:
         if args.command == "token" and args.action == "create":
             req = TokenCreateRequest(tags=args.tags, owner=args.owner,

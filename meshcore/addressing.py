@@ -87,7 +87,7 @@ class MeshPrefixes:
     @property
     def capacity(self) -> int:
         """How many node blocks the mesh holds (the smaller family decides)."""
-        return min(2 ** (self.block_v4 - self.v4.prefixlen), 2 ** (self.block_v6 - self.v6.prefixlen))
+        return int(min(2 ** (self.block_v4 - self.v4.prefixlen), 2 ** (self.block_v6 - self.v6.prefixlen)))
 
     def block(self, index: int) -> NodeBlock:
         if not 0 <= index < self.capacity:
@@ -105,4 +105,4 @@ class MeshPrefixes:
             index = (int(ip) - int(self.v6.network_address)) >> (128 - self.block_v6)
         else:
             return None
-        return index if index < self.capacity else None
+        return int(index) if index < self.capacity else None

@@ -21,7 +21,7 @@ errors (cryptography, sqlite, ssl, httpx) are mapped at the boundary with
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "IdmeshError",

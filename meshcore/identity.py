@@ -206,7 +206,7 @@ class CertificateAuthority:
         return _LeafTemplate.for_ca(self)
 
 
-def _sign_hash(key: SigningKey | PublicKey) -> hashes.HashAlgorithm | None:
+def _sign_hash(key: SigningKey | PublicKey) -> hashes.SHA256 | None:
     return None if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)) else hashes.SHA256()
 
 

@@ -13,7 +13,7 @@ Messages on the stream are one JSON object per line (NDJSON), each a
 :class:`StreamMessage`.
 
 Protocol version history:
-  1 (2026-11-28): full maps, deltas, keepalives.
+  1 (2026-11-28): full maps, deltas, keepalives, policy documents.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "Netmap",
     "NetmapDelta",
     "StreamMessage",
+    "PolicyDoc",
     "ResyncNeeded",
     "NodeView",
     "EndpointReport",
@@ -72,12 +73,26 @@ class NetmapDelta(_Wire):
     remove: tuple[str, ...] = Field(default=(), description="names of nodes that left the mesh")
 
 
-class StreamMessage(_Wire):
-    """One line of the netmap stream. Exactly the field named by ``type`` is set."""
+class PolicyDoc(_Wire):
+    """The mesh's policy as applied: each node compiles its own filter from it."""
 
-    type: Literal["full", "delta", "keepalive"]
+    version: int = Field(description="grows by one with every apply; 0 = no policy yet (deny everything)")
+    hash: str = Field(description="SHA-256 of text, hex")
+    filename: str = Field(description="the file name it was applied from, for error locations")
+    text: str = Field(description="the policy YAML exactly as applied")
+
+
+class StreamMessage(_Wire):
+    """One line of the stream. Exactly the field named by ``type`` is set.
+
+    On connect the controller sends the policy first, then the map, so a node
+    enforces the current policy before it learns of any new peer.
+    """
+
+    type: Literal["full", "delta", "keepalive", "policy"]
     full: Netmap | None = None
     delta: NetmapDelta | None = None
+    policy: PolicyDoc | None = None
 
 
 class EndpointReport(_Wire):

@@ -27,6 +27,8 @@ __all__ = [
     "TokenCreated",
     "TokenInfo",
     "RenewRequest",
+    "PolicyApply",
+    "PolicyInfo",
     "RenewResponse",
 ]
 
@@ -83,6 +85,21 @@ class RenewRequest(_Strict):
 
 class RenewResponse(_Strict):
     certificate: str = Field(description="PEM node certificate with a fresh validity window")
+
+
+class PolicyApply(_Strict):
+    text: str = Field(max_length=4 * 1024 * 1024, description="the policy YAML")
+    filename: str = Field(default="policy.yaml", max_length=255, description="for error locations")
+
+
+class PolicyInfo(_Strict):
+    version: int
+    hash: str
+    filename: str
+    applied_by: str
+    applied_at: datetime
+    text: str | None = Field(default=None, description="left out of history listings")
+    unchanged: bool = Field(default=False, description="the applied text was already the current policy")
 
 
 class TokenCreateRequest(_Strict):

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from meshcore.errors import IdmeshError
-from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, NodeView, ResyncNeeded
+from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
+from meshcore.policy import Identities, NodeFilter, NodeIdentity, Policy, compile_node_filter, load_policy
 
 from .converge import desired_device, desired_link
 from .discovery import LanDiscovery
+from .firewall import NftFirewall
 from .localapi import LocalApi
 from .netconf import IPRouteNetConf
 from .session import ControllerSession
@@ -58,6 +60,10 @@ class Daemon:
         self.name = str(self.record["name"])
         self.wg_private = self.state.wg_key.read_text().strip()
         self.view: NodeView | None = self._load_cache()
+        self.policy_doc: PolicyDoc | None = self._load_policy_cache()
+        self.policy: Policy = self._parse_policy(self.policy_doc) or load_policy("", "<no policy>")
+        self.filter: NodeFilter | None = None
+        self.firewall = NftFirewall(opts.interface)
         self.device: WireGuardDevice | None = None
         self.netconf = IPRouteNetConf()
         self._device_lock = threading.Lock()
@@ -67,7 +73,8 @@ class Daemon:
         self.session = ControllerSession(
             self.state, str(self.record["controller"]),
             version=lambda: self.view.version if self.view else None,
-            on_full=self._on_full, on_delta=self._on_delta, endpoints=self._endpoint_report,
+            on_full=self._on_full, on_delta=self._on_delta, on_policy=self._on_policy,
+            endpoints=self._endpoint_report,
         )
         self.discovery: LanDiscovery | None = None
         self.api = LocalApi(opts.socket, self.status)
@@ -79,6 +86,51 @@ class Daemon:
             return NodeView(Netmap.model_validate_json(path.read_text()))
         except (OSError, ValueError):
             return None
+
+    def _load_policy_cache(self) -> PolicyDoc | None:
+        try:
+            return PolicyDoc.model_validate_json((self.state.path / "policy.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _parse_policy(doc: PolicyDoc | None) -> Policy | None:
+        if doc is None:
+            return None
+        try:
+            return load_policy(doc.text, doc.filename)
+        except IdmeshError as exc:  # the controller validated it: this is a version skew
+            log.error("policy version %d does not load here, keeping the previous one: %s", doc.version, exc)
+            return None
+
+    def _on_policy(self, doc: PolicyDoc) -> None:
+        if self.policy_doc is not None and doc.hash == self.policy_doc.hash:
+            return
+        policy = self._parse_policy(doc)
+        if policy is None:
+            return
+        self.policy, self.policy_doc = policy, doc
+        write_private(self.state.path / "policy.json", doc.model_dump_json(), 0o644)
+        log.info("policy version %d (sha256:%s)", doc.version, doc.hash[:16])
+        self._dirty.set()
+
+    def _identities(self, view: NodeView | None) -> Identities:
+        nodes = [
+            NodeIdentity(name=n.name, owner=n.owner, tags=frozenset(n.tags), ipv4=n.addresses[0], ipv6=n.addresses[1])
+            for n in (view.nodes.values() if view else ())
+        ]
+        if view is None or self.name not in view.nodes:
+            addresses = list(self.record["addresses"])  # type: ignore[call-overload]
+            nodes.append(NodeIdentity(name=self.name, owner=self.record.get("owner"),  # type: ignore[arg-type]
+                                      tags=frozenset(self.record.get("tags") or ()),  # type: ignore[arg-type]
+                                      ipv4=addresses[0], ipv6=addresses[1]))
+        return Identities.build(nodes)
+
+    def _enforce(self, view: NodeView | None) -> None:
+        """Compile this node's filter and install it (before any tunnel changes)."""
+        nf = compile_node_filter(self.policy, self._identities(view), self.name)
+        self.firewall.apply(nf)
+        self.filter = nf
 
     def _on_full(self, netmap: Netmap) -> None:
         self.view = NodeView(netmap)
@@ -112,6 +164,7 @@ class Daemon:
         link = desired_link(self.opts.interface, list(self.record["addresses"]),  # type: ignore[call-overload]
                             list(view.prefixes))
         with self._device_lock:
+            self._enforce(view)
             self.device.apply(device)
             self.netconf.apply(link)
         write_private(self.state.path / "netmap.json", view.snapshot().model_dump_json(), 0o644)
@@ -162,6 +215,12 @@ class Daemon:
                 "interface": self.opts.interface,
                 "listen_port": state.listen_port if state else self.opts.listen_port,
             },
+            "policy": {
+                "version": self.policy_doc.version if self.policy_doc else 0,
+                "hash": self.policy_doc.hash if self.policy_doc else None,
+                "ruleset": self.filter.digest if self.filter else None,
+                "rules": len(self.filter.rules) if self.filter else 0,
+            },
             "controller": {
                 "url": self.session.url,
                 "connected": self.session.connected,
@@ -178,6 +237,9 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, stop.set)
+        # Default deny from the first moment: the cached (or empty) policy is
+        # enforced before the interface exists and before the controller answers.
+        await asyncio.to_thread(self._enforce, self.view)
         self.device = await asyncio.to_thread(
             open_device, self.opts.interface, implementation=self.opts.wireguard,  # type: ignore[arg-type]
             on_restart=self._mark_dirty_threadsafe,
@@ -211,6 +273,7 @@ class Daemon:
             device, self.device = self.device, None
             if device is not None:
                 await asyncio.to_thread(device.close)
+            await asyncio.to_thread(self.firewall.close)
             log.info("stopped; interface %s removed", self.opts.interface)
 
     async def _start_discovery(self) -> None:

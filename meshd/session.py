@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from idmesh.client import client_ssl_context
 from meshcore.errors import IdmeshError, error_for_status
 from meshcore.identity import build_csr
-from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, ResyncNeeded, StreamMessage
+from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, PolicyDoc, ResyncNeeded, StreamMessage
 from meshcore.wire import RenewRequest, RenewResponse
 
 from .state import StateDir, write_private
@@ -57,12 +57,14 @@ class Backoff:
 class ControllerSession:
     def __init__(self, state: StateDir, url: str, version: Callable[[], int | None],
                  on_full: Callable[[Netmap], None], on_delta: Callable[[NetmapDelta], None],
+                 on_policy: Callable[[PolicyDoc], None],
                  endpoints: Callable[[], Awaitable[EndpointReport]]) -> None:
         self.state = state
         self.url = url.rstrip("/")
         self._version = version
         self._on_full = on_full
         self._on_delta = on_delta
+        self._on_policy = on_policy
         self._endpoints = endpoints
         self.connected = False
         self.last_error: str | None = None
@@ -111,6 +113,8 @@ class ControllerSession:
                         self._on_full(message.full)
                     elif message.type == "delta" and message.delta is not None:
                         self._on_delta(message.delta)
+                    elif message.type == "policy" and message.policy is not None:
+                        self._on_policy(message.policy)
 
     async def report_endpoints(self) -> None:
         """Tell the controller where we are now (e.g. after an address change)."""

@@ -21,7 +21,8 @@ principal); every agent acts for a principal and holds at least one scope.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..scopes import Scope
 from .fields import ALL_PORTS, Destination, PortRange
@@ -30,16 +31,16 @@ from .problems import Path, Problem
 if TYPE_CHECKING:
     from .model import Acl, Delegation, FlowSource, Policy, Selector, Service
 
-__all__ = ["policy_problems", "selector_problems", "flow_source_problems", "flow_destination_problems"]
+__all__ = ["flow_destination_problems", "flow_source_problems", "policy_problems", "selector_problems"]
 
 _ANY_SCOPE = Scope("*", "*")
 
 
-def policy_problems(policy: "Policy") -> list[Problem]:
+def policy_problems(policy: Policy) -> list[Problem]:
     """Every whole-file problem, in file order (sections in the order they are checked)."""
     out: list[Problem] = []
     for name, members in policy.groups.items():
-        out += _duplicates(members, ("groups", name), lambda p: f"{p} is listed twice in group {name!r}")
+        out += _duplicates(members, ("groups", name), f"is listed twice in group {name!r}")
     for name, service in policy.services.items():
         out += _service_problems(service, ("services", name))
     for i, acl in enumerate(policy.acls):
@@ -54,13 +55,13 @@ def policy_problems(policy: "Policy") -> list[Problem]:
     return out
 
 
-def _duplicates(items: Sequence[object], at: Path, message: Callable[[Any], str]) -> list[Problem]:
+def _duplicates(items: Sequence[object], at: Path, what: str = "is listed twice") -> list[Problem]:
     seen: set[str] = set()
     out = []
     for k, item in enumerate(items):
         key = str(item)
         if key in seen:
-            out.append(Problem(at + (k,), message(item)))
+            out.append(Problem(at + (k,), f"{item} {what}"))
         seen.add(key)
     return out
 
@@ -84,8 +85,8 @@ def _hidden_ports(ports: Sequence[PortRange], at: Path, where: Sequence[object] 
     return out
 
 
-def _service_problems(service: "Service", at: Path) -> list[Problem]:
-    out = _duplicates(service.nodes, at + ("nodes",), lambda n: f"{n} is listed twice")
+def _service_problems(service: Service, at: Path) -> list[Problem]:
+    out = _duplicates(service.nodes, at + ("nodes",))
     portful = [p for p in service.protocol if p != "icmp"]
     if not portful and service.ports:
         out.append(Problem(at + ("ports",), "ports never matter: ICMP has no ports"))
@@ -95,9 +96,9 @@ def _service_problems(service: "Service", at: Path) -> list[Problem]:
     return out
 
 
-def _acl_problems(acl: "Acl", policy: "Policy", at: Path) -> list[Problem]:
+def _acl_problems(acl: Acl, policy: Policy, at: Path) -> list[Problem]:
     out = selector_problems(acl.source, policy.groups, at + ("from",))
-    out += _duplicates(acl.to, at + ("to",), lambda d: f"{d} is listed twice")
+    out += _duplicates(acl.to, at + ("to",))
     protocols = acl.protocol or ("tcp",)
     for j, dest in enumerate(acl.to):
         here = at + ("to", j)
@@ -147,8 +148,8 @@ def _known(names: Iterable[str]) -> str:
     return f" (known: {', '.join(known)})" if known and len(known) <= 12 else ""
 
 
-def _delegation_problems(delegation: "Delegation", at: Path) -> list[Problem]:
-    out = _duplicates(delegation.nodes, at + ("nodes",), lambda n: f"{n} is listed twice")
+def _delegation_problems(delegation: Delegation, at: Path) -> list[Problem]:
+    out = _duplicates(delegation.nodes, at + ("nodes",))
     scopes = delegation.scopes
     for k, scope in enumerate(scopes):
         for m, other in enumerate(scopes):
@@ -161,7 +162,7 @@ def _delegation_problems(delegation: "Delegation", at: Path) -> list[Problem]:
     return out
 
 
-def selector_problems(selector: "Selector", groups: Mapping[str, Sequence[str]], at: Path) -> list[Problem]:
+def selector_problems(selector: Selector, groups: Mapping[str, Sequence[str]], at: Path) -> list[Problem]:
     """Unknown groups, and fields that contradict or hide each other (module docstring)."""
     s = selector
     given = {k for k in ("principal", "group", "owner", "tag", "node", "via", "agent", "scope")
@@ -203,7 +204,7 @@ def selector_problems(selector: "Selector", groups: Mapping[str, Sequence[str]],
     return out
 
 
-def _direct_problems(s: "Selector", members: frozenset[str] | None, at: Path) -> list[Problem]:
+def _direct_problems(s: Selector, members: frozenset[str] | None, at: Path) -> list[Problem]:
     """Acting directly, a node's principal is its owner; a tagged node has none."""
     out: list[Problem] = []
     if s.tag is not None:
@@ -229,7 +230,7 @@ def _direct_problems(s: "Selector", members: frozenset[str] | None, at: Path) ->
     return out
 
 
-def flow_source_problems(source: "FlowSource", at: Path) -> list[Problem]:
+def flow_source_problems(source: FlowSource, at: Path) -> list[Problem]:
     """A test's ``from`` must describe an identity that can exist."""
     s = source
     given = [k for k in ("principal", "owner", "tag", "node", "via", "agent", "scope", "scopes")
@@ -260,7 +261,7 @@ def flow_source_problems(source: "FlowSource", at: Path) -> list[Problem]:
 
 
 def flow_destination_problems(
-    dest: Destination, protocol: str, services: Mapping[str, "Service"], at: Path
+    dest: Destination, protocol: str, services: Mapping[str, Service], at: Path
 ) -> list[Problem]:
     """A test's ``to`` is one flow: a known destination and exactly one port (none for ICMP)."""
     here = at

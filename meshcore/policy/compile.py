@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Iterable, Literal, Mapping, NamedTuple
+from typing import Literal, NamedTuple
 
 from ..errors import InvalidInput
 from .fields import PortRange, Protocol, merge_ports
@@ -30,15 +31,15 @@ from .sources import SourceClass, resolve
 
 __all__ = [
     "AddressSet",
-    "FilterRule",
-    "NodeFilter",
-    "FilterDelta",
-    "MeshFilters",
     "Change",
-    "compile_node_filter",
-    "compile_mesh",
-    "identity_delta",
+    "FilterDelta",
+    "FilterRule",
+    "MeshFilters",
+    "NodeFilter",
     "apply_delta",
+    "compile_mesh",
+    "compile_node_filter",
+    "identity_delta",
 ]
 
 Change = Literal["add", "remove"]

@@ -12,8 +12,9 @@ every flow; the unit tests check that on generated meshes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
@@ -28,14 +29,14 @@ from .problems import render_path
 from .source import validation_problems
 
 __all__ = [
-    "Target",
     "Decision",
     "PolicyTestFailure",
+    "Target",
+    "actor_for",
     "decide",
     "decide_flow",
-    "actor_for",
-    "run_tests",
     "explain",
+    "run_tests",
 ]
 
 DEFAULT_DENY = "no rule allows this: default deny"
@@ -49,11 +50,11 @@ class Target:
     tags: frozenset[str] = frozenset()
 
     @classmethod
-    def of_node(cls, node: NodeIdentity) -> "Target":
+    def of_node(cls, node: NodeIdentity) -> Target:
         return cls(node.name, node.tags)
 
     @classmethod
-    def of_spec(cls, spec: NodeSpec) -> "Target":
+    def of_spec(cls, spec: NodeSpec) -> Target:
         """A service's ``tag:X`` member is "some node tagged X"; ``node:Y`` is node Y."""
         return cls(spec.name) if spec.kind == "node" else cls(None, frozenset({spec.name}))
 

@@ -4,39 +4,42 @@ Each ``parse_*``/``check_*`` function takes what YAML produced and returns a
 typed value or raises :class:`ValueError` whose message completes the line
 ``file:line:col: path: <message>`` — pydantic carries it to the location of
 the value, so these messages name the value and say what would be right.
+(ValueError even for a wrong type: it is what pydantic turns into a located
+error; a TypeError would escape validation.)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 from ..durations import parse_duration
 from ..errors import InvalidInput
 from ..scopes import Scope, parse_scope
 
 __all__ = [
-    "Protocol",
-    "PROTOCOLS",
-    "PortRange",
     "ALL_PORTS",
-    "NodeSpec",
+    "PROTOCOLS",
     "Destination",
+    "NodeSpec",
+    "PortRange",
     "Prefix",
-    "merge_ports",
+    "Protocol",
+    "check_agent_name",
     "check_label",
     "check_principal",
-    "check_agent_name",
+    "merge_ports",
+    "parse_destination",
+    "parse_duration_value",
+    "parse_node_spec",
     "parse_port_range",
+    "parse_prefix",
     "parse_protocols",
     "parse_scope_value",
-    "parse_duration_value",
-    "parse_prefix",
-    "parse_node_spec",
-    "parse_destination",
 ]
 
 Protocol = Literal["tcp", "udp", "icmp"]
@@ -93,7 +96,7 @@ def _port(text: str, whole: object) -> int:
 def parse_port_range(value: object) -> PortRange:
     """``5432``, ``"5432"``, ``"8000-8100"`` or ``"*"``."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"invalid port {value!r}: use a number, a range like 8000-8100, or '*'")
+        raise ValueError(f"invalid port {value!r}: use a number, a range like 8000-8100, or '*'")  # noqa: TRY004
     if isinstance(value, int):
         if not 1 <= value <= 65535:
             raise ValueError(f"port {value} is out of range 1-65535")
@@ -125,7 +128,7 @@ def parse_protocols(value: object) -> tuple[Protocol, ...]:
 
 def _string(value: object, what: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a {what} (a string), got {value!r}")
+        raise ValueError(f"expected a {what} (a string), got {value!r}")  # noqa: TRY004
     return value
 
 
@@ -219,7 +222,9 @@ class Destination:
 def parse_destination(value: object) -> Destination:
     """``db``, ``db:5432``, ``tag:NAME[:PORT]`` or ``node:NAME[:PORT]``."""
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(f"expected a destination (a service, tag:NAME[:PORT] or node:NAME[:PORT]), got {value!r}")
+        raise ValueError(  # noqa: TRY004
+            f"expected a destination (a service, tag:NAME[:PORT] or node:NAME[:PORT]), got {value!r}"
+        )
     kind: Literal["service", "tag", "node"] = "service"
     rest = value
     if value.startswith("tag:"):

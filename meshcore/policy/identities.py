@@ -20,14 +20,16 @@ proportional to the change (copy-on-write of the touched index buckets).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 from ..errors import InvalidInput
 from ..scopes import Scope
+from .cowmap import DELETE, CowMap
 from .fields import check_agent_name, check_label, check_principal
 
-__all__ = ["NodeIdentity", "AgentIdentity", "Actor", "Identities", "IndexKey"]
+__all__ = ["Actor", "AgentIdentity", "Identities", "IndexKey", "NodeIdentity"]
 
 
 def _checked(check: object, value: object) -> str:
@@ -116,7 +118,7 @@ class Actor:
     ipv6: str | None = None
 
     @classmethod
-    def of_node(cls, node: NodeIdentity) -> "Actor":
+    def of_node(cls, node: NodeIdentity) -> Actor:
         return cls(
             key=f"node:{node.name}",
             via="direct",
@@ -129,7 +131,7 @@ class Actor:
         )
 
     @classmethod
-    def of_agent(cls, agent: AgentIdentity, node: NodeIdentity) -> "Actor":
+    def of_agent(cls, agent: AgentIdentity, node: NodeIdentity) -> Actor:
         if agent.node != node.name:
             raise InvalidInput(f"agent {agent.id} runs on {agent.node}, not on {node.name}")
         return cls(
@@ -145,7 +147,7 @@ class Actor:
             ipv6=agent.ipv6,
         )
 
-    def index_keys(self) -> Iterator["IndexKey"]:
+    def index_keys(self) -> Iterator[IndexKey]:
         """The buckets of :class:`Identities` this actor belongs to."""
         yield ("via", self.via)
         for name, value in (("principal", self.principal), ("node", self.node), ("owner", self.owner),
@@ -154,10 +156,15 @@ class Actor:
                 yield (name, value)
         for tag in self.tags:
             yield ("tag", tag)
+        for scope in self.scopes:  # so a scope selector looks at agents holding that resource or action
+            yield ("scope.resource", scope.resource)
+            yield ("scope.action", scope.action)
 
+
+_NO_ACTORS: Mapping[str, Actor] = {}
 
 IndexKey = tuple[str, str]
-"""``("tag", "db")``, ``("principal", "nikita@acme.com")``, ``("via", "agent")``..."""
+"""``("tag", "db")``, ``("principal", "nikita@acme.com")``, ``("via", "agent")``, ``("scope.resource", "db")``..."""
 
 
 @dataclass(frozen=True)
@@ -166,17 +173,18 @@ class Identities:
 
     Build with :meth:`build`; change with the ``with_*``/``without_*``
     methods, which check the same invariants: unique names and ids, unique
-    addresses, every agent on a known node.
+    addresses, every agent on a known node. The maps are :class:`CowMap` s,
+    so a change copies the few shards and index buckets it touches.
     """
 
-    nodes: Mapping[str, NodeIdentity] = field(default_factory=dict)
-    agents: Mapping[str, AgentIdentity] = field(default_factory=dict)
-    actors: Mapping[str, Actor] = field(default_factory=dict)
-    index: Mapping[IndexKey, frozenset[str]] = field(default_factory=dict)
-    _addresses: Mapping[str, str] = field(default_factory=dict, repr=False)
+    nodes: Mapping[str, NodeIdentity] = field(default_factory=CowMap)
+    agents: Mapping[str, AgentIdentity] = field(default_factory=CowMap)
+    actors: Mapping[str, Actor] = field(default_factory=CowMap)
+    index: Mapping[IndexKey, Mapping[str, Actor]] = field(default_factory=CowMap)
+    _addresses: Mapping[str, str] = field(default_factory=CowMap, repr=False)
 
     @classmethod
-    def build(cls, nodes: Iterable[NodeIdentity] = (), agents: Iterable[AgentIdentity] = ()) -> "Identities":
+    def build(cls, nodes: Iterable[NodeIdentity] = (), agents: Iterable[AgentIdentity] = ()) -> Identities:
         node_map: dict[str, NodeIdentity] = {}
         for node in nodes:
             if node.name in node_map:
@@ -192,17 +200,17 @@ class Identities:
         actors = [Actor.of_node(n) for n in node_map.values()]
         actors += [Actor.of_agent(a, node_map[a.node]) for a in agent_map.values()]
         addresses: dict[str, str] = {}
-        buckets: dict[IndexKey, set[str]] = {}
+        buckets: dict[IndexKey, dict[str, Actor]] = {}
         for actor in actors:
             _claim_addresses(addresses, actor)
             for key in actor.index_keys():
-                buckets.setdefault(key, set()).add(actor.key)
+                buckets.setdefault(key, {})[actor.key] = actor
         return cls(
-            nodes=node_map,
-            agents=agent_map,
-            actors={a.key: a for a in actors},
-            index={k: frozenset(v) for k, v in buckets.items()},
-            _addresses=addresses,
+            nodes=CowMap(node_map),
+            agents=CowMap(agent_map),
+            actors=CowMap((a.key, a) for a in actors),
+            index=CowMap(buckets),
+            _addresses=CowMap(addresses),
         )
 
     def node(self, name: str) -> NodeIdentity:
@@ -216,74 +224,85 @@ class Identities:
             return Actor.of_node(identity)
         return Actor.of_agent(identity, self.node(identity.node))
 
-    def members(self, key: IndexKey) -> frozenset[str]:
-        return self.index.get(key, frozenset())
+    def bucket(self, key: IndexKey) -> Mapping[str, Actor]:
+        """The actors in one index bucket, by actor key (empty if none). Do not modify."""
+        return self.index.get(key) or _NO_ACTORS
 
-    def with_node(self, node: NodeIdentity) -> "Identities":
+    def _riders(self, name: str) -> list[AgentIdentity]:
+        """The agents running on node ``name``, found through the index."""
+        keys = self.bucket(("node", name))
+        return [self.agents[k[len("agent:"):]] for k in sorted(keys) if k.startswith("agent:")]
+
+    def with_node(self, node: NodeIdentity) -> Identities:
         """Add ``node``, or replace the node of that name (its agents see its new owner/tags)."""
         if node.name in self.nodes:
-            riders = [a for a in self.agents.values() if a.node == node.name]
+            riders = self._riders(node.name)
             removed = [self.actors[f"node:{node.name}"]] + [self.actors[f"agent:{a.id}"] for a in riders]
             added = [Actor.of_node(node)] + [Actor.of_agent(a, node) for a in riders]
         else:
             removed, added = [], [Actor.of_node(node)]
-        nodes = dict(self.nodes)
-        nodes[node.name] = node
-        return self._replace(nodes, dict(self.agents), removed, added)
+        return self._replace({node.name: node}, {}, removed, added)
 
-    def without_node(self, name: str) -> "Identities":
+    def without_node(self, name: str) -> Identities:
         """Remove node ``name`` and every agent running on it."""
         self.node(name)
-        gone = [a for a in self.agents.values() if a.node == name]
-        removed = [self.actors[f"node:{name}"]] + [self.actors[f"agent:{a.id}"] for a in gone]
-        nodes = {k: v for k, v in self.nodes.items() if k != name}
-        agents = {k: v for k, v in self.agents.items() if v.node != name}
-        return self._replace(nodes, agents, removed, [])
+        riders = self._riders(name)
+        removed = [self.actors[f"node:{name}"]] + [self.actors[f"agent:{a.id}"] for a in riders]
+        return self._replace({name: DELETE}, {a.id: DELETE for a in riders}, removed, [])
 
-    def with_agent(self, agent: AgentIdentity) -> "Identities":
+    def with_agent(self, agent: AgentIdentity) -> Identities:
         if agent.id in self.agents:
             raise InvalidInput(f"agent {agent.id} already exists")
         actor = Actor.of_agent(agent, self.node(agent.node))
-        agents = dict(self.agents)
-        agents[agent.id] = agent
-        return self._replace(dict(self.nodes), agents, [], [actor])
+        return self._replace({}, {agent.id: agent}, [], [actor])
 
-    def without_agent(self, agent_id: str) -> "Identities":
+    def without_agent(self, agent_id: str) -> Identities:
         if agent_id not in self.agents:
             raise InvalidInput(f"unknown agent {agent_id!r}")
-        agents = dict(self.agents)
-        del agents[agent_id]
-        return self._replace(dict(self.nodes), agents, [self.actors[f"agent:{agent_id}"]], [])
+        return self._replace({}, {agent_id: DELETE}, [self.actors[f"agent:{agent_id}"]], [])
 
     def _replace(
         self,
-        nodes: dict[str, NodeIdentity],
-        agents: dict[str, AgentIdentity],
+        node_changes: dict[str, object],
+        agent_changes: dict[str, object],
         removed: list[Actor],
         added: list[Actor],
-    ) -> "Identities":
-        actors = dict(self.actors)
-        addresses = dict(self._addresses)
-        touched: dict[IndexKey, set[str]] = {}
+    ) -> Identities:
+        actor_changes: dict[str, object] = {}
+        address_changes: dict[str, object] = {}
+        touched: dict[IndexKey, dict[str, Actor]] = {}
         for actor in removed:
-            del actors[actor.key]
+            actor_changes[actor.key] = DELETE
             for address in (actor.ipv4, actor.ipv6):
                 if address is not None:
-                    addresses.pop(address, None)
+                    address_changes[address] = DELETE
             for key in actor.index_keys():
-                touched.setdefault(key, set(self.index.get(key, ()))).discard(actor.key)
+                touched.setdefault(key, dict(self.bucket(key))).pop(actor.key, None)
         for actor in added:
-            _claim_addresses(addresses, actor)
-            actors[actor.key] = actor
+            for address in (actor.ipv4, actor.ipv6):
+                if address is None:
+                    continue
+                holder = self._addresses.get(address)
+                if holder is not None and holder != actor.key and address_changes.get(address) is not DELETE:
+                    raise InvalidInput(f"address {address} of {actor.key} is already held by {holder}")
+                address_changes[address] = actor.key
+            actor_changes[actor.key] = actor
             for key in actor.index_keys():
-                touched.setdefault(key, set(self.index.get(key, ()))).add(actor.key)
-        index = dict(self.index)
-        for key, members in touched.items():
-            if members:
-                index[key] = frozenset(members)
-            else:
-                index.pop(key, None)
-        return Identities(nodes=nodes, agents=agents, actors=actors, index=index, _addresses=addresses)
+                touched.setdefault(key, dict(self.bucket(key)))[actor.key] = actor
+        return Identities(
+            nodes=_updated(self.nodes, node_changes),
+            agents=_updated(self.agents, agent_changes),
+            actors=_updated(self.actors, actor_changes),
+            index=_updated(self.index, {k: v if v else DELETE for k, v in touched.items()}),
+            _addresses=_updated(self._addresses, address_changes),
+        )
+
+
+def _updated(mapping: Mapping[Any, Any], changes: Mapping[Any, object]) -> Any:
+    if not changes:
+        return mapping
+    base = mapping if isinstance(mapping, CowMap) else CowMap(mapping)
+    return base.updated(changes)
 
 
 def _claim_addresses(addresses: dict[str, str], actor: Actor) -> None:

@@ -20,8 +20,16 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, field_validator
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from ..durations import format_duration
 from ..scopes import Scope
@@ -48,15 +56,15 @@ if TYPE_CHECKING:
     from .source import SourceMap
 
 __all__ = [
-    "Via",
-    "Selector",
-    "Service",
     "Acl",
     "Delegation",
-    "Route",
     "FlowSource",
-    "PolicyTest",
     "Policy",
+    "PolicyTest",
+    "Route",
+    "Selector",
+    "Service",
+    "Via",
 ]
 
 Via = Literal["direct", "agent", "any"]
@@ -265,7 +273,7 @@ class Policy(_Model):
 
     # Not part of the policy's value: where it came from (for messages) and
     # the compiled plan, built once on first use. __eq__ below ignores both.
-    _source: "SourceMap | None" = PrivateAttr(default=None)
+    _source: SourceMap | None = PrivateAttr(default=None)
     _plan: object = PrivateAttr(default=None)
 
     @field_validator("groups", "services", mode="before")
@@ -280,7 +288,7 @@ class Policy(_Model):
         return _empty_section(value, ())
 
     @model_validator(mode="after")
-    def _check_whole(self) -> "Policy":
+    def _check_whole(self) -> Policy:
         from .checks import policy_problems
 
         found = policy_problems(self)

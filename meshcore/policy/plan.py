@@ -10,8 +10,8 @@ rules per node. The plan depends on the policy only, and is built once per
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from .fields import ALL_PORTS, NodeSpec, PortRange, Protocol, merge_ports
 from .model import Acl, Policy

@@ -8,8 +8,8 @@ path into ``file:line:column`` with the source map of the text it parsed.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import PolicyError
 

@@ -11,8 +11,9 @@ aliases.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,13 +21,16 @@ from pydantic import BaseModel, ValidationError
 from ..errors import PolicyError
 from .problems import Path, Problem, render_path
 
-__all__ = ["SourceMap", "parse_yaml", "validation_problems", "MAX_NODES", "MAX_PROBLEMS"]
+__all__ = ["MAX_NODES", "MAX_PROBLEMS", "SourceMap", "parse_yaml", "validation_problems"]
 
 MAX_NODES = 200_000
 """More YAML nodes than any real policy has; aliases cannot expand past it."""
 
 MAX_PROBLEMS = 50
 """Problems reported at most; past that the file needs a fresh look, not a longer list."""
+
+# libyaml's parser when present (about 10x faster); both keep node marks.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -69,7 +73,7 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
 
 
 class _Walker:
-    def __init__(self, loader: yaml.SafeLoader) -> None:
+    def __init__(self, loader: Any) -> None:
         self.loader = loader
         self.values: dict[Path, tuple[int, int]] = {}
         self.keys: dict[Path, tuple[int, int]] = {}
@@ -116,15 +120,15 @@ class _TooLarge(Exception):
 
 def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document; raise :class:`PolicyError` with locations if it is not sound YAML."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         root = loader.get_single_node()
         walker = _Walker(loader)
         data = None if root is None else walker.walk(root, ())
     except _TooLarge as exc:
         line, col = _mark(exc.node)
-        raise PolicyError([f"{filename}:{line}:{col}: the document expands to more than {MAX_NODES} "
-                           "nodes (through aliases?)"]) from None
+        message = f"{filename}:{line}:{col}: the document expands to more than {MAX_NODES} nodes (through aliases?)"
+        raise PolicyError([message]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename

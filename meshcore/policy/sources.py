@@ -19,14 +19,15 @@ scope selector.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 from ..scopes import Scope
 from .identities import Actor, Identities
 from .model import Selector
 
-__all__ = ["SourceClass", "source_class", "set_name", "scopes_overlap", "resolve"]
+__all__ = ["SourceClass", "resolve", "scopes_overlap", "set_name", "source_class"]
 
 
 def set_name(selector_text: str) -> str:
@@ -94,32 +95,46 @@ def resolve(source: SourceClass, identities: Identities) -> tuple[frozenset[str]
     """The IPv4 and IPv6 addresses of every actor ``source`` matches.
 
     The index narrows the candidates to the smallest bucket a given field
-    names (a group is the union of its members' buckets); only those are
-    matched field by field. So a narrow selector costs its members, not the mesh.
+    names (a group is the union of its members' buckets, a scope the union
+    of the agents holding its resource, or ``*``); only those are matched
+    field by field. So a narrow selector costs its members, not the mesh.
     """
-    candidates: frozenset[str] | None = None
+    candidates: Mapping[str, Actor] | None = None
     for bucket_key in _bucket_keys(source):
-        bucket = identities.members(bucket_key)
+        bucket = identities.bucket(bucket_key)
         if candidates is None or len(bucket) < len(candidates):
             candidates = bucket
-    if source.members is not None:
-        union: set[str] = set()
-        for principal in source.members:
-            union |= identities.members(("principal", principal))
-        if candidates is None or len(union) < len(candidates):
-            candidates = frozenset(union)
-    keys = identities.actors.keys() if candidates is None else candidates
+    for keys in _union_keys(source):
+        if candidates is not None and sum(len(identities.bucket(k)) for k in keys) >= len(candidates):
+            continue
+        union: dict[str, Actor] = {}
+        for key in keys:
+            union.update(identities.bucket(key))
+        candidates = union
+    pool = identities.actors.values() if candidates is None else candidates.values()
     v4: list[str] = []
     v6: list[str] = []
-    actors = identities.actors
-    for key in keys:
-        actor = actors[key]
-        if source.matches(actor):
+    matches = source.matches
+    for actor in pool:
+        if matches(actor):
             if actor.ipv4 is not None:
                 v4.append(actor.ipv4)
             if actor.ipv6 is not None:
                 v6.append(actor.ipv6)
     return frozenset(v4), frozenset(v6)
+
+
+def _union_keys(source: SourceClass) -> list[list[tuple[str, str]]]:
+    """Fields whose candidates are a union of buckets: a group's members; a scope's resource or action."""
+    out = []
+    if source.members is not None:
+        out.append([("principal", p) for p in sorted(source.members)])
+    scope = source.scope
+    if scope is not None and scope.resource != "*":
+        out.append([("scope.resource", scope.resource), ("scope.resource", "*")])
+    elif scope is not None and scope.action != "*":
+        out.append([("scope.action", scope.action), ("scope.action", "*")])
+    return out
 
 
 def _bucket_keys(source: SourceClass) -> list[tuple[str, str]]:

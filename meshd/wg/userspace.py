@@ -34,8 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
-from typing import Self
+from typing import Self, TypeVar
 
 from meshcore.errors import Conflict, IdmeshError, Unavailable
 
@@ -73,9 +72,7 @@ def _socket_owner(path: Path) -> int | None:
         sock.settimeout(1.0)
         try:
             sock.connect(os.fspath(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return None
-        except OSError:
+        except OSError:  # refused (nobody listens), gone, or not a socket: nobody to stop
             return None
         pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         return pid or None

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
 import pytest
+
 from tests.e2e.netns import Network, reap_stale
 
 REQUIRED_TOOLS = ("ip", "wireguard-go", "ping")
@@ -88,6 +90,6 @@ def network() -> Iterator[Callable[..., Network]]:
     for net in reversed(made):
         try:
             net.close()
-        except Exception as exc:  # keep closing the others
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # keep closing the others
             errors.append(str(exc))
     assert not errors, "; ".join(errors)

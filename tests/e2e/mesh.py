@@ -42,6 +42,14 @@ def cmd(name: str) -> str:
     return str(BIN / name)
 
 
+ALLOW_E2E = """\
+acls:
+  - from: {tag: e2e}
+    to: ["tag:e2e"]
+    protocol: [tcp, udp, icmp]
+"""
+
+
 @dataclass
 class Node:
     host: Host
@@ -76,11 +84,19 @@ class Mesh:
     def env(self) -> dict[str, str]:
         return {**os.environ, "IDMESH_ADMIN": str(self.tmp / "ctl" / "admin.conf")}
 
-    def init(self) -> None:
+    def init(self, policy: str | None = ALLOW_E2E) -> None:
+        """Create the mesh; ``policy`` (default: tag:e2e nodes may reach each other) is applied at once."""
         self.url = f"https://{self.controller_host.underlay4}:8443"
         self.controller_host.run([cmd("mesh-controller"), "init", "--domain", "acme.mesh", "--data",
                                   str(self.tmp / "ctl"), "--url", self.url])
         self.start_controller()
+        if policy is not None:
+            self.apply_policy(policy)
+
+    def apply_policy(self, text: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        path = self.tmp / "policy.yaml"
+        path.write_text(text)
+        return self.admin("policy", "apply", str(path), check=check)
 
     def start_controller(self) -> None:
         with (self.tmp / "controller.log").open("a") as log:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["UAPI_DIR", "Host", "HostCommandError", "Network", "processes_mentioning", "reap_stale", "wait_until"]
 
@@ -54,7 +54,7 @@ class HostCommandError(RuntimeError):
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["ip", *args], check=False, capture_output=True, text=True, timeout=30)
     if check and done.returncode != 0:
         raise HostCommandError(f"ip {' '.join(args)}: {done.stderr.strip()}")
     return done
@@ -165,8 +165,8 @@ class Host:
             input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run to completion; with ``check`` a non-zero exit raises :class:`HostCommandError` with stderr."""
         try:
-            done = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, input=input,
-                                  env=env)
+            done = subprocess.run(self.argv(argv), check=False, capture_output=True, text=True, timeout=timeout,
+                                  input=input, env=env)
         except subprocess.TimeoutExpired as exc:
             raise HostCommandError(f"{self.name}: {' '.join(argv)} did not finish in {timeout:g} s") from exc
         if check and done.returncode != 0:
@@ -207,7 +207,7 @@ class Network:
     def __getitem__(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
 
-    def __enter__(self) -> Network:
+    def __enter__(self) -> Self:
         try:
             self.build()
         except BaseException:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e.netns import Host, Network, processes_mentioning, wait_until
-from tests.e2e.wgnode import WgNode
 
 from meshd.wg import DeviceConfig, PeerConfig, generate_private_key, public_key_of
+from tests.e2e.netns import Host, Network, processes_mentioning, wait_until
+from tests.e2e.wgnode import WgNode
 
 pytestmark = pytest.mark.e2e
 
@@ -282,7 +282,7 @@ def test_the_harness_leaves_nothing_behind(tmp_path: Path) -> None:
         b.popen(["sleep", "300"])
         os.kill(node.proc.pid, signal.SIGKILL)  # leave a stray wireguard-go inside h1
         names = [net.switch, a.netns, b.netns, a.wg_ifname]
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    listed = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     assert not any(n in listed for n in names[:3])
     assert not processes_mentioning(names)
     assert not (Path("/var/run/wireguard") / f"{a.wg_ifname}.sock").exists()

@@ -262,8 +262,8 @@ def test_explain_accepts_a_mapping_and_repeated_scopes() -> None:
     ("source", "to", "message"),
     [
         ("group=sre", "db:5432", "--from: a flow comes from one identity, not a group: name a principal of the group"),
-        ("principal=nikita", "db:5432", "--from: principal: invalid principal 'nikita': expected an address like "
-                                        "nikita@acme.com"),
+        ("principal=nikita", "db:5432",
+         "--from: principal: invalid principal 'nikita': expected an address like nikita@acme.com"),
         ("principal=a@b.c,via=agent", "db:5432", "--from: an agent holds at least one scope: add scope"),
         ("principal", "db:5432", "--from: expected key=value pairs, got 'principal'"),
         ("{tag: ci", "db:5432", "--from: not a YAML mapping: '{tag: ci'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from datetime import timedelta
 
@@ -181,7 +182,9 @@ def test_tag_syntax_is_checked_and_a_prefix_gets_a_hint() -> None:
 
 def test_explicit_null_in_selector_is_refused_rather_than_meaning_anyone() -> None:
     found = only_problem("acls:\n  - from: {principal: , tag: ci}\n    to: [tag:db]\n")
-    assert found.startswith("policy.yaml:2:22: acls[0].from.principal: a value is required here")
+    # the column of an empty value differs between libyaml and pure-Python PyYAML
+    assert re.fullmatch(r"policy.yaml:2:2[23]: acls\[0\].from.principal: a value is required here "
+                        r"\(remove the key to leave it out\)", found)
 
 
 def test_empty_selector_is_an_error() -> None:
@@ -330,8 +333,8 @@ delegations:
 def test_delegation_duration_and_nodes_are_checked() -> None:
     text = "delegations:\n  - principal: a@b.c\n    nodes: [group:x]\n    scopes: ['db:read']\n    max_ttl: 1y\n"
     assert problems(text) == [
-        "policy.yaml:3:13: delegations[0].nodes[0]: invalid node reference 'group:x': expected owner:NAME "
-        "or tag:NAME or node:NAME",
+        ("policy.yaml:3:13: delegations[0].nodes[0]: invalid node reference 'group:x': expected owner:NAME "
+         "or tag:NAME or node:NAME"),
         "policy.yaml:5:14: delegations[0].max_ttl: invalid duration '1y': use forms like 90s, 15m, 1h30m, 7d",
     ]
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from meshcore.errors import InvalidInput, Unavailable
-from meshd.wg import AddPeer, PeerConfig, RemovePeer, SetDevice, UpdatePeer
+from meshd.wg import AddPeer, Op, PeerConfig, RemovePeer, SetDevice, UpdatePeer
 from meshd.wg.uapi import UapiClient, parse_get, render_set
 
 K1 = base64.b64encode(bytes([1] * 32)).decode()
@@ -44,7 +44,7 @@ errno=0
 
 
 def test_render_set_is_incremental_text() -> None:
-    ops = [
+    ops: list[Op] = [
         SetDevice(base64.b64encode(bytes.fromhex(PRIVATE_HEX)).decode(), 51820),
         RemovePeer(K2),
         UpdatePeer(K1, endpoint="[2001:db8::1]:51820", persistent_keepalive=0, allowed_ips=()),

@@ -1,0 +1,148 @@
+"""Enforcement with nftables: one table, ``inet idmesh``.
+
+Rendering is pure (:func:`render_table`, :func:`render_element_changes`);
+:class:`NftFirewall` feeds the text to ``nft -f -``, which applies a file as
+one atomic transaction: a packet sees the old ruleset or the new one, never
+a mix. What it installs, for a packet that arrives on the mesh interface
+(input and forward, see :class:`meshcore.policy.NodeFilter` for the order)::
+
+    table inet idmesh
+      set src_<hash>_4 / src_<hash>_6      members of one source class
+      chain mesh_in                         established,related accept
+                                            invalid drop
+                                            <source set> <proto> <ports> accept ...
+                                            drop                 (default deny)
+      chain input   hook input   iifname <mesh> jump mesh_in
+      chain forward hook forward iifname <mesh> jump mesh_in
+
+A policy change (the rules' hash differs) replaces the whole table in one
+batch; an identity joining or leaving only adds or deletes set elements.
+Traffic that does not arrive over the mesh is not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+
+from meshcore.errors import Unavailable
+from meshcore.policy import FilterRule, NodeFilter
+
+__all__ = ["TABLE", "render_table", "render_element_changes", "NftFirewall", "ElementChanges"]
+
+TABLE = "idmesh"
+log = logging.getLogger("meshd.firewall")
+
+
+def _elements(addresses: frozenset[str]) -> str:
+    return ", ".join(sorted(addresses))
+
+
+def _rule_lines(rule: FilterRule) -> list[str]:
+    comment = f' comment "acls{list(rule.acls)}"' if rule.acls else ""
+    if rule.protocol == "icmp":
+        return [f"ip saddr @{rule.source}_4 meta l4proto icmp accept{comment}",
+                f"ip6 saddr @{rule.source}_6 meta l4proto ipv6-icmp accept{comment}"]
+    if all(p.is_all for p in rule.ports):
+        match = f"meta l4proto {rule.protocol}"
+    else:
+        ports = ", ".join(str(p.lo) if p.lo == p.hi else f"{p.lo}-{p.hi}" for p in rule.ports)
+        match = f"{rule.protocol} dport {{ {ports} }}"
+    return [f"ip saddr @{rule.source}_4 {match} accept{comment}",
+            f"ip6 saddr @{rule.source}_6 {match} accept{comment}"]
+
+
+def render_table(nf: NodeFilter, ifname: str) -> str:
+    """The whole table for ``nft -f``: created if missing, emptied, filled, in one transaction."""
+    lines = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
+             f"  comment \"idmesh {nf.node} rules {nf.rules_hash[:16]}\""]
+    for name in sorted(nf.sets):
+        members = nf.sets[name]
+        for family, addrs in (("4", members.v4), ("6", members.v6)):
+            kind = "ipv4_addr" if family == "4" else "ipv6_addr"
+            elements = f" elements = {{ {_elements(addrs)} }};" if addrs else ""
+            lines.append(f"  set {name}_{family} {{ type {kind};{elements} }}")
+    lines.append("  chain mesh_in {")
+    lines.append("    ct state established,related accept")
+    lines.append("    ct state invalid drop")
+    for rule in nf.rules:
+        lines += [f"    {line}" for line in _rule_lines(rule)]
+    lines.append("    counter drop comment \"default deny\"")
+    lines.append("  }")
+    for hook in ("input", "forward"):
+        lines.append(f"  chain {hook} {{ type filter hook {hook} priority filter; policy accept; "
+                     f"iifname \"{ifname}\" jump mesh_in; }}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ElementChanges:
+    add: tuple[tuple[str, frozenset[str]], ...]
+    delete: tuple[tuple[str, frozenset[str]], ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.add and not self.delete
+
+
+def element_changes(installed: NodeFilter, desired: NodeFilter) -> ElementChanges:
+    """Set elements to add and delete when only membership changed (same rules)."""
+    add: list[tuple[str, frozenset[str]]] = []
+    delete: list[tuple[str, frozenset[str]]] = []
+    for name in sorted(set(installed.sets) | set(desired.sets)):
+        old, new = installed.sets.get(name), desired.sets.get(name)
+        for family, before, after in (("4", old.v4 if old else frozenset(), new.v4 if new else frozenset()),
+                                      ("6", old.v6 if old else frozenset(), new.v6 if new else frozenset())):
+            if after - before:
+                add.append((f"{name}_{family}", frozenset(after - before)))
+            if before - after:
+                delete.append((f"{name}_{family}", frozenset(before - after)))
+    return ElementChanges(tuple(add), tuple(delete))
+
+
+def render_element_changes(changes: ElementChanges) -> str:
+    lines = [f"delete element inet {TABLE} {name} {{ {_elements(addrs)} }}" for name, addrs in changes.delete]
+    lines += [f"add element inet {TABLE} {name} {{ {_elements(addrs)} }}" for name, addrs in changes.add]
+    return "\n".join(lines) + "\n"
+
+
+class NftFirewall:
+    """The ``inet idmesh`` table of this network namespace, owned by this meshd."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.installed: NodeFilter | None = None
+
+    @staticmethod
+    def _nft(script: str) -> None:
+        try:
+            done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError as exc:
+            raise Unavailable("the nft command is missing (apt-get install nftables)") from exc
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["(no message)"])[0]
+            raise Unavailable(f"nftables refused the idmesh ruleset: {first}")
+
+    def apply(self, desired: NodeFilter) -> str:
+        """Converge the table; return what was done ("replaced", "elements", "unchanged")."""
+        installed = self.installed
+        if installed is not None and installed.rules_hash == desired.rules_hash and \
+                set(installed.sets) == set(desired.sets):
+            changes = element_changes(installed, desired)
+            if changes.empty:
+                return "unchanged"
+            self._nft(render_element_changes(changes))
+            self.installed = desired
+            return "elements"
+        self._nft(render_table(desired, self.ifname))
+        self.installed = desired
+        log.info("firewall: installed rules %s (digest %s, %d rules, %d sets)", desired.rules_hash[:16],
+                 desired.digest[:16], len(desired.rules), len(desired.sets))
+        return "replaced"
+
+    def close(self) -> None:
+        """Remove the table (also one a crashed meshd left): nothing of ours stays."""
+        subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, timeout=30)
+        self.installed = None

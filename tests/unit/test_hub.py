@@ -1,0 +1,160 @@
+"""The controller's netmap fan-out (:class:`controller.netmap.NetmapHub`), without HTTP.
+
+Subscriber queues are plain ``asyncio.Queue`` objects; putting and taking
+without waiting needs no event loop, so most tests are synchronous and one
+runs a loop to show that a waiting subscriber is woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import controller.netmap as hubmod
+from controller.netmap import NetmapHub, Subscription
+from controller.store import Store
+from meshcore.netmap import NetmapDelta, NodeView, PeerNode, StreamMessage
+
+PREFIXES = ("100.64.0.0/10", "fd7a:1:2::/48")
+
+
+def node(i: int, port: int = 51820) -> PeerNode:
+    return PeerNode(name=f"n{i}", wireguard_public_key=f"{i:043d}=", addresses=(f"100.64.{i}.1", f"fd7a:1:2:{i:x}::1"),
+                    blocks=(f"100.64.{i}.0/26", f"fd7a:1:2:{i:x}::/64"), endpoints=(f"198.51.100.{i}:{port}",))
+
+
+def hub(version: int = 10, *nodes: PeerNode) -> NetmapHub:
+    return NetmapHub("acme.mesh", PREFIXES, version, {n.name: n for n in nodes})
+
+
+def drain(sub: Subscription) -> list[StreamMessage]:
+    out = []
+    while not sub.queue.empty():
+        out.append(sub.queue.get_nowait())
+    return out
+
+
+def publish_moves(h: NetmapHub, count: int) -> list[NetmapDelta]:
+    """``count`` endpoint changes of n1, one version each."""
+    return [h.publish(h.version + 1, upsert=(node(1, 40000 + k),)) for k in range(count)]
+
+
+# -- since ------------------------------------------------------------------------------------
+
+def test_since_returns_exactly_the_missed_deltas() -> None:
+    h = hub(10, node(1))
+    deltas = publish_moves(h, 5)
+    assert [(d.base, d.version) for d in deltas] == [(10, 11), (11, 12), (12, 13), (13, 14), (14, 15)]
+    assert h.since(12) == deltas[2:]
+    assert h.since(10) == deltas
+    assert h.since(15) == []
+
+
+def test_the_missed_deltas_bring_a_node_to_the_current_map() -> None:
+    h = hub(10, node(1), node(2))
+    view = NodeView(h.full())
+    h.publish(11, upsert=(node(3),))
+    h.publish(12, remove=("n2",))
+    h.publish(13, upsert=(node(1, 1234),))
+    missed = h.since(view.version)
+    assert missed is not None
+    for delta in missed:
+        view.apply(delta)
+    assert view.snapshot() == h.full()
+
+
+@pytest.mark.parametrize("version", [16, 1000])
+def test_since_a_version_from_the_future_needs_a_full_map(version: int) -> None:
+    h = hub(10, node(1))
+    publish_moves(h, 5)
+    assert h.since(version) is None
+
+
+def test_since_a_version_older_than_the_history_needs_a_full_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hubmod, "HISTORY", 3)
+    h = hub(10, node(1))
+    deltas = publish_moves(h, 5)  # only 12->13, 13->14, 14->15 are kept
+    assert h.since(11) is None and h.since(9) is None and h.since(-1) is None
+    assert h.since(12) == deltas[2:]
+
+
+def test_after_a_restart_there_is_no_history_but_the_current_version_is_up_to_date() -> None:
+    h = hub(10, node(1))
+    assert h.since(10) == []
+    assert h.since(9) is None
+    assert h.since(11) is None
+
+
+# -- versions ----------------------------------------------------------------------------------
+
+def test_bump_grows_from_the_stored_version_and_is_kept_by_the_store(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "c.db", create=True)
+    try:
+        h = hub(0)
+        with store.transaction() as tx:
+            v1 = h.bump(tx)
+        h.publish(v1, upsert=(node(1),))
+        with store.transaction() as tx:
+            v2 = h.bump(tx)
+        h.publish(v2, upsert=(node(2),))
+        assert (v1, v2) == (1, 2)
+        with store.transaction() as tx:
+            assert tx.meta("netmap_version") == "2"
+            assert hub(2).bump(tx) == 3  # a restarted controller continues, never reuses a version
+    finally:
+        store.close()
+
+
+# -- fan-out -----------------------------------------------------------------------------------
+
+def test_publish_updates_the_map_and_reaches_every_subscriber() -> None:
+    h = hub(10, node(1), node(2))
+    a, b = h.subscribe("n1"), h.subscribe("n2")
+    assert h.connected == 2
+    delta = h.publish(11, upsert=(node(3),), remove=())
+    assert delta == NetmapDelta(base=10, version=11, upsert=(node(3),))
+    assert drain(a) == drain(b) == [StreamMessage(type="delta", delta=delta)]
+    assert h.version == 11 and set(h.full().nodes) == {"n1", "n2", "n3"}
+    h.unsubscribe(b)
+    h.publish(12, upsert=(node(1, 9),))
+    assert len(drain(a)) == 1 and drain(b) == []
+    assert h.connected == 1
+
+
+def test_a_waiting_subscriber_is_woken_by_a_publish() -> None:
+    async def scenario() -> StreamMessage:
+        h = hub(10, node(1))
+        sub = h.subscribe("n1")
+        waiter = asyncio.create_task(sub.queue.get())
+        await asyncio.sleep(0)
+        h.publish(11, upsert=(node(2),))
+        return await asyncio.wait_for(waiter, 1)
+
+    message = asyncio.run(scenario())
+    assert message.type == "delta" and message.delta is not None and message.delta.upsert == (node(2),)
+
+
+def test_a_removed_nodes_subscription_is_closed_and_the_others_learn_of_it() -> None:
+    h = hub(10, node(1), node(2), node(3))
+    gone, stays = h.subscribe("n2"), h.subscribe("n3")
+    delta = h.publish(11, remove=("n2",))
+    assert gone.closed and not stays.closed
+    # the removed node gets only a wake-up, never the map without itself
+    assert [m.type for m in drain(gone)] == ["keepalive"]
+    assert drain(stays) == [StreamMessage(type="delta", delta=delta)]
+    assert "n2" not in h.full().nodes
+
+
+def test_a_subscriber_that_does_not_read_is_switched_to_a_resync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hubmod, "QUEUE_LIMIT", 3)
+    h = hub(10, node(1))
+    slow, fast = h.subscribe("n1"), h.subscribe("n2")
+    publish_moves(h, 3)
+    assert not slow.resync
+    drain(fast)
+    publish_moves(h, 3)  # the slow queue is full: it is marked, and nothing more is queued for it
+    assert slow.resync and not fast.resync
+    assert slow.queue.qsize() == 3
+    assert [m.delta.version for m in drain(fast) if m.delta] == [14, 15, 16]
