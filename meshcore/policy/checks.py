@@ -50,7 +50,7 @@ def policy_problems(policy: Policy) -> list[Problem]:
     for i, route in enumerate(policy.routes):
         out += selector_problems(route.source, policy.groups, ("routes", i, "from"))
     for i, test in enumerate(policy.tests):
-        out += flow_source_problems(test.source, ("tests", i, "from"))
+        out += flow_source_problems(test.source, policy.groups, ("tests", i, "from"))
         out += flow_destination_problems(test.to, test.protocol, policy.services, ("tests", i, "to"))
     return out
 
@@ -230,14 +230,19 @@ def _direct_problems(s: Selector, members: frozenset[str] | None, at: Path) -> l
     return out
 
 
-def flow_source_problems(source: FlowSource, at: Path) -> list[Problem]:
+def flow_source_problems(source: FlowSource, groups: Mapping[str, Sequence[str]], at: Path) -> list[Problem]:
     """A test's ``from`` must describe an identity that can exist."""
     s = source
-    given = [k for k in ("principal", "owner", "tag", "node", "via", "agent", "scope", "scopes")
+    given = [k for k in ("principal", "group", "owner", "tag", "node", "via", "agent", "scope", "scopes")
              if getattr(s, k) is not None]
     if not given:
-        return [Problem(at, "describe the source: give a principal, owner, tag, node, agent or scope")]
+        return [Problem(at, "describe the source: give a principal, group, owner, tag, node, agent or scope")]
     out: list[Problem] = []
+    if s.group is not None and s.group not in groups:
+        out.append(Problem(at + ("group",), f"unknown group {s.group!r}" + _known(groups)))
+    if s.group is not None and s.principal is not None:
+        out.append(Problem(at + ("group",), "a principal's groups follow from `groups`: give principal or "
+                           "group, not both"))
     if s.scope is not None and s.scopes is not None:
         out.append(Problem(at + ("scopes",), "give scope or scopes, not both"))
     if s.owner is not None and s.tag is not None:
@@ -247,14 +252,19 @@ def flow_source_problems(source: FlowSource, at: Path) -> list[Problem]:
             if getattr(s, f) is not None:
                 out.append(Problem(at + (f,), f"acting directly (via: direct) an identity has no {f}: "
                                    "only agents do"))
-        if s.principal is not None and s.tag is not None:
-            out.append(Problem(at + ("principal",), "a tagged node acting directly has no principal"))
+        for f in ("principal", "group"):
+            if getattr(s, f) is not None and s.tag is not None:
+                out.append(Problem(at + (f,), "a tagged node acting directly has no principal"
+                                   f"{'' if f == 'principal' else ', so no group'}"))
+        if s.group is not None and s.owner is not None:
+            out.append(Problem(at + ("group",), "acting directly, a device's principal is its owner, whose "
+                               "groups follow from `groups`: give owner or group, not both"))
         elif s.principal is not None and s.owner is not None and s.principal != s.owner:
             out.append(Problem(at + ("principal",), f"acting directly, a device's principal is its owner "
                                f"({s.owner})"))
     else:
-        if s.principal is None:
-            out.append(Problem(at, "an agent acts for a principal: add principal"))
+        if s.principal is None and s.group is None:
+            out.append(Problem(at, "an agent acts for a principal: add principal (or group)"))
         if not s.all_scopes:
             out.append(Problem(at, "an agent holds at least one scope: add scope"))
     return out

@@ -12,7 +12,7 @@ every flow; the unit tests check that on generated meshes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 DEFAULT_DENY = "no rule allows this: default deny"
+MAX_HINTS = 5
+"""Near misses listed for a denial; a broad selector can match hundreds of rules."""
 
 
 @dataclass(frozen=True)
@@ -125,18 +127,22 @@ def decide(
              for i in sorted(matching - covering)]
     hints += [f"{_rule_label(policy, i)} covers this destination but not the source "
               f"(from {policy.acls[i].source.text()})" for i in sorted(covering - matching)]
+    if len(hints) > MAX_HINTS:
+        hints = hints[:MAX_HINTS] + [f"and {len(hints) - MAX_HINTS} more rules like these"]
     return Decision(False, None, DEFAULT_DENY, flow, hints=tuple(hints))
 
 
 def actor_for(source: FlowSource) -> Actor:
     """The hypothetical identity a test's ``from`` describes (see :class:`FlowSource`)."""
+    tags = frozenset({source.tag} if source.tag else ())
+    groups = frozenset({source.group} if source.group else ())
     if source.effective_via == "direct":
         owner = source.owner if source.owner is not None else source.principal if source.tag is None else None
         return Actor(key="hypothetical", via="direct", principal=owner, node=source.node, owner=owner,
-                     tags=frozenset({source.tag} if source.tag else ()))
+                     tags=tags, groups=groups)
     return Actor(key="hypothetical", via="agent", principal=source.principal, node=source.node,
-                 owner=source.owner, tags=frozenset({source.tag} if source.tag else ()), agent=source.agent,
-                 scopes=tuple(sorted(set(source.all_scopes))))
+                 owner=source.owner, tags=tags, agent=source.agent, scopes=tuple(sorted(set(source.all_scopes))),
+                 groups=groups)
 
 
 def decide_flow(policy: Policy, source: FlowSource, to: Destination, protocol: Protocol = "tcp") -> Decision:
@@ -144,6 +150,9 @@ def decide_flow(policy: Policy, source: FlowSource, to: Destination, protocol: P
 
     A service with several members is allowed only if every member is; the
     decision shown is the first member's denial, or the first member's allow.
+    The destination is hypothetical, like the source: ``tag:db`` is "some node
+    tagged db", so rules that name particular nodes (``node:db-1``) do not
+    apply to it — test those with ``node:db-1:PORT``.
     """
     actor = actor_for(source)
     port = None if protocol == "icmp" or to.ports is None else to.ports.lo
@@ -190,7 +199,7 @@ def explain(policy: Policy, source: str | Mapping[str, Any], to: str, protocol: 
     db:read}``, or ``principal=nikita@acme.com,via=agent,scope=db:read``.
     ``to`` is ``db:5432``, ``tag:monitoring:9100`` or ``node:NAME:PORT``.
     """
-    flow_source = _parse_source(source)
+    flow_source = _parse_source(source, policy.groups)
     try:
         dest = parse_destination(to)
     except ValueError as exc:
@@ -222,7 +231,7 @@ def _key_values(text: str) -> dict[str, Any]:
     return data
 
 
-def _parse_source(source: str | Mapping[str, Any]) -> FlowSource:
+def _parse_source(source: str | Mapping[str, Any], groups: Mapping[str, Sequence[str]]) -> FlowSource:
     data: Any = source
     if isinstance(source, str):
         text = source.strip()
@@ -238,7 +247,7 @@ def _parse_source(source: str | Mapping[str, Any]) -> FlowSource:
     except ValidationError as exc:
         first = validation_problems(exc, FlowSource)[0]
         raise InvalidInput(f"--from: {render_path(first.path) + ': ' if first.path else ''}{first.message}") from exc
-    problems = flow_source_problems(flow_source, ())
+    problems = flow_source_problems(flow_source, groups, ())
     if problems:
         first = problems[0]
         raise InvalidInput(f"--from: {render_path(first.path) + ': ' if first.path else ''}{first.message}")

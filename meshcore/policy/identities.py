@@ -103,7 +103,9 @@ class Actor:
 
     ``key`` is ``node:NAME`` or ``agent:ID`` for real identities; a
     hypothetical actor (a policy test's ``from``) has key ``hypothetical``
-    and no addresses.
+    and no addresses. ``groups`` is for hypothetical actors only: "some
+    member of these groups" when no principal is named (a real actor's
+    groups follow from its principal).
     """
 
     key: str
@@ -116,6 +118,7 @@ class Actor:
     scopes: tuple[Scope, ...] = ()
     ipv4: str | None = None
     ipv6: str | None = None
+    groups: frozenset[str] = frozenset()
 
     @classmethod
     def of_node(cls, node: NodeIdentity) -> Actor:

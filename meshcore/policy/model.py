@@ -206,10 +206,13 @@ class FlowSource(_Model):
     ``via`` is ``agent`` when ``scope``/``scopes``/``agent`` is given, else
     ``direct``. Acting directly, a node's principal is its owner, so
     ``principal`` alone describes a device that person owns. Groups follow
-    from the principal and the policy's ``groups``.
+    from the principal and the policy's ``groups``; ``group`` instead of a
+    principal describes "some member of that group": rules naming the group
+    match it, rules naming a particular principal do not.
     """
 
     principal: _Principal = None
+    group: _Group = None
     owner: _Principal = None
     tag: _Tag = None
     node: _Node = None
@@ -228,15 +231,9 @@ class FlowSource(_Model):
     def all_scopes(self) -> tuple[Scope, ...]:
         return ((self.scope,) if self.scope else ()) + (self.scopes or ())
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_group(cls, value: object) -> object:
-        if isinstance(value, dict) and "group" in value:
-            raise ValueError("a flow comes from one identity, not a group: name a principal of the group")
-        return value
-
     def text(self) -> str:
-        parts = [f"{k}: {getattr(self, k)}" for k in ("principal", "owner", "tag", "node") if getattr(self, k)]
+        parts = [f"{k}: {getattr(self, k)}" for k in ("principal", "group", "owner", "tag", "node")
+                 if getattr(self, k)]
         parts.append(f"via: {self.effective_via}")
         if self.agent is not None:
             parts.append(f"agent: {self.agent}")

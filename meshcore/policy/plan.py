@@ -55,11 +55,19 @@ class PolicyPlan:
 
 
 def plan_policy(policy: Policy) -> PolicyPlan:
+    """The plan of ``policy``, built on first use and memoised on the policy object.
+
+    The memo remembers the very field objects it was built from, so a copy
+    made with ``model_copy(update=...)`` (which carries private attributes
+    along) never reuses a plan of different rules.
+    """
+    inputs = (policy.acls, policy.services, policy.groups)
     cached = policy._plan
-    if isinstance(cached, PolicyPlan):
-        return cached
+    if isinstance(cached, tuple) and all(a is b for a, b in zip(cached[0], inputs)):
+        plan: PolicyPlan = cached[1]
+        return plan
     plan = _build(policy)
-    policy._plan = plan
+    policy._plan = (inputs, plan)
     return plan
 
 

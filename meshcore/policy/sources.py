@@ -19,7 +19,7 @@ scope selector.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,7 +65,7 @@ class SourceClass:
         return (
             (self.via == "any" or actor.via == self.via)
             and (self.principal is None or actor.principal == self.principal)
-            and (self.members is None or actor.principal in self.members)
+            and (self.members is None or actor.principal in self.members or self.group in actor.groups)
             and (self.owner is None or actor.owner == self.owner)
             and (self.tag is None or self.tag in actor.tags)
             and (self.node is None or actor.node == self.node)
@@ -104,24 +104,39 @@ def resolve(source: SourceClass, identities: Identities) -> tuple[frozenset[str]
         bucket = identities.bucket(bucket_key)
         if candidates is None or len(bucket) < len(candidates):
             candidates = bucket
+    exact = _one_lookup(source)
     for keys in _union_keys(source):
-        if candidates is not None and sum(len(identities.bucket(k)) for k in keys) >= len(candidates):
+        # with one field, its union *is* the answer; otherwise take it only if it is smaller
+        if not exact and candidates is not None and sum(len(identities.bucket(k)) for k in keys) >= len(candidates):
             continue
         union: dict[str, Actor] = {}
         for key in keys:
             union.update(identities.bucket(key))
         candidates = union
-    pool = identities.actors.values() if candidates is None else candidates.values()
-    v4: list[str] = []
-    v6: list[str] = []
-    matches = source.matches
-    for actor in pool:
-        if matches(actor):
-            if actor.ipv4 is not None:
-                v4.append(actor.ipv4)
-            if actor.ipv6 is not None:
-                v6.append(actor.ipv6)
-    return frozenset(v4), frozenset(v6)
+    pool: Iterable[Actor] = identities.actors.values() if candidates is None else candidates.values()
+    if not exact:
+        matches = source.matches
+        pool = [actor for actor in pool if matches(actor)]
+    else:
+        pool = list(pool)
+    return (frozenset(a.ipv4 for a in pool if a.ipv4 is not None),
+            frozenset(a.ipv6 for a in pool if a.ipv6 is not None))
+
+
+def _one_lookup(source: SourceClass) -> bool:
+    """True when the candidates are exactly the members, so matching them again can be skipped.
+
+    That is a selector with one field (``via`` implied by ``scope``/``agent``
+    does not count), whose bucket or union of buckets is its meaning — except
+    a fully concrete scope: the agents holding ``db:*`` or ``db:write`` are
+    candidates for ``db:read``, and only the first overlaps it.
+    """
+    fields = [f for f in (source.principal, source.members, source.owner, source.tag, source.node, source.agent,
+                          source.scope) if f is not None]
+    implied = source.scope is not None or source.agent is not None
+    if len(fields) + (source.via != "any" and not implied) > 1:
+        return False
+    return source.scope is None or "*" in (source.scope.resource, source.scope.action)
 
 
 def _union_keys(source: SourceClass) -> list[list[tuple[str, str]]]:

@@ -176,7 +176,8 @@ TCP_SERVER = (
 
 TCP_CLIENT = (
     "import socket,sys\n"
-    "c=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "src=(sys.argv[4], 0) if len(sys.argv) > 4 else None\n"
+    "c=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]), source_address=src)\n"
     "print(c.recv(200).decode().strip())\n"
 )
 
@@ -187,8 +188,10 @@ def tcp_server(host: Host, address: str, port: int) -> subprocess.Popen[Any]:
     return proc
 
 
-def tcp_hello(host: Host, address: str, port: int) -> str | None:
-    done = host.run([sys.executable, "-c", TCP_CLIENT, address, str(port)], check=False, timeout=15)
+def tcp_hello(host: Host, address: str, port: int, timeout: float = 3.0, source: str | None = None) -> str | None:
+    """Connect and read the server's greeting; None when the connection is refused or dropped."""
+    argv = [sys.executable, "-c", TCP_CLIENT, address, str(port), str(timeout), *([source] if source else [])]
+    done = host.run(argv, check=False, timeout=timeout + 10)
     return done.stdout.strip() if done.returncode == 0 else None
 
 

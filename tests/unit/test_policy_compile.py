@@ -144,12 +144,32 @@ def test_mesh_identity_delta_reaches_only_nodes_whose_sets_match() -> None:
         policy, MESH.with_agent(agent("r9", "nikita@acme.com", ["db:read"], "agents-1", 1, 9)), "db-1")
 
 
+def test_a_copy_with_other_rules_is_compiled_from_its_own_rules() -> None:
+    policy = load_policy(POLICY, "p.yaml")
+    assert compile_node_filter(policy, MESH, "db-1").rules
+    assert compile_node_filter(policy.model_copy(update={"acls": ()}), MESH, "db-1").rules == ()
+
+
 def test_compile_is_deterministic_and_needs_nothing_but_its_inputs() -> None:
     policy_a = load_policy(POLICY, "a.yaml")
     policy_b = load_policy(POLICY, "b.yaml")
     assert compile_mesh(policy_a, MESH).filters == compile_mesh(policy_b, MESH).filters
     assert [f.digest for f in compile_mesh(policy_a, MESH).filters.values()] == \
         [f.digest for f in compile_mesh(policy_b, MESH).filters.values()]
+
+
+def test_scope_selector_set_holds_exactly_the_agents_whose_scopes_overlap() -> None:
+    mesh = Identities.build(
+        [node("db-1", 0, tags=("db",)), node("box", 1, tags=("agents",))],
+        [agent("both", "a@b.c", ["db:read", "*:write"], "box", 1, 2),  # in two scope buckets
+         agent("any-write", "a@b.c", ["*:write"], "box", 1, 3),
+         agent("web", "a@b.c", ["web:read"], "box", 1, 4)],
+    )
+    policy = load_policy("acls:\n  - from: {scope: 'db:*'}\n    to: ['tag:db:1']\n"
+                         "  - from: {scope: 'db:read'}\n    to: ['tag:db:2']\n", "p.yaml")
+    sets = compile_node_filter(policy, mesh, "db-1").sets
+    assert sets[set_name('{via: agent, scope: "db:*"}')].v4 == {"100.64.1.2", "100.64.1.3"}
+    assert sets[set_name('{via: agent, scope: "db:read"}')].v4 == {"100.64.1.2"}
 
 
 # --- identities ----------------------------------------------------------------------------------

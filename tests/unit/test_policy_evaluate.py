@@ -261,7 +261,7 @@ def test_explain_accepts_a_mapping_and_repeated_scopes() -> None:
 @pytest.mark.parametrize(
     ("source", "to", "message"),
     [
-        ("group=sre", "db:5432", "--from: a flow comes from one identity, not a group: name a principal of the group"),
+        ("group=ops", "db:5432", "--from: group: unknown group 'ops' (known: sre)"),
         ("principal=nikita", "db:5432",
          "--from: principal: invalid principal 'nikita': expected an address like nikita@acme.com"),
         ("principal=a@b.c,via=agent", "db:5432", "--from: an agent holds at least one scope: add scope"),
@@ -276,6 +276,12 @@ def test_explain_refuses_bad_input_with_one_line(source: str, to: str, message: 
     with pytest.raises(InvalidInput) as info:
         explain(seed(), source, to)
     assert str(info.value) == message
+
+
+def test_explain_from_a_group_matches_rules_naming_the_group_not_its_members() -> None:
+    assert explain(seed(), "group=sre", "tag:monitoring:9100").allowed
+    assert explain(seed(), "{group: sre, scope: 'x:y'}", "tag:monitoring:9100").allowed
+    assert not explain(seed(), "group=sre", "db:5432").allowed  # nikita's rules name her, not sre
 
 
 def test_explain_icmp_needs_no_port() -> None:

@@ -362,17 +362,22 @@ def test_test_must_name_exactly_one_port() -> None:
     ]
 
 
-def test_test_from_a_group_is_refused_with_a_hint() -> None:
+def test_test_from_an_unknown_group_is_an_error() -> None:
     text = "tests:\n  - from: {group: sre}\n    to: tag:db:22\n    expect: deny\n"
-    assert only_problem(text) == (
-        "policy.yaml:2:11: tests[0].from: a flow comes from one identity, not a group: name a principal of the group"
-    )
+    assert only_problem(text) == "policy.yaml:2:19: tests[0].from.group: unknown group 'sre'"
+
+
+def test_test_from_a_principal_and_a_group_is_refused() -> None:
+    text = "groups: {sre: [a@b.c]}\ntests:\n  - from: {group: sre, principal: a@b.c}\n    to: tag:db:22\n" \
+        "    expect: deny\n"
+    assert only_problem(text) == ("policy.yaml:3:19: tests[0].from.group: a principal's groups follow from "
+                                  "`groups`: give principal or group, not both")
 
 
 def test_test_agent_needs_a_principal_and_a_scope() -> None:
     text = "tests:\n  - from: {agent: bot}\n    to: tag:db:22\n    expect: deny\n"
     assert problems(text) == [
-        "policy.yaml:2:11: tests[0].from: an agent acts for a principal: add principal",
+        "policy.yaml:2:11: tests[0].from: an agent acts for a principal: add principal (or group)",
         "policy.yaml:2:11: tests[0].from: an agent holds at least one scope: add scope",
     ]
 
