@@ -272,7 +272,7 @@ async def connect_all(nodes: list[SimNode], port: int, concurrency: int) -> tupl
 async def post_endpoint(http: tuple[asyncio.StreamReader, asyncio.StreamWriter], k: int) -> int:
     """Node 0 reports a new endpoint on its keep-alive connection; returns the HTTP status."""
     reader, writer = http
-    body = json.dumps({"listen_port": 51820, "endpoints": [f"203.0.113.{k % 250 + 1}:{40000 + k}"]}).encode()
+    body = json.dumps({"listen_port": 51820, "endpoints": [f"203.0.113.{10 + k % 90}:{40000 + k % 10000}"]}).encode()
     writer.write(b"POST /v1/endpoints HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (HOST.encode(), len(body), body))
     head = await reader.readuntil(b"\r\n\r\n")

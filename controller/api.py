@@ -24,6 +24,11 @@ from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
 from meshcore.netmap import EndpointReport, PeerNode, StreamMessage
 from meshcore.wire import (
+    AgentInfo,
+    AgentIssued,
+    AgentIssueRequest,
+    AgentRevokeRequest,
+    AgentsEnded,
     EnrollRequest,
     EnrollResponse,
     NodeInfo,
@@ -198,6 +203,27 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
     async def policy_history(_: Identity = Depends(admin)) -> list[PolicyInfo]:
         return controller.policy_history()
 
+    @app.post("/v1/agents", response_model=AgentIssued)
+    async def issue_agent(req: AgentIssueRequest, who: Identity = Depends(node)) -> AgentIssued:
+        return controller.issue_agent(who, req, _now())
+
+    @app.get("/v1/agents", response_model=list[AgentInfo])
+    async def list_agents(who: Identity = Depends(caller)) -> list[AgentInfo]:
+        own = None if who.spiffe_id.kind == "admin" else who.spiffe_id.name
+        if who.spiffe_id.kind not in ("admin", "node"):
+            controller.require(who, "admin")
+        return controller.list_agents(_now(), own)
+
+    @app.delete("/v1/agents/{agent_id}", response_model=AgentsEnded)
+    async def end_agent(agent_id: str, who: Identity = Depends(caller)) -> AgentsEnded:
+        if who.spiffe_id.kind not in ("admin", "node"):
+            controller.require(who, "admin")
+        return AgentsEnded(ended=controller.end_agents(who, _now(), agent_id=agent_id))
+
+    @app.post("/v1/agents/revoke", response_model=AgentsEnded)
+    async def revoke_principal(req: AgentRevokeRequest, who: Identity = Depends(admin)) -> AgentsEnded:
+        return AgentsEnded(ended=controller.end_agents(who, _now(), principal=req.principal))
+
     @app.post("/v1/renew", response_model=RenewResponse)
     async def renew(req: RenewRequest, who: Identity = Depends(node)) -> RenewResponse:
         return controller.renew(who, req, _now())
@@ -217,6 +243,7 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
         first = ([StreamMessage(type="policy", policy=hub.policy)] if hub.policy else [])
         first += ([StreamMessage(type="delta", delta=d) for d in backlog] if backlog is not None
                   else [StreamMessage(type="full", full=hub.full())])
+        first.append(StreamMessage(type="agents", agents=controller.agent_update_full(_now())))
 
         async def lines() -> AsyncIterator[bytes]:
             try:

@@ -15,7 +15,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshcore.netmap import Netmap, NetmapDelta, PeerNode, PolicyDoc, StreamMessage
+from meshcore.netmap import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, StreamMessage
 
 from .store import Tx
 
@@ -86,6 +86,13 @@ class NetmapHub:
         """A new policy version goes to everyone at once; it is small and final."""
         self.policy = doc
         message = StreamMessage(type="policy", policy=doc)
+        for sub in list(self._subscribers):
+            sub.queue.put_nowait(message)
+
+    def publish_agents(self, update: AgentUpdate) -> None:
+        """Agent births and deaths go to every connected node. Revocations are
+        never dropped for a slow reader: they are what 'within a second' is about."""
+        message = StreamMessage(type="agents", agents=update)
         for sub in list(self._subscribers):
             sub.queue.put_nowait(message)
 

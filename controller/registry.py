@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,9 +31,13 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
-from meshcore.netmap import EndpointReport, PeerNode, PolicyDoc
-from meshcore.policy import load_policy, run_tests
+from meshcore.netmap import AgentUpdate, EndpointReport, PeerNode, PolicyDoc
+from meshcore.policy import NodeIdentity, check_delegation, load_policy, run_tests
+from meshcore.scopes import parse_scopes, scopes_within
 from meshcore.wire import (
+    AgentInfo,
+    AgentIssued,
+    AgentIssueRequest,
     EnrollRequest,
     EnrollResponse,
     NodeInfo,
@@ -48,7 +53,7 @@ from meshcore.wire import (
 from .authority import DataDir, load_authority
 from .netmap import NetmapHub
 from .ratelimit import FailureLimiter
-from .store import NodeRow, PolicyRow, Store, TokenRow
+from .store import AgentRow, NodeRow, PolicyRow, Store, TokenRow
 
 __all__ = ["Controller"]
 
@@ -275,6 +280,121 @@ class Controller:
     def policy_history(self) -> list[PolicyInfo]:
         with self.store.transaction() as tx:
             return [_policy_info(r, with_text=False) for r in tx.policies()]
+
+    # agents -----------------------------------------------------------------
+    def issue_agent(self, caller: Identity, req: AgentIssueRequest, now: datetime) -> AgentIssued:
+        """Sign an agent identity for the calling node, if a delegation allows it.
+
+        The node made the key and chose the addresses; the controller checks
+        the addresses lie in that node's block, the policy's delegations, and
+        for a sub-agent that it asks for no more than its parent holds and
+        ends no later than its parent.
+        """
+        node_name = caller.spiffe_id.name
+        public_key = load_csr(req.csr)
+        scopes = parse_scopes(req.scopes)
+        ttl = timedelta(seconds=req.ttl_seconds)
+        policy = load_policy(self.hub.policy.text, self.hub.policy.filename) if self.hub.policy else None
+        try:
+            with self.store.transaction() as tx:
+                row = tx.node(node_name)
+                if row is None:
+                    raise NotFound(f"no node named {node_name!r}")
+                block = self.settings.prefixes.block(row.block_index)
+                for address in (req.ipv4, req.ipv6):
+                    try:
+                        inside = block.contains(address)
+                    except ValueError as exc:
+                        raise InvalidInput(f"invalid agent address {address!r}") from exc
+                    if not inside or address in (str(block.node_v4), str(block.node_v6)):
+                        raise PermissionDenied(f"agent address {address} is not in node {node_name}'s agent pool")
+                taken = {a for other in tx.live_agents(now, node=node_name) for a in (other.ipv4, other.ipv6)}
+                if req.ipv4 in taken or req.ipv6 in taken:
+                    raise Conflict(f"agent address {req.ipv4}/{req.ipv6} is held by a live agent")
+                if policy is None:
+                    raise PermissionDenied("no policy is applied, so no delegation lets anyone mint agents")
+                node = NodeIdentity(name=row.name, owner=row.owner, tags=frozenset(row.tags),
+                                    ipv4=str(block.node_v4), ipv6=str(block.node_v6))
+                if req.parent is None:
+                    check_delegation(policy, req.principal, node, scopes, ttl)
+                    not_after = now + ttl
+                else:
+                    parent = tx.agent(req.parent)
+                    if parent is None or not parent.live(now) or parent.node != node_name:
+                        raise PermissionDenied(f"parent agent {req.parent} is not a live agent of node {node_name}")
+                    if parent.principal != req.principal:
+                        raise PermissionDenied(f"a sub-agent acts for its parent's principal {parent.principal}")
+                    if not scopes_within(scopes, parse_scopes(parent.scopes)):
+                        raise PermissionDenied(f"sub-agent scopes {', '.join(req.scopes)} exceed its parent's "
+                                               f"{', '.join(parent.scopes)}")
+                    not_after = min(now + ttl, parent.not_after)
+                agent_id = "a" + secrets.token_hex(8)
+                sid = SpiffeId(self.settings.domain, "agent", agent_id)
+                claims = Claims(kind="agent", node=node_name, principal=req.principal, scopes=scopes,
+                                parent=req.parent, addresses=(req.ipv4, req.ipv6), name=req.name)
+                cert = build_leaf(self.ca, public_key, sid, claims, now, not_after - now)
+                serial = format(cert.serial_number, "x")
+                pem = cert_pem(cert)
+                agent = AgentRow(agent_id, req.name, node_name, req.principal, [str(x) for x in scopes], req.parent,
+                                 req.ipv4, req.ipv6, serial, pem, now, cert.not_valid_after_utc)
+                tx.insert_agent(agent)
+                tx.insert_certificate(serial, str(sid), "agent", node_name, now, cert.not_valid_after_utc)
+                tx.audit(now, str(caller.spiffe_id), "agent.issued", str(sid), principal=req.principal,
+                         scopes=agent.scopes, parent=req.parent, name=req.name, addresses=[req.ipv4, req.ipv6],
+                         serial=serial, not_after=cert.not_valid_after_utc)
+        except PermissionDenied as exc:
+            with self.store.transaction() as tx:
+                tx.audit(now, str(caller.spiffe_id), "agent.refused", None, principal=req.principal,
+                         scopes=req.scopes, parent=req.parent, reason=str(exc))
+            raise
+        self.hub.publish_agents(AgentUpdate(certificates=(pem,)))
+        return AgentIssued(agent=self._agent_info(agent, now), certificate=pem)
+
+    def end_agents(self, actor: Identity, now: datetime, agent_id: str | None = None,
+                   principal: str | None = None) -> list[str]:
+        """Revoke (admin) or retire (its own node) agents, with all their descendants."""
+        is_admin = actor.spiffe_id.kind == "admin"
+        reason = "revoked" if is_admin else "retired"
+        with self.store.transaction() as tx:
+            if agent_id is not None:
+                row = tx.agent(agent_id)
+                if row is None:
+                    raise NotFound(f"no agent {agent_id!r}")
+                if not is_admin and row.node != actor.spiffe_id.name:
+                    raise PermissionDenied(f"agent {agent_id} belongs to node {row.node}")
+                roots = [agent_id] if row.ended_at is None else []
+            else:
+                roots = [a.id for a in tx.live_agents(now, principal=principal)]
+            ended: list[str] = []
+            todo = list(roots)
+            while todo:
+                current = todo.pop()
+                if current in ended:
+                    continue
+                ended.append(current)
+                todo += tx.agent_children(current)
+            for i, ended_id in enumerate(ended):
+                why = reason if ended_id in roots else f"{reason} (parent {'revoked' if is_admin else 'ended'})"
+                tx.end_agent(ended_id, now, why)
+                tx.audit(now, str(actor.spiffe_id), f"agent.{reason}",
+                         str(SpiffeId(self.settings.domain, "agent", ended_id)), reason=why)
+        if ended:
+            self.hub.publish_agents(AgentUpdate(revoked=tuple(ended)))
+        return ended
+
+    def list_agents(self, now: datetime, node: str | None = None) -> list[AgentInfo]:
+        with self.store.transaction() as tx:
+            return [self._agent_info(a, now) for a in tx.live_agents(now, node=node)]
+
+    def agent_update_full(self, now: datetime) -> AgentUpdate:
+        with self.store.transaction() as tx:
+            return AgentUpdate(full=True, certificates=tuple(a.certificate for a in tx.live_agents(now)))
+
+    def _agent_info(self, row: AgentRow, now: datetime) -> AgentInfo:
+        state = (row.end_reason or "ended").split(" ")[0] if row.ended_at else ("live" if row.live(now) else "expired")
+        return AgentInfo(id=row.id, name=row.name, spiffe_id=str(SpiffeId(self.settings.domain, "agent", row.id)),
+                         node=row.node, principal=row.principal, scopes=row.scopes, parent=row.parent,
+                         addresses=[row.ipv4, row.ipv6], issued_at=row.issued_at, expires=row.not_after, state=state)
 
     # the data plane ---------------------------------------------------------
     def report_endpoints(self, ident: Identity, report: EndpointReport, observed: str | None) -> PeerNode:

@@ -24,7 +24,7 @@ from typing import Any
 
 from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
 
-__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "PolicyRow", "AuditRow", "iso", "from_iso"]
+__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "PolicyRow", "AgentRow", "AuditRow", "iso", "from_iso"]
 
 MIGRATIONS: list[str] = [
     # 1: foundation
@@ -88,6 +88,28 @@ MIGRATIONS: list[str] = [
         applied_at TEXT NOT NULL
     );
     """,
+    # 4: agents — every agent identity ever issued; live ones have neither revoked_at nor retired_at
+    """
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        node TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        parent TEXT,
+        ipv4 TEXT NOT NULL,
+        ipv6 TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        certificate TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        ended_at TEXT,
+        end_reason TEXT
+    );
+    CREATE INDEX agents_node ON agents(node);
+    CREATE INDEX agents_principal ON agents(principal);
+    CREATE INDEX agents_parent ON agents(parent);
+    """,
 ]
 
 
@@ -135,6 +157,27 @@ class PolicyRow:
     text: str
     applied_by: str
     applied_at: datetime
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    id: str
+    name: str
+    node: str
+    principal: str
+    scopes: list[str]
+    parent: str | None
+    ipv4: str
+    ipv6: str
+    serial: str
+    certificate: str
+    issued_at: datetime
+    not_after: datetime
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+    def live(self, now: datetime) -> bool:
+        return self.ended_at is None and now < self.not_after
 
 
 @dataclass(frozen=True)
@@ -270,6 +313,38 @@ class Tx:
         ).fetchall()
         return [PolicyRow(r[0], r[1], r[2], r[3], r[4], from_iso(r[5])) for r in rows]
 
+    # agents ---------------------------------------------------------------
+    def insert_agent(self, row: AgentRow) -> None:
+        self._c.execute(
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            (row.id, row.name, row.node, row.principal, json.dumps(row.scopes), row.parent, row.ipv4, row.ipv6,
+             row.serial, row.certificate, iso(row.issued_at), iso(row.not_after)),
+        )
+
+    def agent(self, agent_id: str) -> AgentRow | None:
+        r = self._c.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        return None if r is None else _agent_row(r)
+
+    def live_agents(self, now: datetime, node: str | None = None, principal: str | None = None) -> list[AgentRow]:
+        sql, args = "SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?", [iso(now)]
+        if node is not None:
+            sql += " AND node = ?"
+            args.append(node)
+        if principal is not None:
+            sql += " AND principal = ?"
+            args.append(principal)
+        return [_agent_row(r) for r in self._c.execute(sql + " ORDER BY issued_at", args)]
+
+    def agent_children(self, agent_id: str) -> list[str]:
+        return [r[0] for r in self._c.execute("SELECT id FROM agents WHERE parent = ? AND ended_at IS NULL",
+                                              (agent_id,))]
+
+    def end_agent(self, agent_id: str, at: datetime, reason: str) -> None:
+        self._c.execute("UPDATE agents SET ended_at = ?, end_reason = ? WHERE id = ? AND ended_at IS NULL",
+                        (iso(at), reason, agent_id))
+        self._c.execute("UPDATE certificates SET revoked_at = ? WHERE serial = "
+                        "(SELECT serial FROM agents WHERE id = ?) AND revoked_at IS NULL", (iso(at), agent_id))
+
     # audit ----------------------------------------------------------------
     def audit(self, at: datetime, actor: str, action: str, target: str | None = None,
               source: str | None = None, **detail: Any) -> None:
@@ -295,6 +370,11 @@ class Tx:
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
     return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8],
                    tuple(json.loads(r[9])))
+
+
+def _agent_row(r: tuple[Any, ...]) -> AgentRow:
+    return AgentRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], r[9], from_iso(r[10]),
+                    from_iso(r[11]), from_iso(r[12]) if r[12] else None, r[13])
 
 
 class Store:

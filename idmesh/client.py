@@ -149,11 +149,14 @@ class LocalClient:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
 
-    def get(self, path: str) -> Any:
+    def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        return self.request("GET", path, params=params)
+
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         transport = httpx.HTTPTransport(uds=str(self.socket_path))
         try:
-            with httpx.Client(transport=transport, base_url="http://meshd", timeout=TIMEOUT) as http:
-                resp = http.get(path)
+            with httpx.Client(transport=transport, base_url="http://meshd", timeout=httpx.Timeout(30.0)) as http:
+                resp = http.request(method, path, json=body, params=params)
         except httpx.ConnectError as exc:
             raise Unavailable(f"meshd is not running or not reachable at {self.socket_path}: {_reason(exc)}") from exc
         except httpx.HTTPError as exc:

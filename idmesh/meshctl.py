@@ -7,15 +7,27 @@ Controller-side commands (``token``, ``nodes``) use the admin credential
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from datetime import datetime, timedelta, timezone
 
 from meshcore.durations import format_duration
 from meshcore.errors import InvalidInput, NotFound
 from meshcore.policy import Policy, explain, load_policy, run_tests
-from meshcore.wire import NodeInfo, PolicyApply, PolicyInfo, TokenCreated, TokenCreateRequest, TokenInfo
+from meshcore.wire import (
+    AgentRevokeRequest,
+    AgentsEnded,
+    NodeInfo,
+    PolicyApply,
+    PolicyInfo,
+    TokenCreated,
+    TokenCreateRequest,
+    TokenInfo,
+)
 
 from .cli import duration, env_path, parser, print_json, run
 from .client import AdminCredential, LocalClient
@@ -109,6 +121,46 @@ def _build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--file", type=Path, help="explain against this file instead of the policy in force")
     pe.add_argument("--json", action="store_true")
 
+    ag = sub.add_parser("agent", help="AI agents: run one with its own identity, list, revoke").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    ar = ag.add_parser("run", help="run a command as an agent with its own certificate and address",
+                       description="Start CMD as an agent acting for PRINCIPAL with SCOPEs. meshd makes its key "
+                       "(which never leaves this node), gets its certificate from the controller (a policy "
+                       "delegation must allow it), gives it an overlay address and its own cgroup, and its "
+                       "traffic into the mesh leaves with that address without CMD changing. CMD gets "
+                       "IDMESH_AGENT_ID, IDMESH_AGENT_CERT, IDMESH_AGENT_KEY, IDMESH_AGENT_ADDRESS and IDMESH_CA. "
+                       "The exit code is CMD's; when CMD exits, the identity ends everywhere. Run from inside an "
+                       "agent, it starts a sub-agent (scopes and lifetime within the parent's).",
+                       epilog="example:\n  meshctl agent run --principal nikita@acme.com --scope db:read --ttl 15m "
+                       "-- python agent.py", formatter_class=p.formatter_class)
+    ar.add_argument("--principal", required=True, help="the person the agent acts for")
+    ar.add_argument("--scope", action="append", required=True, dest="scopes", metavar="SCOPE",
+                    help="resource:action, repeatable (e.g. --scope db:read --scope web:*)")
+    ar.add_argument("--ttl", type=duration, default="15m", metavar="DURATION", help="lifetime (default 15m)")
+    ar.add_argument("--name", help="the agent's name, which policy rules can match (default: the command's name)")
+    ar.add_argument("--user", help="run CMD as this user (meshctl must be root)")
+    ar.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET),
+                    help="meshd's local API socket (env IDMESH_SOCKET; default %(default)s)")
+    ar.add_argument("--quiet", "-q", action="store_true", help="do not print the agent's identity")
+    ar.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG]...")
+    al = ag.add_parser("list", help="this node's agents, or with --mesh the whole mesh's (admin)")
+    al.add_argument("--mesh", action="store_true", help="list every live agent of the mesh (needs the admin credential)")
+    al.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET))
+    al.add_argument("--json", action="store_true")
+    av = ag.add_parser("revoke", help="revoke an agent (and its sub-agents), or every agent of a principal",
+                       description="Revoke with the admin credential; every connected node stops honoring the "
+                       "identity within a second and the agent's node kills its processes.")
+    av.add_argument("id", nargs="?", help="the agent id (spiffe://<domain>/agent/<id>)")
+    av.add_argument("--principal", help="revoke every live agent of this principal")
+    av.add_argument("--json", action="store_true")
+
+    wh = sub.add_parser("whois", help="who holds an overlay address, as this node has verified it",
+                        description="Ask the local meshd which identity holds ADDRESS: a node, or an agent with "
+                        "its principal, scopes, parent and expiry (from a certificate this node checked itself).")
+    wh.add_argument("address")
+    wh.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET))
+    wh.add_argument("--json", action="store_true")
+
     st = sub.add_parser("status", help="this node: its identity, the controller link, its peers",
                         description="Ask the local meshd (over its Unix socket) for this node's identity, "
                         "whether it is connected to the controller, and each peer's endpoint and handshake.")
@@ -123,6 +175,73 @@ def _ago(iso_time: str | None) -> str:
         return "never"
     seconds = int((datetime.now(timezone.utc) - datetime.fromisoformat(iso_time)).total_seconds())
     return f"{format_duration(timedelta(seconds=max(seconds, 1)))} ago"
+
+
+def _agent_rows(agents: list[dict[str, Any]]) -> None:
+    now = datetime.now(timezone.utc)
+    _table([[a["id"], a["name"], a["node"], a["principal"], " ".join(a["scopes"]), a.get("parent") or "-",
+             " ".join(a["addresses"]),
+             format_duration(datetime.fromisoformat(a["expires"]) - now) if datetime.fromisoformat(a["expires"]) > now
+             else "expired"] for a in agents],
+           ["ID", "NAME", "NODE", "PRINCIPAL", "SCOPES", "PARENT", "ADDRESSES", "EXPIRES IN"])
+
+
+def _agent(args: argparse.Namespace) -> int:
+    if args.action == "run":
+        return _agent_run(args)
+    if args.action == "list" and not args.mesh:
+        agents = LocalClient(args.socket).get("/v1/agents")
+        print_json(agents) if args.json else _agent_rows(agents)
+        return 0
+    with AdminCredential.load(args.admin).client() as api:
+        if args.action == "list":
+            agents = api.request("GET", "/v1/agents")
+            print_json(agents) if args.json else _agent_rows(agents)
+            return 0
+        if (args.id is None) == (args.principal is None):
+            raise InvalidInput("name one agent id, or --principal")
+        if args.id is not None:
+            ended = AgentsEnded.model_validate(api.request("DELETE", f"/v1/agents/{args.id}"))
+        else:
+            body = AgentRevokeRequest(principal=args.principal).model_dump()
+            ended = AgentsEnded.model_validate(api.request("POST", "/v1/agents/revoke", body))
+        if args.json:
+            print_json(ended)
+        else:
+            print(f"revoked {len(ended.ended)} agent(s): {' '.join(ended.ended) or '-'}")
+    return 0
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise InvalidInput("no command to run: meshctl agent run --principal P --scope S -- CMD [ARG]...")
+    uid = gid = None
+    if args.user:
+        try:
+            pw = pwd.getpwnam(args.user)
+        except KeyError as exc:
+            raise NotFound(f"no user {args.user!r}") from exc
+        uid, gid = pw.pw_uid, pw.pw_gid
+    body = {"principal": args.principal, "scopes": args.scopes, "ttl_seconds": int(args.ttl.total_seconds()),
+            "name": args.name or Path(command[0]).name, "uid": uid, "gid": gid}
+    # meshd moves *this* process into the agent's cgroup; exec keeps it there, so the
+    # command's signals and exit code are its own, and the identity ends when it does.
+    born = LocalClient(args.socket).request("POST", "/v1/agents", body)
+    agent = born["agent"]
+    if not args.quiet:
+        print(f"meshctl: agent {agent['id']} ({agent['name']}) for {agent['principal']} "
+              f"[{' '.join(agent['scopes'])}] at {' '.join(agent['addresses'])}, expires {agent['expires']}",
+              file=sys.stderr, flush=True)
+    env = {**os.environ, **born["environment"]}
+    if uid is not None and gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        raise NotFound(f"cannot run {command[0]!r}: {exc.strerror}") from exc
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -218,6 +337,20 @@ def _main(argv: Sequence[str] | None) -> int:
         return _status(args)
     if args.command == "policy":
         return _policy(args)
+    if args.command == "agent":
+        return _agent(args)
+    if args.command == "whois":
+        info = LocalClient(args.socket).get("/v1/whois", params={"address": args.address})
+        if args.json:
+            print_json(info)
+        elif info["kind"] == "agent":
+            print(f"agent {info['agent']} ({info['name']}) on node {info['node']}, acting for {info['principal']}")
+            print(f"  scopes  {' '.join(info['scopes'])}")
+            print(f"  parent  {info['parent'] or '-'}")
+            print(f"  expires {info['expires']}")
+        else:
+            print(f"node {info['node']} ({info['principal'] or ','.join('tag:' + t for t in info.get('tags', []))})")
+        return 0
     with AdminCredential.load(args.admin).client() as api:
         if args.command == "token" and args.action == "create":
             req = TokenCreateRequest(tags=args.tags, owner=args.owner,

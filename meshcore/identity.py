@@ -116,11 +116,12 @@ class Claims:
     parent: str | None = None
     addresses: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
+    name: str | None = None  # an agent's name, what policy's ``agent:`` selector matches
 
     def encode(self) -> bytes:
         """DER UTF8String holding canonical JSON (sorted keys, no spaces)."""
         doc: dict[str, object] = {"v": 1, "kind": self.kind}
-        for key in ("node", "owner", "principal", "parent"):
+        for key in ("node", "owner", "principal", "parent", "name"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
         for key in ("tags", "addresses", "blocks"):
@@ -143,7 +144,7 @@ class Claims:
                 raise ValueError("not a JSON object")
             if doc.get("v") != 1 or doc.get("kind") not in _KINDS:
                 raise ValueError("unknown claims version or kind")
-            for key in ("node", "owner", "principal", "parent"):
+            for key in ("node", "owner", "principal", "parent", "name"):
                 if not isinstance(doc.get(key, ""), str):
                     raise TypeError(f"{key} is not a string")
             for key in ("tags", "scopes", "addresses", "blocks"):
@@ -160,6 +161,7 @@ class Claims:
                 parent=doc.get("parent"),
                 addresses=tuple(doc.get("addresses", ())),
                 blocks=tuple(doc.get("blocks", ())),
+                name=doc.get("name"),
             )
         except (ValueError, KeyError, TypeError, InvalidInput) as exc:
             raise InvalidCertificate(f"malformed idmesh claims extension: {exc}") from exc

@@ -29,6 +29,7 @@ __all__ = [
     "NetmapDelta",
     "StreamMessage",
     "PolicyDoc",
+    "AgentUpdate",
     "ResyncNeeded",
     "NodeView",
     "EndpointReport",
@@ -82,17 +83,31 @@ class PolicyDoc(_Wire):
     text: str = Field(description="the policy YAML exactly as applied")
 
 
+class AgentUpdate(_Wire):
+    """Agent identities for the receiving node to verify and enforce.
+
+    ``full``: replace every agent identity held (sent on connect); else add
+    ``certificates`` and drop ``revoked``. Revocations are applied first.
+    """
+
+    full: bool = False
+    certificates: tuple[str, ...] = Field(default=(), description="PEM agent X509-SVIDs, signed by the mesh CA")
+    revoked: tuple[str, ...] = Field(default=(), description="agent ids that no node may honor any more")
+
+
 class StreamMessage(_Wire):
     """One line of the stream. Exactly the field named by ``type`` is set.
 
-    On connect the controller sends the policy first, then the map, so a node
-    enforces the current policy before it learns of any new peer.
+    On connect the controller sends the policy first, then the map, then the
+    live agent identities, so a node enforces the current policy before it
+    learns of any new peer.
     """
 
-    type: Literal["full", "delta", "keepalive", "policy"]
+    type: Literal["full", "delta", "keepalive", "policy", "agents"]
     full: Netmap | None = None
     delta: NetmapDelta | None = None
     policy: PolicyDoc | None = None
+    agents: AgentUpdate | None = None
 
 
 class EndpointReport(_Wire):

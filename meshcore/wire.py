@@ -28,6 +28,11 @@ __all__ = [
     "TokenInfo",
     "RenewRequest",
     "PolicyApply",
+    "AgentIssueRequest",
+    "AgentInfo",
+    "AgentIssued",
+    "AgentRevokeRequest",
+    "AgentsEnded",
     "PolicyInfo",
     "RenewResponse",
 ]
@@ -100,6 +105,50 @@ class PolicyInfo(_Strict):
     applied_at: datetime
     text: str | None = Field(default=None, description="left out of history listings")
     unchanged: bool = Field(default=False, description="the applied text was already the current policy")
+
+
+_SCOPE = r"^(\*|[a-z0-9][a-z0-9._-]{0,62}):(\*|[a-z0-9][a-z0-9._-]{0,62})$"
+_AGENT_NAME = r"^[A-Za-z0-9._-]{1,128}$"
+
+
+class AgentIssueRequest(_Strict):
+    """A node asks for an agent certificate (the key was made on the node)."""
+
+    csr: str = Field(max_length=8192)
+    name: str = Field(pattern=_AGENT_NAME, description="what policy's agent: selector matches")
+    principal: str = Field(pattern=_PRINCIPAL, max_length=320)
+    scopes: list[Annotated[str, StringConstraints(pattern=_SCOPE)]] = Field(min_length=1, max_length=64)
+    ttl_seconds: int = Field(gt=0, le=366 * 86400)
+    parent: str | None = Field(default=None, pattern=_AGENT_NAME, description="the agent this one is started from")
+    ipv4: str = Field(max_length=64, description="chosen by the node from its block")
+    ipv6: str = Field(max_length=64)
+
+
+class AgentInfo(_Strict):
+    id: str
+    name: str
+    spiffe_id: str
+    node: str
+    principal: str
+    scopes: list[str]
+    parent: str | None
+    addresses: list[str]
+    issued_at: datetime
+    expires: datetime
+    state: str = Field(description="live, revoked, retired (its process ended) or expired")
+
+
+class AgentIssued(_Strict):
+    agent: AgentInfo
+    certificate: str = Field(description="PEM X509-SVID of spiffe://<domain>/agent/<id>")
+
+
+class AgentRevokeRequest(_Strict):
+    principal: str = Field(pattern=_PRINCIPAL, max_length=320, description="revoke every live agent of this principal")
+
+
+class AgentsEnded(_Strict):
+    ended: list[str] = Field(description="ids whose identities ended, descendants included")
 
 
 class TokenCreateRequest(_Strict):

@@ -15,21 +15,27 @@ answers.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import threading
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from meshcore.errors import IdmeshError
-from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
+from meshcore.errors import IdmeshError, InvalidInput, NotFound
+from meshcore.identity import load_certificate
+from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
 from meshcore.policy import Identities, NodeFilter, NodeIdentity, Policy, compile_node_filter, load_policy
+from meshcore.wire import AgentIssued
 
+from .agentbook import AgentBook
+from .agents import AgentSupervisor
 from .converge import desired_device, desired_link
 from .discovery import LanDiscovery
 from .firewall import NftFirewall
-from .localapi import LocalApi
+from .localapi import AgentRunRequest, LocalApi
 from .netconf import IPRouteNetConf
 from .session import ControllerSession
 from .state import StateDir, write_private
@@ -74,10 +80,14 @@ class Daemon:
             self.state, str(self.record["controller"]),
             version=lambda: self.view.version if self.view else None,
             on_full=self._on_full, on_delta=self._on_delta, on_policy=self._on_policy,
-            endpoints=self._endpoint_report,
+            on_agents=self._on_agents, endpoints=self._endpoint_report,
         )
         self.discovery: LanDiscovery | None = None
-        self.api = LocalApi(opts.socket, self.status)
+        self.book = AgentBook(load_certificate(self.state.ca_cert.read_bytes()))
+        self.agentnet: Any = None
+        self.supervisor: AgentSupervisor | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.api = LocalApi(opts.socket, self.status, self.whois, self._run_agent, self._list_agents)
 
     # -- netmap --------------------------------------------------------------
     def _load_cache(self) -> NodeView | None:
@@ -114,6 +124,69 @@ class Daemon:
         log.info("policy version %d (sha256:%s)", doc.version, doc.hash[:16])
         self._dirty.set()
 
+    # -- agents --------------------------------------------------------------
+    def _on_agents(self, update: AgentUpdate) -> None:
+        now = datetime.now(timezone.utc)
+        nodes = self.view.nodes if self.view else {}
+        if update.full:
+            self.book.replace_all(update.certificates, nodes, now)
+        else:
+            self.book.drop(update.revoked, revoked=True)
+            self.book.admit_all(update.certificates, nodes, now)
+        if update.revoked and self.supervisor is not None:
+            self._spawn(self.supervisor.revoked(update.revoked))
+        self._dirty.set()
+
+    def _spawn(self, coro: Any) -> None:
+        """A short task owned by the daemon: kept, awaited at shutdown, never orphaned."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _local_agent_changed(self, issued: AgentIssued | None) -> None:
+        if issued is not None and self.view is not None:
+            self.book.admit(issued.certificate, self.view.nodes, datetime.now(timezone.utc))
+        self._dirty.set()
+
+    async def _expire_agents(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            if self.book.expire(datetime.now(timezone.utc)):
+                self._dirty.set()
+
+    async def _run_agent(self, pid: int, req: AgentRunRequest) -> dict[str, Any]:
+        if self.supervisor is None:
+            raise IdmeshError("meshd is still starting; try again")
+        user = (req.uid, req.gid) if req.uid is not None and req.gid is not None else None
+        agent = await self.supervisor.create(pid, req.principal, req.scopes, timedelta(seconds=req.ttl_seconds),
+                                             req.name, user)
+        return {"agent": agent.issued.agent.model_dump(mode="json"),
+                "environment": agent.environment(agent.directory / "ca.crt", self.opts.socket)}
+
+    def _list_agents(self) -> list[dict[str, Any]]:
+        local = self.supervisor.local if self.supervisor else {}
+        return [a.issued.agent.model_dump(mode="json") for a in local.values()]
+
+    def whois(self, address: str) -> dict[str, Any]:
+        """Who holds an overlay address, from what this node has verified itself."""
+        try:
+            canonical = str(ipaddress.ip_address(address))
+        except ValueError as exc:
+            raise InvalidInput(f"not an IP address: {address!r}") from exc
+        held = self.book.by_address(canonical)
+        if held is not None:
+            a = held.identity
+            return {"kind": "agent", "node": a.node, "principal": a.principal, "agent": a.id, "name": a.name,
+                    "scopes": [str(s) for s in a.scopes], "parent": a.parent, "expires": held.not_after.isoformat(),
+                    "addresses": [a.ipv4, a.ipv6]}
+        for node in (self.view.nodes.values() if self.view else ()):
+            if canonical in node.addresses:
+                return {"kind": "node", "node": node.name, "principal": node.owner, "agent": None,
+                        "scopes": [], "parent": None, "expires": None, "tags": list(node.tags),
+                        "addresses": list(node.addresses)}
+        raise NotFound(f"no identity this node honors holds {canonical}")
+
     def _identities(self, view: NodeView | None) -> Identities:
         nodes = [
             NodeIdentity(name=n.name, owner=n.owner, tags=frozenset(n.tags), ipv4=n.addresses[0], ipv6=n.addresses[1])
@@ -124,7 +197,9 @@ class Daemon:
             nodes.append(NodeIdentity(name=self.name, owner=self.record.get("owner"),  # type: ignore[arg-type]
                                       tags=frozenset(self.record.get("tags") or ()),  # type: ignore[arg-type]
                                       ipv4=addresses[0], ipv6=addresses[1]))
-        return Identities.build(nodes)
+        names = {n.name for n in nodes}
+        agents = [h.identity for h in self.book.agents.values() if h.identity.node in names]
+        return Identities.build(nodes, agents)
 
     def _enforce(self, view: NodeView | None) -> None:
         """Compile this node's filter and install it (before any tunnel changes)."""
@@ -141,6 +216,8 @@ class Daemon:
         if self.view is None:
             raise ResyncNeeded("a delta before any full map")
         changed, removed = self.view.apply(delta)
+        for name in removed:
+            self.book.forget_node(name)
         if changed or removed:
             log.info("netmap version %d: %s%s", delta.version,
                      " ".join(f"+{n.name}" for n in changed), " ".join(f" -{n}" for n in removed))
@@ -221,6 +298,10 @@ class Daemon:
                 "ruleset": self.filter.digest if self.filter else None,
                 "rules": len(self.filter.rules) if self.filter else 0,
             },
+            "agents": {
+                "honored": len(self.book.agents),
+                "local": len(self.supervisor.local) if self.supervisor else 0,
+            },
             "controller": {
                 "url": self.session.url,
                 "connected": self.session.connected,
@@ -251,12 +332,16 @@ class Daemon:
                 self._dirty.set()  # rebuild from the cached map before the controller answers
             if self.opts.discovery:
                 await self._start_discovery()
+            await self._start_agents()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.session.run(), name="controller"),
                     tg.create_task(self.session.renew_when_due(), name="renewal"),
                     tg.create_task(self._converge(), name="converge"),
+                    tg.create_task(self._expire_agents(), name="agent-expiry"),
                 ]
+                if self.supervisor is not None:
+                    tasks.append(tg.create_task(self.supervisor.watch(), name="agent-watch"))
                 api = tg.create_task(self.api.serve(), name="local-api")
                 waiter = tg.create_task(stop.wait(), name="stop")
                 await asyncio.wait([api, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -268,6 +353,12 @@ class Daemon:
         except* IdmeshError as group:
             raise group.exceptions[0] from None
         finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self.supervisor is not None:
+                await self.supervisor.close()
+            if self.agentnet is not None:
+                await asyncio.to_thread(self.agentnet.close)
             if self.discovery is not None:
                 await self.discovery.stop()
             device, self.device = self.device, None
@@ -275,6 +366,15 @@ class Daemon:
                 await asyncio.to_thread(device.close)
             await asyncio.to_thread(self.firewall.close)
             log.info("stopped; interface %s removed", self.opts.interface)
+
+    async def _start_agents(self) -> None:
+        from .agentnet import AgentNet
+
+        blocks = list(self.record["blocks"])  # type: ignore[call-overload]
+        self.agentnet = AgentNet(self.name, self.opts.interface, blocks[0], blocks[1])
+        await asyncio.to_thread(self.agentnet.start)
+        self.supervisor = AgentSupervisor(self.state, blocks, self.agentnet, self.session, self.opts.socket,
+                                          self._local_agent_changed)
 
     async def _start_discovery(self) -> None:
         report = await self._endpoint_report()

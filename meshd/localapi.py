@@ -1,26 +1,45 @@
 """meshd's local API: HTTP on a Unix socket (``--socket``, mode 0660).
 
-``meshctl status`` and, later, ``whois`` and ``agent run`` talk to it. The
-socket's file mode is the access control: root and the socket's group.
+``meshctl status``, ``whois`` and ``agent run|list`` talk to it. The socket's
+file mode is the access control (root and the socket's group). Every
+request carries the caller's kernel-reported credentials (SO_PEERCRED) in
+its scope, so the daemon knows *which process* asks — never from what the
+request says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Generator
+import struct
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from meshcore.errors import IdmeshError, PermissionDenied
 
-__all__ = ["LocalApi", "bind_unix_socket"]
+__all__ = ["LocalApi", "bind_unix_socket", "AgentRunRequest", "PEERCRED"]
 
+PEERCRED = "idmesh.peercred"
+
+
+class AgentRunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    principal: str = Field(max_length=320)
+    scopes: list[str] = Field(min_length=1, max_length=64)
+    ttl_seconds: int = Field(gt=0, le=366 * 86400)
+    name: str | None = Field(default=None, max_length=128)
+    uid: int | None = Field(default=None, ge=0, description="owner of the agent's key files (for --user)")
+    gid: int | None = Field(default=None, ge=0)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -29,6 +48,24 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+class _PeerCredProtocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            cred: tuple[int, int, int] | None = (pid, uid, gid)
+        except (OSError, AttributeError):
+            cred = None
+        app = self.app
+
+        async def with_cred(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            scope.setdefault("extensions", {})[PEERCRED] = cred
+            await app(scope, receive, send)
+
+        self.app = with_cred
 
 
 def bind_unix_socket(path: Path) -> socket.socket:
@@ -56,7 +93,10 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class LocalApi:
-    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]],
+                 whois: Callable[[str], dict[str, Any]],
+                 run_agent: Callable[[int, AgentRunRequest], Awaitable[dict[str, Any]]],
+                 list_agents: Callable[[], list[dict[str, Any]]]) -> None:
         self.path = path
         app = FastAPI(title="meshd local API", docs_url=None, redoc_url=None)
 
@@ -64,12 +104,35 @@ class LocalApi:
         async def _error(_: Any, exc: IdmeshError) -> JSONResponse:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(_: Any, exc: RequestValidationError) -> JSONResponse:
+            first = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            return JSONResponse({"error": f"malformed request: {where}: {first.get('msg', 'invalid')}"},
+                                status_code=422)
+
         @app.get("/v1/status")
         async def get_status() -> dict[str, Any]:
             return status()
 
+        @app.get("/v1/whois")
+        async def get_whois(address: str) -> dict[str, Any]:
+            return whois(address)
+
+        @app.get("/v1/agents")
+        async def get_agents() -> list[dict[str, Any]]:
+            return list_agents()
+
+        @app.post("/v1/agents")
+        async def post_agent(req: AgentRunRequest, request: Request) -> dict[str, Any]:
+            cred = request.scope.get("extensions", {}).get(PEERCRED)
+            if cred is None:
+                raise PermissionDenied("the caller's process could not be identified (SO_PEERCRED)")
+            return await run_agent(cred[0], req)
+
         self.app = app
-        self._server = _EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none"))
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http=_PeerCredProtocol)
+        self._server = _EmbeddedServer(config)
 
     async def serve(self) -> None:
         sock = bind_unix_socket(self.path)

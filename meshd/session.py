@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from idmesh.client import client_ssl_context
-from meshcore.errors import IdmeshError, error_for_status
+from meshcore.errors import IdmeshError, Unavailable, error_for_status
 from meshcore.identity import build_csr
-from meshcore.netmap import EndpointReport, Netmap, NetmapDelta, PolicyDoc, ResyncNeeded, StreamMessage
+from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, PolicyDoc, ResyncNeeded, StreamMessage
 from meshcore.wire import RenewRequest, RenewResponse
 
 from .state import StateDir, write_private
@@ -57,7 +57,7 @@ class Backoff:
 class ControllerSession:
     def __init__(self, state: StateDir, url: str, version: Callable[[], int | None],
                  on_full: Callable[[Netmap], None], on_delta: Callable[[NetmapDelta], None],
-                 on_policy: Callable[[PolicyDoc], None],
+                 on_policy: Callable[[PolicyDoc], None], on_agents: Callable[[AgentUpdate], None],
                  endpoints: Callable[[], Awaitable[EndpointReport]]) -> None:
         self.state = state
         self.url = url.rstrip("/")
@@ -65,6 +65,7 @@ class ControllerSession:
         self._on_full = on_full
         self._on_delta = on_delta
         self._on_policy = on_policy
+        self._on_agents = on_agents
         self._endpoints = endpoints
         self.connected = False
         self.last_error: str | None = None
@@ -115,6 +116,19 @@ class ControllerSession:
                         self._on_delta(message.delta)
                     elif message.type == "policy" and message.policy is not None:
                         self._on_policy(message.policy)
+                    elif message.type == "agents" and message.agents is not None:
+                        self._on_agents(message.agents)
+
+    async def call(self, method: str, path: str, body: object = None) -> object:
+        """One request to the controller with the node certificate."""
+        try:
+            async with self._client() as http:
+                resp = await http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
+        if resp.status_code >= 400:
+            raise _error(resp)
+        return resp.json()
 
     async def report_endpoints(self) -> None:
         """Tell the controller where we are now (e.g. after an address change)."""

@@ -62,6 +62,7 @@ from .compile import (
     compile_node_filter,
     identity_delta,
 )
+from .delegations import check_delegation, node_named
 from .evaluate import Decision, PolicyTestFailure, Target, actor_for, decide, decide_flow, explain, run_tests
 from .fields import ALL_PORTS, Destination, NodeSpec, PortRange, Protocol
 from .identities import Actor, AgentIdentity, Identities, NodeIdentity

@@ -1,0 +1,200 @@
+"""Agents born on this node: identity, address, cgroup, and their end.
+
+``meshctl agent run`` asks the local API to make the calling process an
+agent. The supervisor then, in order: picks a free address of the node's
+block, makes the agent's Ed25519 key here (it never leaves the node), asks
+the controller for the certificate (which checks the policy's
+delegations), creates the agent's cgroup and the nftables entries that mark
+and source-translate its packets, and moves the caller into the cgroup;
+``meshctl`` then execs the command, which keeps the identity while any of
+its processes lives.
+
+An agent ends when its cgroup empties (the command exited), when it
+expires (on this node's clock: its processes are killed, an expired
+identity must not keep sending), or when it is revoked. Ending is the same
+path each time: nftables entries and cgroup removed, address freed, files
+deleted, the controller told (retired) unless it was the one that revoked.
+
+Who is calling is taken from the Unix socket's peer credentials, never from
+what the caller says: a caller inside an agent's cgroup makes a sub-agent
+of that agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from meshcore.addressing import NodeBlock
+from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound
+from meshcore.identity import build_csr, key_pem
+from meshcore.wire import AgentIssued
+
+from .state import StateDir, write_private
+
+__all__ = ["AgentSupervisor", "LocalAgent", "AgentNetwork"]
+
+log = logging.getLogger("meshd.agents")
+WATCH_INTERVAL = 0.2
+
+
+class AgentNetwork(Protocol):
+    """What the supervisor needs from the agent data plane (meshd.agentnet)."""
+
+    def add(self, agent_id: str, ipv4: str, ipv6: str) -> Any: ...
+
+    def move(self, pid: int, agent_id: str) -> None: ...
+
+    def populated(self, agent_id: str) -> bool: ...
+
+    def remove(self, agent_id: str) -> None: ...
+
+
+@dataclass
+class LocalAgent:
+    id: str
+    slot: int
+    issued: AgentIssued
+    directory: Path
+    not_after: datetime
+    moved: bool = False
+    ended: bool = field(default=False)
+
+    def environment(self, ca: Path, socket: Path) -> dict[str, str]:
+        a = self.issued.agent
+        return {
+            "IDMESH_AGENT_ID": a.id,
+            "IDMESH_AGENT_NAME": a.name,
+            "IDMESH_AGENT_PRINCIPAL": a.principal,
+            "IDMESH_AGENT_SCOPES": " ".join(a.scopes),
+            "IDMESH_AGENT_CERT": str(self.directory / "agent.crt"),
+            "IDMESH_AGENT_KEY": str(self.directory / "agent.key"),
+            "IDMESH_AGENT_ADDRESS": a.addresses[0],
+            "IDMESH_AGENT_ADDRESS6": a.addresses[1],
+            "IDMESH_AGENT_EXPIRES": a.expires.isoformat(),
+            "IDMESH_CA": str(ca),
+            "IDMESH_SOCKET": str(socket),
+        }
+
+
+class Controller(Protocol):
+    async def call(self, method: str, path: str, body: object = None) -> object: ...
+
+
+class AgentSupervisor:
+    def __init__(self, state: StateDir, blocks: list[str], net: AgentNetwork, controller: Controller,
+                 socket: Path, on_change: Any) -> None:
+        self.state = state
+        self.block = NodeBlock(0, IPv4Network(blocks[0]), IPv6Network(blocks[1]))
+        self.net = net
+        self.controller = controller
+        self.socket = socket
+        self.local: dict[str, LocalAgent] = {}
+        self._on_change = on_change  # called with the AgentIssued of a new agent, or None after an end
+        self._lock = asyncio.Lock()
+
+    def _free_slot(self) -> int:
+        used = {a.slot for a in self.local.values()}
+        for slot in range(self.block.agent_capacity):
+            if slot not in used:
+                return slot
+        raise Exhausted(f"all {self.block.agent_capacity} agent addresses of {self.block.v4} are in use")
+
+    async def create(self, pid: int, principal: str, scopes: list[str], ttl: timedelta, name: str | None,
+                     user: tuple[int, int] | None = None) -> LocalAgent:
+        """Make process ``pid`` an agent; a caller already inside an agent makes a sub-agent of it."""
+        parent = self.agent_of_pid(pid)
+        async with self._lock:
+            slot = self._free_slot()
+            ipv4, ipv6 = (str(a) for a in self.block.agent_address(slot))
+            key = ed25519.Ed25519PrivateKey.generate()
+            body = {"csr": build_csr(key), "name": name or "agent", "principal": principal, "scopes": scopes,
+                    "ttl_seconds": int(ttl.total_seconds()), "parent": parent, "ipv4": ipv4, "ipv6": ipv6}
+            issued = AgentIssued.model_validate(await self.controller.call("POST", "/v1/agents", body))
+            agent_id = issued.agent.id
+            directory = self.state.path / "agents" / agent_id
+            agent = LocalAgent(agent_id, slot, issued, directory, issued.agent.expires)
+            self.local[agent_id] = agent
+        try:
+            directory.mkdir(mode=0o700, parents=True)
+            write_private(directory / "agent.key", key_pem(key))
+            write_private(directory / "agent.crt", issued.certificate, 0o644)
+            shutil.copyfile(self.state.ca_cert, directory / "ca.crt")
+            if user is not None:
+                for path in (directory, *directory.iterdir()):
+                    os.chown(path, *user)
+            await asyncio.to_thread(self.net.add, agent_id, ipv4, ipv6)
+            self._on_change(issued)  # the node honors its own agent at once, before the controller echoes it
+            await asyncio.to_thread(self.net.move, pid, agent_id)
+            agent.moved = True
+        except (IdmeshError, OSError) as exc:
+            await self.end(agent_id, "failed to start")
+            if isinstance(exc, OSError):
+                raise InvalidInput(f"could not set up agent {agent_id}: {exc.strerror or exc}") from exc
+            raise
+        log.info("agent %s (%s for %s, %s) born at %s/%s%s", agent_id, issued.agent.name, principal,
+                 " ".join(scopes), ipv4, ipv6, f", sub-agent of {parent}" if parent else "")
+        return agent
+
+    def agent_of_pid(self, pid: int) -> str | None:
+        """The local agent whose cgroup holds ``pid`` (cgroup v2: the last path component)."""
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError as exc:
+            raise NotFound(f"process {pid} is gone") from exc
+        for line in lines:
+            if line.startswith("0::"):
+                leaf = line[3:].rstrip("/").rsplit("/", 1)[-1]
+                return leaf if leaf in self.local else None
+        return None
+
+    async def end(self, agent_id: str, reason: str, tell_controller: bool = True) -> None:
+        agent = self.local.get(agent_id)
+        if agent is None or agent.ended:
+            return
+        agent.ended = True
+        try:
+            await asyncio.to_thread(self.net.remove, agent_id)
+        except IdmeshError as exc:
+            log.error("cleaning up agent %s: %s", agent_id, exc)
+        shutil.rmtree(agent.directory, ignore_errors=True)
+        self.local.pop(agent_id, None)
+        log.info("agent %s ended: %s", agent_id, reason)
+        self._on_change(None)
+        if tell_controller:
+            try:
+                await self.controller.call("DELETE", f"/v1/agents/{agent_id}")
+            except IdmeshError as exc:  # it expires on every node anyway; say so and go on
+                log.warning("could not tell the controller agent %s ended: %s", agent_id, exc)
+
+    async def revoked(self, ids: tuple[str, ...] | list[str]) -> None:
+        """The controller revoked these: kill what runs, clean up, no need to tell it back."""
+        for agent_id in ids:
+            if agent_id in self.local:
+                await self.end(agent_id, "revoked", tell_controller=False)
+
+    async def watch(self) -> None:
+        """End agents whose processes are all gone, or whose identity expired (own clock)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = datetime.now(timezone.utc)
+            for agent in list(self.local.values()):
+                if agent.ended or not agent.moved:
+                    continue
+                if now >= agent.not_after:
+                    await self.end(agent.id, "expired")
+                elif not await asyncio.to_thread(self.net.populated, agent.id):
+                    await self.end(agent.id, "its processes exited")
+
+    async def close(self) -> None:
+        for agent_id in list(self.local):
+            await self.end(agent_id, "meshd stopped")
