@@ -460,6 +460,7 @@ def _endpoint(text: str, prefixes: MeshPrefixes) -> str | None:
     host, sep, port = text.rpartition(":")
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
         number = int(port)
     except ValueError as exc:
         raise InvalidInput(f"invalid endpoint {text!r}: expected IP:PORT or [IPv6]:PORT") from exc

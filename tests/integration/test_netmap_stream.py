@@ -9,6 +9,8 @@ missing message fails the test instead of hanging it.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 from idmesh.client import AdminCredential, client_ssl_context
 from meshcore.netmap import NetmapDelta, PeerNode, StreamMessage
 
-from .conftest import Controller, cli
+from .conftest import BIN, Controller, cli
 
 READ_TIMEOUT = 5.0  # the controller answers at once; its keepalives come every 10 s
 
@@ -261,3 +263,31 @@ def test_only_a_node_may_stream_or_report(controller: Controller) -> None:
                       trust_env=False, timeout=READ_TIMEOUT) as http:
         refused = http.get("/v1/netmap")
         assert refused.status_code == 403 and "node only" in refused.json()["error"]
+
+
+def test_a_dual_stack_controller_sees_an_ipv4_node_as_ipv4(controller: Controller, tmp_path: Path) -> None:
+    """Listening on [::], IPv4 clients arrive as ::ffff:a.b.c.d: loopback must still be recognised as loopback."""
+    mesh = Mesh(controller, tmp_path / "nodes")
+    try:
+        a = mesh.enroll("a")
+        controller.stop()
+        log = (tmp_path / "dual-stack.log").open("wb")
+        proc = subprocess.Popen([str(BIN / "mesh-controller"), "serve", "--data", str(controller.data),
+                                 "--listen", f"[::]:{controller.port}"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    answer = a.post_endpoints({"listen_port": 51820, "endpoints": ["198.51.100.11:51820"]})
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "dual-stack.log").read_text()
+                    time.sleep(0.05)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["endpoints"] == ["198.51.100.11:51820"]  # not "[::ffff:7f00:1]:51820"
+        finally:
+            proc.kill()
+            proc.wait()
+            log.close()
+    finally:
+        mesh.close()
