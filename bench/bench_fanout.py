@@ -352,7 +352,8 @@ async def measure(nodes: list[SimNode], port: int, changes: int, concurrency: in
     }
 
 
-async def run(args: argparse.Namespace, data: Path, port: int, ca: str, token: str, ctl_pid: int) -> list[dict[str, object]]:
+async def run(args: argparse.Namespace, data: Path, port: int, ca: str, token: str,
+              ctl_pid: int) -> list[dict[str, object]]:
     keydir = data.parent / "keys"
     keydir.mkdir()
     nodes: list[SimNode] = []

@@ -42,8 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.mesh import Mesh, Node, cmd  # noqa: E402
-from tests.e2e.netns import UAPI_DIR, Host, Network, wait_until  # noqa: E402
+from tests.e2e.mesh import Mesh, Node, cmd
+from tests.e2e.netns import UAPI_DIR, Host, Network, wait_until
 
 IPERF_PORT = 5201
 MANUAL_PORT = 51821
@@ -71,7 +71,8 @@ def manual_tunnel(net: Network, hosts: list[Host], tmp: Path) -> dict[str, str]:
         ifname = host.wg_ifname + "m"
         host.popen(["wireguard-go", "-f", ifname], env={**os.environ, "LOG_LEVEL": "error"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: (UAPI_DIR / f"{ifname}.sock").exists(), 10, f"wireguard-go {ifname}")
+        sock = UAPI_DIR / f"{ifname}.sock"
+        wait_until(sock.exists, 10, f"wireguard-go {ifname}")
         keyfile = tmp / f"{host.name}.wgkey"
         keyfile.write_text(keys[host.name][0] + "\n")
         keyfile.chmod(0o600)

@@ -118,3 +118,36 @@ def test_every_identity_event_is_audited(controller: Controller, tmp_path: Path)
                    "token.refused", "node.removed", "certificate.revoked"):
         assert action in actions
     assert token.split(".")[1][:20] not in details  # no secret in the audit log
+
+
+def test_a_node_renews_its_certificate_and_the_old_one_stops_working(controller: Controller, tmp_path: Path) -> None:
+    import asyncio
+    import ssl
+
+    import httpx
+
+    from meshd.session import ControllerSession
+    from meshd.state import StateDir
+
+    state = tmp_path / "n"
+    token = controller.token("--tag", "db")
+    assert enroll(controller, token, state, "--name", "db-1").returncode == 0
+    old = (state / "node.crt").read_bytes()
+    (tmp_path / "old.crt").write_bytes(old)
+    session = ControllerSession(StateDir(state), controller.url, lambda: None, print, print, print, print,
+                                endpoints=None)  # type: ignore[arg-type]
+    asyncio.run(session.renew())
+    new = (state / "node.crt").read_bytes()
+    assert new != old
+    assert stat.S_IMODE((state / "node.key").stat().st_mode) == 0o600
+    nodes = json.loads(cli("meshctl", "nodes", "list", "--json", env=controller.env, check=True).stdout)
+    assert nodes[0]["cert_not_after"] >= json.loads((state / "node.json").read_text())["enrolled_at"][:19]
+
+    def call_with(cert: Path) -> int:
+        ctx = ssl.create_default_context(cafile=str(state / "ca.crt"))
+        ctx.load_cert_chain(cert, state / "node.key")
+        with httpx.Client(base_url=controller.url, verify=ctx) as http:
+            return http.post("/v1/endpoints", json={"listen_port": 51820, "endpoints": []}).status_code
+
+    assert call_with(state / "node.crt") == 200
+    assert call_with(tmp_path / "old.crt") == 403

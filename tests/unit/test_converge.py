@@ -14,7 +14,8 @@ PREFIXES = ("100.64.0.0/10", "fd7a:1:2::/48")
 
 
 def node(name: str, i: int, endpoints: tuple[str, ...] = ()) -> PeerNode:
-    return PeerNode(name=name, wireguard_public_key=KEYS[name], addresses=(f"100.64.0.{64 * i + 1}", f"fd7a:1:2:{i}::1"),
+    return PeerNode(name=name, wireguard_public_key=KEYS[name],
+                    addresses=(f"100.64.0.{64 * i + 1}", f"fd7a:1:2:{i}::1"),
                     blocks=(f"100.64.0.{64 * i}/26", f"fd7a:1:2:{i}::/64"), endpoints=endpoints, tags=("db",))
 
 

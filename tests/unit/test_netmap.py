@@ -99,7 +99,9 @@ def _variant(i: int, v: int) -> PeerNode:
 
 @settings(max_examples=200, deadline=None)
 @given(initial=st.lists(_names, unique=True, max_size=8), changes=st.lists(_change, max_size=12))
-def test_applying_deltas_equals_building_the_final_map(initial: list[int], changes: list[tuple[list[tuple[int, int]], list[int]]]) -> None:
+def test_applying_deltas_equals_building_the_final_map(
+    initial: list[int], changes: list[tuple[list[tuple[int, int]], list[int]]]
+) -> None:
     expected = {f"n{i}": node(i) for i in initial}
     view = NodeView(netmap(100, *expected.values()))
     version = 100

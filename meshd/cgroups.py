@@ -1,0 +1,278 @@
+"""The node's agent cgroups on cgroup2: ``<root>/idmesh-<node>/<agent>``, one directory per agent.
+
+:class:`CgroupTree` is the thin shell over cgroupfs that :class:`meshd.agentnet.AgentNet`
+drives; :class:`AgentCgroups` is the protocol it needs, so unit tests run it
+against an in-memory fake.
+
+Where cgroup2 lives (:func:`locate_cgroup2`):
+
+* a unified host: ``/sys/fs/cgroup`` itself;
+* a hybrid host (cgroup v1 controllers on a tmpfs at ``/sys/fs/cgroup``):
+  ``/sys/fs/cgroup/unified``, used as it is — nothing is mounted over the v1
+  tree, which would hide it from the whole host;
+* inside ``ip netns exec``, which mounts a fresh sysfs, ``/sys/fs/cgroup`` is
+  an empty directory: cgroup2 is mounted there, in that mount namespace only
+  (it goes away with the namespace; the hierarchy is the machine's one, so
+  the directories created are visible from the host as well).
+
+nftables (``socket cgroupv2 level N "<path>"``) resolves a cgroup by
+``stat("/sys/fs/cgroup/<path>")`` when a rule or element is loaded and keeps
+only its 64-bit id, so the tree must lie below ``/sys/fs/cgroup``; on a
+hybrid host the path handed to nft starts with ``unified/``. ``N`` is the
+depth below the hierarchy's root, whatever the mount point.
+
+Agents are flat (siblings under the node's directory): a socket is matched
+by its level-``N`` ancestor, so a nested cgroup would be counted as its
+parent agent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable
+
+__all__ = [
+    "NFT_CGROUP_BASE",
+    "AgentCgroups",
+    "Cgroup2",
+    "CgroupTree",
+    "check_agent_name",
+    "locate_cgroup2",
+]
+
+NFT_CGROUP_BASE = Path("/sys/fs/cgroup")
+"""nft resolves ``socket cgroupv2`` paths relative to this directory (compiled into nftables)."""
+
+_AGENT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+log = logging.getLogger("meshd.cgroups")
+
+
+def check_agent_name(agent_id: str) -> str:
+    """An agent id usable as a cgroup directory and an nft string: the SPIFFE name alphabet, no ``cgroup.*``."""
+    if not _AGENT_NAME.match(agent_id) or agent_id in (".", "..") or agent_id.startswith("cgroup."):
+        raise InvalidInput(f"agent id {agent_id!r} is not usable as a cgroup name "
+                           "(1-128 of A-Z a-z 0-9 . _ -, not '.', '..' or 'cgroup.*')")
+    return agent_id
+
+
+def _is_cgroup2(path: Path) -> bool:
+    return (path / "cgroup.controllers").is_file()
+
+
+def _mount_cgroup2(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(b"cgroup2", os.fsencode(path), b"cgroup2", 0, None) != 0:
+        err = ctypes.get_errno()
+        cls = PermissionDenied if err in (errno.EPERM, errno.EACCES) else Unavailable
+        raise cls(f"cannot mount cgroup2 at {path}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class Cgroup2:
+    """Where the node's agent cgroups go, and how nft names them."""
+
+    directory: Path
+    """``<cgroup2>/idmesh-<node>``: the node's parent cgroup."""
+    nft_prefix: str
+    """``directory`` relative to :data:`NFT_CGROUP_BASE`: what an nft element starts with."""
+    agent_level: int
+    """Depth of an agent's cgroup below the hierarchy root: the ``level`` of ``socket cgroupv2``."""
+    mounted: bool = False
+    """True when cgroup2 was mounted by :func:`locate_cgroup2` (inside ``ip netns exec``)."""
+
+
+def locate_cgroup2(root: Path, parent: str, *, mount: bool = True) -> Cgroup2:
+    """Find (or mount, see the module doc) the cgroup2 tree at ``root`` and place ``parent`` in it."""
+    mounted = False
+    if not _is_cgroup2(root):
+        if _is_cgroup2(root / "unified"):
+            root = root / "unified"
+        elif mount and root.is_dir() and not any(root.iterdir()):
+            _mount_cgroup2(root)
+            mounted = True
+        else:
+            raise Unavailable(f"no cgroup2 hierarchy at {root} (nor at {root}/unified): agents need cgroup2; "
+                              "mount it (mount -t cgroup2 none /sys/fs/cgroup) or boot with "
+                              "systemd.unified_cgroup_hierarchy=1")
+    root = Path(os.path.realpath(root))
+    try:
+        relative = (root / parent).relative_to(NFT_CGROUP_BASE)
+    except ValueError:
+        raise Unavailable(f"cgroup2 tree {root} is not below {NFT_CGROUP_BASE}, where nft looks up "
+                          "'socket cgroupv2' paths") from None
+    depth = 0  # of ``root`` below the hierarchy's root: walk up while the parent is a cgroup too
+    here = root
+    while here.parent != here and _is_cgroup2(here.parent):
+        depth, here = depth + 1, here.parent
+    return Cgroup2(root / parent, str(relative), depth + 2, mounted)
+
+
+class AgentCgroups(Protocol):
+    """What :class:`~meshd.agentnet.AgentNet` needs from cgroupfs (real: :class:`CgroupTree`)."""
+
+    def prepare(self) -> Cgroup2:
+        """Locate cgroup2, create the node's directory, kill and remove what a crashed run left; return where."""
+        ...
+
+    def create(self, agent_id: str) -> Path: ...
+
+    def move(self, agent_id: str, pid: int) -> None: ...
+
+    def populated(self, agent_id: str) -> bool: ...
+
+    def remove(self, agent_id: str) -> None:
+        """Kill every process in the agent's cgroup, wait for them to go, remove the directory."""
+        ...
+
+    def exists(self, agent_id: str) -> bool: ...
+
+    def close(self) -> None:
+        """Kill and remove everything under the node's directory, then the directory itself."""
+        ...
+
+
+class CgroupTree:
+    """The real :class:`AgentCgroups`: directories, ``cgroup.procs``, ``cgroup.events``, ``cgroup.kill``."""
+
+    def __init__(self, root: Path, parent: str, *, kill_timeout: float = 5.0) -> None:
+        self.root = root
+        self.parent = parent
+        self.kill_timeout = kill_timeout
+        self._where: Cgroup2 | None = None
+
+    @property
+    def directory(self) -> Path:
+        if self._where is None:
+            raise Unavailable(f"cgroup {self.parent} is not prepared (call start() first)")
+        return self._where.directory
+
+    def prepare(self) -> Cgroup2:
+        where = locate_cgroup2(self.root, self.parent)
+        self._where = where
+        if where.directory.exists():
+            stale = sorted(p.name for p in where.directory.iterdir() if p.is_dir())
+            if stale:
+                log.warning("cgroup %s: killing and removing agents a previous run left: %s",
+                            where.directory, ", ".join(stale))
+            self._remove_tree(where.directory, keep_top=True)
+        else:
+            try:
+                where.directory.mkdir()
+            except OSError as exc:
+                raise _mapped(exc, f"cannot create cgroup {where.directory}") from exc
+        return where
+
+    def _path(self, agent_id: str) -> Path:
+        return self.directory / check_agent_name(agent_id)
+
+    def create(self, agent_id: str) -> Path:
+        path = self._path(agent_id)
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise _mapped(exc, f"cannot create cgroup {path} for agent {agent_id}") from exc
+        return path
+
+    def exists(self, agent_id: str) -> bool:
+        return self._path(agent_id).is_dir()
+
+    def move(self, agent_id: str, pid: int) -> None:
+        path = self._path(agent_id)
+        try:
+            (path / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise NotFound(f"cannot move pid {pid} into cgroup {path} of agent {agent_id}: "
+                               "no such process") from exc
+            raise _mapped(exc, f"cannot move pid {pid} into cgroup {path} of agent {agent_id}") from exc
+
+    def populated(self, agent_id: str) -> bool:
+        return _populated(self._path(agent_id))
+
+    def remove(self, agent_id: str) -> None:
+        self._remove_tree(self._path(agent_id), keep_top=False)
+
+    def close(self) -> None:
+        if self._where is not None and self._where.directory.exists():
+            self._remove_tree(self._where.directory, keep_top=False)
+
+    def _remove_tree(self, top: Path, *, keep_top: bool) -> None:
+        """``cgroup.kill`` kills the whole subtree at once; then the directories go, deepest first."""
+        if not top.exists():
+            return
+        _kill(top, self.kill_timeout)
+        dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for path in dirs if keep_top else [*dirs, top]:
+            _rmdir(path, self.kill_timeout)
+
+
+def _mapped(exc: OSError, what: str) -> IdmeshError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
+        return PermissionDenied(f"{what}: {reason} (meshd needs root or a delegated cgroup)")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"{what}: {reason}")
+    return Unavailable(f"{what}: {reason}")
+
+
+def _populated(path: Path) -> bool:
+    try:
+        events = (path / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise _mapped(exc, f"cannot read {path}/cgroup.events") from exc
+    return any(line == "populated 1" for line in events.splitlines())
+
+
+def _kill(path: Path, timeout: float) -> None:
+    """SIGKILL everything in the subtree (``cgroup.kill``, Linux 5.14+; else pid by pid) and wait until empty."""
+    deadline = time.monotonic() + timeout
+    kill_file = path / "cgroup.kill"
+    while _populated(path):
+        try:
+            if kill_file.exists():
+                kill_file.write_text("1\n")
+            else:
+                for procs in [path / "cgroup.procs", *path.rglob("cgroup.procs")]:
+                    for pid in procs.read_text().split():
+                        try:
+                            os.kill(int(pid), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _mapped(exc, f"cannot kill the processes of cgroup {path}") from exc
+        end = min(deadline, time.monotonic() + 0.5)
+        while _populated(path) and time.monotonic() < end:
+            time.sleep(0.002)
+        if time.monotonic() >= deadline and _populated(path):
+            raise Unavailable(f"cgroup {path}: processes still running {timeout:g} s after SIGKILL "
+                              "(stuck in the kernel?)")
+
+
+def _rmdir(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            # EBUSY: tasks that were killed but have not finished exiting still pin the cgroup.
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise _mapped(exc, f"cannot remove cgroup {path}") from exc
+            time.sleep(0.005)
