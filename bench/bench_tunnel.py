@@ -11,7 +11,9 @@ stream, h2 -> h3, ``-t`` seconds) over:
   (c) the tunnel idmesh builds: ``mesh-controller serve`` + ``meshd run`` on
       h2 and h3 (same wireguard-go binary), their overlay addresses.
 
-(b) and (c) run side by side on different interfaces and ports, and the
+(c) also carries what meshd installs besides the tunnel (its nftables
+tables, listed in the output); (b) has none. (b) and (c) run side by side
+on different interfaces and ports, and the
 runs are interleaved a, b, c, a, b, c, ... so that drift in the machine's
 load hits all three alike. Reported: each run's Gbit/s (receiver side), the
 median per path and the ratio (c)/(b) (target >= 0.95).
@@ -94,6 +96,15 @@ def iperf(client: Host, address: str, seconds: int) -> float:
     return float(json.loads(done.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
+def link_mtu(host: Host, ifname: str) -> int:
+    fields = host.run(["ip", "-o", "link", "show", "dev", ifname]).stdout.split()
+    return int(fields[fields.index("mtu") + 1])
+
+
+def nft_tables(host: Host) -> list[str]:
+    return [" ".join(line.split()[1:]) for line in host.run(["nft", "list", "tables"], check=False).stdout.splitlines()]
+
+
 def ping_once(host: Host, address: str) -> bool:
     return host.run(["ping", "-c", "1", "-W", "0.2", address], check=False, timeout=5).returncode == 0
 
@@ -142,6 +153,8 @@ def main() -> None:
                  "c_idmesh": b.addresses[0]}
         wait_until(lambda: h2.run(["iperf3", "-c", h3.underlay4, "-p", str(IPERF_PORT), "-t", "1"],
                                   check=False).returncode == 0, 10, "iperf3 server")
+        setup = {"mtu_by_hand": link_mtu(h3, h3.wg_ifname + "m"), "mtu_idmesh": link_mtu(h3, h3.wg_ifname),
+                 "nftables_tables_on_receiver": nft_tables(h3)}
         gbps: dict[str, list[float]] = {p: [] for p in paths}
         for run in range(args.runs):
             for path, address in paths.items():
@@ -170,6 +183,7 @@ def main() -> None:
         "ratio_idmesh_to_hand_made": round(median["c_idmesh"] / median["b_wireguard_go_by_hand"], 3),
         "ratio_target": 0.95,
         "ratio_hand_made_to_underlay": round(median["b_wireguard_go_by_hand"] / median["a_underlay"], 3),
+        "setup": setup,
         "first_ping_after_meshd_run_s": {"fresh_node_runs": cold, "fresh_node_median": statistics.median(cold),
                                          "restart_runs": warm, "restart_median": statistics.median(warm)},
         "cores": os.cpu_count(),

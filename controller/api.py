@@ -55,7 +55,7 @@ DEFAULT_MAX_BODY = 64 * 1024
 # controller within KEEPALIVE + its read timeout.
 KEEPALIVE_SECONDS = 10.0
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
 
 
 def _now() -> datetime:
@@ -72,7 +72,7 @@ class BodyLimit:
     ``larger`` raises the limit for named paths (a policy file may be big).
     """
 
-    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_BODY, larger: dict[str, int] | None = None) -> None:
+    def __init__(self, app: Any, limit: int = DEFAULT_MAX_BODY, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.default = limit
         self.larger = larger or {}
@@ -89,7 +89,7 @@ class BodyLimit:
 
         async def limited_receive() -> dict[str, Any]:
             nonlocal seen
-            message = await receive()
+            message: dict[str, Any] = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
@@ -159,7 +159,7 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
-        return {"status": "ok", "domain": controller.settings.domain}
+        return {"status": "ok", "domain": str(controller.settings.domain)}
 
     @app.get("/v1/ca", response_class=PlainTextResponse)
     async def ca() -> str:

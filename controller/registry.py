@@ -267,7 +267,9 @@ class Controller:
                 f"v{current.version if current else 0}", f"v{row.version}"))
             tx.audit(now, actor, "policy.applied", f"policy v{row.version}", hash=digest, filename=req.filename,
                      diff=diff[:20000])
-        self.hub.publish_policy(_policy_doc(row))
+        doc = _policy_doc(row)
+        assert doc is not None
+        self.hub.publish_policy(doc)
         return _policy_info(row)
 
     def policy(self, version: int | None = None) -> PolicyInfo:

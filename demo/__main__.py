@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.mesh import Mesh, Node, cmd, tcp_server, wait_until  # noqa: E402
-from tests.e2e.netns import Network  # noqa: E402
+from tests.e2e.netns import HostCommandError, Network  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 POLICY = (HERE.parent / "examples" / "policy.yaml").read_text()
@@ -134,6 +134,7 @@ def main() -> None:
     net = Network(5)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kept = False
+    code = 0
     try:
         net.build()
         mesh = Mesh(net, work, net["h1"])
@@ -170,12 +171,16 @@ def main() -> None:
                   f"tear it down with:\n  {sys.executable} -m demo.teardown {net.prefix} {work}")
     except KeyboardInterrupt:
         print("\ndemo: interrupted, cleaning up")
+    except (AssertionError, HostCommandError, subprocess.SubprocessError) as exc:
+        print(f"\ndemo: a step failed, cleaning up:\n{exc}", file=sys.stderr)
+        code = 1
     finally:
         if not kept:
             try:
                 net.close()
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

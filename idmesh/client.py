@@ -91,7 +91,7 @@ def fetch_ca(url: str, expected_fingerprint: str) -> str:
             f"the controller at {url} presents CA {actual[:16]}…, not the {expected_fingerprint[:16]}… "
             "this token pins: the token belongs to another mesh, or someone is in the middle"
         )
-    return pem
+    return str(pem)
 
 
 class ControllerClient:

@@ -8,15 +8,15 @@ those addresses. Everything lives in one nftables table of its own,
 which replaces it whole on every policy change and never touches this one).
 Only packets leaving through the mesh interface are touched::
 
-    output, type route, priority mangle           (routing has chosen the interface; a new mark re-routes)
+    chain classify: output, type route, priority mangle  (routing has chosen the interface; a new mark re-routes)
       1. clear the agent field of the mark          a forged SO_MARK cannot pose as an agent
       2. socket cgroupv2 level L vmap @agent_cgroups  -> goto agent_<n>   the sending socket's cgroup
       3. ct mark & FIELD vmap @agent_flows            -> goto agent_<n>   packets the kernel sends for an
                                                        agent's connection without its socket (RST, TIME_WAIT ACK)
       agent_<n>: mark field := n, ct mark field := n (other bits of both kept)
-    postrouting, type nat, priority srcnat
+    chain translate: postrouting, type nat, priority srcnat
       snat ip/ip6 to (meta mark & FIELD) map @agent_src4 / @agent_src6
-    postrouting, type filter, priority srcnat + 10 (after the translation)
+    chain antispoof: postrouting, type filter, priority srcnat + 10 (after the translation)
       saddr . (meta mark & FIELD) in @agent_owner4/6 -> accept
       saddr in @agent_pool4/6 -> counter spoofed, drop
 
@@ -44,7 +44,6 @@ drives the cgroups.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import logging
 import re
 import socket
@@ -170,10 +169,11 @@ class AgentSlot:
 # -- rendering (pure) -------------------------------------------------------------------------------------------
 def _ranges(block: IPv4Network | IPv6Network, node: IPv4Address | IPv6Address) -> str:
     """The block without the node's own address, as nft interval elements."""
+    make = type(block.network_address)
     parts = []
-    for lo, hi in ((block.network_address, node - 1), (node + 1, block.broadcast_address)):
+    for lo, hi in ((int(block.network_address), int(node) - 1), (int(node) + 1, int(block.broadcast_address))):
         if lo <= hi:
-            parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
+            parts.append(str(make(lo)) if lo == hi else f"{make(lo)}-{make(hi)}")
     return ", ".join(parts)
 
 
@@ -198,14 +198,14 @@ def render_table(t: AgentTable) -> str:
         "  map agent_src6 { typeof meta mark : ip6 saddr; }",
         "  set agent_owner4 { typeof ip saddr . meta mark; }",
         "  set agent_owner6 { typeof ip6 saddr . meta mark; }",
-        "  chain mark {",
+        "  chain classify {",
         "    type route hook output priority mangle; policy accept;",
         f"    oifname != {oif} accept",
         f"    meta mark set meta mark & {keep}",
         f"    socket cgroupv2 level {lvl} vmap @agent_cgroups",
         f"    ct mark & {m} vmap @agent_flows",
         "  }",
-        "  chain snat {",
+        "  chain translate {",
         "    type nat hook postrouting priority srcnat; policy accept;",
         f"    oifname {oif} snat ip to meta mark & {m} map @agent_src4",
         f"    oifname {oif} snat ip6 to meta mark & {m} map @agent_src6",
@@ -416,11 +416,15 @@ class AgentNet:
             if self._nft is None:
                 self._own_nft = Libnftables()
                 self._nft = self._own_nft
-            where = self._cgroups.prepare()
-            self._nft_prefix = where.nft_prefix
-            t = self.table
-            self.table = AgentTable(t.node, t.ifname, t.block4, t.block6, t.field, where.agent_level)
-            self._run(render_table(self.table), f"the agent table of node {self.node}")
+            try:
+                where = self._cgroups.prepare()
+                self._nft_prefix = where.nft_prefix
+                t = self.table
+                self.table = AgentTable(t.node, t.ifname, t.block4, t.block6, t.field, where.agent_level)
+                self._run(render_table(self.table), f"the agent table of node {self.node}")
+            except BaseException:
+                self._close_locked(quiet=True)
+                raise
             self._started = True
             log.info("agents of node %s: table inet %s on %s, cgroups in %s (level %d), mark field %#010x",
                      self.node, TABLE, self.ifname, where.directory, where.agent_level, t.field.mask)
@@ -544,27 +548,28 @@ class AgentNet:
     def close(self) -> None:
         """Kill every agent, remove the table and the node's cgroups; nothing of ours is left."""
         with self._lock:
-            if not self._started:
-                return
-            problems: list[IdmeshError] = []
+            if self._started:
+                self._close_locked(quiet=False)
+
+    def _close_locked(self, *, quiet: bool) -> None:
+        problems: list[IdmeshError] = []
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("kill", lambda: self._cgroups.kill(None)),
+            ("table", lambda: self._nft and self._run(_delete_table(), f"deleting the agent table of node {self.node}")),
+            ("cgroups", self._cgroups.close),
+        ]
+        for name, step in steps:
             try:
-                self._cgroups.kill(None)
+                step()
             except IdmeshError as exc:
                 problems.append(exc)
-            try:
-                self._run(_delete_table(), f"deleting the agent table of node {self.node}")
-            except IdmeshError as exc:
-                problems.append(exc)
-            for slot in self._slots.values():
-                self._forget(slot)
-            self._slots.clear()
-            try:
-                self._cgroups.close()
-            except IdmeshError as exc:
-                problems.append(exc)
-            self._started = False
-            if self._own_nft is not None:
-                self._own_nft.close()
-                self._own_nft = self._nft = None
-            if problems:
-                raise problems[0]
+            if name == "table":
+                for slot in self._slots.values():
+                    self._forget(slot)
+                self._slots.clear()
+        self._started = False
+        if self._own_nft is not None:
+            self._own_nft.close()
+            self._own_nft = self._nft = None
+        if problems and not quiet:
+            raise problems[0]

@@ -131,8 +131,12 @@ class AgentCgroups(Protocol):
 
     def populated(self, agent_id: str) -> bool: ...
 
+    def kill(self, agent_id: str | None) -> None:
+        """SIGKILL every process of the agent (``None``: of every agent) and wait until they are gone."""
+        ...
+
     def remove(self, agent_id: str) -> None:
-        """Kill every process in the agent's cgroup, wait for them to go, remove the directory."""
+        """Remove the agent's cgroup (killing what is still in it first)."""
         ...
 
     def exists(self, agent_id: str) -> bool: ...
@@ -199,6 +203,11 @@ class CgroupTree:
 
     def populated(self, agent_id: str) -> bool:
         return _populated(self._path(agent_id))
+
+    def kill(self, agent_id: str | None) -> None:
+        path = self.directory if agent_id is None else self._path(agent_id)
+        if path.exists():
+            _kill(path, self.kill_timeout)
 
     def remove(self, agent_id: str) -> None:
         self._remove_tree(self._path(agent_id), keep_top=False)

@@ -63,7 +63,7 @@ class Daemon:
         self.opts = opts
         self.state = StateDir(opts.state)
         self.record = self.state.read_record()
-        self.name = str(self.record["name"])
+        self.name = self.record.name
         self.wg_private = self.state.wg_key.read_text().strip()
         self.view: NodeView | None = self._load_cache()
         self.policy_doc: PolicyDoc | None = self._load_policy_cache()
@@ -77,7 +77,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.applied_version: int | None = None
         self.session = ControllerSession(
-            self.state, str(self.record["controller"]),
+            self.state, self.record.controller,
             version=lambda: self.view.version if self.view else None,
             on_full=self._on_full, on_delta=self._on_delta, on_policy=self._on_policy,
             on_agents=self._on_agents, endpoints=self._endpoint_report,
@@ -193,10 +193,9 @@ class Daemon:
             for n in (view.nodes.values() if view else ())
         ]
         if view is None or self.name not in view.nodes:
-            addresses = list(self.record["addresses"])  # type: ignore[call-overload]
-            nodes.append(NodeIdentity(name=self.name, owner=self.record.get("owner"),  # type: ignore[arg-type]
-                                      tags=frozenset(self.record.get("tags") or ()),  # type: ignore[arg-type]
-                                      ipv4=addresses[0], ipv6=addresses[1]))
+            r = self.record
+            nodes.append(NodeIdentity(name=self.name, owner=r.owner, tags=frozenset(r.tags),
+                                      ipv4=r.addresses[0], ipv6=r.addresses[1]))
         names = {n.name for n in nodes}
         agents = [h.identity for h in self.book.agents.values() if h.identity.node in names]
         return Identities.build(nodes, agents)
@@ -225,7 +224,7 @@ class Daemon:
 
     async def _endpoint_report(self) -> EndpointReport:
         # pyroute2's synchronous API runs an event loop of its own: keep it off ours.
-        prefixes = tuple(str(p) for p in self.record.get("mesh_prefixes", ()))  # type: ignore[union-attr]
+        prefixes = self.record.mesh_prefixes
         found = await asyncio.to_thread(local_endpoints, self.opts.listen_port, self.opts.interface, prefixes)
         return EndpointReport(listen_port=self.opts.listen_port, endpoints=found)
 
@@ -238,8 +237,7 @@ class Daemon:
         assert self.device is not None
         found = self.discovery.found if self.discovery else {}
         device = desired_device(self.wg_private, self.opts.listen_port, view, self.name, found)
-        link = desired_link(self.opts.interface, list(self.record["addresses"]),  # type: ignore[call-overload]
-                            list(view.prefixes))
+        link = desired_link(self.opts.interface, self.record.addresses, view.prefixes)
         with self._device_lock:
             self._enforce(view)
             self.device.apply(device)
@@ -285,10 +283,10 @@ class Daemon:
         return {
             "self": {
                 "name": self.name,
-                "addresses": self.record["addresses"],
-                "public_key": self.record["wireguard_public_key"],
-                "tags": self.record["tags"],
-                "owner": self.record["owner"],
+                "addresses": list(self.record.addresses),
+                "public_key": self.record.wireguard_public_key,
+                "tags": list(self.record.tags),
+                "owner": self.record.owner,
                 "interface": self.opts.interface,
                 "listen_port": state.listen_port if state else self.opts.listen_port,
             },
@@ -370,7 +368,7 @@ class Daemon:
     async def _start_agents(self) -> None:
         from .agentnet import AgentNet
 
-        blocks = list(self.record["blocks"])  # type: ignore[call-overload]
+        blocks = list(self.record.blocks)
         self.agentnet = AgentNet(self.name, self.opts.interface, blocks[0], blocks[1])
         await asyncio.to_thread(self.agentnet.start)
         self.supervisor = AgentSupervisor(self.state, blocks, self.agentnet, self.session, self.opts.socket,
@@ -379,7 +377,7 @@ class Daemon:
     async def _start_discovery(self) -> None:
         report = await self._endpoint_report()
         underlay = [e.rsplit(":", 1)[0] for e in report.endpoints if not e.startswith("[")]
-        self.discovery = LanDiscovery(self.name, str(self.record["wireguard_public_key"]), self.opts.listen_port,
+        self.discovery = LanDiscovery(self.name, self.record.wireguard_public_key, self.opts.listen_port,
                                       underlay, self._dirty.set)
         try:
             await self.discovery.start()

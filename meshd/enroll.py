@@ -20,7 +20,7 @@ from meshcore.identity import NODE_NAME, build_csr
 from meshcore.tokens import parse_token
 from meshcore.wire import EnrollRequest, EnrollResponse
 
-from .state import StateDir
+from .state import NodeRecord, StateDir
 
 __all__ = ["enroll", "default_node_name"]
 
@@ -43,7 +43,7 @@ def enroll(token_line: str, state: StateDir, name: str | None = None, force: boo
         raise InvalidInput(f"invalid node name {name!r}: use a DNS label (a-z, 0-9, '-', at most 63 characters)")
     if state.enrolled() and not force:
         record = state.read_record()
-        raise Conflict(f"this node is already enrolled as {record.get('name')!r} in {state.path}; "
+        raise Conflict(f"this node is already enrolled as {record.name!r} in {state.path}; "
                        "use --force to enroll again with new keys")
     state.ensure()
 
@@ -56,20 +56,20 @@ def enroll(token_line: str, state: StateDir, name: str | None = None, force: boo
                             name=name)
     with ControllerClient(token.url, client_ssl_context(ca_pem)) as client:
         answer = EnrollResponse.model_validate(client.request("POST", "/v1/enroll", request.model_dump()))
-    record = {
-        "name": answer.node.name,
-        "domain": answer.domain,
-        "spiffe_id": answer.node.spiffe_id,
-        "controller": token.url,
-        "ca_fingerprint": token.ca_fingerprint,
-        "owner": answer.node.owner,
-        "tags": answer.node.tags,
-        "addresses": answer.node.addresses,
-        "blocks": answer.node.blocks,
-        "mesh_prefixes": answer.mesh_prefixes,
-        "wireguard_public_key": wg_public,
-        "enrolled_at": answer.node.enrolled_at.isoformat(),
-    }
+    record = NodeRecord(
+        name=answer.node.name,
+        domain=answer.domain,
+        spiffe_id=answer.node.spiffe_id,
+        controller=token.url,
+        ca_fingerprint=token.ca_fingerprint,
+        owner=answer.node.owner,
+        tags=tuple(answer.node.tags),
+        addresses=(answer.node.addresses[0], answer.node.addresses[1]),
+        blocks=(answer.node.blocks[0], answer.node.blocks[1]),
+        mesh_prefixes=(answer.mesh_prefixes[0], answer.mesh_prefixes[1]),
+        wireguard_public_key=wg_public,
+        enrolled_at=answer.node.enrolled_at,
+    )
     state.write(node_key, wg_private, answer.certificate, answer.ca, record)
     return Enrolled(answer, state)
 

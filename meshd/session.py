@@ -48,7 +48,7 @@ class Backoff:
     def next(self) -> float:
         delay = min(self.cap, self.base * 2 ** self.attempt)
         self.attempt += 1
-        return delay * (0.5 + random.random())
+        return float(delay * (0.5 + random.random()))
 
     def reset(self) -> None:
         self.attempt = 0

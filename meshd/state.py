@@ -16,17 +16,19 @@ and a key is never readable by others, not even for a moment.
 from __future__ import annotations
 
 import base64
-import json
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from meshcore.errors import NotFound, PermissionDenied
+from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 
-__all__ = ["StateDir", "write_private", "wireguard_public_key", "DEFAULT_STATE", "DEFAULT_SOCKET"]
+__all__ = ["StateDir", "NodeRecord", "write_private", "wireguard_public_key", "DEFAULT_STATE", "DEFAULT_SOCKET"]
 
 DEFAULT_STATE = "/var/lib/meshd"
 DEFAULT_SOCKET = "/run/meshd/meshd.sock"
@@ -50,6 +52,24 @@ def write_private(path: Path, data: str, mode: int = 0o600) -> None:
 def wireguard_public_key(private_b64: str) -> str:
     key = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(private_b64))
     return base64.b64encode(key.public_key().public_bytes_raw()).decode()
+
+
+class NodeRecord(BaseModel):
+    """What the controller said about this node at enrollment (node.json)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    domain: str
+    spiffe_id: str
+    controller: str = Field(description="the controller URL from the token")
+    ca_fingerprint: str
+    owner: str | None
+    tags: tuple[str, ...]
+    addresses: tuple[str, str] = Field(description="the node's own overlay addresses, IPv4 then IPv6")
+    blocks: tuple[str, str] = Field(description="its block (itself + its agents), IPv4 then IPv6")
+    mesh_prefixes: tuple[str, str]
+    wireguard_public_key: str
+    enrolled_at: datetime
 
 
 @dataclass(frozen=True)
@@ -87,14 +107,16 @@ class StateDir:
         except OSError as exc:
             raise PermissionDenied(f"cannot write to the state directory {self.path}: {exc.strerror or exc}") from exc
 
-    def read_record(self) -> dict[str, object]:
+    def read_record(self) -> NodeRecord:
         try:
-            return dict(json.loads(self.record.read_text()))
+            return NodeRecord.model_validate_json(self.record.read_text())
         except FileNotFoundError as exc:
             raise NotFound(f"this node is not enrolled (no {self.record}); run 'meshd enroll TOKEN'") from exc
+        except ValueError as exc:
+            raise InvalidInput(f"{self.record} is damaged; enroll again with 'meshd enroll --force TOKEN'") from exc
 
     def write(self, node_key: ed25519.Ed25519PrivateKey, wg_private: str, cert_pem: str, ca_pem: str,
-              record: dict[str, object]) -> None:
+              record: NodeRecord) -> None:
         """Write every file of an enrollment; the record last, as the commit mark."""
         try:
             write_private(self.node_key, node_key.private_bytes(
@@ -103,6 +125,6 @@ class StateDir:
             write_private(self.wg_key, wg_private + "\n")
             write_private(self.ca_cert, ca_pem, 0o644)
             write_private(self.node_cert, cert_pem, 0o644)
-            write_private(self.record, json.dumps(record, indent=2, default=str) + "\n", 0o644)
+            write_private(self.record, record.model_dump_json(indent=2) + "\n", 0o644)
         except OSError as exc:
             raise PermissionDenied(f"cannot write to the state directory {self.path}: {exc.strerror or exc}") from exc

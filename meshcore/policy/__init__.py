@@ -71,6 +71,8 @@ from .model import Acl, Delegation, FlowSource, Policy, PolicyTest, Route, Selec
 from .sources import SourceClass, scopes_overlap, set_name
 
 __all__ = [
+    "check_delegation",
+    "node_named",
     "ALL_PORTS",
     "Acl",
     "Actor",
