@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
-from meshcore.netmap import EndpointReport, PeerNode, StreamMessage
+from meshcore.netmap import EndpointReport, NetmapDelta, PeerNode, StreamMessage
 from meshcore.wire import (
     AgentInfo,
     AgentIssued,
@@ -41,6 +41,7 @@ from meshcore.wire import (
     TokenInfo,
 )
 
+from .netmap import KEEPALIVE, Outgoing
 from .registry import Controller
 
 __all__ = ["create_app", "BodyLimit", "TLS_EXTENSION"]
@@ -240,29 +241,36 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
         hub = controller.hub
         sub = hub.subscribe(who.spiffe_id.name)
         backlog = hub.since(since) if since is not None else None
-        first = ([StreamMessage(type="policy", policy=hub.policy)] if hub.policy else [])
-        first += ([StreamMessage(type="delta", delta=d) for d in backlog] if backlog is not None
-                  else [StreamMessage(type="full", full=hub.full())])
-        first.append(StreamMessage(type="agents", agents=controller.agent_update_full(_now())))
+
+        def everything(deltas: list[NetmapDelta] | None) -> list[Outgoing]:
+            """What a node needs to be whole: policy first, then the map, then the agents."""
+            out = [Outgoing.of(StreamMessage(type="policy", policy=hub.policy))] if hub.policy else []
+            out += ([Outgoing.of(StreamMessage(type="delta", delta=d)) for d in deltas] if deltas is not None
+                    else [Outgoing.of(StreamMessage(type="full", full=hub.full()))])
+            out.append(Outgoing.of(StreamMessage(type="agents", agents=controller.agent_update_full(_now()))))
+            return out
+
+        first = everything(backlog)
 
         async def lines() -> AsyncIterator[bytes]:
             try:
                 for message in first:
-                    yield message.model_dump_json(exclude_none=True).encode() + b"\n"
+                    yield message.line
                 while not sub.closed:
-                    if sub.resync:
+                    if sub.resync:  # it fell behind: drop its queue, send it whole again
                         while not sub.queue.empty():
                             sub.queue.get_nowait()
                         sub.resync = False
-                        message = StreamMessage(type="full", full=hub.full())
-                    else:
-                        try:
-                            message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
-                        except TimeoutError:
-                            message = StreamMessage(type="keepalive")
+                        for message in everything(None):
+                            yield message.line
+                        continue
+                    try:
+                        message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+                    except TimeoutError:
+                        message = KEEPALIVE
                     if sub.closed:
                         break
-                    yield message.model_dump_json(exclude_none=True).encode() + b"\n"
+                    yield message.line
             finally:
                 hub.unsubscribe(sub)
 

@@ -19,16 +19,31 @@ from meshcore.netmap import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDo
 
 from .store import Tx
 
-__all__ = ["NetmapHub", "Subscription"]
+__all__ = ["NetmapHub", "Subscription", "Outgoing", "KEEPALIVE"]
 
 HISTORY = 4096
 QUEUE_LIMIT = 1024
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A stream message and its line, serialised once for every subscriber."""
+
+    message: StreamMessage
+    line: bytes
+
+    @classmethod
+    def of(cls, message: StreamMessage) -> "Outgoing":
+        return cls(message, message.model_dump_json(exclude_none=True).encode() + b"\n")
+
+
+KEEPALIVE = Outgoing.of(StreamMessage(type="keepalive"))
+
+
 @dataclass(eq=False)
 class Subscription:
     node: str
-    queue: asyncio.Queue[StreamMessage] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     resync: bool = False
     closed: bool = False
 
@@ -71,11 +86,11 @@ class NetmapHub:
             self.nodes[node.name] = node
         self.version = version
         self._history.append(delta)
-        message = StreamMessage(type="delta", delta=delta)
+        message = Outgoing.of(StreamMessage(type="delta", delta=delta))
         for sub in list(self._subscribers):
             if sub.node in remove:
                 sub.closed = True  # a removed node's stream ends; its certificate is revoked
-                sub.queue.put_nowait(StreamMessage(type="keepalive"))
+                sub.queue.put_nowait(KEEPALIVE)
             elif sub.queue.qsize() >= QUEUE_LIMIT:
                 sub.resync = True
             elif not sub.resync:
@@ -85,14 +100,14 @@ class NetmapHub:
     def publish_policy(self, doc: PolicyDoc) -> None:
         """A new policy version goes to everyone at once; it is small and final."""
         self.policy = doc
-        message = StreamMessage(type="policy", policy=doc)
+        message = Outgoing.of(StreamMessage(type="policy", policy=doc))
         for sub in list(self._subscribers):
             sub.queue.put_nowait(message)
 
     def publish_agents(self, update: AgentUpdate) -> None:
         """Agent births and deaths go to every connected node. Revocations are
         never dropped for a slow reader: they are what 'within a second' is about."""
-        message = StreamMessage(type="agents", agents=update)
+        message = Outgoing.of(StreamMessage(type="agents", agents=update))
         for sub in list(self._subscribers):
             sub.queue.put_nowait(message)
 

@@ -79,13 +79,12 @@ class AgentBook:
             self._by_address[address] = agent_id
         return held
 
-    def admit_all(self, pems: tuple[str, ...], nodes: Mapping[str, PeerNode], now: datetime) -> int:
-        """Admit what verifies; log (never raise for) what does not. Returns how many were admitted."""
-        admitted = 0
+    def admit_all(self, pems: tuple[str, ...], nodes: Mapping[str, PeerNode], now: datetime) -> list[str]:
+        """Admit what verifies; log (never raise for) what does not. Returns the ids admitted."""
+        admitted = []
         for pem in pems:
             try:
-                self.admit(pem, nodes, now)
-                admitted += 1
+                admitted.append(self.admit(pem, nodes, now).identity.id)
             except IdmeshError as exc:
                 log.warning("agent certificate refused: %s", exc)
         return admitted

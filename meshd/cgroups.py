@@ -272,6 +272,16 @@ def _kill(path: Path, timeout: float) -> None:
                               "(stuck in the kernel?)")
 
 
+def _holding(path: Path) -> str:
+    """What keeps a cgroup busy, for the error message: its processes and child cgroups."""
+    try:
+        pids = (path / "cgroup.procs").read_text().split()
+        children = [p.name for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    return f" (processes {' '.join(pids) or 'none'}; child cgroups {' '.join(children) or 'none'})"
+
+
 def _rmdir(path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -283,5 +293,5 @@ def _rmdir(path: Path, timeout: float) -> None:
         except OSError as exc:
             # EBUSY: tasks that were killed but have not finished exiting still pin the cgroup.
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise _mapped(exc, f"cannot remove cgroup {path}") from exc
+                raise _mapped(exc, f"cannot remove cgroup {path}{_holding(path)}") from exc
             time.sleep(0.005)

@@ -2,14 +2,15 @@
 
 One asyncio task group holds everything that lives as long as the daemon:
 the controller session (netmap stream with reconnection), certificate
-renewal, the converger (netmap -> WireGuard peers, addresses, routes), the
-local API and LAN discovery. SIGTERM/SIGINT end the group in order and the
-interface (with its wireguard-go process) is removed: nothing is left.
+renewal, the converger (:mod:`meshd.dataplane`), agent expiry and the
+agent supervisor, the local API and LAN discovery. SIGTERM/SIGINT end the
+group in order; the interface (with its wireguard-go), the firewall
+tables and the agents' cgroups are removed: nothing is left.
 
 The data plane outlives the control plane: when the controller is away the
-interface keeps its peers; the last netmap is cached in the state
-directory so a restarted meshd rebuilds its tunnels before the controller
-answers.
+interface keeps its peers and rules; the last netmap and policy are cached
+in the state directory, so a restarted meshd enforces the policy and
+rebuilds its tunnels before the controller answers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import asyncio
 import ipaddress
 import logging
 import signal
-import threading
+import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -27,12 +29,12 @@ from typing import Any
 from meshcore.errors import IdmeshError, InvalidInput, NotFound
 from meshcore.identity import load_certificate
 from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
-from meshcore.policy import Identities, NodeFilter, NodeIdentity, Policy, compile_node_filter, load_policy
+from meshcore.policy import Policy, load_policy
 from meshcore.wire import AgentIssued
 
 from .agentbook import AgentBook
 from .agents import AgentSupervisor
-from .converge import desired_device, desired_link
+from .dataplane import DataPlane
 from .discovery import LanDiscovery
 from .firewall import NftFirewall
 from .localapi import AgentRunRequest, LocalApi
@@ -40,12 +42,13 @@ from .netconf import IPRouteNetConf
 from .session import ControllerSession
 from .state import StateDir, write_private
 from .underlay import local_endpoints
-from .wg import WireGuardDevice, open_device
+from .wg import open_device
 
 __all__ = ["Options", "Daemon"]
 
 log = logging.getLogger("meshd")
 RETRY_APPLY = 2.0
+SNAPSHOT_EVERY = 5.0  # seconds between writes of the cached netmap (a 10k-node map is ~25 ms to write)
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,12 @@ class Daemon:
         self.record = self.state.read_record()
         self.name = self.record.name
         self.wg_private = self.state.wg_key.read_text().strip()
-        self.view: NodeView | None = self._load_cache()
-        self.policy_doc: PolicyDoc | None = self._load_policy_cache()
+        self.view: NodeView | None = self._load_cached_netmap()
+        self.policy_doc: PolicyDoc | None = self._load_cached_policy()
         self.policy: Policy = self._parse_policy(self.policy_doc) or load_policy("", "<no policy>")
-        self.filter: NodeFilter | None = None
+        self.book = AgentBook(load_certificate(self.state.ca_cert.read_bytes()))
         self.firewall = NftFirewall(opts.interface)
-        self.device: WireGuardDevice | None = None
-        self.netconf = IPRouteNetConf()
-        self._device_lock = threading.Lock()
-        self._dirty = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.plane: DataPlane | None = None
         self.applied_version: int | None = None
         self.session = ControllerSession(
             self.state, self.record.controller,
@@ -83,25 +82,63 @@ class Daemon:
             on_agents=self._on_agents, endpoints=self._endpoint_report,
         )
         self.discovery: LanDiscovery | None = None
-        self.book = AgentBook(load_certificate(self.state.ca_cert.read_bytes()))
         self.agentnet: Any = None
         self.supervisor: AgentSupervisor | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self.api = LocalApi(opts.socket, self.status, self.whois, self._run_agent, self._list_agents)
+        self._dirty = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._snapshot_due = False
+        self._snapshot_at = 0.0
 
-    # -- netmap --------------------------------------------------------------
-    def _load_cache(self) -> NodeView | None:
-        path = self.state.path / "netmap.json"
+    # -- caches ---------------------------------------------------------------------------
+    def _load_cached_netmap(self) -> NodeView | None:
         try:
-            return NodeView(Netmap.model_validate_json(path.read_text()))
+            return NodeView(Netmap.model_validate_json((self.state.path / "netmap.json").read_text()))
         except (OSError, ValueError):
             return None
 
-    def _load_policy_cache(self) -> PolicyDoc | None:
+    def _load_cached_policy(self) -> PolicyDoc | None:
         try:
             return PolicyDoc.model_validate_json((self.state.path / "policy.json").read_text())
         except (OSError, ValueError):
             return None
+
+    def _write_snapshot(self, force: bool = False) -> None:
+        """The cached netmap, written at most every SNAPSHOT_EVERY seconds (and at shutdown)."""
+        if self.view is None or not (self._snapshot_due and (force or time.monotonic() - self._snapshot_at
+                                                             >= SNAPSHOT_EVERY)):
+            return
+        write_private(self.state.path / "netmap.json", self.view.snapshot().model_dump_json(), 0o644)
+        self._snapshot_due, self._snapshot_at = False, time.monotonic()
+
+    # -- events from the controller (event loop) ------------------------------------------------
+    def _changed(self) -> None:
+        self._snapshot_due = True
+        self._dirty.set()
+
+    def _on_full(self, netmap: Netmap) -> None:
+        self.view = NodeView(netmap)
+        for agent_id in [a for a, h in self.book.agents.items() if h.identity.node not in netmap.nodes]:
+            self.book.drop([agent_id])
+        log.info("netmap version %d: %d nodes", netmap.version, len(netmap.nodes))
+        if self.plane:
+            self.plane.full()
+        self._changed()
+
+    def _on_delta(self, delta: NetmapDelta) -> None:
+        if self.view is None:
+            raise ResyncNeeded("a delta before any full map")
+        changed, removed = self.view.apply(delta)
+        if not (changed or removed):
+            return
+        gone_agents = [a for name in removed for a in self.book.forget_node(name)]
+        log.info("netmap version %d: %s%s", delta.version, " ".join(f"+{n.name}" for n in changed),
+                 "".join(f" -{n}" for n in removed))
+        if self.plane:
+            self.plane.nodes_changed([n.name for n in changed] + removed)
+            self.plane.agents_changed(gone_agents)
+        self._changed()
 
     @staticmethod
     def _parse_policy(doc: PolicyDoc | None) -> Policy | None:
@@ -124,36 +161,89 @@ class Daemon:
         log.info("policy version %d (sha256:%s)", doc.version, doc.hash[:16])
         self._dirty.set()
 
-    # -- agents --------------------------------------------------------------
     def _on_agents(self, update: AgentUpdate) -> None:
         now = datetime.now(timezone.utc)
         nodes = self.view.nodes if self.view else {}
         if update.full:
             self.book.replace_all(update.certificates, nodes, now)
+            if self.plane:
+                self.plane.agents_reset()
         else:
-            self.book.drop(update.revoked, revoked=True)
-            self.book.admit_all(update.certificates, nodes, now)
+            changed = self.book.drop(update.revoked, revoked=True)
+            changed += self.book.admit_all(update.certificates, nodes, now)
+            if self.plane:
+                self.plane.agents_changed(changed)
         if update.revoked and self.supervisor is not None:
             self._spawn(self.supervisor.revoked(update.revoked))
         self._dirty.set()
 
-    def _spawn(self, coro: Any) -> None:
-        """A short task owned by the daemon: kept, awaited at shutdown, never orphaned."""
+    # -- converging ---------------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """A short task owned by the daemon: kept, cancelled at shutdown, never orphaned."""
         assert self._loop is not None
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _local_agent_changed(self, issued: AgentIssued | None) -> None:
-        if issued is not None and self.view is not None:
-            self.book.admit(issued.certificate, self.view.nodes, datetime.now(timezone.utc))
+    def _mark_full_threadsafe(self) -> None:
+        """wireguard-go was restarted: everything must be applied again."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._full_again)
+
+    def _full_again(self) -> None:
+        if self.plane:
+            self.plane.full()
         self._dirty.set()
+
+    async def _converge(self) -> None:
+        assert self.plane is not None
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            view = self.view
+            nodes = view.nodes if view else {}
+            found = self.discovery.found if self.discovery else {}
+            work = self.plane.take(self.policy, nodes, {i: h.identity for i, h in self.book.agents.items()}, found,
+                                   view.prefixes if view else tuple(self.record.mesh_prefixes))
+            try:
+                await asyncio.to_thread(self.plane.apply, work)
+                self.applied_version = view.version if view else None
+                self._write_snapshot()
+            except IdmeshError as exc:
+                log.error("could not apply the netmap: %s; retrying in %.0f s", exc, RETRY_APPLY)
+                self.plane.restore(work)
+                await asyncio.sleep(RETRY_APPLY)
+                self._dirty.set()
 
     async def _expire_agents(self) -> None:
         while True:
             await asyncio.sleep(0.25)
-            if self.book.expire(datetime.now(timezone.utc)):
+            if self.view is not None and self._snapshot_due:
+                self._write_snapshot()
+            expired = self.book.expire(datetime.now(timezone.utc))
+            if expired and self.plane:
+                self.plane.agents_changed(expired)
                 self._dirty.set()
+
+    async def _endpoint_report(self) -> EndpointReport:
+        # pyroute2's synchronous API runs an event loop of its own: keep it off ours.
+        found = await asyncio.to_thread(local_endpoints, self.opts.listen_port, self.opts.interface,
+                                        self.record.mesh_prefixes)
+        return EndpointReport(listen_port=self.opts.listen_port, endpoints=found)
+
+    def _discovered(self, public_key: str) -> None:
+        for name, node in (self.view.nodes.items() if self.view else ()):
+            if node.wireguard_public_key == public_key and self.plane:
+                self.plane.nodes_changed([name])
+                self._dirty.set()
+
+    # -- agents born here ----------------------------------------------------------------------------
+    def _local_agent_changed(self, issued: AgentIssued | None) -> None:
+        if issued is not None and self.view is not None:
+            held = self.book.admit(issued.certificate, self.view.nodes, datetime.now(timezone.utc))
+            if self.plane:
+                self.plane.agents_changed([held.identity.id])
+        self._dirty.set()
 
     async def _run_agent(self, pid: int, req: AgentRunRequest) -> dict[str, Any]:
         if self.supervisor is None:
@@ -168,6 +258,7 @@ class Daemon:
         local = self.supervisor.local if self.supervisor else {}
         return [a.issued.agent.model_dump(mode="json") for a in local.values()]
 
+    # -- the local API's answers -------------------------------------------------------------------------
     def whois(self, address: str) -> dict[str, Any]:
         """Who holds an overlay address, from what this node has verified itself."""
         try:
@@ -182,88 +273,16 @@ class Daemon:
                     "addresses": [a.ipv4, a.ipv6]}
         for node in (self.view.nodes.values() if self.view else ()):
             if canonical in node.addresses:
-                return {"kind": "node", "node": node.name, "principal": node.owner, "agent": None,
-                        "scopes": [], "parent": None, "expires": None, "tags": list(node.tags),
-                        "addresses": list(node.addresses)}
+                return {"kind": "node", "node": node.name, "principal": node.owner, "agent": None, "scopes": [],
+                        "parent": None, "expires": None, "tags": list(node.tags), "addresses": list(node.addresses)}
         raise NotFound(f"no identity this node honors holds {canonical}")
 
-    def _identities(self, view: NodeView | None) -> Identities:
-        nodes = [
-            NodeIdentity(name=n.name, owner=n.owner, tags=frozenset(n.tags), ipv4=n.addresses[0], ipv6=n.addresses[1])
-            for n in (view.nodes.values() if view else ())
-        ]
-        if view is None or self.name not in view.nodes:
-            r = self.record
-            nodes.append(NodeIdentity(name=self.name, owner=r.owner, tags=frozenset(r.tags),
-                                      ipv4=r.addresses[0], ipv6=r.addresses[1]))
-        names = {n.name for n in nodes}
-        agents = [h.identity for h in self.book.agents.values() if h.identity.node in names]
-        return Identities.build(nodes, agents)
-
-    def _enforce(self, view: NodeView | None) -> None:
-        """Compile this node's filter and install it (before any tunnel changes)."""
-        nf = compile_node_filter(self.policy, self._identities(view), self.name)
-        self.firewall.apply(nf)
-        self.filter = nf
-
-    def _on_full(self, netmap: Netmap) -> None:
-        self.view = NodeView(netmap)
-        log.info("netmap version %d: %d nodes", netmap.version, len(netmap.nodes))
-        self._dirty.set()
-
-    def _on_delta(self, delta: NetmapDelta) -> None:
-        if self.view is None:
-            raise ResyncNeeded("a delta before any full map")
-        changed, removed = self.view.apply(delta)
-        for name in removed:
-            self.book.forget_node(name)
-        if changed or removed:
-            log.info("netmap version %d: %s%s", delta.version,
-                     " ".join(f"+{n.name}" for n in changed), " ".join(f" -{n}" for n in removed))
-            self._dirty.set()
-
-    async def _endpoint_report(self) -> EndpointReport:
-        # pyroute2's synchronous API runs an event loop of its own: keep it off ours.
-        prefixes = self.record.mesh_prefixes
-        found = await asyncio.to_thread(local_endpoints, self.opts.listen_port, self.opts.interface, prefixes)
-        return EndpointReport(listen_port=self.opts.listen_port, endpoints=found)
-
-    # -- converging the interface ---------------------------------------------
-    def _mark_dirty_threadsafe(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dirty.set)
-
-    def _apply(self, view: NodeView) -> None:
-        assert self.device is not None
-        found = self.discovery.found if self.discovery else {}
-        device = desired_device(self.wg_private, self.opts.listen_port, view, self.name, found)
-        link = desired_link(self.opts.interface, self.record.addresses, view.prefixes)
-        with self._device_lock:
-            self._enforce(view)
-            self.device.apply(device)
-            self.netconf.apply(link)
-        write_private(self.state.path / "netmap.json", view.snapshot().model_dump_json(), 0o644)
-
-    async def _converge(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            view = self.view
-            if view is None:
-                continue
-            try:
-                await asyncio.to_thread(self._apply, view)
-                self.applied_version = view.version
-            except IdmeshError as exc:
-                log.error("could not apply netmap version %d: %s; retrying", view.version, exc)
-                await asyncio.sleep(RETRY_APPLY)
-                self._dirty.set()
-
-    # -- status ------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        view = self.view
-        with self._device_lock:
-            state = self.device.state() if self.device else None
+        view, plane = self.view, self.plane
+        state = None
+        if plane is not None:
+            with plane.lock:
+                state = plane.device.state()
         by_key = {p.public_key: p for p in state.peers} if state else {}
         peers = []
         for name, node in sorted((view.nodes if view else {}).items()):
@@ -280,6 +299,7 @@ class Daemon:
                 "tags": list(node.tags),
                 "owner": node.owner,
             })
+        nf = plane.filter if plane else None
         return {
             "self": {
                 "name": self.name,
@@ -293,13 +313,10 @@ class Daemon:
             "policy": {
                 "version": self.policy_doc.version if self.policy_doc else 0,
                 "hash": self.policy_doc.hash if self.policy_doc else None,
-                "ruleset": self.filter.digest if self.filter else None,
-                "rules": len(self.filter.rules) if self.filter else 0,
+                "ruleset": nf.digest if nf else None,
+                "rules": len(nf.rules) if nf else 0,
             },
-            "agents": {
-                "honored": len(self.book.agents),
-                "local": len(self.supervisor.local) if self.supervisor else 0,
-            },
+            "agents": {"honored": len(self.book.agents), "local": len(self.supervisor.local) if self.supervisor else 0},
             "controller": {
                 "url": self.session.url,
                 "connected": self.session.connected,
@@ -310,26 +327,24 @@ class Daemon:
             "peers": peers,
         }
 
-    # -- lifetime ------------------------------------------------------------------
+    # -- lifetime ---------------------------------------------------------------------------------------
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, stop.set)
-        # Default deny from the first moment: the cached (or empty) policy is
-        # enforced before the interface exists and before the controller answers.
-        await asyncio.to_thread(self._enforce, self.view)
-        self.device = await asyncio.to_thread(
+        device = await asyncio.to_thread(
             open_device, self.opts.interface, implementation=self.opts.wireguard,  # type: ignore[arg-type]
-            on_restart=self._mark_dirty_threadsafe,
+            on_restart=self._mark_full_threadsafe,
         )
-        log.info("%s up on %s (%s), listening on %d", self.name, self.opts.interface,
-                 type(self.device).__name__, self.opts.listen_port)
+        self.plane = DataPlane(self.name, self.record.addresses, self.wg_private, self.opts.listen_port,
+                               self.opts.interface, device, IPRouteNetConf(), self.firewall)
+        log.info("%s up on %s (%s), listening on %d", self.name, self.opts.interface, type(device).__name__,
+                 self.opts.listen_port)
         try:
-            if self.view is not None:
-                self._dirty.set()  # rebuild from the cached map before the controller answers
-            if self.opts.discovery:
-                await self._start_discovery()
+            # Default deny from the first moment: the cached (or empty) policy is enforced,
+            # and the cached map applied, before the controller answers.
+            self._dirty.set()
             await self._start_agents()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -340,6 +355,8 @@ class Daemon:
                 ]
                 if self.supervisor is not None:
                     tasks.append(tg.create_task(self.supervisor.watch(), name="agent-watch"))
+                if self.opts.discovery:
+                    tasks.append(tg.create_task(self._start_discovery(), name="discovery"))
                 api = tg.create_task(self.api.serve(), name="local-api")
                 waiter = tg.create_task(stop.wait(), name="stop")
                 await asyncio.wait([api, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -359,9 +376,8 @@ class Daemon:
                 await asyncio.to_thread(self.agentnet.close)
             if self.discovery is not None:
                 await self.discovery.stop()
-            device, self.device = self.device, None
-            if device is not None:
-                await asyncio.to_thread(device.close)
+            self._write_snapshot(force=True)
+            await asyncio.to_thread(device.close)
             await asyncio.to_thread(self.firewall.close)
             log.info("stopped; interface %s removed", self.opts.interface)
 
@@ -375,12 +391,14 @@ class Daemon:
                                           self._local_agent_changed)
 
     async def _start_discovery(self) -> None:
+        """mDNS probing takes a second or more: it runs beside everything else, never before it."""
         report = await self._endpoint_report()
         underlay = [e.rsplit(":", 1)[0] for e in report.endpoints if not e.startswith("[")]
-        self.discovery = LanDiscovery(self.name, self.record.wireguard_public_key, self.opts.listen_port,
-                                      underlay, self._dirty.set)
+        discovery = LanDiscovery(self.name, self.record.wireguard_public_key, self.opts.listen_port, underlay,
+                                 self._discovered)
         try:
-            await self.discovery.start()
+            await discovery.start()
         except (OSError, RuntimeError) as exc:  # no multicast here: discovery is an optimisation
             log.warning("LAN discovery unavailable: %s", exc)
-            self.discovery = None
+            return
+        self.discovery = discovery

@@ -24,7 +24,7 @@ log = logging.getLogger("meshd.discovery")
 
 class LanDiscovery:
     def __init__(self, node: str, public_key: str, port: int, addresses: list[str],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[str], None]) -> None:
         self.node = node
         self.public_key = public_key
         self.port = port
@@ -67,7 +67,7 @@ class LanDiscovery:
         if self.found.get(key.decode()) != endpoint:
             self.found[key.decode()] = endpoint
             log.info("found %s on the local link at %s", name, endpoint)
-            self._on_change()
+            self._on_change(key.decode())
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from .diff import AddPeer, Op, PeerOp, RemovePeer, SetDevice, UpdatePeer, diff_device, diff_peers
+from .diff import AddPeer, Op, PeerOp, RemovePeer, SetDevice, UpdatePeer, diff_device, diff_peers, peer_changes
 from .fake import FakeWireGuard
 from .kernel import KernelWireGuard
 from .model import (
@@ -48,6 +48,7 @@ __all__ = [
     "WireGuardGo",
     "diff_device",
     "diff_peers",
+    "peer_changes",
     "generate_private_key",
     "kernel_wireguard_available",
     "open_device",

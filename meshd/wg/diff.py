@@ -21,7 +21,7 @@ when our intent changed (it differs from the endpoint of the previous
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .model import DeviceConfig, DeviceState, PeerConfig, PeerState
@@ -114,6 +114,31 @@ def diff_peers(
             updates.append(update)
     additions: list[PeerOp] = [AddPeer(want[key]) for key in sorted(want.keys() - have.keys())]
     return removals + updates + additions
+
+
+def peer_changes(known: Mapping[str, PeerConfig], upsert: Iterable[PeerConfig],
+                 remove: Iterable[str]) -> list[PeerOp]:
+    """Operations for just these peers, relative to what was last applied (``known``).
+
+    The incremental path: its cost follows the change, not the device, so
+    one node joining a 10,000-peer mesh costs one operation, not a read of
+    10,000 peers. An endpoint is sent only when the desired one changed, as
+    in :func:`diff_peers`, so a roamed peer keeps the endpoint it roamed to.
+    """
+    ops: list[PeerOp] = [RemovePeer(key) for key in sorted(set(remove)) if key in known]
+    for peer in upsert:
+        old = known.get(peer.public_key)
+        if old is None:
+            ops.append(AddPeer(peer))
+        elif old != peer:
+            ops.append(UpdatePeer(
+                peer.public_key,
+                endpoint=peer.endpoint if peer.endpoint is not None and peer.endpoint != old.endpoint else None,
+                persistent_keepalive=(peer.persistent_keepalive or 0)
+                if (peer.persistent_keepalive or 0) != (old.persistent_keepalive or 0) else None,
+                allowed_ips=peer.allowed_ips if set(peer.allowed_ips) != set(old.allowed_ips) else None,
+            ))
+    return ops
 
 
 def diff_device(current: DeviceState, desired: DeviceConfig, last: DeviceConfig | None = None) -> list[Op]:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .diff import Op, diff_device
-from .model import DeviceConfig, DeviceState, check_ifname, format_endpoint, parse_endpoint
+from .diff import Op, diff_device, peer_changes
+from .model import DeviceConfig, DeviceState, PeerConfig, check_ifname, format_endpoint, parse_endpoint
 from .uapi import UapiClient, key_from_hex, key_to_hex
 
 __all__ = ["FakeUapiServer", "FakeWireGuard"]
@@ -143,6 +144,19 @@ class FakeWireGuard:
         self.last_ops = diff_device(self._client.get(), desired, self._last)
         self._client.set(self.last_ops)
         self._last = desired
+
+    def update_peers(self, upsert: Sequence[PeerConfig], remove: Sequence[str]) -> bool:
+        if self._last is None:
+            return False
+        known = {p.public_key: p for p in self._last.peers}
+        self.last_ops = list(peer_changes(known, upsert, remove))
+        self._client.set(self.last_ops)
+        for key in remove:
+            known.pop(key, None)
+        for peer in upsert:
+            known[peer.public_key] = peer
+        self._last = DeviceConfig(self._last.private_key, self._last.listen_port, tuple(known.values()))
+        return True
 
     def state(self) -> DeviceState:
         return self._client.get()

@@ -23,7 +23,7 @@ from meshcore.errors import Conflict, Unavailable
 
 from ._links import create_link, delete_link, link_kind, netlink_error
 from .diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer, diff_device
-from .model import DeviceConfig, DeviceState, PeerState, check_ifname, parse_endpoint
+from .model import DeviceConfig, DeviceState, PeerConfig, PeerState, check_ifname, parse_endpoint
 
 __all__ = ["KernelWireGuard", "netlink_requests", "parse_netlink"]
 
@@ -135,6 +135,10 @@ class KernelWireGuard:
             self._applied = None
             raise
         self._applied = desired
+
+    def update_peers(self, upsert: Sequence[PeerConfig], remove: Sequence[str]) -> bool:
+        """No incremental path over netlink yet: the caller applies the whole config."""
+        return False
 
     def state(self) -> DeviceState:
         return parse_netlink(self._netlink("reading", WireGuard.info, self.ifname), self.ifname)

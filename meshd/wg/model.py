@@ -19,6 +19,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Sequence
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -210,6 +211,10 @@ class WireGuardDevice(Protocol):
     ifname: str
 
     def apply(self, desired: DeviceConfig) -> None: ...
+
+    def update_peers(self, upsert: Sequence[PeerConfig], remove: Sequence[str]) -> bool:
+        """Change only these peers; False (nothing sent) when the device's state is unknown."""
+        ...
 
     def state(self) -> DeviceState: ...
 

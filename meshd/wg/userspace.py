@@ -31,7 +31,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -39,8 +39,8 @@ from typing import Self, TypeVar
 from meshcore.errors import Conflict, IdmeshError, Unavailable
 
 from ._links import delete_link, link_kind
-from .diff import Op, diff_device
-from .model import DeviceConfig, DeviceState, check_ifname
+from .diff import Op, diff_device, peer_changes
+from .model import DeviceConfig, DeviceState, PeerConfig, check_ifname
 from .uapi import UAPI_DIR, UapiClient, UnixSocketTransport
 
 __all__ = ["WireGuardGo"]
@@ -171,6 +171,9 @@ class WireGuardGo:
         self._supervisor: threading.Thread | None = None
         self._desired: DeviceConfig | None = None  # what the caller asked for last
         self._applied: DeviceConfig | None = None  # what this child was given; None: unknown, diff the device
+        # Peers as last sent, kept by key for update_peers; _desired is rebuilt from it lazily.
+        self._known: dict[str, PeerConfig] | None = None
+        self._stale = False
         self._last_error: IdmeshError | None = None
 
     # -- public -------------------------------------------------------------------------------
@@ -204,7 +207,37 @@ class WireGuardGo:
         """Converge the device to ``desired``; kept and re-applied should wireguard-go have to be restarted."""
         with self._lock:
             self._desired = desired
+            self._stale = False
         self._retrying(self._converge_locked)
+
+    def update_peers(self, upsert: Sequence[PeerConfig], remove: Sequence[str]) -> bool:
+        """Change just these peers (by key), without reading the device.
+
+        Returns False, sending nothing, when what the device holds is not
+        known (never configured, or a set failed): then apply the whole
+        config instead.
+        """
+        def call() -> bool:
+            known = self._known
+            if known is None or self._desired is None:
+                return False
+            ops = peer_changes(known, upsert, remove)
+            try:
+                self._client.set(ops)
+            except BaseException:
+                self._known = self._applied = None
+                raise
+            for key in remove:
+                known.pop(key, None)
+            for peer in upsert:
+                known[peer.public_key] = peer
+            self._stale = True
+            self._applied = None  # a later full apply diffs the device itself
+            if ops:
+                log.debug("%s: applied %d incremental WireGuard operation(s)", self.ifname, len(ops))
+            return True
+
+        return self._retrying(call)
 
     def state(self) -> DeviceState:
         return self._retrying(self._client.get)
@@ -256,13 +289,19 @@ class WireGuardGo:
 
     def _converge_locked(self) -> list[Op]:
         assert self._desired is not None
+        if self._stale and self._known is not None:  # incremental updates happened since _desired was set
+            d = self._desired
+            self._desired = DeviceConfig(d.private_key, d.listen_port, tuple(self._known.values()))
+            self._stale = False
         try:
             ops = diff_device(self._client.get(), self._desired, self._applied)
             self._client.set(ops)
         except BaseException:
             self._applied = None  # a set is not atomic: trust the device, not our memory, next time
+            self._known = None
             raise
         self._applied = self._desired
+        self._known = {p.public_key: p for p in self._desired.peers}
         if ops:
             log.info("%s: applied %d WireGuard operation(s)", self.ifname, len(ops))
         return ops

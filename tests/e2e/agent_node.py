@@ -64,8 +64,6 @@ def serve() -> None:
                 if op == "start":
                     net = AgentNet(request["node"], request["ifname"], request["pool4"], request["pool6"])
                     net.start()
-                    continue_answer = {"cgroup_parent": str(net._cgroups.directory)}  # type: ignore[attr-defined]
-                    answer.update(continue_answer)
                 elif net is None:
                     raise RuntimeError(f"{op} before start")
                 elif op == "add":

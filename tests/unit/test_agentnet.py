@@ -262,10 +262,9 @@ def rig(log: list[str]) -> Rig:
     nft = FakeNft(log)
     forgotten: list[tuple[int, int]] = []
 
-    def conntrack(mark: int, mask: int) -> int:
+    def conntrack(mark: int, mask: int) -> None:
         log.append(f"forget {mark:#x}")
         forgotten.append((mark, mask))
-        return 1
 
     net = AgentNet("h1", "idmesh0", "100.64.0.0/26", "fd00:1::/64", nft=nft, cgroups=cg, conntrack=conntrack)
     return Rig(net, cg, nft, forgotten)
@@ -294,6 +293,11 @@ def test_add_move_populated_remove(rig: Rig, log: list[str]) -> None:
     assert not net.populated("a1")
     net.move(4242, "a1")
     assert net.populated("a1")
+    for bad in (0, -1, True):  # writing 0 to cgroup.procs would move meshd itself
+        with pytest.raises(InvalidInput, match="not a process id"):
+            net.move(bad, "a1")
+    with pytest.raises(NotFound, match="agent a9 does not run on node h1"):
+        net.move(4242, "a9")
     log.clear()
     net.remove("a1")
     # processes die while their mark still applies; entries go before the directory; then the flows

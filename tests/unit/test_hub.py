@@ -32,7 +32,7 @@ def hub(version: int = 10, *nodes: PeerNode) -> NetmapHub:
 def drain(sub: Subscription) -> list[StreamMessage]:
     out = []
     while not sub.queue.empty():
-        out.append(sub.queue.get_nowait())
+        out.append(sub.queue.get_nowait().message)
     return out
 
 
@@ -130,7 +130,7 @@ def test_a_waiting_subscriber_is_woken_by_a_publish() -> None:
         waiter = asyncio.create_task(sub.queue.get())
         await asyncio.sleep(0)
         h.publish(11, upsert=(node(2),))
-        return await asyncio.wait_for(waiter, 1)
+        return (await asyncio.wait_for(waiter, 1)).message
 
     message = asyncio.run(scenario())
     assert message.type == "delta" and message.delta is not None and message.delta.upsert == (node(2),)

@@ -1,0 +1,172 @@
+"""The node's data plane, converged incrementally: WireGuard peers,
+addresses and routes, and the firewall compiled from policy and identities.
+
+Events arrive on the event loop (a delta, an agent born, a policy); they
+only *record* what changed. :meth:`DataPlane.take` then snapshots that
+work on the loop, and :meth:`DataPlane.apply` carries it out in a worker
+thread (the drivers block). The cost of a change follows the change: a
+node joining sends one WireGuard operation and updates one identity; only
+a full map (connect, resync, restart) touches everything.
+
+Order within one apply: the firewall first, then the tunnels, so a new
+peer is never reachable under an old policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshcore.netmap import PeerNode
+from meshcore.policy import AgentIdentity, Identities, NodeFilter, NodeIdentity, Policy, compile_node_filter
+
+from .converge import KEEPALIVE, choose_endpoint, desired_link
+from .firewall import NftFirewall
+from .netconf import NetConf
+from .wg import DeviceConfig, PeerConfig, WireGuardDevice
+
+__all__ = ["DataPlane", "Work"]
+
+log = logging.getLogger("meshd.dataplane")
+
+
+def node_identity(peer: PeerNode) -> NodeIdentity:
+    return NodeIdentity(name=peer.name, owner=peer.owner, tags=frozenset(peer.tags), ipv4=peer.addresses[0],
+                        ipv6=peer.addresses[1])
+
+
+@dataclass
+class Work:
+    """One apply's worth of changes, snapshotted on the event loop."""
+
+    policy: Policy
+    full_nodes: dict[str, PeerNode] | None = None  # everything (and the agents below are all of them)
+    nodes: dict[str, PeerNode | None] = field(default_factory=dict)  # changed: new value, or None = removed
+    full_agents: list[AgentIdentity] | None = None
+    agents: dict[str, AgentIdentity | None] = field(default_factory=dict)
+    discovered: dict[str, str] = field(default_factory=dict)
+    prefixes: tuple[str, ...] = ()
+
+
+class DataPlane:
+    def __init__(self, name: str, addresses: tuple[str, str], private_key: str, listen_port: int, ifname: str,
+                 device: WireGuardDevice, netconf: NetConf, firewall: NftFirewall) -> None:
+        self.name = name
+        self.self_node = NodeIdentity(name=name, ipv4=addresses[0], ipv6=addresses[1])
+        self.addresses = addresses
+        self.private_key = private_key
+        self.listen_port = listen_port
+        self.ifname = ifname
+        self.device = device
+        self.netconf = netconf
+        self.firewall = firewall
+        self.lock = threading.Lock()  # one apply at a time; status reads the device under it too
+        self.filter: NodeFilter | None = None
+        self._ids: Identities | None = None
+        self._peers: dict[str, PeerConfig] = {}  # by node name: what the device was told
+        self._nodes: dict[str, PeerNode] = {}
+        # recorded on the loop, taken by take()
+        self._full = True
+        self._changed_nodes: set[str] = set()
+        self._changed_agents: set[str] = set()
+        self._agents_reset = True
+
+    # -- recording (event loop) ---------------------------------------------------
+    def full(self) -> None:
+        self._full = True
+
+    def nodes_changed(self, names: list[str]) -> None:
+        self._changed_nodes.update(names)
+
+    def agents_changed(self, ids: list[str]) -> None:
+        self._changed_agents.update(ids)
+
+    def agents_reset(self) -> None:
+        self._agents_reset = True
+
+    def take(self, policy: Policy, nodes: Mapping[str, PeerNode], agents: Mapping[str, AgentIdentity],
+             discovered: Mapping[str, str], prefixes: tuple[str, ...]) -> Work:
+        work = Work(policy=policy, discovered=dict(discovered), prefixes=prefixes)
+        if self._full or self._ids is None:
+            work.full_nodes = dict(nodes)
+            work.full_agents = list(agents.values())
+        else:
+            work.nodes = {n: nodes.get(n) for n in self._changed_nodes}
+            if self._agents_reset:
+                work.full_agents = list(agents.values())
+            else:
+                work.agents = {a: agents.get(a) for a in self._changed_agents}
+        self._full = self._agents_reset = False
+        self._changed_nodes.clear()
+        self._changed_agents.clear()
+        return work
+
+    def restore(self, work: Work) -> None:
+        """A failed apply is retried whole: nothing recorded is lost."""
+        self._full = True
+
+    # -- applying (worker thread) -------------------------------------------------------
+    def _peer_config(self, peer: PeerNode, discovered: Mapping[str, str]) -> PeerConfig:
+        return PeerConfig(public_key=peer.wireguard_public_key, allowed_ips=peer.blocks,
+                          endpoint=choose_endpoint(peer, discovered), persistent_keepalive=KEEPALIVE)
+
+    def _identities(self, work: Work) -> Identities:
+        if work.full_nodes is not None:
+            nodes = {n: node_identity(p) for n, p in work.full_nodes.items()}
+            nodes.setdefault(self.name, self.self_node)
+            agents = [a for a in work.full_agents or () if a.node in nodes]
+            return Identities.build(nodes.values(), agents)
+        ids = self._ids
+        assert ids is not None
+        for name, peer in work.nodes.items():
+            if peer is not None:
+                ids = ids.with_node(node_identity(peer))
+            elif name in ids.nodes and name != self.name:
+                ids = ids.without_node(name)
+        if work.full_agents is not None:
+            for agent_id in list(ids.agents):
+                ids = ids.without_agent(agent_id)
+            changes: Mapping[str, AgentIdentity | None] = {a.id: a for a in work.full_agents}
+        else:
+            changes = work.agents
+        for agent_id, agent in changes.items():
+            if agent_id in ids.agents:
+                ids = ids.without_agent(agent_id)
+            if agent is not None and agent.node in ids.nodes:
+                ids = ids.with_agent(agent)
+        return ids
+
+    def apply(self, work: Work) -> None:
+        with self.lock:
+            self._ids = self._identities(work)
+            nf = compile_node_filter(work.policy, self._ids, self.name)
+            self.firewall.apply(nf)
+            self.filter = nf
+            if work.full_nodes is not None:
+                self._nodes = {n: p for n, p in work.full_nodes.items() if n != self.name}
+                self._peers = {n: self._peer_config(p, work.discovered) for n, p in self._nodes.items()}
+                self._apply_device_whole()
+                self.netconf.apply(desired_link(self.ifname, self.addresses, work.prefixes))
+            else:
+                upsert, remove = [], []
+                for name, peer in work.nodes.items():
+                    if name == self.name:
+                        continue
+                    old = self._peers.pop(name, None)
+                    self._nodes.pop(name, None)
+                    if peer is None:
+                        if old is not None:
+                            remove.append(old.public_key)
+                        continue
+                    cfg = self._peer_config(peer, work.discovered)
+                    if old is not None and old.public_key != cfg.public_key:
+                        remove.append(old.public_key)  # re-enrolled with a new key
+                    self._peers[name], self._nodes[name] = cfg, peer
+                    upsert.append(cfg)
+                if (upsert or remove) and not self.device.update_peers(upsert, remove):
+                    self._apply_device_whole()
+
+    def _apply_device_whole(self) -> None:
+        self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values())))
