@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
+import threading
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,7 +80,7 @@ def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
         ("node exit-eu (tag:exit, direct)", nodes["exit-eu"], None, "tag=exit"),
     ]
     services = [("db", 5432), ("db-admin", 5433)]
-    print(f"  {'identity':36} " + "".join(f"{s + ':' + str(p):24}" for s, p in services))
+    print(f"  {'identity':34} " + "".join(f"{s + ':' + str(p):34}" for s, p in services))
     for label, node, agent, source in rows:
         cells = []
         for service, port in services:
@@ -86,11 +89,16 @@ def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
             measured = node.host.run(argv, check=False, timeout=30).stdout.strip() or "error"
             explained = json.loads(mesh.admin("policy", "explain", "--from", source, "--to", f"{service}:{port}",
                                               "--json").stdout)
-            rule = explained["rule"].split(":")[0] if explained["verdict"] == "allow" else "default deny"
-            mark = "ok" if measured == explained["verdict"] + "ed" or (measured == "denied" and
-                                                                       explained["verdict"] == "deny") else "!!"
-            cells.append(f"{measured} ({rule}){'' if mark == 'ok' else ' MISMATCH'}")
-        print(f"  {label:36} " + "".join(f"{c:24}" for c in cells), flush=True)
+            rule = explained["rule"].split(" at ")[0] if explained["verdict"] == "allow" else "default deny"
+            expected = "allowed" if explained["verdict"] == "allow" else "denied"
+            cells.append(f"{measured} ({rule})" + ("" if measured == expected else " MISMATCH with explain"))
+        print(f"  {label:34} " + "".join(f"{c:34}" for c in cells), flush=True)
+
+
+def _honors(db: Node, address: str) -> bool:
+    """Whether db's firewall still has the address in a set (what 'honoring' means on the wire)."""
+    ruleset = db.host.run(["nft", "list", "table", "inet", "idmesh"], check=False, timeout=10).stdout
+    return address in ruleset
 
 
 def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
@@ -106,20 +114,29 @@ def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
     listed = json.loads(agents.host.run([cmd("meshctl"), "agent", "list", "--json", "--socket",
                                          str(agents.socket)]).stdout)
     agent = next(a for a in listed if a["name"] == "long-runner")
-    who = db.host.run([cmd("meshctl"), "whois", agent["addresses"][0], "--socket", str(db.socket)]).stdout
-    print(f"  db asks who {agent['addresses'][0]} is (meshctl whois):")
+    address = agent["addresses"][0]
+    who = db.host.run([cmd("meshctl"), "whois", address, "--socket", str(db.socket)]).stdout
+    print(f"  db asks who {address} is (meshctl whois):")
     print("    " + who.strip().replace("\n", "\n    "))
-    t0 = time.time()
+    gone: list[float] = []
+
+    def watch() -> None:
+        while _honors(db, address):
+            time.sleep(0.002)
+        gone.append(time.time())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     mesh.admin("agent", "revoke", agent["id"])
-    last = ""
-    for line in proc.stdout:
-        last = line
-        if line.startswith("refused"):
-            break
-    took = float(last.split()[1]) - t0 if last.startswith("refused") else float("nan")
-    print(f"  revoked {agent['id']}: its connections to db stopped {took * 1000:.0f} ms after "
-          f"'meshctl agent revoke' was started")
+    watcher.join(30)
     proc.wait(10)
+    with sqlite3.connect(mesh.tmp / "ctl" / "controller.db") as store:
+        (at,) = store.execute("SELECT at FROM audit WHERE action = 'agent.revoked' AND target LIKE ?",
+                              (f"%/{agent['id']}",)).fetchone()
+    revoked_at = datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    print(f"  revoked {agent['id']} at the controller; db's firewall dropped {address} "
+          f"{(gone[0] - revoked_at) * 1000:.0f} ms later; the agent's processes were killed on its node "
+          f"(exit status {proc.returncode})")
 
 
 def main() -> None:

@@ -35,10 +35,28 @@ mark, so other software's routing marks keep working.
 
 An agent's birth or death is one atomic nftables transaction that adds or
 deletes its chain and its map and set elements; other agents' entries and
-flows are not touched. Rendering is pure (:func:`render_table`,
+flows are not touched. On death its conntrack entries (found by the mark
+field of the conntrack mark) are deleted too, so a flow of the dead agent
+cannot be revived by a later agent given the same address. Rendering is pure (:func:`render_table`,
 :func:`render_add`, :func:`render_remove`); :class:`AgentNet` is the shell
 that runs it through in-process libnftables (no fork/exec per change) and
 drives the cgroups.
+
+What the anti-spoofing does not cover:
+
+* root: it can write its pid into an agent's cgroup, or delete this table.
+  The check stops root's raw and IP_TRANSPARENT sockets (and forged
+  SO_MARKs) — defence in depth against mistakes, not against a hostile root;
+  agents should run unprivileged (an unprivileged process cannot send from a
+  non-local address at all);
+* packets forged to match the untranslated 5-tuple of a live agent flow
+  (root only) inherit the flow's conntrack mark and leave as that agent;
+* a socket made before its process entered the cgroup is not the agent's
+  (it leaves as the node), and one the agent hands to another process
+  (SCM_RIGHTS) stays the agent's until the agent is removed;
+* only traffic through the mesh interface is translated and policed;
+  the receiving side (an address accepted only from the tunnel of the node
+  owning its block) is WireGuard's allowed-IPs, not this module.
 """
 
 from __future__ import annotations
@@ -384,11 +402,17 @@ class AgentNet:
     other address is policed as an agent address. Not usable before
     :meth:`start`; :meth:`close` leaves no table, cgroup or process. Methods
     may be called from several threads (they serialise).
+
+    The cgroup hierarchy is the machine's, shared by every network namespace:
+    the node's directory (``cgroup_parent``, by default ``idmesh-<node>``) must
+    be unique on the machine, because :meth:`start` takes over (kills) what it
+    finds there. ``nft``, ``cgroups`` and ``conntrack`` replace the real
+    libnftables, cgroupfs and ctnetlink (tests).
     """
 
     def __init__(self, node: str, ifname: str, pool4: str, pool6: str, cgroup_root: Path = Path("/sys/fs/cgroup"),
                  *, mark_mask: int = DEFAULT_MARK_MASK, nft: Nft | None = None, cgroups: AgentCgroups | None = None,
-                 conntrack: Callable[[int, int], None] | None = None) -> None:
+                 conntrack: Callable[[int, int], None] | None = None, cgroup_parent: str | None = None) -> None:
         if not NODE_NAME.match(node):
             raise InvalidInput(f"node name {node!r} is not a DNS label (a-z 0-9 -)")
         if not _IFNAME.match(ifname):
@@ -405,7 +429,8 @@ class AgentNet:
                                f"mark mask {mark_mask:#010x} numbers only {field.capacity}: use a wider mask")
         self.node, self.ifname = node, ifname
         self.table = AgentTable(node, ifname, block4, block6, field)
-        self._cgroups: AgentCgroups = cgroups or CgroupTree(cgroup_root, f"idmesh-{node}")
+        parent = check_agent_name(cgroup_parent) if cgroup_parent else f"idmesh-{node}"
+        self._cgroups: AgentCgroups = cgroups or CgroupTree(cgroup_root, parent)
         self._nft: Nft | None = nft
         self._own_nft: Libnftables | None = None
         self._conntrack = conntrack
@@ -440,15 +465,16 @@ class AgentNet:
         with self._lock:
             if self._started:
                 return
-            if self._nft is None:
-                self._own_nft = Libnftables()
-                self._nft = self._own_nft
-            if self._conntrack is None:
-                try:
-                    self._own_conntrack = self._conntrack = ConntrackFlusher()
-                except OSError as exc:
-                    raise Unavailable(f"cannot open ctnetlink for the agents of node {self.node}: {exc}") from exc
             try:
+                if self._nft is None:
+                    self._own_nft = Libnftables()
+                    self._nft = self._own_nft
+                if self._conntrack is None:
+                    try:
+                        self._own_conntrack = self._conntrack = ConntrackFlusher()
+                    except OSError as exc:
+                        raise Unavailable(f"cannot open ctnetlink for the agents of node {self.node}: "
+                                          f"{exc.strerror}") from exc
                 where = self._cgroups.prepare()
                 self._nft_prefix = where.nft_prefix
                 t = self.table
@@ -536,12 +562,16 @@ class AgentNet:
             return self._cgroups.populated(agent_id)
 
     def remove(self, agent_id: str) -> None:
-        """Kill what is left of the agent, delete its entries and its cgroup, forget its connections.
+        """Kill what is left of the agent, forget its connections, delete its entries and its cgroup.
 
         Order: the processes die first, while their mark still applies, so
-        the FIN/RST their sockets send on exit leave with the agent's address;
-        then its entries go (from then on nothing can send as it), then the
-        cgroup, then the conntrack entries of its flows.
+        the FIN/RST their sockets send on exit leave with the agent's address.
+        Its conntrack entries go next: what the kernel still sends for those
+        flows (a TIME_WAIT ACK to the peer's late FIN) then finds no
+        translation and leaves as the node, instead of being dropped as a
+        spoof. Then its nftables entries go (from then on nothing can send
+        as it), its conntrack entries once more (any made meanwhile), and
+        the cgroup.
         """
         with self._lock:
             slot = self._slot(agent_id)
@@ -550,6 +580,7 @@ class AgentNet:
                 self._cgroups.kill(agent_id)
             except IdmeshError as exc:  # its identity goes anyway; say so at the end
                 problems.append(exc)
+            self._forget(slot)
             gone = not self._cgroups.exists(agent_id)
             self._run(render_remove(self.table, slot, cgroup_gone=gone, others=self._slots.values()),
                       f"removing agent {agent_id}")
@@ -587,20 +618,24 @@ class AgentNet:
 
     def _close_locked(self, *, quiet: bool) -> None:
         problems: list[IdmeshError] = []
-        steps: list[tuple[str, Callable[[], object]]] = [
-            ("kill", lambda: self._cgroups.kill(None)),
-            ("table", lambda: self._nft and self._run(_delete_table(), f"deleting the agent table of node {self.node}")),
-            ("cgroups", self._cgroups.close),
-        ]
-        for name, step in steps:
+        slots = list(self._slots.values())
+
+        def forget_all() -> None:
+            for slot in slots:
+                self._forget(slot)
+
+        def delete_table() -> None:
+            if self._nft is not None:
+                self._run(_delete_table(), f"deleting the agent table of node {self.node}")
+
+        # the order of remove(), for every agent at once
+        steps = [lambda: self._cgroups.kill(None), forget_all, delete_table, forget_all, self._cgroups.close]
+        for step in steps:
             try:
                 step()
             except IdmeshError as exc:
                 problems.append(exc)
-            if name == "table":
-                for slot in self._slots.values():
-                    self._forget(slot)
-                self._slots.clear()
+        self._slots.clear()
         self._started = False
         if self._own_nft is not None:
             self._own_nft.close()

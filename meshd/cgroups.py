@@ -279,7 +279,13 @@ def _holding(path: Path) -> str:
         children = [p.name for p in path.iterdir() if p.is_dir()]
     except OSError:
         return ""
-    return f" (processes {' '.join(pids) or 'none'}; child cgroups {' '.join(children) or 'none'})"
+    def state(pid: str) -> str:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return f"{pid}:{stat[stat.index('(') + 1:stat.rindex(')')]}:{stat.rpartition(')')[2].split()[0]}"
+        except OSError:
+            return f"{pid}:gone"
+    return f" (processes {' '.join(map(state, pids)) or 'none'}; child cgroups {' '.join(children) or 'none'})"
 
 
 def _rmdir(path: Path, timeout: float) -> None:
@@ -291,7 +297,11 @@ def _rmdir(path: Path, timeout: float) -> None:
         except FileNotFoundError:
             return
         except OSError as exc:
-            # EBUSY: tasks that were killed but have not finished exiting still pin the cgroup.
+            # EBUSY: killed tasks still exiting, or a late joiner: a process spawned with
+            # AgentSlot.command() that wrote itself into cgroup.procs after the kill. Kill again.
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise _mapped(exc, f"cannot remove cgroup {path}{_holding(path)}") from exc
-            time.sleep(0.005)
+            if _populated(path):
+                _kill(path, max(0.1, deadline - time.monotonic()))
+            else:
+                time.sleep(0.005)

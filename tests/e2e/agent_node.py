@@ -8,7 +8,7 @@ line per request line:
     {"op": "start", "node": ..., "ifname": ..., "pool4": ..., "pool6": ...}
     {"op": "add", "agent_id": ..., "ipv4": ..., "ipv6": ...}  -> {"slot": {...}}
     {"op": "move", "pid": ..., "agent_id": ...}
-    {"op": "spawn", "agent_id": ..., "argv": [...]}            -> {"pid": ...}  (started inside the cgroup)
+    {"op": "spawn", "agent_id": ..., "argv": [...], "wait": true} -> {"pid": ...}  (answered once it is inside)
     {"op": "populated", "agent_id": ...}                       -> {"populated": bool}
     {"op": "remove", "agent_id": ...}
     {"op": "spoofed"}                                          -> {"spoofed": packets}
@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,11 @@ def serve() -> None:
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     children.append(proc)
                     answer["pid"] = proc.pid
+                    deadline = time.monotonic() + (5 if request.get("wait", True) else 0)  # answer once it is in
+                    while str(proc.pid) not in (slot.cgroup / "cgroup.procs").read_text().split():
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            break
+                        time.sleep(0.002)
                 elif op == "populated":
                     answer["populated"] = net.populated(request["agent_id"])
                 elif op == "remove":
