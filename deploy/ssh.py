@@ -61,10 +61,9 @@ async def connect(spec: HostSpec) -> AsyncIterator[SshHost]:
         options.update(client_keys=[str(spec.key_file)], passphrase=spec.passphrase, agent_path=None)
     try:
         conn = await asyncssh.connect(spec.address, **options)
-    except asyncssh.PermissionDenied as exc:
-        how = "password" if spec.password is not None else "key"
-        raise HostFailure(f"authentication failed: {spec.user}@{spec.address} did not accept the {how} "
-                          f"({exc.reason or 'permission denied'})") from None
+    except asyncssh.PermissionDenied:
+        how = "password" if spec.password is not None else "key" if spec.key_file else "keys (agent, ~/.ssh)"
+        raise HostFailure(f"authentication failed: {spec.user}@{spec.address} did not accept the {how}") from None
     except asyncssh.HostKeyNotVerifiable as exc:
         where = spec.known_hosts or "~/.ssh/known_hosts"
         raise HostFailure(f"host key not trusted: {exc.reason} (add the host's key to {where}, "

@@ -223,6 +223,7 @@ def _by_host(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_deploy_joins_two_hosts_reports_the_third_and_is_idempotent(deployed: Deployed) -> None:
     d = deployed
     first = d.deploy("--json")
+    print(first.stdout, first.stderr)  # shown when the test fails
     assert first.returncode == 1, f"one host must fail: {first.stderr}\n{d.logs()}"
     hosts = _by_host(json.loads(first.stdout))
 
@@ -256,6 +257,7 @@ def test_deploy_joins_two_hosts_reports_the_third_and_is_idempotent(deployed: De
     # a second run changes nothing: no token, no second meshd, same pids; h4 still reported
     pids = {name: d.pid(name) for name in ("h2", "h3")}
     again = d.deploy()
+    print(again.stdout, again.stderr)
     assert again.returncode == 1, again.stderr
     text = again.stdout
     for name in ("h2", "h3"):
