@@ -7,12 +7,17 @@ For maps of 100, 1,000 and 10,000 peers, times:
   one to a 10k-peer map in ~28 us in Go);
 * ``parse_apply``: the same with the JSON line parsed first
   (``StreamMessage.model_validate_json``), which is what meshd does per line;
-* ``desired_device``: :func:`meshd.converge.desired_device` for the whole
-  view, which the daemon runs after every change: O(peers) by design today;
-* the rest of the daemon's per-change path, for the same reason:
-  ``snapshot_json`` (the view written to netmap.json after each apply) and
-  ``driver_apply`` (``FakeWireGuard.apply`` of a config that differs in one
-  peer: the real UAPI client reading the whole device, the diff, the set).
+* ``node_change``: the daemon's whole path for that delta after the view:
+  :class:`meshd.dataplane.DataPlane` taking the change and applying it —
+  identities, firewall filter (unchanged here: an endpoint moved) and one
+  incremental WireGuard operation through the real UAPI client against the
+  in-memory device (``FakeWireGuard``); nftables itself is not run;
+* ``agent_born``: the same path for an agent identity joining (a set element
+  for the firewall, no WireGuard change);
+* for comparison, the whole-device paths the daemon takes only on connect,
+  resync or restart: ``desired_device`` (every peer's config) and
+  ``driver_apply`` (``FakeWireGuard.apply``: read the device, diff, set), and
+  ``snapshot_json`` (the cached netmap, written at most every 5 s).
 
 Each figure is the median over many runs (5,000 for the microsecond steps,
 at least 5 runs and 0.5 s for the others) on one pinned core, of the
@@ -39,8 +44,29 @@ from collections.abc import Callable
 
 from meshcore.addressing import MeshPrefixes
 from meshcore.netmap import Netmap, NetmapDelta, NodeView, PeerNode, StreamMessage
+from meshcore.policy import AgentIdentity, NodeFilter, load_policy
+from meshcore.scopes import parse_scopes
 from meshd.converge import desired_device
+from meshd.dataplane import DataPlane
+from meshd.netconf import FakeNetConf
 from meshd.wg import FakeWireGuard, generate_private_key
+
+POLICY = load_policy("""\
+services:
+  db: {nodes: [tag:db], ports: [5432]}
+acls:
+  - from: {tag: bench}
+    to: ["tag:bench:22"]
+  - from: {principal: nikita@acme.com, via: agent, scope: "db:read"}
+    to: [db]
+""", "bench.yaml")
+
+
+class _UnrunFirewall:
+    """Takes the compiled filter like meshd.firewall.NftFirewall, without running nft (timed apart)."""
+
+    def apply(self, nf: NodeFilter) -> str:
+        return "unrun"
 
 PREFIXES = MeshPrefixes(ipaddress.IPv4Network("100.64.0.0/10"), ipaddress.IPv6Network("fd7a:115c:a1e0::/48"))
 
@@ -133,7 +159,42 @@ def bench_size(n: int, private: str) -> dict[str, object]:
     assert len(device.state().peers) == n - 1
     line_bytes = len(lines[0]) + 1
 
+    # the daemon's real per-change path: DataPlane, incremental
+    netconf = FakeNetConf()
+    netconf.add_link("wg0")
+    plane = DataPlane(self_name, nodes[0].addresses, private, 51820, "wg0", FakeWireGuard("wg0"), netconf,
+                      _UnrunFirewall())  # type: ignore[arg-type]
+    agents: dict[str, AgentIdentity] = {}
+    plane.apply(plane.take(POLICY, view.nodes, agents, {}, full.prefixes))
+    counter = iter(range(10**9))
+
+    def node_change() -> None:
+        k = next(counter)
+        target = nodes[1 + k % (n - 1)]
+        view.apply(NetmapDelta(base=view.version, version=view.version + 1, upsert=(moved(target, 1000 + k),)))
+        plane.nodes_changed([target.name])
+        plane.apply(plane.take(POLICY, view.nodes, agents, {}, full.prefixes))
+
+    nc_s, nc_wall, nc_runs = measure(node_change, 200, 0.5)
+    block = PREFIXES.block(1)
+
+    def agent_born() -> None:
+        k = next(counter) % (block.agent_capacity)
+        v4, v6 = block.agent_address(k)
+        a = AgentIdentity(id=f"a{k}", name="b", principal="nikita@acme.com", scopes=parse_scopes(["db:read"]),
+                          node=nodes[1].name, ipv4=str(v4), ipv6=str(v6))
+        agents.pop(a.id, None)
+        agents[a.id] = a
+        plane.agents_changed([a.id])
+        plane.apply(plane.take(POLICY, view.nodes, agents, {}, full.prefixes))
+
+    ab_s, ab_wall, ab_runs = measure(agent_born, 200, 0.5)
+
     return {
+        "node_change_us": round(nc_s * 1e6, 1), "node_change_wall_us": round(nc_wall * 1e6, 1),
+        "node_change_runs": nc_runs,
+        "agent_born_us": round(ab_s * 1e6, 1), "agent_born_wall_us": round(ab_wall * 1e6, 1),
+        "agent_born_runs": ab_runs,
         "peers": n,
         "apply_us": round(apply_s * 1e6, 2), "apply_wall_us": round(apply_wall * 1e6, 2), "apply_runs": apply_runs,
         "parse_apply_us": round(parse_s * 1e6, 2), "parse_apply_wall_us": round(parse_wall * 1e6, 2),
@@ -163,12 +224,15 @@ def main() -> None:
         row = bench_size(n, private)
         results.append(row)
         print(f"{n:>6} peers: apply {row['apply_us']:>6} us   parse+apply {row['parse_apply_us']:>6} us   "
-              f"desired_device {row['desired_device_ms']:>8} ms   snapshot_json {row['snapshot_json_ms']:>7} ms   "
-              f"driver_apply {row['driver_apply_one_change_ms']:>8} ms", flush=True)
+              f"node_change {row['node_change_us']:>7} us   agent_born {row['agent_born_us']:>7} us   | whole-device: "
+              f"desired_device {row['desired_device_ms']:>8} ms   driver_apply {row['driver_apply_one_change_ms']:>8} ms"
+              f"   snapshot_json {row['snapshot_json_ms']:>7} ms", flush=True)
     small, large = results[0], results[-1]
     print(json.dumps({
         "results": results,
         "apply_growth_x": round(float(large["apply_us"]) / float(small["apply_us"]), 2),  # type: ignore[arg-type]
+        "node_change_growth_x": round(float(large["node_change_us"])  # type: ignore[arg-type]
+                                      / float(small["node_change_us"]), 2),  # type: ignore[arg-type]
         "desired_device_growth_x": round(float(large["desired_device_ms"])  # type: ignore[arg-type]
                                          / float(small["desired_device_ms"]), 1),  # type: ignore[arg-type]
         "apply_target_us": 1000,

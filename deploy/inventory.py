@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from meshcore.errors import InvalidInput, NotFound, PolicyError
 from meshcore.policy.problems import Problem
@@ -55,14 +55,33 @@ __all__ = ["HostSpec", "Inventory", "ServiceMode", "load_inventory", "parse_inve
 
 ServiceMode = Literal["systemd", "process"]
 
-_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_TAG = r"^(tag:)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_PRINCIPAL = r"^[^\s@]+@[^\s@]+$"
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_PRINCIPAL = re.compile(r"^[^\s@]+@[^\s@]+\Z")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 _ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-NodeName = Annotated[str, StringConstraints(pattern=_NAME)]
-Tag = Annotated[str, StringConstraints(pattern=_TAG)]
+
+def _node_name(value: str) -> str:
+    if not _LABEL.match(value):
+        raise ValueError(f"{value!r} is not a node name: use a DNS label (a-z, 0-9, '-', at most 63 characters)")
+    return value
+
+
+def _tag(value: str) -> str:
+    if not _LABEL.match(value.removeprefix("tag:")):
+        raise ValueError(f"{value!r} is not a tag: use a DNS label (a-z, 0-9, '-'), optionally written tag:NAME")
+    return value.removeprefix("tag:")
+
+
+def _principal(value: str) -> str:
+    if not _PRINCIPAL.match(value):
+        raise ValueError(f"{value!r} is not a principal: use name@domain, e.g. nikita@acme.com")
+    return value
+
+
+NodeName = Annotated[str, AfterValidator(_node_name)]
+Tag = Annotated[str, AfterValidator(_tag)]
+Principal = Annotated[str, AfterValidator(_principal)]
 
 
 class HostEntry(BaseModel):
@@ -80,7 +99,7 @@ class HostEntry(BaseModel):
     known_hosts: str | None = Field(default=None, min_length=1)
     sudo: bool | None = None
     tags: tuple[Tag, ...] | None = None
-    owner: str | None = Field(default=None, pattern=_PRINCIPAL)
+    owner: Principal | None = None
     node_name: NodeName | None = None
     interface: str | None = None
     service: ServiceMode | None = None
@@ -228,7 +247,7 @@ def _resolve(name: str, defaults: HostEntry, entry: HostEntry, base: Path, envir
     if "tags" in given or "owner" in given:  # the host's own identity replaces the defaults' one
         for key in {"tags", "owner"} - set(given):
             merged.pop(key, None)
-    tags = tuple(t.removeprefix("tag:") for t in merged.get("tags", ()))
+    tags = tuple(merged.get("tags", ()))
     owner = merged.get("owner")
     if tags and owner:
         problems.append(Problem(at, "a node is either tagged or owned by a person: give tags or owner, not both"))

@@ -1,6 +1,6 @@
 """The helper ``meshctl deploy`` runs on each host: ``python3 - OP 'JSON' < remote.py``.
 
-Standard library only, and syntax any Python 3.7+ can parse, because it runs
+Standard library only (Python 3.8+ at run time, parseable by 3.7), because it runs
 before idmesh is installed (and must be able to say "this Python is too old").
 Each operation prints one JSON object on stdout; a failure exits 1 with one
 line on stderr.
@@ -8,8 +8,8 @@ line on stderr.
 * ``probe``: what is there — Python, virtual environment, the deployed wheel's
   marker, node.json, a running meshd (pidfile, checked against
   /proc/PID/cmdline) or the unit's state.
-* ``start``: ``meshd run`` detached (new session, stdin /dev/null, output to
-  the log file), its pid written to the pidfile; returns when its local API
+* ``start``: ``meshd run`` detached (posix_spawn with setsid: a new session,
+  stdin /dev/null, output to the log file), its pid written to the pidfile; returns when its local API
   socket accepts connections, or fails with the log's last lines.
 * ``stop``: SIGTERM the pidfile's meshd (it removes its interface), SIGKILL
   after the grace time.
@@ -145,21 +145,28 @@ def start(a: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, PATH=PATH)
     for name in ("IDMESH_STATE", "IDMESH_SOCKET", "IDMESH_INTERFACE"):
         env.pop(name, None)
+    os.chdir("/")  # meshd must not pin the login directory
     with open(a["log"], "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd="/", env=env, close_fds=True, start_new_session=True)
+        # posix_spawn, not Popen: meshd outlives this helper, which must not wait for it or warn about it
+        pid = os.posix_spawn(argv[0], argv, env, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, log.fileno(), 1),
+            (os.POSIX_SPAWN_DUP2, log.fileno(), 2),
+        ])
     tmp = a["pidfile"] + ".tmp"
     with open(tmp, "w") as f:
-        f.write(f"{proc.pid}\n")
+        f.write(f"{pid}\n")
     os.replace(tmp, a["pidfile"])
     deadline = time.monotonic() + READY_TIMEOUT
     while not _listening(a["socket"]):
-        if proc.poll() is not None:
-            raise Failure("meshd exited with {}: {}".format(proc.returncode, _tail(a["log"]) or "(no output)"))
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            raise Failure(f"meshd exited with {code}: {_tail(a['log']) or '(no output)'}")
         if time.monotonic() > deadline:
             raise Failure(f"meshd did not open {a['socket']} within {READY_TIMEOUT:g} s: {_tail(a['log'])}")
         time.sleep(0.1)
-    return {"pid": proc.pid}
+    return {"pid": pid}
 
 
 def stop(a: dict[str, Any]) -> dict[str, Any]:

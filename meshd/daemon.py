@@ -385,7 +385,10 @@ class Daemon:
         from .agentnet import AgentNet
 
         blocks = list(self.record.blocks)
-        self.agentnet = AgentNet(self.name, self.opts.interface, blocks[0], blocks[1])
+        # The cgroup hierarchy is machine-wide (shared by network namespaces): name the
+        # node's subtree after its interface, which is unique on the machine too.
+        self.agentnet = AgentNet(self.name, self.opts.interface, blocks[0], blocks[1],
+                                 cgroup_parent=f"idmesh-{self.opts.interface}")
         await asyncio.to_thread(self.agentnet.start)
         self.supervisor = AgentSupervisor(self.state, blocks, self.agentnet, self.session, self.opts.socket,
                                           self._local_agent_changed)

@@ -20,7 +20,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshcore.netmap import PeerNode
-from meshcore.policy import AgentIdentity, Identities, NodeFilter, NodeIdentity, Policy, compile_node_filter
+from meshcore.policy import (
+    Actor,
+    AgentIdentity,
+    Change,
+    Identities,
+    NodeFilter,
+    NodeIdentity,
+    Policy,
+    apply_delta,
+    compile_node_filter,
+    identity_delta,
+)
 
 from .converge import KEEPALIVE, choose_endpoint, desired_link
 from .firewall import NftFirewall
@@ -65,6 +76,7 @@ class DataPlane:
         self.lock = threading.Lock()  # one apply at a time; status reads the device under it too
         self.filter: NodeFilter | None = None
         self._ids: Identities | None = None
+        self._policy: Policy | None = None
         self._peers: dict[str, PeerConfig] = {}  # by node name: what the device was told
         self._nodes: dict[str, PeerNode] = {}
         # recorded on the loop, taken by take()
@@ -112,61 +124,86 @@ class DataPlane:
         return PeerConfig(public_key=peer.wireguard_public_key, allowed_ips=peer.blocks,
                           endpoint=choose_endpoint(peer, discovered), persistent_keepalive=KEEPALIVE)
 
-    def _identities(self, work: Work) -> Identities:
+    def _identities(self, work: Work) -> tuple[Identities, list[tuple[Actor, Change]] | None]:
+        """The identities after ``work``, and the actors that joined or left (None: rebuilt whole)."""
         if work.full_nodes is not None:
             nodes = {n: node_identity(p) for n, p in work.full_nodes.items()}
             nodes.setdefault(self.name, self.self_node)
             agents = [a for a in work.full_agents or () if a.node in nodes]
-            return Identities.build(nodes.values(), agents)
+            return Identities.build(nodes.values(), agents), None
         ids = self._ids
         assert ids is not None
+        moves: list[tuple[Actor, Change]] = []
+
         for name, peer in work.nodes.items():
-            if peer is not None:
-                ids = ids.with_node(node_identity(peer))
-            elif name in ids.nodes and name != self.name:
+            if name == self.name:
+                continue
+            new = node_identity(peer) if peer is not None else None
+            old = ids.nodes.get(name)
+            if old == new:
+                continue  # an endpoint moved: nobody's identity changed
+            if old is not None:  # the node and the agents riding on it leave (and may rejoin below)
+                moves += [(actor, "remove") for actor in ids.bucket(("node", name)).values()]
+            if new is None:
                 ids = ids.without_node(name)
+                continue
+            ids = ids.with_node(new)
+            moves.append((ids.actors[f"node:{name}"], "add"))
+            moves += [(actor, "add") for key, actor in ids.bucket(("node", name)).items() if key != f"node:{name}"]
+        changes: Mapping[str, AgentIdentity | None] = work.agents
         if work.full_agents is not None:
-            for agent_id in list(ids.agents):
-                ids = ids.without_agent(agent_id)
-            changes: Mapping[str, AgentIdentity | None] = {a.id: a for a in work.full_agents}
-        else:
-            changes = work.agents
+            changes = {**{a: None for a in ids.agents}, **{a.id: a for a in work.full_agents}}
         for agent_id, agent in changes.items():
             if agent_id in ids.agents:
+                if agent is not None and ids.agents[agent_id] == agent:
+                    continue
+                moves.append((ids.actors[f"agent:{agent_id}"], "remove"))
                 ids = ids.without_agent(agent_id)
             if agent is not None and agent.node in ids.nodes:
                 ids = ids.with_agent(agent)
-        return ids
+                moves.append((ids.actors[f"agent:{agent_id}"], "add"))
+        return ids, moves
+
+    def _filter(self, work: Work, ids: Identities, moves: list[tuple[Actor, Change]] | None) -> NodeFilter:
+        """Compile afresh for a new policy or a full map; otherwise only set elements move."""
+        nf = self.filter
+        if nf is None or moves is None or work.policy is not self._policy:
+            return compile_node_filter(work.policy, ids, self.name)
+        for actor, change in moves:
+            delta = identity_delta(nf, actor, change)
+            if not delta.empty:
+                nf = apply_delta(nf, delta)
+        return nf
 
     def apply(self, work: Work) -> None:
         with self.lock:
-            self._ids = self._identities(work)
-            nf = compile_node_filter(work.policy, self._ids, self.name)
+            ids, moves = self._identities(work)
+            nf = self._filter(work, ids, moves)
             self.firewall.apply(nf)
-            self.filter = nf
+            self._ids, self.filter, self._policy = ids, nf, work.policy
             if work.full_nodes is not None:
                 self._nodes = {n: p for n, p in work.full_nodes.items() if n != self.name}
                 self._peers = {n: self._peer_config(p, work.discovered) for n, p in self._nodes.items()}
                 self._apply_device_whole()
                 self.netconf.apply(desired_link(self.ifname, self.addresses, work.prefixes))
-            else:
-                upsert, remove = [], []
-                for name, peer in work.nodes.items():
-                    if name == self.name:
-                        continue
-                    old = self._peers.pop(name, None)
-                    self._nodes.pop(name, None)
-                    if peer is None:
-                        if old is not None:
-                            remove.append(old.public_key)
-                        continue
-                    cfg = self._peer_config(peer, work.discovered)
-                    if old is not None and old.public_key != cfg.public_key:
-                        remove.append(old.public_key)  # re-enrolled with a new key
-                    self._peers[name], self._nodes[name] = cfg, peer
-                    upsert.append(cfg)
-                if (upsert or remove) and not self.device.update_peers(upsert, remove):
-                    self._apply_device_whole()
+                return
+            upsert, remove = [], []
+            for name, peer in work.nodes.items():
+                if name == self.name:
+                    continue
+                old = self._peers.pop(name, None)
+                self._nodes.pop(name, None)
+                if peer is None:
+                    if old is not None:
+                        remove.append(old.public_key)
+                    continue
+                cfg = self._peer_config(peer, work.discovered)
+                if old is not None and old.public_key != cfg.public_key:
+                    remove.append(old.public_key)  # re-enrolled with a new key
+                self._peers[name], self._nodes[name] = cfg, peer
+                upsert.append(cfg)
+            if (upsert or remove) and not self.device.update_peers(upsert, remove):
+                self._apply_device_whole()
 
     def _apply_device_whole(self) -> None:
         self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values())))

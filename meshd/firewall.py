@@ -1,8 +1,8 @@
 """Enforcement with nftables: one table, ``inet idmesh``.
 
 Rendering is pure (:func:`render_table`, :func:`render_element_changes`);
-:class:`NftFirewall` feeds the text to ``nft -f -``, which applies a file as
-one atomic transaction: a packet sees the old ruleset or the new one, never
+:class:`NftFirewall` runs the text through libnftables (:mod:`meshd.nft`),
+which applies a script as one atomic transaction: a packet sees the old ruleset or the new one, never
 a mix. What it installs, for a packet that arrives on the mesh interface
 (input and forward, see :class:`meshcore.policy.NodeFilter` for the order)::
 
@@ -23,11 +23,13 @@ Traffic that does not arrive over the mesh is not touched.
 from __future__ import annotations
 
 import logging
-import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshcore.errors import Unavailable
+from meshcore.errors import IdmeshError, Unavailable
 from meshcore.policy import FilterRule, NodeFilter
+
+from .nft import Libnftables
 
 __all__ = ["TABLE", "render_table", "render_element_changes", "NftFirewall", "ElementChanges"]
 
@@ -111,19 +113,18 @@ def render_element_changes(changes: ElementChanges) -> str:
 class NftFirewall:
     """The ``inet idmesh`` table of this network namespace, owned by this meshd."""
 
-    def __init__(self, ifname: str) -> None:
+    def __init__(self, ifname: str, nft: Callable[[str], str] | None = None) -> None:
         self.ifname = ifname
         self.installed: NodeFilter | None = None
+        self._run = nft
 
-    @staticmethod
-    def _nft(script: str) -> None:
+    def _nft(self, script: str) -> None:
+        if self._run is None:
+            self._run = Libnftables()
         try:
-            done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
-        except FileNotFoundError as exc:
-            raise Unavailable("the nft command is missing (apt-get install nftables)") from exc
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["(no message)"])[0]
-            raise Unavailable(f"nftables refused the idmesh ruleset: {first}")
+            self._run(script)
+        except IdmeshError as exc:
+            raise Unavailable(f"nftables refused the idmesh ruleset: {exc}") from exc
 
     def apply(self, desired: NodeFilter) -> str:
         """Converge the table; return what was done ("replaced", "elements", "unchanged")."""
@@ -144,5 +145,8 @@ class NftFirewall:
 
     def close(self) -> None:
         """Remove the table (also one a crashed meshd left): nothing of ours stays."""
-        subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, timeout=30)
+        try:
+            self._nft(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
+        except Unavailable as exc:
+            log.warning("firewall: %s", exc)
         self.installed = None

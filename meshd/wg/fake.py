@@ -44,6 +44,7 @@ class FakeUapiServer:
         self.private_key: str | None = None  # hex
         self.listen_port = 0
         self.peers: dict[str, _FakePeer] = {}  # hex public key -> peer, in insertion order like a device
+        self._owner: dict[str, str] = {}  # prefix -> hex key of the peer holding it (a device's trie)
         self.touched: Counter[str] = Counter()  # base64 public key -> set sections that named it
         self.requests: list[str] = []
 
@@ -97,19 +98,24 @@ class FakeUapiServer:
                     del self.peers[current]
                     current = ""
             elif key == "remove":
-                self.peers.pop(current, None)
+                gone = self.peers.pop(current, None)
+                for net in gone.allowed if gone else ():
+                    self._owner.pop(net, None)
                 current = ""
             elif key == "endpoint":
                 peer.endpoint = format_endpoint(*parse_endpoint(value))
             elif key == "persistent_keepalive_interval":
                 peer.keepalive = int(value)
             elif key == "replace_allowed_ips":
+                for net in peer.allowed:
+                    self._owner.pop(net, None)
                 peer.allowed = []
             elif key == "allowed_ip":
                 net = str(ipaddress.ip_network(value, strict=False))
-                for other in self.peers.values():
-                    if net in other.allowed:
-                        other.allowed.remove(net)
+                holder = self._owner.get(net)
+                if holder is not None and holder in self.peers:  # a prefix moves to the last peer naming it
+                    self.peers[holder].allowed.remove(net)
+                self._owner[net] = current
                 peer.allowed.append(net)
             else:
                 return -22
@@ -137,25 +143,28 @@ class FakeWireGuard:
         self.server = FakeUapiServer()
         self._client = UapiClient(ifname, self.server)
         self._last: DeviceConfig | None = None
+        self._known: dict[str, PeerConfig] | None = None  # _last's peers after update_peers, by key
         self.last_ops: list[Op] = []
         self.closed = False
 
     def apply(self, desired: DeviceConfig) -> None:
+        if self._known is not None and self._last is not None:  # incremental updates since _last
+            self._last = DeviceConfig(self._last.private_key, self._last.listen_port, tuple(self._known.values()))
         self.last_ops = diff_device(self._client.get(), desired, self._last)
         self._client.set(self.last_ops)
-        self._last = desired
+        self._last, self._known = desired, None
 
     def update_peers(self, upsert: Sequence[PeerConfig], remove: Sequence[str]) -> bool:
         if self._last is None:
             return False
-        known = {p.public_key: p for p in self._last.peers}
-        self.last_ops = list(peer_changes(known, upsert, remove))
+        if self._known is None:
+            self._known = {p.public_key: p for p in self._last.peers}
+        self.last_ops = list(peer_changes(self._known, upsert, remove))
         self._client.set(self.last_ops)
         for key in remove:
-            known.pop(key, None)
+            self._known.pop(key, None)
         for peer in upsert:
-            known[peer.public_key] = peer
-        self._last = DeviceConfig(self._last.private_key, self._last.listen_port, tuple(known.values()))
+            self._known[peer.public_key] = peer
         return True
 
     def state(self) -> DeviceState:
@@ -165,7 +174,7 @@ class FakeWireGuard:
         self.closed = True
         self.server = FakeUapiServer()
         self._client = UapiClient(self.ifname, self.server)
-        self._last = None
+        self._last = self._known = None
 
     def text(self) -> str:
         """The device like ``wg showconf`` prints it, peers and prefixes sorted."""

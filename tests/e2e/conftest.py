@@ -20,7 +20,7 @@ import pytest
 
 from tests.e2e.netns import Network, reap_stale
 
-REQUIRED_TOOLS = ("ip", "wireguard-go", "ping")
+REQUIRED_TOOLS = ("ip", "wireguard-go", "ping", "nft")
 
 
 def in_ci() -> bool:
@@ -31,7 +31,7 @@ def missing_prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN)")
-    missing += [f"the {tool} command (apt-get install iproute2 wireguard-go iputils-ping)"
+    missing += [f"the {tool} command (apt-get install iproute2 wireguard-go iputils-ping nftables)"
                 for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if not Path("/dev/net/tun").exists():
         missing.append("/dev/net/tun (wireguard-go needs the TUN driver)")

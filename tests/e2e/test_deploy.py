@@ -275,3 +275,85 @@ def test_deploy_joins_two_hosts_reports_the_third_and_is_idempotent(deployed: De
     doc = json.loads(alone.stdout)
     assert doc["ok"] and [h["status"] for h in doc["hosts"]] == ["unchanged", "unchanged"]
     assert all(h["actions"] == [] for h in doc["hosts"])
+
+
+# -- meshd.service's sandbox, tried for real ------------------------------------------------------------------------
+CONFINED_POLICY = """\
+delegations:
+  - principal: nikita@acme.com
+    nodes: [tag:agents]
+    scopes: ["db:read"]
+    max_ttl: 1h
+acls:
+  - from: {tag: e2e}
+    to: ["tag:e2e"]
+    protocol: [tcp, udp, icmp]
+"""
+# prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN): the kernel's form of MemoryDenyWriteExecute=yes (Linux 6.3+)
+DENY_WRITE_EXECUTE = ("import ctypes,os,sys\n"
+                      "libc = ctypes.CDLL(None, use_errno=True)\n"
+                      "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"
+                      "    sys.exit('PR_SET_MDWE: ' + os.strerror(ctypes.get_errno()))\n"
+                      "os.execv(sys.argv[1], sys.argv[1:])\n")
+CAP_NUMBERS = {"chown": 0, "dac_override": 1, "kill": 5, "net_admin": 12}
+
+
+def unit_capabilities() -> list[str]:
+    """meshd.service's CapabilityBoundingSet, as setpriv names them (net_admin, ...)."""
+    text = (REPO / "systemd" / "meshd.service").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("CapabilityBoundingSet="))
+    return sorted(c.lower().removeprefix("cap_") for c in line.partition("=")[2].split())
+
+
+def _cap_set(pid: int, field: str) -> set[int]:
+    value = next(ln.split()[1] for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if ln.startswith(field + ":"))
+    return {bit for bit in range(64) if int(value, 16) >> bit & 1}
+
+
+def test_meshd_works_with_only_the_units_capabilities(network: Callable[..., Network], tmp_path: Path) -> None:
+    """meshd as systemd would run it: cgroup2 already mounted, the unit's bounding set and nothing else, no new
+    privileges, no writable+executable memory. Tunnels, the firewall, an agent run --user (CAP_CHOWN for its key
+    files, CAP_DAC_OVERRIDE to remove them) and a clean stop all work."""
+    _require({"setpriv": "util-linux", "mount": "mount"})
+    caps = unit_capabilities()
+    assert set(caps) <= set(CAP_NUMBERS), f"update CAP_NUMBERS for {caps}"
+    net = network(3)
+    mesh = Mesh(net, tmp_path, net["h1"])
+    mesh.init(policy=CONFINED_POLICY)
+    agents = mesh.enroll(net["h2"], "agents", "--tag", "e2e", "--tag", "agents")
+    db = mesh.enroll(net["h3"], "db", "--tag", "e2e")
+    for node in (agents, db):
+        with node.log.open("a") as log:
+            node.proc = node.host.popen(
+                ["sh", "-c", 'mount -t cgroup2 none /sys/fs/cgroup && exec "$@"', "sh",
+                 "setpriv", "--bounding-set", "-all," + ",".join(f"+{c}" for c in caps), "--inh-caps=-all",
+                 "--no-new-privs", "--", sys.executable, "-c", DENY_WRITE_EXECUTE, cmd("meshd"), "run",
+                 "--state", str(node.state), "--interface", node.host.wg_ifname, "--socket", str(node.socket)],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda node=node: node.socket.exists(), 20, f"{node.name}'s local API", on_fail=mesh.logs)
+    mesh.wait_converged()
+    assert agents.proc is not None
+    expected = {CAP_NUMBERS[c] for c in caps}
+    assert _cap_set(agents.proc.pid, "CapBnd") == expected and _cap_set(agents.proc.pid, "CapEff") == expected
+    assert "Comm:\tmeshd" in Path(f"/proc/{agents.proc.pid}/status").read_text() or \
+        "meshd" in Path(f"/proc/{agents.proc.pid}/cmdline").read_bytes().decode(errors="replace")
+    assert ping(agents.host, db.addresses[0]) and ping(db.host, agents.addresses[1])
+
+    probe = ("import os,sys,time; print(os.getuid(), os.environ['IDMESH_AGENT_KEY'], flush=True); "
+             "sys.stdin.readline()")
+    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--user",
+                              "nobody", "--principal", "nikita@acme.com", "--scope", "db:read", "--",
+                              "/usr/bin/python3", "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    uid, key = proc.stdout.readline().split()
+    key_path = Path(key)
+    assert int(uid) == key_path.stat().st_uid == key_path.parent.stat().st_uid != 0  # CAP_CHOWN
+    proc.stdin.write("done\n")
+    proc.stdin.close()
+    assert proc.wait(30) == 0
+    wait_until(lambda: not key_path.parent.exists(), 10, "the agent's files removed", on_fail=mesh.logs)  # DAC_OVERRIDE
+
+    for node in (agents, db):
+        assert mesh.stop(node) == 0, mesh.logs()
+    assert "Traceback" not in mesh.logs() and "Operation not permitted" not in mesh.logs(), mesh.logs()
