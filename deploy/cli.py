@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .artifacts import Artifacts
     from .inventory import load_inventory
-    from .progress import LiveProgress, format_row, make_progress
+    from .progress import LiveProgress, event_line, format_row, make_progress
     from .runner import ControllerAdmin, DeployOptions, deploy_all, summarize
     from .ssh import connect
     from .units import find_unit
@@ -107,10 +107,14 @@ def run(args: argparse.Namespace) -> int:
         print_json({"ok": all(r.ok for r in results), "version": project.version, "digest": project.digest,
                     "hosts": [r.to_json() for r in results]})
     else:
-        if not isinstance(progress, LiveProgress):
-            rows = list(getattr(progress, "rows", {}).values())
-            width_n = max(len(r.name) for r in rows) if rows else 0
-            width_t = max(len(r.target) for r in rows) if rows else 0
+        rows = list(getattr(progress, "rows", {}).values())
+        if isinstance(progress, LiveProgress):  # the table is on screen, cut to its width: the reasons in full
+            for row in rows:
+                if row.state == "failed":
+                    print(event_line(row), file=out)
+        else:
+            width_n = max((len(r.name) for r in rows), default=0)
+            width_t = max((len(r.target) for r in rows), default=0)
             for row in rows:
                 print(format_row(row, width_n, width_t, 0.0), file=out)
         print(summarize(results), file=out)

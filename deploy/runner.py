@@ -159,13 +159,13 @@ async def deploy_host(spec: HostSpec, opts: DeployOptions, project: Wheel, contr
                 facts = HostFacts.from_probe(await remote.probe())
                 if facts.node is not None:
                     node = {"name": facts.node.name, "addresses": list(facts.node.addresses)}
+                current = "plan"
                 want = Desired(
                     node_name=spec.node_name, service=spec.service, version=project.version, digest=project.digest,
                     ca_fingerprint=opts.admin.ca_fingerprint, state=spec.state,
                     unit_text=_unit_text(spec, opts) if spec.service == "systemd" else None,
                     controller_nodes=controller_nodes,
                 )
-                current = "plan"
                 plan = plan_host(facts, want)
                 if opts.dry_run:
                     what = ", ".join(s.value for s in plan.steps) or "nothing"

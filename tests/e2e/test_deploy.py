@@ -108,8 +108,8 @@ LogLevel VERBOSE
                     "sh", str(shadow), SSHD, str(config)], stdout=out, stderr=subprocess.STDOUT)
     wait_until(lambda: "Server listening" in log.read_text(), 10, f"sshd on {host.name}",
                on_fail=lambda: log.read_text())
-    return f"{host.underlay4} {(where / 'host_key.pub').read_text().split(' ')[0]} " \
-           f"{(where / 'host_key.pub').read_text().split(' ')[1]}"
+    kind, key_b64, *_ = (where / "host_key.pub").read_text().split()
+    return f"{host.underlay4} {kind} {key_b64}"
 
 
 class Deployed:
@@ -340,19 +340,31 @@ def test_meshd_works_with_only_the_units_capabilities(network: Callable[..., Net
         "meshd" in Path(f"/proc/{agents.proc.pid}/cmdline").read_bytes().decode(errors="replace")
     assert ping(agents.host, db.addresses[0]) and ping(db.host, agents.addresses[1])
 
-    probe = ("import os,sys,time; print(os.getuid(), os.environ['IDMESH_AGENT_KEY'], flush=True); "
-             "sys.stdin.readline()")
-    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--user",
-                              "nobody", "--principal", "nikita@acme.com", "--scope", "db:read", "--",
-                              "/usr/bin/python3", "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdin is not None
-    uid, key = proc.stdout.readline().split()
-    key_path = Path(key)
-    assert int(uid) == key_path.stat().st_uid == key_path.parent.stat().st_uid != 0  # CAP_CHOWN
+    def agent_as_nobody() -> tuple[subprocess.Popen[str], int, Path, str]:
+        probe = ("import os,sys; print(os.getuid(), os.environ['IDMESH_AGENT_KEY'], os.environ['IDMESH_AGENT_ID'], "
+                 "flush=True); sys.stdin.readline()")
+        proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--user",
+                                  "nobody", "--principal", "nikita@acme.com", "--scope", "db:read", "--",
+                                  "/usr/bin/python3", "-c", probe],  # nobody cannot reach this test's venv
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        uid, key, agent_id = proc.stdout.readline().split()
+        return proc, int(uid), Path(key), agent_id
+
+    # CAP_CHOWN: the agent (nobody) owns its key files; CAP_DAC_OVERRIDE: meshd removes them when it ends
+    proc, uid, key, _ = agent_as_nobody()
+    assert uid == key.stat().st_uid == key.parent.stat().st_uid != 0
+    assert proc.stdin is not None
     proc.stdin.write("done\n")
     proc.stdin.close()
     assert proc.wait(30) == 0
-    wait_until(lambda: not key_path.parent.exists(), 10, "the agent's files removed", on_fail=mesh.logs)  # DAC_OVERRIDE
+    wait_until(lambda: not key.parent.exists(), 10, "the agent's files removed", on_fail=mesh.logs)
+
+    # no CAP_KILL, yet a revoked agent of another user is killed (cgroup.kill)
+    proc, uid, key, agent_id = agent_as_nobody()
+    mesh.admin("agent", "revoke", agent_id)
+    assert proc.wait(30) == -signal.SIGKILL
+    wait_until(lambda: not key.parent.exists(), 10, "the revoked agent's files removed", on_fail=mesh.logs)
 
     for node in (agents, db):
         assert mesh.stop(node) == 0, mesh.logs()

@@ -67,8 +67,8 @@ def test_reenrolment_says_why() -> None:
     (replace(FRESH, ensurepip=False), WANT, "cannot create virtual environments (apt-get install python3-venv)"),
     (FRESH, SYSTEMD_WANT, "the host does not run systemd: set 'service: process'"),
     (replace(CURRENT, node=replace(NODE, ca_fingerprint="b" * 64)), WANT,
-     "already enrolled in another mesh (CA sha256:bbbbbbbbbbbbbbbb…, this mesh's is sha256:aaaaaaaaaaaaaaaa…): "
-     "remove /var/lib/meshd on the host to move it"),
+     ("already enrolled in another mesh (CA sha256:bbbbbbbbbbbbbbbb…, this mesh's is sha256:aaaaaaaaaaaaaaaa…): "
+      "remove /var/lib/meshd on the host to move it")),
     (replace(CURRENT, node=replace(NODE, name="db-9")), WANT,
      "already enrolled in this mesh as 'db-9', but the inventory names it 'db-1'"),
     (CURRENT, replace(WANT, controller_nodes={"db-1": "x" * 43 + "="}), "another host holds this name"),
