@@ -32,7 +32,7 @@ from meshcore.identity import (
 )
 from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
 from meshcore.netmap import AgentUpdate, EndpointReport, PeerNode, PolicyDoc
-from meshcore.policy import NodeIdentity, check_delegation, load_policy, run_tests
+from meshcore.policy import NodeIdentity, Policy, check_delegation, load_policy, run_tests
 from meshcore.scopes import parse_scopes, scopes_within
 from meshcore.wire import (
     AgentInfo,
@@ -79,6 +79,7 @@ class Controller:
             policy = tx.policy()
         self.hub = NetmapHub(settings.domain, (str(settings.prefixes.v4), str(settings.prefixes.v6)), version, peers)
         self.hub.policy = _policy_doc(policy)
+        self._parsed: tuple[str, Policy] | None = None
 
     @classmethod
     def open(cls, data: Path) -> "Controller":
@@ -272,6 +273,15 @@ class Controller:
         self.hub.publish_policy(doc)
         return _policy_info(row)
 
+    def _current_policy(self) -> Policy | None:
+        """The policy in force, parsed once per version (issuing an agent must not re-read YAML)."""
+        doc = self.hub.policy
+        if doc is None:
+            return None
+        if self._parsed is None or self._parsed[0] != doc.hash:
+            self._parsed = (doc.hash, load_policy(doc.text, doc.filename))
+        return self._parsed[1]
+
     def policy(self, version: int | None = None) -> PolicyInfo:
         with self.store.transaction() as tx:
             row = tx.policy(version)
@@ -296,7 +306,7 @@ class Controller:
         public_key = load_csr(req.csr)
         scopes = parse_scopes(req.scopes)
         ttl = timedelta(seconds=req.ttl_seconds)
-        policy = load_policy(self.hub.policy.text, self.hub.policy.filename) if self.hub.policy else None
+        policy = self._current_policy()
         try:
             with self.store.transaction() as tx:
                 row = tx.node(node_name)

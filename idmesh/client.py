@@ -153,7 +153,8 @@ class LocalClient:
         return self.request("GET", path, params=params)
 
     def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        # No TLS on a Unix socket: verify=False spares loading the system CA bundle (~30 ms).
+        transport = httpx.HTTPTransport(uds=str(self.socket_path), verify=False)
         try:
             with httpx.Client(transport=transport, base_url="http://meshd", timeout=httpx.Timeout(30.0)) as http:
                 resp = http.request(method, path, json=body, params=params)

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from ipaddress import IPv4Network, IPv6Network
@@ -113,21 +114,24 @@ class AgentSupervisor:
                      user: tuple[int, int] | None = None) -> LocalAgent:
         """Make process ``pid`` an agent; a caller already inside an agent makes a sub-agent of it."""
         parent = self.agent_of_pid(pid)
+        t0 = time.perf_counter()
         async with self._lock:
             slot = self._free_slot()
             ipv4, ipv6 = (str(a) for a in self.block.agent_address(slot))
             key = ed25519.Ed25519PrivateKey.generate()
             body = {"csr": build_csr(key), "name": name or "agent", "principal": principal, "scopes": scopes,
                     "ttl_seconds": int(ttl.total_seconds()), "parent": parent, "ipv4": ipv4, "ipv6": ipv6}
+            t1 = time.perf_counter()
             issued = AgentIssued.model_validate(await self.controller.call("POST", "/v1/agents", body))
+            t2 = time.perf_counter()
             agent_id = issued.agent.id
             directory = self.state.path / "agents" / agent_id
             agent = LocalAgent(agent_id, slot, issued, directory, issued.agent.expires)
             self.local[agent_id] = agent
         try:
             directory.mkdir(mode=0o700, parents=True)
-            write_private(directory / "agent.key", key_pem(key))
-            write_private(directory / "agent.crt", issued.certificate, 0o644)
+            write_private(directory / "agent.key", key_pem(key), durable=False)
+            write_private(directory / "agent.crt", issued.certificate, 0o644, durable=False)
             shutil.copyfile(self.state.ca_cert, directory / "ca.crt")
             if user is not None:
                 for path in (directory, *directory.iterdir()):
@@ -141,8 +145,11 @@ class AgentSupervisor:
             if isinstance(exc, OSError):
                 raise InvalidInput(f"could not set up agent {agent_id}: {exc.strerror or exc}") from exc
             raise
-        log.info("agent %s (%s for %s, %s) born at %s/%s%s", agent_id, issued.agent.name, principal,
-                 " ".join(scopes), ipv4, ipv6, f", sub-agent of {parent}" if parent else "")
+        t3 = time.perf_counter()
+        log.info("agent %s (%s for %s, %s) born at %s/%s%s in %.1f ms (key %.1f, certificate %.1f, data plane %.1f)",
+                 agent_id, issued.agent.name, principal, " ".join(scopes), ipv4, ipv6,
+                 f", sub-agent of {parent}" if parent else "", (t3 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                 (t3 - t2) * 1e3)
         return agent
 
     def agent_of_pid(self, pid: int) -> str | None:

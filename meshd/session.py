@@ -71,6 +71,7 @@ class ControllerSession:
         self.last_error: str | None = None
         self._ca = state.ca_cert.read_text()
         self._ssl = self._context()
+        self._calls: httpx.AsyncClient | None = None
 
     def _context(self) -> ssl.SSLContext:
         return client_ssl_context(self._ca, cert_file=self.state.node_cert, key_file=self.state.node_key)
@@ -120,11 +121,15 @@ class ControllerSession:
                         self._on_agents(message.agents)
 
     async def call(self, method: str, path: str, body: object = None) -> object:
-        """One request to the controller with the node certificate."""
+        """One request to the controller with the node certificate, on a kept-alive
+        connection: an agent's birth must not pay for a TLS handshake."""
+        if self._calls is None:
+            self._calls = self._client()
         try:
-            async with self._client() as http:
-                resp = await http.request(method, path, json=body)
+            resp = await self._calls.request(method, path, json=body)
         except httpx.HTTPError as exc:
+            await self._calls.aclose()
+            self._calls = None
             raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
         if resp.status_code >= 400:
             raise _error(resp)
@@ -157,6 +162,9 @@ class ControllerSession:
             )
         write_private(self.state.node_cert, answer.certificate, 0o644)
         self._ssl = self._context()
+        if self._calls is not None:  # the kept connection still presents the old certificate
+            await self._calls.aclose()
+            self._calls = None
         cert = x509.load_pem_x509_certificate(answer.certificate.encode())
         log.info("node certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())
 

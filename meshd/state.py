@@ -34,14 +34,20 @@ DEFAULT_STATE = "/var/lib/meshd"
 DEFAULT_SOCKET = "/run/meshd/meshd.sock"
 
 
-def write_private(path: Path, data: str, mode: int = 0o600) -> None:
+def write_private(path: Path, data: str, mode: int = 0o600, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically, created with ``mode``.
+
+    ``durable=False`` skips the fsync, for files that need not outlive a
+    crash (an agent's key dies with the agent anyway).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
