@@ -5,7 +5,8 @@
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-venv openssl wireguard-go wireguard-tools nftables iproute2 iputils-ping iperf3 procps kmod
+APT_PACKAGES := python3-venv openssl wireguard-go wireguard-tools nftables iproute2 iputils-ping iperf3 procps kmod \
+	openssh-server systemd
 
 .PHONY: deps venv test unit demo bench lint clean
 

@@ -30,6 +30,8 @@ from meshcore.wire import (
 )
 
 from .cli import duration, env_path, parser, print_json, run
+from deploy import cli as deploy_cli
+
 from .client import AdminCredential, LocalClient
 
 DEFAULT_SOCKET = "/run/meshd/meshd.sock"
@@ -167,6 +169,8 @@ def _build_parser() -> argparse.ArgumentParser:
     st.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET),
                     help="meshd's local API socket (env IDMESH_SOCKET; default %(default)s)")
     st.add_argument("--json", action="store_true")
+
+    deploy_cli.add_parser(sub)
     return p
 
 
@@ -333,6 +337,8 @@ def _explain(args: argparse.Namespace, policy: Policy) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "deploy":
+        return deploy_cli.run(args)
     if args.command == "status":
         return _status(args)
     if args.command == "policy":

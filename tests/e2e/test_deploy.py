@@ -137,8 +137,8 @@ class Deployed:
 
     def deploy(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         env = {**self.mesh.env, "PYTHONPATH": str(REPO)}
-        argv = [sys.executable, "-m", "deploy", "--inventory", str(self.inventory), "--wheelhouse",
-                str(self.wheelhouse), *args]
+        argv = [str(Path(sys.executable).parent / "meshctl"), "deploy", "--inventory", str(self.inventory),
+                "--wheelhouse", str(self.wheelhouse), *args]
         return self.mesh.controller_host.run(argv, env=env, check=False, timeout=timeout)
 
     def pid(self, name: str) -> int | None:
