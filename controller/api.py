@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +29,7 @@ from meshcore.wire import (
     AgentIssueRequest,
     AgentRevokeRequest,
     AgentsEnded,
+    AuditEntry,
     EnrollRequest,
     EnrollResponse,
     NodeInfo,
@@ -224,6 +225,12 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
     @app.post("/v1/agents/revoke", response_model=AgentsEnded)
     async def revoke_principal(req: AgentRevokeRequest, who: Identity = Depends(admin)) -> AgentsEnded:
         return AgentsEnded(ended=controller.end_agents(who, _now(), principal=req.principal))
+
+    @app.get("/v1/audit", response_model=list[AuditEntry])
+    async def audit(since: datetime | None = None, action: str | None = None, principal: str | None = None,
+                    node: str | None = None, limit: int = Query(default=1000, ge=1, le=100_000),
+                    _: Identity = Depends(admin)) -> list[AuditEntry]:
+        return controller.audit(since, action, principal, node, limit)
 
     @app.post("/v1/renew", response_model=RenewResponse)
     async def renew(req: RenewRequest, who: Identity = Depends(node)) -> RenewResponse:

@@ -38,6 +38,7 @@ from meshcore.wire import (
     AgentInfo,
     AgentIssued,
     AgentIssueRequest,
+    AuditEntry,
     EnrollRequest,
     EnrollResponse,
     NodeInfo,
@@ -407,6 +408,15 @@ class Controller:
         return AgentInfo(id=row.id, name=row.name, spiffe_id=str(SpiffeId(self.settings.domain, "agent", row.id)),
                          node=row.node, principal=row.principal, scopes=row.scopes, parent=row.parent,
                          addresses=[row.ipv4, row.ipv6], issued_at=row.issued_at, expires=row.not_after, state=state)
+
+    # audit ----------------------------------------------------------------
+    def audit(self, since: datetime | None, action: str | None, principal: str | None, node: str | None,
+              limit: int) -> list[AuditEntry]:
+        node_id = str(SpiffeId(self.settings.domain, "node", node)) if node else None
+        with self.store.transaction() as tx:
+            rows = tx.audit_rows(since, action, principal, node_id, limit)
+        return [AuditEntry(id=r.id, at=r.at, actor=r.actor, action=r.action, target=r.target, source=r.source,
+                           detail=r.detail) for r in rows]
 
     # the data plane ---------------------------------------------------------
     def report_endpoints(self, ident: Identity, report: EndpointReport, observed: str | None) -> PeerNode:

@@ -353,14 +353,28 @@ class Tx:
             (iso(at), actor, action, target, source, json.dumps(detail, sort_keys=True, default=str)),
         )
 
-    def audit_rows(self, since: datetime | None = None, action: str | None = None, limit: int = 1000) -> list[AuditRow]:
+    def audit_rows(self, since: datetime | None = None, action: str | None = None, principal: str | None = None,
+                   node_id: str | None = None, limit: int = 1000) -> list[AuditRow]:
+        """The newest ``limit`` rows matching every filter given, oldest first.
+
+        ``principal`` matches the identity tuple recorded in the row; ``node_id``
+        (a node's SPIFFE ID) matches rows about the node or made by it.
+        """
         sql, args = "SELECT * FROM audit WHERE 1=1", []  # type: tuple[str, list[Any]]
         if since is not None:
             sql += " AND at >= ?"
             args.append(iso(since))
         if action is not None:
-            sql += " AND action = ?"
-            args.append(action)
+            sql += " AND (action = ? OR action LIKE ?)"
+            args += [action, f"{action}.%"]
+        if principal is not None:
+            sql += (" AND (json_extract(detail, '$.principal') = ? OR json_extract(detail, '$.owner') = ?"
+                    " OR actor = ?)")
+            args += [principal, principal, principal]
+        if node_id is not None:
+            name = node_id.rsplit("/", 1)[-1]
+            sql += " AND (target = ? OR actor = ? OR json_extract(detail, '$.node') = ?)"
+            args += [node_id, node_id, name]
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         rows = self._c.execute(sql, args).fetchall()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -33,6 +33,7 @@ __all__ = [
     "AgentIssued",
     "AgentRevokeRequest",
     "AgentsEnded",
+    "AuditEntry",
     "PolicyInfo",
     "RenewResponse",
 ]
@@ -149,6 +150,18 @@ class AgentRevokeRequest(_Strict):
 
 class AgentsEnded(_Strict):
     ended: list[str] = Field(description="ids whose identities ended, descendants included")
+
+
+class AuditEntry(_Strict):
+    """One identity event: who did what to whom, when, from where, with the details."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str = Field(description="e.g. node.enrolled, certificate.issued, agent.revoked, policy.applied")
+    target: str | None
+    source: str | None = Field(description="the client address, for events that came over the network")
+    detail: dict[str, Any]
 
 
 class TokenCreateRequest(_Strict):

@@ -151,3 +151,18 @@ def test_a_node_renews_its_certificate_and_the_old_one_stops_working(controller:
 
     assert call_with(state / "node.crt") == 200
     assert call_with(tmp_path / "old.crt") == 403
+
+
+def test_the_audit_log_is_readable_and_filterable(controller: Controller, tmp_path: Path) -> None:
+    token = controller.token("--tag", "db")
+    assert enroll(controller, token, tmp_path / "a", "--name", "db-1").returncode == 0
+    cli("meshctl", "nodes", "remove", "db-1", env=controller.env, check=True)
+    rows = json.loads(cli("meshctl", "audit", "--node", "db-1", "--json", env=controller.env, check=True).stdout)
+    actions = [r["action"] for r in rows]
+    assert actions[:3] == ["token.used", "node.enrolled", "certificate.issued"]
+    assert "node.removed" in actions and "certificate.revoked" in actions
+    assert all("db-1" in (r["target"] or "") + json.dumps(r["detail"]) for r in rows)
+    recent = cli("meshctl", "audit", "--since", "10m", "--action", "token", env=controller.env, check=True).stdout
+    assert "token.created" in recent and "token.used" in recent and "node.enrolled" not in recent
+    bad = cli("meshctl", "audit", "--since", "yesterday-ish", env=controller.env)
+    assert bad.returncode == 2 and "expected an ISO time or a duration" in bad.stderr
