@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from idmesh.logs import request_id
 from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
 from meshcore.netmap import EndpointReport, NetmapDelta, PeerNode, StreamMessage
@@ -69,9 +71,11 @@ class _TooLarge(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes with 413.
-
-    ``larger`` raises the limit for named paths (a policy file may be big).
+    """ASGI middleware: a correlation id for every request (``X-Request-Id``,
+    taken from the client or made here, echoed in the answer and in every log
+    record written while serving it), and bodies over ``limit`` bytes refused
+    with 413 before they are read whole. ``larger`` raises the limit for named
+    paths (a policy file may be big).
     """
 
     def __init__(self, app: Any, limit: int = DEFAULT_MAX_BODY, larger: dict[str, int] | None = None) -> None:
@@ -82,6 +86,16 @@ class BodyLimit:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # a correlation id for every request: the client's X-Request-Id, or a new one
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode(errors="replace")[:64]
+        rid = given if given.replace("-", "").isalnum() else secrets.token_hex(8)
+        token = request_id.set(rid)
+        try:
+            await self._limited(scope, receive, send, rid)
+        finally:
+            request_id.reset(token)
+
+    async def _limited(self, scope: dict[str, Any], receive: Any, send: Any, rid: str) -> None:
         limit = max(self.default, self.larger.get(scope.get("path", ""), 0))
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
@@ -100,7 +114,9 @@ class BodyLimit:
 
         async def tracking_send(message: dict[str, Any]) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from idmesh.cli import duration, env_path, parser, print_json, run
+from idmesh.logs import setup_logging
 
 from .api import DEFAULT_MAX_BODY
 
@@ -69,7 +69,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from .server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     serve(args.data, args.listen, args.max_body)
     return 0
 

@@ -52,14 +52,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
     if args.command == "run":
         import asyncio
-        import logging
+
+        from idmesh.logs import setup_logging
 
         from .daemon import Daemon, Options
 
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("httpx", "httpcore", "pyroute2", "zeroconf", "uvicorn"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        setup_logging(args.verbose)
         opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard)
         asyncio.run(Daemon(opts).run())
         return 0

@@ -177,3 +177,11 @@ def test_repeated_failures_are_rate_limited(controller: Controller, tmp_path: Pa
     err = one_line_error(cli("meshd", "enroll", good.encode(), "--state", str(tmp_path / "s"), "--name", "x"),
                          "meshd", 5)
     assert "too many failed enrollment attempts" in err
+
+
+def test_every_answer_carries_a_correlation_id(controller: Controller) -> None:
+    with _api(controller) as api:
+        mine = api.get("/v1/health", headers={"X-Request-Id": "trace-42"})
+        made = api.post("/v1/enroll", content=b"{not json", headers={"content-type": "application/json"})
+    assert mine.headers["x-request-id"] == "trace-42"
+    assert len(made.headers["x-request-id"]) == 16 and made.status_code == 422

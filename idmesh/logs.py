@@ -1,0 +1,58 @@
+"""Logging for the daemons: readable on a terminal, JSON lines elsewhere.
+
+Under systemd or a log shipper each record is one JSON object (``ts``,
+``level``, ``logger``, ``msg``, and ``request_id`` when the record was made
+while serving a request), so logs can be searched by field. Nothing here
+formats secrets: keys, tokens and certificates are never passed to a log
+call, and token lines are redacted should one slip into a message.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+
+__all__ = ["setup_logging", "request_id"]
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_TOKEN = re.compile(r"idm1\.[A-Za-z0-9_-]{8,}")
+_QUIET = ("httpx", "httpcore", "pyroute2", "zeroconf", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncssh")
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        record.msg = _TOKEN.sub("idm1.<redacted>", str(record.msg))
+        return True
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if getattr(record, "request_id", None):
+            doc["request_id"] = record.request_id  # type: ignore[attr-defined]
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(verbose: bool = False, json_lines: bool | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    as_json = not sys.stderr.isatty() if json_lines is None else json_lines
+    handler.setFormatter(_Json() if as_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Context())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)

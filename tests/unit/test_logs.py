@@ -1,0 +1,23 @@
+"""Daemon logs: JSON lines off a terminal, with the request's id, never a token."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from idmesh.logs import request_id, setup_logging
+
+
+def test_records_are_json_with_the_request_id_and_tokens_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(json_lines=True)
+    token = request_id.set("abc123")
+    try:
+        logging.getLogger("idmesh.test").warning("refused idm1.eyJ1IjoiaHR0cHM6Ly9 from %s", "198.51.100.7")
+    finally:
+        request_id.reset(token)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["level"] == "warning" and line["logger"] == "idmesh.test" and line["request_id"] == "abc123"
+    assert line["msg"] == "refused idm1.<redacted> from 198.51.100.7"
+    logging.getLogger().handlers.clear()
