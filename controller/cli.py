@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -47,6 +48,8 @@ def _main(argv: Sequence[str] | None) -> int:
     srv.add_argument("--data", type=lambda s: env_path("", s), default=env_path("IDMESH_DATA", DEFAULT_DATA),
                      help="data directory (env IDMESH_DATA; default %(default)s)")
     srv.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT to listen on (default %(default)s)")
+    srv.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("IDMESH_METRICS"),
+                     help="serve Prometheus metrics here, e.g. 127.0.0.1:9464 (env IDMESH_METRICS; default off)")
     srv.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
                      help="largest request body accepted; larger ones get HTTP 413 (default %(default)s)")
     args = p.parse_args(argv)
@@ -70,7 +73,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from .server import serve
 
     setup_logging()
-    serve(args.data, args.listen, args.max_body)
+    serve(args.data, args.listen, args.max_body, args.metrics)
     return 0
 
 

@@ -120,6 +120,9 @@ class NetmapHub:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
+    def backlogs(self) -> list[tuple[str, int]]:
+        return [(sub.node, sub.queue.qsize()) for sub in self._subscribers]
+
     @property
     def connected(self) -> int:
         return len(self._subscribers)

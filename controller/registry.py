@@ -12,8 +12,9 @@ import difflib
 import hashlib
 import ipaddress
 import secrets
+import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -52,6 +53,8 @@ from meshcore.wire import (
 )
 
 from .authority import DataDir, load_authority
+from idmesh.metrics import Metrics
+
 from .netmap import NetmapHub
 from .ratelimit import FailureLimiter
 from .store import AgentRow, NodeRow, PolicyRow, Store, TokenRow
@@ -74,6 +77,8 @@ class Controller:
         self.ca = ca
         self.settings = settings
         self.limiter = limiter or FailureLimiter()
+        self.metrics = Metrics()
+        self.metrics.snapshot(self._gauges)
         with store.transaction() as tx:
             version = int(tx.meta("netmap_version") or 0)
             peers = {row.name: self._peer(row) for row in tx.nodes()}
@@ -175,7 +180,9 @@ class Controller:
                 sid = SpiffeId(s.domain, "node", req.name)
                 claims = Claims(kind="node", node=req.name, owner=row.owner, tags=tuple(row.tags),
                                 addresses=addresses, blocks=(str(block.v4), str(block.v6)))
+                t0 = time.perf_counter()
                 cert = build_leaf(self.ca, public_key, sid, claims, now, s.node_cert_ttl)
+                self.metrics.issuance_seconds.labels("node").observe(time.perf_counter() - t0)
                 serial = format(cert.serial_number, "x")
                 node = NodeRow(req.name, index, req.wireguard_public_key, row.owner, list(row.tags), serial,
                                cert.not_valid_after_utc, now, row.id)
@@ -190,6 +197,7 @@ class Controller:
                          not_after=cert.not_valid_after_utc)
                 version = self.hub.bump(tx)
         if reason is None:
+            self.metrics.identities_issued.labels("node").inc()
             self.hub.publish(version, upsert=(self._peer(node),))
         if reason is not None:
             self._refuse(source, token.id, reason, now)
@@ -345,7 +353,9 @@ class Controller:
                 sid = SpiffeId(self.settings.domain, "agent", agent_id)
                 claims = Claims(kind="agent", node=node_name, principal=req.principal, scopes=scopes,
                                 parent=req.parent, addresses=(req.ipv4, req.ipv6), name=req.name)
+                t0 = time.perf_counter()
                 cert = build_leaf(self.ca, public_key, sid, claims, now, not_after - now)
+                self.metrics.issuance_seconds.labels("agent").observe(time.perf_counter() - t0)
                 serial = format(cert.serial_number, "x")
                 pem = cert_pem(cert)
                 agent = AgentRow(agent_id, req.name, node_name, req.principal, [str(x) for x in scopes], req.parent,
@@ -360,6 +370,7 @@ class Controller:
                 tx.audit(now, str(caller.spiffe_id), "agent.refused", None, principal=req.principal,
                          scopes=req.scopes, parent=req.parent, reason=str(exc))
             raise
+        self.metrics.identities_issued.labels("agent").inc()
         self.hub.publish_agents(AgentUpdate(certificates=(pem,)))
         return AgentIssued(agent=self._agent_info(agent, now), certificate=pem)
 
@@ -392,6 +403,7 @@ class Controller:
                 tx.audit(now, str(actor.spiffe_id), f"agent.{reason}",
                          str(SpiffeId(self.settings.domain, "agent", ended_id)), reason=why)
         if ended:
+            self.metrics.identities_ended.labels(reason).inc(len(ended))
             self.hub.publish_agents(AgentUpdate(revoked=tuple(ended)))
         return ended
 
@@ -408,6 +420,26 @@ class Controller:
         return AgentInfo(id=row.id, name=row.name, spiffe_id=str(SpiffeId(self.settings.domain, "agent", row.id)),
                          node=row.node, principal=row.principal, scopes=row.scopes, parent=row.parent,
                          addresses=[row.ipv4, row.ipv6], issued_at=row.issued_at, expires=row.not_after, state=state)
+
+    def _gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Read at scrape time from the store and the hub, so they cannot drift."""
+        now = datetime.now(timezone.utc)
+        with self.store.transaction() as tx:
+            nodes = len(tx.nodes())
+            agents = len(tx.live_agents(now))
+        out = [
+            ("idmesh_nodes", "Enrolled nodes", {}, float(nodes)),
+            ("idmesh_identities_live", "Live identities, by kind", {"kind": "node"}, float(nodes)),
+            ("idmesh_identities_live", "Live identities, by kind", {"kind": "agent"}, float(agents)),
+            ("idmesh_netmap_version", "Current netmap version", {}, float(self.hub.version)),
+            ("idmesh_policy_version", "Policy version in force (0: none)", {},
+             float(self.hub.policy.version if self.hub.policy else 0)),
+            ("idmesh_streams_connected", "Nodes with an open netmap stream", {}, float(self.hub.connected)),
+        ]
+        for node, backlog in self.hub.backlogs():
+            out.append(("idmesh_stream_backlog_messages", "Messages queued for a node, not yet read (its lag)",
+                        {"node": node}, float(backlog)))
+        return out
 
     # audit ----------------------------------------------------------------
     def audit(self, since: datetime | None, action: str | None, principal: str | None, node: str | None,

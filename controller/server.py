@@ -22,6 +22,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshcore.errors import InvalidInput, Unavailable
 
+from idmesh.metrics import serve_metrics
+
 from .api import DEFAULT_MAX_BODY, TLS_EXTENSION, create_app
 from .authority import DataDir
 from .registry import Controller
@@ -60,9 +62,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY) -> None:
+def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None) -> None:
     host, port = parse_listen(listen)
     controller = Controller.open(data)
+    if metrics:
+        serve_metrics(controller.metrics, metrics)
     ctx = server_ssl_context(data)
     config = uvicorn.Config(
         create_app(controller, max_body),

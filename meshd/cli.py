@@ -47,6 +47,8 @@ def _main(argv: Sequence[str] | None) -> int:
     rn.add_argument("--no-discovery", action="store_true", help="do not announce or look for peers with mDNS")
     rn.add_argument("--wireguard", choices=["auto", "kernel", "wireguard-go"], default="auto",
                     help="WireGuard implementation (default: the kernel module if present, else wireguard-go)")
+    rn.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("IDMESH_METRICS"),
+                    help="serve Prometheus metrics here, e.g. 127.0.0.1:9465 (env IDMESH_METRICS; default off)")
     rn.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = p.parse_args(argv)
 
@@ -58,7 +60,8 @@ def _main(argv: Sequence[str] | None) -> int:
         from .daemon import Daemon, Options
 
         setup_logging(args.verbose)
-        opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard)
+        opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard,
+                       args.metrics)
         asyncio.run(Daemon(opts).run())
         return 0
 

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from idmesh.metrics import Metrics, serve_metrics
 from meshcore.errors import IdmeshError, InvalidInput, NotFound
 from meshcore.identity import load_certificate
 from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
@@ -59,6 +60,7 @@ class Options:
     listen_port: int = 51820
     discovery: bool = True
     wireguard: str = "auto"
+    metrics: str | None = None
 
 
 class Daemon:
@@ -90,6 +92,42 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._snapshot_due = False
         self._snapshot_at = 0.0
+        self.metrics = Metrics()
+        self.metrics.snapshot(self._gauges)
+
+    def _gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Read at scrape time (in the metrics server's thread) from the daemon's own state."""
+        view, plane = self.view, self.plane
+        out = [
+            ("idmesh_netmap_version", "Netmap version received", {}, float(view.version if view else 0)),
+            ("idmesh_netmap_applied_version", "Netmap version applied to the interface", {},
+             float(self.applied_version or 0)),
+            ("idmesh_policy_version", "Policy version enforced (0: none)", {},
+             float(self.policy_doc.version if self.policy_doc else 0)),
+            ("idmesh_controller_connected", "1 while the netmap stream is open", {}, float(self.session.connected)),
+            ("idmesh_identities_live", "Identities this node honors, by kind", {"kind": "agent"},
+             float(len(self.book.agents))),
+            ("idmesh_identities_live", "Identities this node honors, by kind", {"kind": "node"},
+             float(len(view.nodes) if view else 0)),
+            ("idmesh_agents_local", "Agents running on this node", {},
+             float(len(self.supervisor.local) if self.supervisor else 0)),
+            ("idmesh_denied_packets", "Packets dropped by default deny on mesh ingress, by identity class",
+             {"class": "any"}, float(self.firewall.denied())),
+        ]
+        if self.agentnet is not None:
+            out.append(("idmesh_spoofed_packets", "Packets dropped for sending with an agent address not theirs",
+                        {}, float(self.agentnet.spoofed())))
+        if plane is not None:
+            with plane.lock:
+                state = plane.device.state()
+            now = datetime.now(timezone.utc)
+            names = {n.wireguard_public_key: name for name, n in (view.nodes.items() if view else ())}
+            out.append(("idmesh_peers", "WireGuard peers configured", {}, float(len(state.peers))))
+            for p in state.peers:
+                age = (now - p.latest_handshake).total_seconds() if p.latest_handshake else -1.0
+                out.append(("idmesh_handshake_age_seconds", "Seconds since the last handshake (-1: never)",
+                            {"peer": names.get(p.public_key, p.public_key[:8])}, age))
+        return out
 
     # -- caches ---------------------------------------------------------------------------
     def _load_cached_netmap(self) -> NodeView | None:
@@ -337,6 +375,8 @@ class Daemon:
             open_device, self.opts.interface, implementation=self.opts.wireguard,  # type: ignore[arg-type]
             on_restart=self._mark_full_threadsafe,
         )
+        if self.opts.metrics:
+            serve_metrics(self.metrics, self.opts.metrics)
         self.plane = DataPlane(self.name, self.record.addresses, self.wg_private, self.opts.listen_port,
                                self.opts.interface, device, IPRouteNetConf(), self.firewall)
         log.info("%s up on %s (%s), listening on %d", self.name, self.opts.interface, type(device).__name__,

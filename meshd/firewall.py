@@ -23,6 +23,7 @@ Traffic that does not arrive over the mesh is not touched.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,6 +143,19 @@ class NftFirewall:
         log.info("firewall: installed rules %s (digest %s, %d rules, %d sets)", desired.rules_hash[:16],
                  desired.digest[:16], len(desired.rules), len(desired.sets))
         return "replaced"
+
+    def denied(self) -> int:
+        """Packets the default-deny rule has dropped so far (for metrics)."""
+        if self.installed is None:
+            return 0
+        try:
+            if self._run is None:
+                self._run = Libnftables()
+            listing = self._run(f"list chain inet {TABLE} mesh_in")
+        except IdmeshError:
+            return 0
+        found = re.search(r"counter packets (\d+) bytes \d+ drop", listing)
+        return int(found.group(1)) if found else 0
 
     def close(self) -> None:
         """Remove the table (also one a crashed meshd left): nothing of ours stays."""

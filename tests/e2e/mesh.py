@@ -124,11 +124,11 @@ class Mesh:
         self.nodes[name] = node
         return node
 
-    def start(self, node: Node) -> None:
+    def start(self, node: Node, *extra: str) -> None:
         with node.log.open("a") as log:
             node.proc = node.host.popen(
                 [cmd("meshd"), "run", "--state", str(node.state), "--interface", node.host.wg_ifname,
-                 "--socket", str(node.socket)], stdout=log, stderr=subprocess.STDOUT)
+                 "--socket", str(node.socket), *extra], stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: node.socket.exists(), 20, f"{node.name}'s local API", on_fail=self.logs)
 
     def stop(self, node: Node, sig: int = signal.SIGTERM) -> int:

@@ -4,6 +4,7 @@ wireguard-go, one network namespace per host."""
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -92,3 +93,18 @@ def test_meshd_restarts_into_the_same_state_without_leftovers(mesh: Mesh) -> Non
     assert h2.host.run(["ip", "-o", "link"]).stdout.count(f"{ifname}:") == 1
     assert len([p for p in processes_mentioning([ifname]) if "wireguard-go" in p]) == 1
     assert ping(h2.host, h3.addresses[1])
+
+
+def test_meshd_serves_metrics_about_its_peers_and_policy(mesh: Mesh) -> None:
+    h2 = mesh.enroll(mesh.net["h2"])
+    mesh.start(h2, "--metrics", "127.0.0.1:9465")  # loopback of h2's own namespace
+    mesh.start(mesh.enroll(mesh.net["h3"]))
+    mesh.wait_converged()
+    scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9465/metrics').read().decode())"
+    text = h2.host.run([sys.executable, "-c", scrape]).stdout
+    values = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["idmesh_peers"] == 1 and values["idmesh_policy_version"] == 1
+    assert 0 <= values['idmesh_handshake_age_seconds{peer="h3"}'] < 120
+    assert values["idmesh_controller_connected"] == 1
+    assert 'idmesh_denied_packets{class="any"}' in values and "idmesh_spoofed_packets" in values

@@ -47,12 +47,13 @@ class Controller:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(
                 [str(BIN / "mesh-controller"), "serve", "--data", str(self.data), "--listen",
-                 f"127.0.0.1:{self.port}"],
+                 f"127.0.0.1:{self.port}", *self.extra],
                 stdout=logf, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
