@@ -21,18 +21,14 @@ import argparse
 import json
 import os
 import shlex
-import sqlite3
 import statistics
 import sys
 import tempfile
-import threading
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.mesh import Mesh, Node, cmd, wait_until  # noqa: E402
+from tests.e2e.mesh import Mesh, Node, cmd, firewall_holds, revoke_and_time, wait_until  # noqa: E402
 from tests.e2e.netns import Network  # noqa: E402
 
 POLICY = """\
@@ -87,27 +83,9 @@ def revocations(mesh: Mesh, agents: Node, db: Node, k: int) -> list[float]:
         agent = listed[0]
         address = agent["addresses"][0]
 
-        def honored() -> bool:
-            return address in db.host.run(["nft", "list", "table", "inet", "idmesh"], timeout=10).stdout
-
-        wait_until(honored, 10, "db to honor the agent")
-        gone: list[float] = []
-
-        def watch() -> None:
-            while honored():
-                time.sleep(0.001)
-            gone.append(time.time())
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        mesh.admin("agent", "revoke", agent["id"])
-        watcher.join(30)
+        wait_until(lambda: firewall_holds(db, address), 10, "db to honor the agent")
+        out.append(revoke_and_time(mesh, agent["id"], address, db))
         proc.wait(20)
-        with sqlite3.connect(mesh.tmp / "ctl" / "controller.db") as store:
-            (at,) = store.execute("SELECT at FROM audit WHERE action = 'agent.revoked' AND target LIKE ?",
-                                  (f"%/{agent['id']}",)).fetchone()
-        revoked = datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
-        out.append((gone[0] - revoked) * 1000)
     return out
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
-import threading
 import os
 import shutil
 import signal
@@ -24,12 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.mesh import Mesh, Node, cmd, tcp_server, wait_until  # noqa: E402
+from tests.e2e.mesh import Mesh, Node, cmd, revoke_and_time, tcp_server, wait_until  # noqa: E402
 from tests.e2e.netns import HostCommandError, Network  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -95,12 +92,6 @@ def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
         print(f"  {label:34} " + "".join(f"{c:34}" for c in cells), flush=True)
 
 
-def _honors(db: Node, address: str) -> bool:
-    """Whether db's firewall still has the address in a set (what 'honoring' means on the wire)."""
-    ruleset = db.host.run(["nft", "list", "table", "inet", "idmesh"], check=False, timeout=10).stdout
-    return address in ruleset
-
-
 def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
     agents = nodes["agents"]
     proc = agents.host.popen(agent_argv(agents, "nikita@acme.com", ["db:read"], "long-runner", sys.executable,
@@ -118,24 +109,10 @@ def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
     who = db.host.run([cmd("meshctl"), "whois", address, "--socket", str(db.socket)]).stdout
     print(f"  db asks who {address} is (meshctl whois):")
     print("    " + who.strip().replace("\n", "\n    "))
-    gone: list[float] = []
-
-    def watch() -> None:
-        while _honors(db, address):
-            time.sleep(0.002)
-        gone.append(time.time())
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    mesh.admin("agent", "revoke", agent["id"])
-    watcher.join(30)
+    took = revoke_and_time(mesh, agent["id"], address, db)
     proc.wait(10)
-    with sqlite3.connect(mesh.tmp / "ctl" / "controller.db") as store:
-        (at,) = store.execute("SELECT at FROM audit WHERE action = 'agent.revoked' AND target LIKE ?",
-                              (f"%/{agent['id']}",)).fetchone()
-    revoked_at = datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
     print(f"  revoked {agent['id']} at the controller; db's firewall dropped {address} "
-          f"{(gone[0] - revoked_at) * 1000:.0f} ms later; the agent's processes were killed on its node "
+          f"{took:.0f} ms later; the agent's processes were killed on its node "
           f"(exit status {proc.returncode})")
 
 

@@ -301,6 +301,10 @@ def _status(args: argparse.Namespace) -> int:
     print(f"{me['name']}  {' '.join(me['addresses'])}  {me['owner'] or ','.join('tag:' + t for t in me['tags'])}")
     state = "connected" if ctl["connected"] else f"disconnected ({ctl.get('last_error') or 'connecting'})"
     print(f"controller {ctl['url']}: {state}, netmap version {ctl['netmap_version']}")
+    pol, agents = status.get("policy", {}), status.get("agents", {})
+    print(f"policy version {pol.get('version', 0)}, {pol.get('rules', 0)} rule(s), ruleset "
+          f"{(pol.get('ruleset') or '-')[:16]}; agents: {agents.get('local', 0)} here, "
+          f"{agents.get('honored', 0)} honored")
     _table([[p["name"], " ".join(p["addresses"]), p["endpoint"] or "-", _ago(p["latest_handshake"]),
              str(p["rx_bytes"]), str(p["tx_bytes"])] for p in status["peers"]],
            ["PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"])

@@ -200,3 +200,33 @@ def wait_for(what: str, condition: Any, timeout: float, mesh: Mesh) -> float:
     t0 = time.monotonic()
     wait_until(condition, timeout, what, on_fail=mesh.logs)
     return time.monotonic() - t0
+
+
+def firewall_holds(node: Node, address: str) -> bool:
+    """Whether the node's policy table still lets ``address`` in (what 'honoring' means on the wire)."""
+    return address in node.host.run(["nft", "list", "table", "inet", "idmesh"], check=False, timeout=10).stdout
+
+
+def revoke_and_time(mesh: Mesh, agent_id: str, address: str, observer: Node) -> float:
+    """Revoke an agent; return milliseconds from the controller's commit (its audit row)
+    until ``observer``'s firewall no longer holds the agent's address."""
+    import sqlite3
+    import threading
+    from datetime import datetime, timezone
+
+    gone: list[float] = []
+
+    def watch() -> None:
+        while firewall_holds(observer, address):
+            time.sleep(0.001)
+        gone.append(time.time())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    mesh.admin("agent", "revoke", agent_id)
+    watcher.join(30)
+    with sqlite3.connect(mesh.tmp / "ctl" / "controller.db") as store:
+        (at,) = store.execute("SELECT at FROM audit WHERE action = 'agent.revoked' AND target LIKE ?",
+                              (f"%/{agent_id}",)).fetchone()
+    revoked = datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return (gone[0] - revoked) * 1000
