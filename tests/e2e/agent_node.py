@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshcore.errors import IdmeshError
 from meshd.agentnet import AgentNet
+from tests.e2e.wgnode import JsonLineChild
 
 if TYPE_CHECKING:
     from tests.e2e.netns import Host
@@ -109,40 +108,11 @@ def serve() -> None:
 
 
 # -- the test side ------------------------------------------------------------------------------------
-class AgentNode:
+class AgentNode(JsonLineChild):
     """Client for one ``agent_node.py`` running in ``host``; its stderr (logs) goes to ``log``."""
 
     def __init__(self, host: Host, log: Path) -> None:
-        self.host = host
-        self.log = log
-        env = {**os.environ, "PYTHONPATH": str(_REPO)}
-        with open(log, "a") as err:
-            self.proc = host.popen([sys.executable, "-m", "tests.e2e.agent_node"], cwd=_REPO,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-
-    def call(self, op: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **params}) + "\n")
-        self.proc.stdin.flush()
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                raise AssertionError(f"{self.host.name}: no answer to {op} in {timeout:g} s; log:\n{self.logs()}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"{self.host.name}: agent_node exited ({self.proc.poll()}); log:\n{self.logs()}")
-        answer: dict[str, Any] = json.loads(line)
-        if not answer["ok"]:
-            raise AssertionError(f"{self.host.name}: {op} failed: {answer['error']}")
-        return answer
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.call("close")
-            self.proc.wait(10)
-
-    def logs(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        super().__init__(host, log, "tests.e2e.agent_node")
 
 
 def host_cgroup2() -> Path:

@@ -84,16 +84,21 @@ def serve(ifname: str) -> None:
 
 
 # -- the test side ------------------------------------------------------------------------------------
-class WgNode:
-    """Client for one ``wgnode.py`` running in ``host``; its stderr (logs) goes to ``log``."""
+class JsonLineChild:
+    """A helper program running inside a host, driven by one JSON request per line.
 
-    def __init__(self, host: Host, log: Path, ifname: str | None = None) -> None:
+    The request ``{"op": ..., **params}`` gets one answer line ``{"ok": true, ...}``
+    or ``{"ok": false, "error": ...}``; a missing or failed answer fails the test
+    with the child's log.
+    """
+
+    def __init__(self, host: Host, log: Path, module: str, *args: str) -> None:
         self.host = host
-        self.ifname = ifname or host.wg_ifname
         self.log = log
+        self.module = module
         env = {**os.environ, "PYTHONPATH": str(_REPO)}
         with open(log, "a") as err:
-            self.proc = host.popen([sys.executable, "-m", "tests.e2e.wgnode", self.ifname], cwd=_REPO,
+            self.proc = host.popen([sys.executable, "-m", module, *args], cwd=_REPO,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
 
     def call(self, op: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
@@ -106,24 +111,34 @@ class WgNode:
                 raise AssertionError(f"{self.host.name}: no answer to {op} in {timeout:g} s; log:\n{self.logs()}")
         line = self.proc.stdout.readline()
         if not line:
-            raise AssertionError(f"{self.host.name}: wgnode exited ({self.proc.poll()}); log:\n{self.logs()}")
+            raise AssertionError(f"{self.host.name}: {self.module} exited ({self.proc.poll()}); "
+                                 f"log:\n{self.logs()}")
         answer: dict[str, Any] = json.loads(line)
         if not answer["ok"]:
             raise AssertionError(f"{self.host.name}: {op} failed: {answer['error']}")
         return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.call("close")
+            self.proc.wait(10)
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+class WgNode(JsonLineChild):
+    """Client for one ``wgnode.py`` running in ``host``; its stderr (logs) goes to ``log``."""
+
+    def __init__(self, host: Host, log: Path, ifname: str | None = None) -> None:
+        self.ifname = ifname or host.wg_ifname
+        super().__init__(host, log, "tests.e2e.wgnode", self.ifname)
 
     def apply(self, device: DeviceConfig, addresses: list[str], routes: list[str]) -> dict[str, Any]:
         return self.call("apply", device=_jsonable(device), link={"addresses": addresses, "routes": routes})
 
     def state(self) -> dict[str, Any]:
         return self.call("state")
-
-    def close(self) -> None:
-        self.call("close")
-        self.proc.wait(10)
-
-    def logs(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
 
 
 if __name__ == "__main__":
