@@ -33,6 +33,8 @@ from meshcore.wire import (
     AgentsEnded,
     AuditEntry,
     EnrollRequest,
+    FlowBatch,
+    FlowRecord,
     EnrollResponse,
     NodeInfo,
     PolicyApply,
@@ -248,6 +250,16 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
                     _: Identity = Depends(admin)) -> list[AuditEntry]:
         return controller.audit(since, action, principal, node, limit)
 
+    @app.post("/v1/flows")
+    async def post_flows(batch: FlowBatch, who: Identity = Depends(node)) -> dict[str, int]:
+        return {"recorded": controller.record_flows(who, batch)}
+
+    @app.get("/v1/flows", response_model=list[FlowRecord])
+    async def get_flows(denied: bool = False, principal: str | None = None, node_name: str | None = Query(
+            default=None, alias="node"), limit: int = Query(default=1000, ge=1, le=100_000),
+            _: Identity = Depends(admin)) -> list[FlowRecord]:
+        return controller.flows(denied, principal, node_name, limit)
+
     @app.post("/v1/renew", response_model=RenewResponse)
     async def renew(req: RenewRequest, who: Identity = Depends(node)) -> RenewResponse:
         return controller.renew(who, req, _now())
@@ -299,4 +311,4 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    return BodyLimit(app, max_body, larger={"/v1/policy": 4 * 1024 * 1024 + 4096})
+    return BodyLimit(app, max_body, larger={"/v1/policy": 4 * 1024 * 1024 + 4096, "/v1/flows": 1024 * 1024})

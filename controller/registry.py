@@ -41,6 +41,8 @@ from meshcore.wire import (
     AgentIssueRequest,
     AuditEntry,
     EnrollRequest,
+    FlowBatch,
+    FlowRecord,
     EnrollResponse,
     NodeInfo,
     PolicyApply,
@@ -440,6 +442,20 @@ class Controller:
             out.append(("idmesh_stream_backlog_messages", "Messages queued for a node, not yet read (its lag)",
                         {"node": node}, float(backlog)))
         return out
+
+    # flows ------------------------------------------------------------------
+    def record_flows(self, ident: Identity, batch: FlowBatch) -> int:
+        node = ident.spiffe_id.name
+        rows = [(f.at, f.verdict, f.principal, f.model_copy(update={"node": node}).model_dump_json())
+                for f in batch.flows]
+        with self.store.transaction() as tx:
+            tx.insert_flows(node, rows)
+        return len(rows)
+
+    def flows(self, denied: bool, principal: str | None, node: str | None, limit: int) -> list[FlowRecord]:
+        with self.store.transaction() as tx:
+            rows = tx.flows(denied, principal, node, limit)
+        return [FlowRecord.model_validate_json(record) for _, record in rows]
 
     # audit ----------------------------------------------------------------
     def audit(self, since: datetime | None, action: str | None, principal: str | None, node: str | None,

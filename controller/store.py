@@ -110,6 +110,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX agents_principal ON agents(principal);
     CREATE INDEX agents_parent ON agents(parent);
     """,
+    # 5: identity flow log (denied connections and a sample of accepted ones, as nodes saw them)
+    """
+    CREATE TABLE flows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        node TEXT NOT NULL,
+        record TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        principal TEXT
+    );
+    CREATE INDEX flows_at ON flows(at);
+    """,
 ]
 
 
@@ -344,6 +356,27 @@ class Tx:
                         (iso(at), reason, agent_id))
         self._c.execute("UPDATE certificates SET revoked_at = ? WHERE serial = "
                         "(SELECT serial FROM agents WHERE id = ?) AND revoked_at IS NULL", (iso(at), agent_id))
+
+    # flows ----------------------------------------------------------------
+    def insert_flows(self, node: str, records: list[tuple[datetime, str, str | None, str]]) -> None:
+        """(at, verdict, principal, record JSON) rows seen by ``node``."""
+        self._c.executemany("INSERT INTO flows(at, node, record, verdict, principal) VALUES (?, ?, ?, ?, ?)",
+                            [(iso(at), node, record, verdict, principal) for at, verdict, principal, record in records])
+
+    def flows(self, denied: bool = False, principal: str | None = None, node: str | None = None,
+              limit: int = 1000) -> list[tuple[str, str]]:
+        """The newest matching (node, record JSON), oldest first."""
+        sql, args = "SELECT node, record FROM flows WHERE 1=1", []  # type: tuple[str, list[Any]]
+        if denied:
+            sql += " AND verdict = 'deny'"
+        if principal is not None:
+            sql += " AND principal = ?"
+            args.append(principal)
+        if node is not None:
+            sql += " AND node = ?"
+            args.append(node)
+        rows = self._c.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        return [(r[0], r[1]) for r in reversed(rows)]
 
     # audit ----------------------------------------------------------------
     def audit(self, at: datetime, actor: str, action: str, target: str | None = None,

@@ -24,6 +24,7 @@ from meshcore.wire import (
     AgentRevokeRequest,
     AgentsEnded,
     AuditEntry,
+    FlowRecord,
     NodeInfo,
     PolicyApply,
     PolicyInfo,
@@ -179,6 +180,18 @@ def _build_parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, default=1000, help="the newest N events (default %(default)s)")
     au.add_argument("--json", action="store_true")
 
+    fl = sub.add_parser("flows", help="the identity flow log: denied connections and a sample of accepted ones",
+                        description="Connections nodes saw arrive over the mesh, with the full identity of the "
+                        "sender (principal, agent, scopes, node), the destination, the verdict and the rule. "
+                        "Denied connections are logged (rate-limited), accepted ones sampled.",
+                        epilog="examples:\n  meshctl flows --denied\n  meshctl flows --principal nikita@acme.com --json",
+                        formatter_class=p.formatter_class)
+    fl.add_argument("--denied", action="store_true", help="only denied connections")
+    fl.add_argument("--principal", help="only connections made for this principal")
+    fl.add_argument("--node", help="only connections seen by this node")
+    fl.add_argument("--limit", type=int, default=200, help="the newest N (default %(default)s)")
+    fl.add_argument("--json", action="store_true")
+
     st = sub.add_parser("status", help="this node: its identity, the controller link, its peers",
                         description="Ask the local meshd (over its Unix socket) for this node's identity, "
                         "whether it is connected to the controller, and each peer's endpoint and handshake.")
@@ -289,6 +302,19 @@ def _audit(api: Any, args: argparse.Namespace) -> int:
               + (f" from {r.source}" if r.source else "") + (f"  {extra}" if extra else ""))
         if "diff" in r.detail and r.detail["diff"]:
             print("    " + str(r.detail["diff"]).rstrip().replace("\n", "\n    "))
+    return 0
+
+
+def _flows(api: Any, args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("denied", "true" if args.denied else None), ("principal", args.principal),
+                                ("node", args.node), ("limit", str(args.limit))) if v}
+    flows = [FlowRecord.model_validate(f) for f in api.request("GET", f"/v1/flows?{urlencode(params)}")]
+    if args.json:
+        print_json(flows)
+        return 0
+    _table([[_when(f.at), f.verdict, f.agent and f"agent {f.agent}" or f"node {f.source_node or f.source}",
+             f.principal or "-", " ".join(f.scopes) or "-", f"{f.node}:{f.port or ''}/{f.protocol}", f.rule]
+            for f in flows], ["WHEN", "VERDICT", "FROM", "PRINCIPAL", "SCOPES", "TO", "RULE"])
     return 0
 
 
@@ -408,6 +434,8 @@ def _main(argv: Sequence[str] | None) -> int:
     with AdminCredential.load(args.admin).client() as api:
         if args.command == "audit":
             return _audit(api, args)
+        if args.command == "flows":
+            return _flows(api, args)
         if args.command == "token" and args.action == "create":
             req = TokenCreateRequest(tags=args.tags, owner=args.owner,
                                      ttl_seconds=int(args.ttl.total_seconds()), reusable=args.reusable)

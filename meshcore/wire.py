@@ -34,6 +34,8 @@ __all__ = [
     "AgentRevokeRequest",
     "AgentsEnded",
     "AuditEntry",
+    "FlowRecord",
+    "FlowBatch",
     "PolicyInfo",
     "RenewResponse",
 ]
@@ -162,6 +164,27 @@ class AuditEntry(_Strict):
     target: str | None
     source: str | None = Field(description="the client address, for events that came over the network")
     detail: dict[str, Any]
+
+
+class FlowRecord(_Strict):
+    """One connection a node saw arrive over the mesh, with who sent it."""
+
+    at: datetime
+    verdict: str = Field(pattern=r"^(allow|deny)$")
+    rule: str = Field(max_length=200, description="acls[N] that allowed it, or 'default deny'")
+    source: str = Field(max_length=64)
+    source_node: str | None = Field(default=None, max_length=128)
+    principal: str | None = Field(default=None, max_length=320)
+    agent: str | None = Field(default=None, max_length=128)
+    scopes: list[str] = Field(default_factory=list, max_length=64)
+    destination: str = Field(max_length=64)
+    protocol: str = Field(max_length=16)
+    port: int | None = Field(default=None, ge=0, le=65535)
+    node: str | None = Field(default=None, description="the node that saw it (set by the controller)")
+
+
+class FlowBatch(_Strict):
+    flows: list[FlowRecord] = Field(max_length=1000)
 
 
 class TokenCreateRequest(_Strict):

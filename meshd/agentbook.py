@@ -45,6 +45,9 @@ class AgentBook:
         self.agents: dict[str, HeldAgent] = {}
         self._by_address: dict[str, str] = {}
         self._revoked: set[str] = set()
+        # Identities that ended lately, by address: only to name the sender of a flow
+        # logged just after its agent exited. Never consulted for honoring anything.
+        self._recent: dict[str, HeldAgent] = {}
 
     def admit(self, pem: str, nodes: Mapping[str, PeerNode], now: datetime) -> HeldAgent:
         """Verify one agent certificate and hold it; raise InvalidCertificate saying why not."""
@@ -103,6 +106,9 @@ class AgentBook:
             held = self.agents.pop(agent_id, None)
             if held is not None:
                 gone.append(agent_id)
+                if len(self._recent) > 4096:
+                    self._recent.clear()
+                self._recent[held.identity.ipv4] = self._recent[held.identity.ipv6] = held
                 for address in (held.identity.ipv4, held.identity.ipv6):
                     if self._by_address.get(address) == agent_id:
                         del self._by_address[address]
@@ -117,3 +123,7 @@ class AgentBook:
     def by_address(self, address: str) -> HeldAgent | None:
         agent_id = self._by_address.get(str(ipaddress.ip_address(address)))
         return self.agents.get(agent_id) if agent_id else None
+
+    def recently_held(self, address: str) -> HeldAgent | None:
+        """Who held ``address`` last, if the identity ended lately (for attributing logged flows)."""
+        return self.by_address(address) or self._recent.get(str(ipaddress.ip_address(address)))

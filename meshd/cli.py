@@ -49,6 +49,8 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="WireGuard implementation (default: the kernel module if present, else wireguard-go)")
     rn.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("IDMESH_METRICS"),
                     help="serve Prometheus metrics here, e.g. 127.0.0.1:9465 (env IDMESH_METRICS; default off)")
+    rn.add_argument("--no-flow-log", action="store_true",
+                    help="do not log denied and sampled accepted connections to the controller")
     rn.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = p.parse_args(argv)
 
@@ -61,7 +63,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         setup_logging(args.verbose)
         opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard,
-                       args.metrics)
+                       args.metrics, not args.no_flow_log)
         asyncio.run(Daemon(opts).run())
         return 0
 

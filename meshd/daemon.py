@@ -38,6 +38,7 @@ from .agents import AgentSupervisor
 from .dataplane import DataPlane
 from .discovery import LanDiscovery
 from .firewall import NftFirewall
+from .flowlog import FlowLog
 from .localapi import AgentRunRequest, LocalApi
 from .netconf import IPRouteNetConf
 from .session import ControllerSession
@@ -61,6 +62,7 @@ class Options:
     discovery: bool = True
     wireguard: str = "auto"
     metrics: str | None = None
+    flow_log: bool = True
 
 
 class Daemon:
@@ -74,7 +76,8 @@ class Daemon:
         self.policy_doc: PolicyDoc | None = self._load_cached_policy()
         self.policy: Policy = self._parse_policy(self.policy_doc) or load_policy("", "<no policy>")
         self.book = AgentBook(load_certificate(self.state.ca_cert.read_bytes()))
-        self.firewall = NftFirewall(opts.interface)
+        self.firewall = NftFirewall(opts.interface, flow_log=opts.flow_log)
+        self.flowlog: FlowLog | None = None
         self.plane: DataPlane | None = None
         self.applied_version: int | None = None
         self.session = ControllerSession(
@@ -297,13 +300,17 @@ class Daemon:
         return [a.issued.agent.model_dump(mode="json") for a in local.values()]
 
     # -- the local API's answers -------------------------------------------------------------------------
-    def whois(self, address: str) -> dict[str, Any]:
+    def _flow_source(self, address: str) -> dict[str, Any]:
+        """whois for the flow log: an agent that ended a moment ago still names its flows."""
+        return self.whois(address, recent=True)
+
+    def whois(self, address: str, recent: bool = False) -> dict[str, Any]:
         """Who holds an overlay address, from what this node has verified itself."""
         try:
             canonical = str(ipaddress.ip_address(address))
         except ValueError as exc:
             raise InvalidInput(f"not an IP address: {address!r}") from exc
-        held = self.book.by_address(canonical)
+        held = self.book.recently_held(canonical) if recent else self.book.by_address(canonical)
         if held is not None:
             a = held.identity
             return {"kind": "agent", "node": a.node, "principal": a.principal, "agent": a.id, "name": a.name,
@@ -386,6 +393,9 @@ class Daemon:
             # and the cached map applied, before the controller answers.
             self._dirty.set()
             await self._start_agents()
+            if self.opts.flow_log:
+                self.flowlog = FlowLog(self._flow_source, self.session.call)
+                self.flowlog.start(self._loop)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.session.run(), name="controller"),
@@ -397,6 +407,8 @@ class Daemon:
                     tasks.append(tg.create_task(self.supervisor.watch(), name="agent-watch"))
                 if self.opts.discovery:
                     tasks.append(tg.create_task(self._start_discovery(), name="discovery"))
+                if self.flowlog is not None:
+                    tasks.append(tg.create_task(self.flowlog.ship_forever(), name="flow-log"))
                 api = tg.create_task(self.api.serve(), name="local-api")
                 waiter = tg.create_task(stop.wait(), name="stop")
                 await asyncio.wait([api, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -410,6 +422,8 @@ class Daemon:
         finally:
             for task in list(self._tasks):
                 task.cancel()
+            if self.flowlog is not None:
+                await asyncio.to_thread(self.flowlog.close)
             if self.supervisor is not None:
                 await self.supervisor.close()
             if self.agentnet is not None:

@@ -37,7 +37,9 @@ class LanDiscovery:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        # Announce and listen on the underlay only: never through the mesh interface itself.
+        self._zc = AsyncZeroconf(interfaces=[a for a in self.addresses if ipaddress.ip_address(a).version == 4]
+                                 or None, ip_version=IPVersion.V4Only)
         self._info = AsyncServiceInfo(
             SERVICE, f"{self.node}.{SERVICE}", port=self.port,
             properties={"pk": self.public_key, "v": "1"},

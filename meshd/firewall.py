@@ -42,8 +42,22 @@ def _elements(addresses: frozenset[str]) -> str:
     return ", ".join(sorted(addresses))
 
 
-def _rule_lines(rule: FilterRule) -> list[str]:
+FLOW_GROUP = 7301  # the NFLOG group meshd's flow log reads (per network namespace)
+# Only packets addressed to this node are logged: multicast chatter (mDNS) is dropped quietly.
+DENY_LOG = f'meta pkttype host limit rate 20/second burst 40 packets log group {FLOW_GROUP} prefix "deny"'
+
+
+def _sample_log(rule: FilterRule) -> str:
+    """A rate-limited sample of the connections a rule accepts, named after its acl."""
+    acl = rule.acls[0] if rule.acls else -1
+    return f'ct state new limit rate 2/second burst 4 packets log group {FLOW_GROUP} prefix "a{acl}"'
+
+
+def _rule_lines(rule: FilterRule, flow_log: bool = False) -> list[str]:
     comment = f' comment "acls{list(rule.acls)}"' if rule.acls else ""
+    if flow_log:  # each match first logs a sample, then accepts; a log statement never ends a chain
+        return [line.replace(" accept", f" {_sample_log(rule)}", 1).split(" comment")[0]
+                for line in _rule_lines(rule)] + _rule_lines(rule)
     if rule.protocol == "icmp":
         return [f"ip saddr @{rule.source}_4 meta l4proto icmp accept{comment}",
                 f"ip6 saddr @{rule.source}_6 meta l4proto ipv6-icmp accept{comment}"]
@@ -56,8 +70,13 @@ def _rule_lines(rule: FilterRule) -> list[str]:
             f"ip6 saddr @{rule.source}_6 {match} accept{comment}"]
 
 
-def render_table(nf: NodeFilter, ifname: str) -> str:
-    """The whole table for ``nft -f``: created if missing, emptied, filled, in one transaction."""
+def render_table(nf: NodeFilter, ifname: str, flow_log: bool = False) -> str:
+    """The whole table for ``nft -f``: created if missing, emptied, filled, in one transaction.
+
+    With ``flow_log``, denied packets (up to 20/s) and a sample of accepted
+    connections (up to 2/s per rule) are copied to NFLOG group
+    :data:`FLOW_GROUP` for :mod:`meshd.flowlog`.
+    """
     lines = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
              f"  comment \"idmesh {nf.node} rules {nf.rules_hash[:16]}\""]
     for name in sorted(nf.sets):
@@ -70,7 +89,9 @@ def render_table(nf: NodeFilter, ifname: str) -> str:
     lines.append("    ct state established,related accept")
     lines.append("    ct state invalid drop")
     for rule in nf.rules:
-        lines += [f"    {line}" for line in _rule_lines(rule)]
+        lines += [f"    {line}" for line in _rule_lines(rule, flow_log)]
+    if flow_log:
+        lines.append(f"    {DENY_LOG}")
     lines.append("    counter drop comment \"default deny\"")
     lines.append("  }")
     for hook in ("input", "forward"):
@@ -114,8 +135,9 @@ def render_element_changes(changes: ElementChanges) -> str:
 class NftFirewall:
     """The ``inet idmesh`` table of this network namespace, owned by this meshd."""
 
-    def __init__(self, ifname: str, nft: Callable[[str], str] | None = None) -> None:
+    def __init__(self, ifname: str, nft: Callable[[str], str] | None = None, flow_log: bool = False) -> None:
         self.ifname = ifname
+        self.flow_log = flow_log
         self.installed: NodeFilter | None = None
         self._run = nft
 
@@ -138,7 +160,7 @@ class NftFirewall:
             self._nft(render_element_changes(changes))
             self.installed = desired
             return "elements"
-        self._nft(render_table(desired, self.ifname))
+        self._nft(render_table(desired, self.ifname, self.flow_log))
         self.installed = desired
         log.info("firewall: installed rules %s (digest %s, %d rules, %d sets)", desired.rules_hash[:16],
                  desired.digest[:16], len(desired.rules), len(desired.sets))

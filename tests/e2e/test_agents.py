@@ -207,3 +207,27 @@ def test_expiry_is_enforced_by_each_node_with_the_controller_down(lab: tuple[Mes
         assert proc.wait(20) != 0  # its node killed it at expiry
     finally:
         mesh.start_controller()
+
+
+def test_a_denied_agent_connection_appears_in_the_flow_log(lab: tuple[Mesh, Node, Node]) -> None:
+    mesh, agents, db = lab
+    denied = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", scopes=("db:write",),
+                       name="writer")
+    assert denied.returncode == 3
+
+    def logged() -> list[dict[str, object]]:
+        flows = json.loads(mesh.admin("flows", "--denied", "--principal", "nikita@acme.com", "--json").stdout)
+        return [f for f in flows if f["scopes"] == ["db:write"] and f["port"] == 5432]
+
+    flow = wait_until(logged, 15, "the denied connection in the flow log", mesh.logs)[0]
+    assert flow["verdict"] == "deny" and flow["rule"].startswith("default deny")
+    assert flow["node"] == "db" and flow["source_node"] == "agents" and flow["agent"]
+    assert flow["destination"] == db.addresses[0] and flow["protocol"] == "tcp"
+    allowed = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", name="reader")
+    assert allowed.returncode == 0
+    sampled = wait_until(lambda: [f for f in json.loads(mesh.admin("flows", "--principal", "nikita@acme.com",
+                                                                    "--json").stdout)
+                                  if f["verdict"] == "allow" and f["scopes"] == ["db:read"]], 15,
+                         "a sampled accepted connection",
+                         lambda: "\n".join(line for line in mesh.admin("flows").stdout.splitlines()))
+    assert sampled[-1]["rule"] == "acls[0]" and sampled[-1]["principal"] == "nikita@acme.com"

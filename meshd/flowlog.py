@@ -1,0 +1,95 @@
+"""The identity flow log: who a logged connection came from, shipped to the controller.
+
+The firewall (:mod:`meshd.firewall`) copies denied packets (up to 20/s) and a
+sample of accepted new connections (up to 2/s per rule) to an NFLOG group.
+A reader thread takes them (:mod:`meshd.nflog`); on the event loop each one
+becomes a record with the full identity tuple of its source — the agent
+(principal, agent, scopes) or the node (its owner) the address belongs to,
+as this node verified it — and every second the records go to the controller
+in one batch. At most :data:`BUFFER` wait while the controller is away;
+older ones are dropped first (the counters in metrics keep the totals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from meshcore.errors import IdmeshError
+from meshcore.wire import FlowBatch, FlowRecord
+
+from .firewall import FLOW_GROUP
+from .nflog import LoggedPacket, NflogSocket
+
+__all__ = ["FlowLog", "BUFFER"]
+
+log = logging.getLogger("meshd.flowlog")
+BUFFER = 2000
+
+
+class FlowLog:
+    def __init__(self, whois: Callable[[str], dict[str, Any]], ship: Callable[[str, str, object], Any]) -> None:
+        self._whois = whois
+        self._ship = ship
+        self.pending: deque[FlowRecord] = deque(maxlen=BUFFER)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._socket: NflogSocket | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._socket = NflogSocket(FLOW_GROUP)
+        sock = self._socket
+
+        def read() -> None:
+            while not self._stop.is_set():
+                try:
+                    packets = sock.receive(0.5)
+                except IdmeshError as exc:
+                    log.warning("flow log: %s", exc)
+                    continue
+                if packets:
+                    loop.call_soon_threadsafe(self._record, packets)
+
+        self._thread = threading.Thread(target=read, name="flowlog", daemon=True)
+        self._thread.start()
+
+    def _record(self, packets: list[LoggedPacket]) -> None:
+        now = datetime.now(timezone.utc)
+        for p in packets:
+            try:
+                who: dict[str, Any] = self._whois(p.source)
+            except IdmeshError:
+                who = {}
+            denied = p.prefix == "deny"
+            rule = "default deny (no rule allows this)" if denied else f"acls[{p.prefix[1:]}]"
+            self.pending.append(FlowRecord(
+                at=now, verdict="deny" if denied else "allow", rule=rule, source=p.source,
+                source_node=who.get("node"), principal=who.get("principal"), agent=who.get("agent"),
+                scopes=list(who.get("scopes") or []), destination=p.destination, protocol=p.protocol, port=p.port))
+
+    async def ship_forever(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if not self.pending:
+                continue
+            batch = list(self.pending)[:1000]
+            try:
+                await self._ship("POST", "/v1/flows", FlowBatch(flows=batch).model_dump(mode="json"))
+            except IdmeshError as exc:
+                log.debug("flow log not shipped yet: %s", exc)
+                continue
+            for _ in batch:
+                if self.pending:
+                    self.pending.popleft()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+        if self._socket is not None:
+            self._socket.close()
