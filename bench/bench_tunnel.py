@@ -16,7 +16,9 @@ tables, listed in the output); (b) has none. (b) and (c) run side by side
 on different interfaces and ports, and the
 runs are interleaved a, b, c, a, b, c, ... so that drift in the machine's
 load hits all three alike. Reported: each run's Gbit/s (receiver side), the
-median per path and the ratio (c)/(b) (target >= 0.95).
+median per path and the ratio (c)/(b) (target >= 0.95). Then (d): h3's meshd
+restarted with ``--no-flow-log``, and the ratio (c)/(d), the flow log's cost
+(target >= 0.97).
 
 Then, K times: enroll a fresh node on h4, start ``meshd run`` and ping h2's
 overlay address in a loop (``ping -c1 -W0.2`` per try) until one answers;
@@ -161,6 +163,17 @@ def main() -> None:
                 gbps[path].append(round(iperf(h2, address, args.seconds), 3))
                 print(f"run {run + 1} {path:<24} {gbps[path][-1]:.3f} Gbit/s", flush=True)
 
+        # the flow log's cost: the receiver again, without it
+        mesh.stop(b)
+        mesh.start(b, "--no-flow-log")
+        mesh.wait_converged()
+        wait_until(lambda: ping_once(h2, b.addresses[0]), 10, "the tunnel after restarting b")
+        gbps["d_idmesh_no_flow_log"] = []
+        for run in range(args.runs):
+            gbps["d_idmesh_no_flow_log"].append(round(iperf(h2, b.addresses[0], args.seconds), 3))
+            print(f"run {run + 1} {'d_idmesh_no_flow_log':<24} {gbps['d_idmesh_no_flow_log'][-1]:.3f} Gbit/s",
+                  flush=True)
+
         cold: list[float] = []
         target = a.addresses[0]
         for k in range(args.starts):
@@ -182,6 +195,8 @@ def main() -> None:
         "iperf3": {"runs": args.runs, "seconds": args.seconds, "streams": 1, "gbit_s": gbps, "median_gbit_s": median},
         "ratio_idmesh_to_hand_made": round(median["c_idmesh"] / median["b_wireguard_go_by_hand"], 3),
         "ratio_target": 0.95,
+        "ratio_flow_log_on_to_off": round(median["c_idmesh"] / median["d_idmesh_no_flow_log"], 3),
+        "flow_log_ratio_target": 0.97,
         "ratio_hand_made_to_underlay": round(median["b_wireguard_go_by_hand"] / median["a_underlay"], 3),
         "setup": setup,
         "first_ping_after_meshd_run_s": {"fresh_node_runs": cold, "fresh_node_median": statistics.median(cold),
