@@ -114,9 +114,13 @@ class Daemon:
              float(len(view.nodes) if view else 0)),
             ("idmesh_agents_local", "Agents running on this node", {},
              float(len(self.supervisor.local) if self.supervisor else 0)),
-            ("idmesh_denied_packets", "Packets dropped by default deny on mesh ingress, by identity class",
-             {"class": "any"}, float(self.firewall.denied())),
+            ("idmesh_denied_packets", "Packets dropped by default deny on mesh ingress", {},
+             float(self.firewall.denied())),
         ]
+        if self.flowlog is not None:
+            for cls in ("agent", "node", "unknown"):
+                out.append(("idmesh_denied_flows", "Denied connections logged (rate-limited), by identity class",
+                            {"class": cls}, float(self.flowlog.denied[cls])))
         if self.agentnet is not None:
             out.append(("idmesh_spoofed_packets", "Packets dropped for sending with an agent address not theirs",
                         {}, float(self.agentnet.spoofed())))

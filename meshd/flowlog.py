@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -37,6 +37,7 @@ class FlowLog:
         self._whois = whois
         self._ship = ship
         self.pending: deque[FlowRecord] = deque(maxlen=BUFFER)
+        self.denied: Counter[str] = Counter()  # logged denials by identity class: agent, node, unknown
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._socket: NflogSocket | None = None
@@ -66,6 +67,8 @@ class FlowLog:
             except IdmeshError:
                 who = {}
             denied = p.prefix == "deny"
+            if denied:
+                self.denied["agent" if who.get("agent") else "node" if who.get("node") else "unknown"] += 1
             rule = "default deny (no rule allows this)" if denied else f"acls[{p.prefix[1:]}]"
             self.pending.append(FlowRecord(
                 at=now, verdict="deny" if denied else "allow", rule=rule, source=p.source,

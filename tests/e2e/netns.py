@@ -249,6 +249,7 @@ class Network:
             _delete_netns(netns)
         for host in self.hosts:
             (UAPI_DIR / f"{host.wg_ifname}.sock").unlink(missing_ok=True)
+        self._remove_cgroups()
         left = self.leftovers()
         if left:
             raise RuntimeError(f"network {self.prefix} left behind: {', '.join(left)}")
@@ -271,11 +272,34 @@ class Network:
             if stream is not None:
                 stream.close()
 
+    def agent_cgroups(self) -> list[Path]:
+        """The agent cgroup subtrees meshd names after our interfaces (the hierarchy is machine-wide)."""
+        roots = [r for r in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")) if (r / "cgroup.procs").exists()]
+        return [r / f"idmesh-{h.wg_ifname}" for r in roots for h in self.hosts if (r / f"idmesh-{h.wg_ifname}").is_dir()]
+
+    def _remove_cgroups(self) -> None:
+        """A meshd killed outright leaves its agents' cgroups: kill what is in them, remove them."""
+        for top in self.agent_cgroups():
+            for group in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [top]:
+                if not group.is_dir():
+                    continue
+                try:
+                    (group / "cgroup.kill").write_text("1")
+                except OSError:
+                    pass
+                for _ in range(100):
+                    try:
+                        group.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.02)
+
     def leftovers(self) -> list[str]:
-        """What of ours still exists: namespaces, tracked processes, UAPI sockets."""
+        """What of ours still exists: namespaces, tracked processes, UAPI sockets, agent cgroups."""
         names = [n.split(" ")[0] for n in _ip("netns", "list").stdout.splitlines()]
         left = [f"netns {n}" for n in names if n.startswith(self.prefix + "-")]
         left += [f"pid {p.pid}" for p in self.processes if _alive(p.pid)]
         left += [f"socket {s}" for h in self.hosts if (s := UAPI_DIR / f"{h.wg_ifname}.sock").exists()]
         left += processes_mentioning([h.wg_ifname for h in self.hosts] + self._namespaces)
+        left += [f"cgroup {c}" for c in self.agent_cgroups()]
         return left

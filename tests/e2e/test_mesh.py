@@ -107,4 +107,5 @@ def test_meshd_serves_metrics_about_its_peers_and_policy(mesh: Mesh) -> None:
     assert values["idmesh_peers"] == 1 and values["idmesh_policy_version"] == 1
     assert 0 <= values['idmesh_handshake_age_seconds{peer="h3"}'] < 120
     assert values["idmesh_controller_connected"] == 1
-    assert 'idmesh_denied_packets{class="any"}' in values and "idmesh_spoofed_packets" in values
+    assert "idmesh_denied_packets" in values and "idmesh_spoofed_packets" in values
+    assert values['idmesh_denied_flows{class="agent"}'] == 0
