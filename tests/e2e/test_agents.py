@@ -207,10 +207,15 @@ def test_expiry_is_enforced_by_each_node_with_the_controller_down(lab: tuple[Mes
         assert proc.wait(20) != 0  # its node killed it at expiry
     finally:
         mesh.start_controller()
+        # later tests need every node back on its stream (reconnection backs off up to 30 s)
+        wait_until(lambda: all(n.status()["controller"]["connected"] for n in (agents, db)), 60,
+                   "nodes reconnected", mesh.logs)
 
 
 def test_a_denied_agent_connection_appears_in_the_flow_log(lab: tuple[Mesh, Node, Node]) -> None:
     mesh, agents, db = lab
+    wait_until(lambda: all(n.status()["controller"]["connected"] for n in (agents, db)), 60,
+               "nodes connected (an agent born while db is cut off cannot be verified there)", mesh.logs)
     denied = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", scopes=("db:write",),
                        name="writer")
     assert denied.returncode == 3
