@@ -87,7 +87,8 @@ class BodyLimit:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         # a correlation id for every request: the client's X-Request-Id, or a new one
         given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode(errors="replace")[:64]
         rid = given if given.replace("-", "").isalnum() else secrets.token_hex(8)

@@ -13,7 +13,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 __all__ = ["LanDiscovery", "SERVICE"]
@@ -38,8 +38,9 @@ class LanDiscovery:
 
     async def start(self) -> None:
         # Announce and listen on the underlay only: never through the mesh interface itself.
-        self._zc = AsyncZeroconf(interfaces=[a for a in self.addresses if ipaddress.ip_address(a).version == 4]
-                                 or None, ip_version=IPVersion.V4Only)
+        underlay: list[str | int | tuple[tuple[str, int, int], int]] = [
+            a for a in self.addresses if ipaddress.ip_address(a).version == 4]
+        self._zc = AsyncZeroconf(interfaces=underlay or InterfaceChoice.All, ip_version=IPVersion.V4Only)
         self._info = AsyncServiceInfo(
             SERVICE, f"{self.node}.{SERVICE}", port=self.port,
             properties={"pk": self.public_key, "v": "1"},
