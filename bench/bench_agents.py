@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.mesh import Mesh, Node, cmd, firewall_holds, revoke_and_time, wait_until  # noqa: E402
 from tests.e2e.netns import Network  # noqa: E402
+
+from common import command_line  # noqa: E402
 
 POLICY = """\
 delegations:
@@ -52,13 +53,6 @@ with httpx.Client(transport=httpx.HTTPTransport(uds=sys.argv[1], verify=False), 
                                    "name": "bench"})
 print(json.dumps({"ms": (time.perf_counter() - t) * 1000, "status": r.status_code}))
 """
-
-
-def command_line() -> str:
-    python = sys.executable
-    if python.startswith(os.getcwd() + os.sep):
-        python = os.path.relpath(python)
-    return shlex.join([python, *sys.argv])
 
 
 def births(agents: Node, n: int) -> list[float]:

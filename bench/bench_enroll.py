@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -29,30 +28,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from meshcore.identity import build_csr
+from common import command_line, cpu_seconds, free_port, wait_listening  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("controller did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def requests(n: int, token: str) -> list[dict[str, str]]:
@@ -104,8 +82,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--enrollments", type=int, default=3000)
     args = ap.parse_args()
-    print(f"$ {Path(sys.executable).relative_to(Path.cwd()) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable} "
-          f"bench/bench_enroll.py --clients {args.clients} --enrollments {args.enrollments}")
+    print(f"$ {command_line()}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "ctl"
         port = free_port()

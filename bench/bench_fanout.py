@@ -36,9 +36,7 @@ import json
 import math
 import os
 import resource
-import shlex
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -55,39 +53,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from idmesh.client import client_ssl_context
 from meshcore.identity import build_csr
 from meshcore.netmap import NodeView, StreamMessage
+from common import command_line, cpu_seconds, free_port, wait_listening  # noqa: E402
 
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 CHANGE_TIMEOUT = 30.0
-
-
-def command_line() -> str:
-    python = sys.executable
-    if python.startswith(os.getcwd() + os.sep):
-        python = os.path.relpath(python)
-    return shlex.join([python, *sys.argv])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("controller did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit(wanted: int) -> int:

@@ -18,9 +18,7 @@ import argparse
 import gc
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -44,19 +42,13 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.scopes import parse_scopes
+from common import command_line  # noqa: E402
 
 TARGET_PER_SECOND = 8000
 NOW = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
 TTL = timedelta(minutes=15)
 DOMAIN = "acme.mesh"
 SCOPES = parse_scopes(["db:read", "web:*"])
-
-
-def command_line() -> str:
-    python = sys.executable
-    if python.startswith(os.getcwd() + os.sep):
-        python = os.path.relpath(python)
-    return shlex.join([python, *sys.argv])
 
 
 def cpu_model() -> str:

@@ -36,7 +36,6 @@ import gc
 import ipaddress
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ from meshd.converge import desired_device
 from meshd.dataplane import DataPlane
 from meshd.netconf import FakeNetConf
 from meshd.wg import FakeWireGuard, generate_private_key
+from common import command_line  # noqa: E402
 
 POLICY = load_policy("""\
 services:
@@ -69,13 +69,6 @@ class _UnrunFirewall:
         return "unrun"
 
 PREFIXES = MeshPrefixes(ipaddress.IPv4Network("100.64.0.0/10"), ipaddress.IPv6Network("fd7a:115c:a1e0::/48"))
-
-
-def command_line() -> str:
-    python = sys.executable
-    if python.startswith(os.getcwd() + os.sep):
-        python = os.path.relpath(python)
-    return shlex.join([python, *sys.argv])
 
 
 def peer(i: int, port: int = 51820) -> PeerNode:

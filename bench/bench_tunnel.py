@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -48,17 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.mesh import Mesh, Node, cmd
 from tests.e2e.netns import UAPI_DIR, Host, Network, wait_until
+from common import command_line  # noqa: E402
 
 IPERF_PORT = 5201
 MANUAL_PORT = 51821
 MANUAL_NET = "10.99.0"
-
-
-def command_line() -> str:
-    python = sys.executable
-    if python.startswith(os.getcwd() + os.sep):
-        python = os.path.relpath(python)
-    return shlex.join([python, *sys.argv])
 
 
 def wg_keys() -> tuple[str, str]:
