@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,7 +27,7 @@ from meshcore.identity import load_certificate, verify_leaf
 from meshcore.netmap import PeerNode
 from meshcore.policy import AgentIdentity
 
-__all__ = ["AgentBook", "HeldAgent"]
+__all__ = ["AgentBook", "HeldAgent", "IdentityView"]
 
 log = logging.getLogger("meshd.agents")
 
@@ -39,10 +39,27 @@ class HeldAgent:
     serial: str
 
 
+class IdentityView(Mapping[str, AgentIdentity]):
+    """The book's agents as identities, without copying them: a change must not cost O(agents)."""
+
+    def __init__(self, agents: Mapping[str, HeldAgent]) -> None:
+        self._agents = agents
+
+    def __getitem__(self, agent_id: str) -> AgentIdentity:
+        return self._agents[agent_id].identity
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._agents)
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+
 class AgentBook:
     def __init__(self, ca: x509.Certificate) -> None:
         self.ca = ca
         self.agents: dict[str, HeldAgent] = {}
+        self.identities = IdentityView(self.agents)
         self._by_address: dict[str, str] = {}
         self._revoked: set[str] = set()
         # Identities that ended lately, by address: only to name the sender of a flow

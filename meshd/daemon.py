@@ -248,7 +248,7 @@ class Daemon:
             view = self.view
             nodes = view.nodes if view else {}
             found = self.discovery.found if self.discovery else {}
-            work = self.plane.take(self.policy, nodes, {i: h.identity for i, h in self.book.agents.items()}, found,
+            work = self.plane.take(self.policy, nodes, self.book.identities, found,
                                    view.prefixes if view else tuple(self.record.mesh_prefixes))
             try:
                 await asyncio.to_thread(self.plane.apply, work)
