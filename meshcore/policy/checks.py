@@ -49,6 +49,8 @@ def policy_problems(policy: Policy) -> list[Problem]:
         out += _delegation_problems(delegation, ("delegations", i))
     for i, route in enumerate(policy.routes):
         out += selector_problems(route.source, policy.groups, ("routes", i, "from"))
+        out += _duplicates(route.to, ("routes", i, "to"))
+        out += _duplicates(route.via, ("routes", i, "via"))
     for i, test in enumerate(policy.tests):
         out += flow_source_problems(test.source, policy.groups, ("tests", i, "from"))
         out += flow_destination_problems(test.to, test.protocol, policy.services, ("tests", i, "to"))

@@ -12,7 +12,8 @@ Sections and what a missing one means:
 * ``services``: name -> nodes (``tag:``/``node:``), ports, protocol (tcp by default).
 * ``acls``: allow rules, ``from`` a selector ``to`` destinations. Missing: nothing is allowed.
 * ``tests``: flows with an expected verdict, run by ``policy check`` and before every apply.
-* ``delegations`` and ``routes``: parsed and validated; enforced by the agent and routing code.
+* ``delegations``: who may mint agents for whom (:mod:`.delegations`).
+* ``routes``: which gateway carries whose traffic to a prefix (:mod:`.routes`).
 """
 
 from __future__ import annotations
@@ -192,12 +193,32 @@ class Delegation(_Model):
     max_ttl: _Duration
 
 
+def _one_or_many(value: object) -> object:
+    """``to: 10.20.0.0/16`` and ``to: [10.20.0.0/16]`` mean the same."""
+    return [value] if isinstance(value, str) else value
+
+
 class Route(_Model):
-    """Traffic ``from`` a selector ``to`` a prefix goes ``via`` a gateway node."""
+    """Traffic ``from`` a selector ``to`` prefixes goes ``via`` gateways, tried in the order given.
+
+    ``via`` names a node (``node:NAME``) or every node with a tag
+    (``tag:NAME``, in name order); only gateways that advertise a route
+    covering the prefix count. The first listed gateway that is up carries
+    the traffic; the others take over when it stops answering.
+    """
 
     source: Selector = Field(alias="from")
-    to: _Prefix
-    via: _Target
+    to: tuple[_Prefix, ...] = Field(min_length=1)
+    via: tuple[_Target, ...] = Field(min_length=1)
+
+    @field_validator("to", "via", mode="before")
+    @classmethod
+    def _scalar(cls, value: object) -> object:
+        return _one_or_many(value)
+
+    def text(self) -> str:
+        return (f"from {self.source.text()} to [{', '.join(str(p) for p in self.to)}] "
+                f"via [{', '.join(str(v) for v in self.via)}]")
 
 
 class FlowSource(_Model):

@@ -63,7 +63,7 @@ def test_seed_example_of_spec_loads_with_every_section() -> None:
     assert policy.delegations[0].scopes[2] == Scope("web", "*")
     assert policy.services["db"].ports == (PortRange(5432, 5432),)
     assert policy.acls[0].source.scope == Scope("db", "read")
-    assert str(policy.routes[0].to) == "10.20.0.0/16"
+    assert [str(p) for p in policy.routes[0].to] == ["10.20.0.0/16"]
     assert policy.where("acls", 0) == "policy.yaml:11:5"
 
 
@@ -148,14 +148,14 @@ def test_bad_port_on_tag_destination_is_an_error() -> None:
 def test_prefix_with_host_bits_is_an_error() -> None:
     text = "routes:\n  - from: {tag: ci}\n    to: 10.20.0.1/16\n    via: node:gw\n"
     assert only_problem(text) == (
-        "policy.yaml:3:9: routes[0].to: invalid prefix '10.20.0.1/16': 10.20.0.1/16 has host bits set"
+        "policy.yaml:3:9: routes[0].to[0]: invalid prefix '10.20.0.1/16': 10.20.0.1/16 has host bits set"
     )
 
 
 def test_route_via_must_name_a_tag_or_node() -> None:
     text = "routes:\n  - from: {tag: ci}\n    to: 0.0.0.0/0\n    via: gw\n"
     assert only_problem(text) == (
-        "policy.yaml:4:10: routes[0].via: invalid node reference 'gw': expected tag:NAME or node:NAME"
+        "policy.yaml:4:10: routes[0].via[0]: invalid node reference 'gw': expected tag:NAME or node:NAME"
     )
 
 
