@@ -38,6 +38,7 @@ from meshcore.wire import (
     EnrollResponse,
     NodeInfo,
     PolicyApply,
+    RouteInfo,
     PolicyInfo,
     RenewRequest,
     RenewResponse,
@@ -207,6 +208,10 @@ def create_app(controller: Controller, max_body: int = DEFAULT_MAX_BODY) -> Any:
     @app.get("/v1/nodes", response_model=list[NodeInfo])
     async def list_nodes(_: Identity = Depends(admin)) -> list[NodeInfo]:
         return controller.list_nodes()
+
+    @app.get("/v1/routes", response_model=list[RouteInfo])
+    async def list_routes(_: Identity = Depends(admin)) -> list[RouteInfo]:
+        return controller.list_routes()
 
     @app.delete("/v1/nodes/{name}", response_model=NodeInfo)
     async def remove_node(name: str, who: Identity = Depends(admin)) -> NodeInfo:

@@ -8,6 +8,7 @@ in by the caller (the API passes the wall clock, tests a fixed one).
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import ipaddress
@@ -32,10 +33,11 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
-from meshcore.netmap import AgentUpdate, EndpointReport, PeerNode, PolicyDoc
-from meshcore.policy import NodeIdentity, Policy, check_delegation, load_policy, run_tests
+from meshcore.netmap import AgentUpdate, EndpointReport, PeerNode, PolicyDoc, RouteOffer
+from meshcore.policy import Gateway, NodeIdentity, Policy, check_delegation, load_policy, offer_users, run_tests
 from meshcore.scopes import parse_scopes, scopes_within
 from meshcore.wire import (
+    RouteInfo,
     AgentInfo,
     AgentIssued,
     AgentIssueRequest,
@@ -254,7 +256,8 @@ class Controller:
         block = self.settings.prefixes.block(row.block_index)
         return PeerNode(name=row.name, wireguard_public_key=row.wg_public_key,
                         addresses=(str(block.node_v4), str(block.node_v6)), blocks=(str(block.v4), str(block.v6)),
-                        endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags))
+                        endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags),
+                        routing=RouteOffer.model_validate(row.routing))
 
     # policy ---------------------------------------------------------------
     def apply_policy(self, actor: str, req: PolicyApply, now: datetime) -> PolicyInfo:
@@ -292,6 +295,21 @@ class Controller:
         if self._parsed is None or self._parsed[0] != doc.hash:
             self._parsed = (doc.hash, load_policy(doc.text, doc.filename))
         return self._parsed[1]
+
+    def list_routes(self) -> list[RouteInfo]:
+        """Every advertised route and the policy rules that make it usable."""
+        with self.store.transaction() as tx:
+            rows = tx.nodes()
+        gateways = {r.name: Gateway(r.name, frozenset(r.tags), tuple(r.routing.get("routes", ()))) for r in rows}
+        gateways = {n: g for n, g in gateways.items() if g.routes}
+        policy = self._current_policy() or Policy()
+        out = []
+        for (name, prefix), rules in sorted(offer_users(policy, gateways).items()):
+            labels = [f"routes[{i}]" + (f" at {where}" if (where := policy.where("routes", i)) else "")
+                      + f": {policy.routes[i].text()}" for i in rules]
+            out.append(RouteInfo(node=name, tags=sorted(gateways[name].tags), prefix=prefix,
+                                 exit=ipaddress.ip_network(prefix).prefixlen == 0, enabled_by=labels))
+        return out
 
     def policy(self, version: int | None = None) -> PolicyInfo:
         with self.store.transaction() as tx:
@@ -467,21 +485,29 @@ class Controller:
                            detail=r.detail) for r in rows]
 
     # the data plane ---------------------------------------------------------
-    def report_endpoints(self, ident: Identity, report: EndpointReport, observed: str | None) -> PeerNode:
-        """Record where a node can be reached: its own candidates, then the
-        source address the controller saw (which may be a NAT's)."""
+    def report_endpoints(self, ident: Identity, report: EndpointReport, observed: str | None,
+                         now: datetime | None = None) -> PeerNode:
+        """Record where a node can be reached — its own candidates, then the
+        source address the controller saw (which may be a NAT's) — and the
+        routes it offers (audited: offering to carry others' traffic is an
+        identity event)."""
         name = ident.spiffe_id.name
         candidates = [_endpoint(e, self.settings.prefixes) for e in report.endpoints]
         if observed:
             candidates.append(_endpoint(_join(observed, report.listen_port), self.settings.prefixes))
         endpoints = tuple(dict.fromkeys(c for c in candidates if c))
+        routing = _route_offer(report.routing, self.settings.prefixes).model_dump(exclude_none=True)
         with self.store.transaction() as tx:
             row = tx.node(name)
             if row is None:
                 raise NotFound(f"no node named {name!r}")
-            if row.endpoints == endpoints:
+            if row.endpoints == endpoints and row.routing == routing:
                 return self._peer(row)
             tx.set_node_endpoints(name, endpoints)
+            if row.routing.get("routes", []) != routing.get("routes", []):
+                tx.audit(now or datetime.now(timezone.utc), str(ident.spiffe_id), "node.routes",
+                         str(ident.spiffe_id), routes=list(routing.get("routes", [])))
+            tx.set_node_routing(name, routing)
             version = self.hub.bump(tx)
             row = tx.node(name)
             assert row is not None
@@ -519,6 +545,35 @@ def _policy_info(row: PolicyRow, unchanged: bool = False, with_text: bool = True
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _route_offer(offer: RouteOffer, prefixes: MeshPrefixes) -> RouteOffer:
+    """Canonical prefixes, none inside the overlay (a gateway must not capture the mesh), a key, a port."""
+    routes: list[str] = []
+    for text in offer.routes:
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise InvalidInput(f"advertised route {text!r}: {exc}") from exc
+        overlay = prefixes.v4 if net.version == 4 else prefixes.v6
+        if net.prefixlen and net.overlaps(overlay):  # type: ignore[arg-type]
+            raise InvalidInput(f"advertised route {net} overlaps the mesh's own prefix {overlay}")
+        routes.append(str(net))
+    if routes and (offer.route_key is None or offer.gateway_port is None):
+        raise InvalidInput("a node that advertises routes must give its route key and gateway port")
+    if offer.route_key is not None:
+        try:
+            if len(base64.b64decode(offer.route_key, validate=True)) != 32:
+                raise ValueError("not 32 bytes")
+        except ValueError as exc:
+            raise InvalidInput(f"route key {offer.route_key!r} is not a base64 X25519 key") from exc
+    return RouteOffer(routes=tuple(sorted(set(routes), key=_prefix_order)), route_key=offer.route_key,
+                      gateway_port=offer.gateway_port if routes else None)
+
+
+def _prefix_order(text: str) -> tuple[int, int, int]:
+    net = ipaddress.ip_network(text)
+    return net.version, int(net.network_address), net.prefixlen
 
 
 def _endpoint(text: str, prefixes: MeshPrefixes) -> str | None:

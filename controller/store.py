@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX flows_at ON flows(at);
     """,
+    # 6: routes a node offers as a gateway, and its route tunnel key (a RouteOffer as JSON)
+    """
+    ALTER TABLE nodes ADD COLUMN routing TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
@@ -159,6 +163,7 @@ class NodeRow:
     enrolled_at: datetime
     token_id: str | None
     endpoints: tuple[str, ...] = ()
+    routing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -261,9 +266,11 @@ class Tx:
     def insert_node(self, row: NodeRow) -> None:
         try:
             self._c.execute(
-                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nodes (name, block_index, wg_public_key, owner, tags, cert_serial, cert_not_after, "
+                "enrolled_at, token_id, endpoints, routing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (row.name, row.block_index, row.wg_public_key, row.owner, json.dumps(row.tags), row.cert_serial,
-                 iso(row.cert_not_after), iso(row.enrolled_at), row.token_id, json.dumps(list(row.endpoints))),
+                 iso(row.cert_not_after), iso(row.enrolled_at), row.token_id, json.dumps(list(row.endpoints)),
+                 json.dumps(row.routing, sort_keys=True)),
             )
         except sqlite3.IntegrityError as exc:
             if "wg_public_key" in str(exc):
@@ -281,6 +288,9 @@ class Tx:
 
     def set_node_endpoints(self, name: str, endpoints: tuple[str, ...]) -> None:
         self._c.execute("UPDATE nodes SET endpoints = ? WHERE name = ?", (json.dumps(list(endpoints)), name))
+
+    def set_node_routing(self, name: str, routing: dict[str, Any]) -> None:
+        self._c.execute("UPDATE nodes SET routing = ? WHERE name = ?", (json.dumps(routing, sort_keys=True), name))
 
     def set_node_certificate(self, name: str, serial: str, not_after: datetime) -> None:
         self._c.execute("UPDATE nodes SET cert_serial = ?, cert_not_after = ? WHERE name = ?",
@@ -416,7 +426,7 @@ class Tx:
 
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
     return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8],
-                   tuple(json.loads(r[9])))
+                   tuple(json.loads(r[9])), json.loads(r[10]))
 
 
 def _agent_row(r: tuple[Any, ...]) -> AgentRow:

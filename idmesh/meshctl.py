@@ -7,6 +7,7 @@ Controller-side commands (``token``, ``nodes``) use the admin credential
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import pwd
@@ -19,8 +20,9 @@ from datetime import datetime, timedelta, timezone
 
 from meshcore.durations import format_duration, parse_duration
 from meshcore.errors import InvalidInput, NotFound
-from meshcore.policy import Policy, explain, load_policy, run_tests
+from meshcore.policy import Gateway, Policy, explain, explain_address, load_policy, run_tests
 from meshcore.wire import (
+    RouteInfo,
     AgentRevokeRequest,
     AgentsEnded,
     AuditEntry,
@@ -36,7 +38,7 @@ from meshcore.wire import (
 from .cli import duration, env_path, parser, print_json, run
 from deploy import cli as deploy_cli
 
-from .client import AdminCredential, LocalClient
+from .client import AdminCredential, ControllerClient, LocalClient
 
 DEFAULT_SOCKET = "/run/meshd/meshd.sock"
 
@@ -61,7 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "  meshctl token create --tag db --ttl 1h\n"
         "  meshctl token create --owner nikita@acme.com --json\n"
         "  meshctl nodes list\n"
-        "  meshctl nodes remove laptop-7\n\n"
+        "  meshctl nodes remove laptop-7\n"
+        "  meshctl routes list\n\n"
         "Controller commands read the admin credential from --admin or IDMESH_ADMIN.",
     )
     p.add_argument("--admin", type=lambda s: env_path("", s), default=env_path("IDMESH_ADMIN", DEFAULT_ADMIN),
@@ -94,6 +97,15 @@ def _build_parser() -> argparse.ArgumentParser:
     nrm.add_argument("name")
     nrm.add_argument("--json", action="store_true")
 
+    routes = sub.add_parser("routes", help="routes nodes offer (subnet routers, exit nodes)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    rlist = routes.add_parser(
+        "list", help="every advertised route and the policy rules that make it usable",
+        description="A node offers routes with 'meshd run --advertise-routes PREFIX' and '--advertise-exit-node'. "
+        "An offer carries nobody's traffic until a policy 'routes' rule names the node (or its tag) for a prefix "
+        "inside it; ENABLED BY lists those rules. See 'meshctl policy explain --to ADDRESS' for one identity's route.")
+    rlist.add_argument("--json", action="store_true")
+
     pol = sub.add_parser("policy", help="who may reach what: check, apply, show, explain").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     pc = pol.add_parser("check", help="validate a policy file and run its tests; changes nothing",
@@ -118,11 +130,15 @@ def _build_parser() -> argparse.ArgumentParser:
                         epilog="examples:\n"
                         "  meshctl policy explain --from principal=nikita@acme.com,via=agent,scope=db:read --to db:5432\n"
                         "  meshctl policy explain --from '{group: sre}' --to tag:monitoring:9100\n"
-                        "  meshctl policy explain --file policy.yaml --from tag=ci --to db:5432",
+                        "  meshctl policy explain --file policy.yaml --from tag=ci --to db:5432\n"
+                        "  meshctl policy explain --from group=sre,via=agent,scope=ops:run --to 203.0.113.10   "
+                        "(the route taken)",
                         formatter_class=p.formatter_class)
     pe.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                     help="key=value,... or a YAML mapping: principal, group, tag, node, owner, agent, scope, via")
-    pe.add_argument("--to", dest="dest", required=True, metavar="DEST", help="SERVICE[:PORT], tag:T[:PORT], node:N[:PORT]")
+    pe.add_argument("--to", dest="dest", required=True, metavar="DEST",
+                    help="SERVICE[:PORT], tag:T[:PORT], node:N[:PORT], or an IP address off the mesh: the route "
+                    "(gateway) the identity gets there")
     pe.add_argument("--protocol", default="tcp", choices=["tcp", "udp", "icmp"])
     pe.add_argument("--file", type=Path, help="explain against this file instead of the policy in force")
     pe.add_argument("--json", action="store_true")
@@ -362,7 +378,7 @@ def _policy(args: argparse.Namespace) -> int:
         print(f"{args.file}: valid; {len(policy.acls)} acl(s), {len(policy.tests)} test(s) pass")
         return 0
     if args.action == "explain" and args.file is not None:
-        return _explain(args, _read_policy(args.file))
+        return _explain(args, _read_policy(args.file), None)
     if args.action == "apply":
         _check(args.file)
     with AdminCredential.load(args.admin).client() as api:
@@ -393,11 +409,37 @@ def _policy(args: argparse.Namespace) -> int:
                         for h in history], ["VERSION", "APPLIED", "BY", "SHA256", "FILE"])
         elif args.action == "explain":
             info = PolicyInfo.model_validate(api.request("GET", "/v1/policy"))
-            return _explain(args, load_policy(info.text or "", f"policy v{info.version}"))
+            gateways = _gateways(api) if _is_address(args.dest) else None
+            return _explain(args, load_policy(info.text or "", f"policy v{info.version}"), gateways)
     return 0
 
 
-def _explain(args: argparse.Namespace, policy: Policy) -> int:
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _gateways(api: ControllerClient) -> dict[str, Gateway]:
+    offers: dict[str, list[RouteInfo]] = {}
+    for item in api.request("GET", "/v1/routes"):
+        info = RouteInfo.model_validate(item)
+        offers.setdefault(info.node, []).append(info)
+    return {n: Gateway(n, frozenset(o[0].tags), tuple(i.prefix for i in o)) for n, o in offers.items()}
+
+
+def _explain(args: argparse.Namespace, policy: Policy, gateways: dict[str, Gateway] | None) -> int:
+    if _is_address(args.dest):
+        route = explain_address(policy, args.source, args.dest, gateways)
+        if args.json:
+            print_json({"route": None if route.choice is None else route.choice.prefix, "flow": route.flow,
+                        "gateways": [] if route.choice is None else list(route.choice.gateways),
+                        "rule": route.rule_text, "rule_index": None if route.choice is None else route.choice.rule})
+        else:
+            print(route)
+        return 0
     decision = explain(policy, args.source, args.dest, args.protocol)
     if args.json:
         print_json({"verdict": decision.verdict, "flow": decision.flow, "rule": decision.rule_text,
@@ -461,6 +503,14 @@ def _main(argv: Sequence[str] | None) -> int:
                 _table([[n.name, " ".join(n.addresses), n.owner or "-", ",".join(n.tags) or "-",
                          _when(n.cert_not_after)] for n in nodes],
                        ["NAME", "ADDRESSES", "OWNER", "TAGS", "CERT VALID TO"])
+        elif args.command == "routes" and args.action == "list":
+            offered = [RouteInfo.model_validate(r) for r in api.request("GET", "/v1/routes")]
+            if args.json:
+                print_json(offered)
+            else:
+                _table([[r.node, r.prefix, "exit" if r.exit else "subnet",
+                         "; ".join(e.split(":", 1)[0] for e in r.enabled_by) or "- (no rule uses it)"]
+                        for r in offered], ["NODE", "ROUTE", "KIND", "ENABLED BY"])
         elif args.command == "nodes" and args.action == "remove":
             node = NodeInfo.model_validate(api.request("DELETE", f"/v1/nodes/{args.name}"))
             print_json(node) if args.json else print(f"removed {node.spiffe_id}; its certificate is revoked")

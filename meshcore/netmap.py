@@ -14,6 +14,7 @@ Messages on the stream are one JSON object per line (NDJSON), each a
 
 Protocol version history:
   1 (2026-11-28): full maps, deltas, keepalives, policy documents.
+  2 (2026-11-28): route offers (``PeerNode.routing``, ``EndpointReport.routing``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,33 @@ __all__ = [
     "ResyncNeeded",
     "NodeView",
     "EndpointReport",
+    "RouteOffer",
 ]
 
-NETMAP_PROTOCOL = 1
+NETMAP_PROTOCOL = 2
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouteOffer(_Wire):
+    """What a node offers as a gateway, and the key of its route tunnels.
+
+    Routes reach a gateway over tunnels of their own (one WireGuard
+    interface per gateway on the sender, one gateway interface on the
+    gateway), because WireGuard picks a peer by destination: the mesh
+    interface can send ``0.0.0.0/0`` to one peer only, yet two identities on
+    one node may need two different exits.
+    """
+
+    routes: tuple[str, ...] = Field(
+        default=(), max_length=64,
+        description="advertised prefixes, canonical; 0.0.0.0/0 and ::/0 make the node an exit node")
+    route_key: str | None = Field(
+        default=None, description="base64 X25519 public key of the node's route tunnels (both directions)")
+    gateway_port: int | None = Field(
+        default=None, ge=1, le=65535, description="UDP port of the gateway interface; None = offers nothing")
 
 
 class PeerNode(_Wire):
@@ -54,6 +75,7 @@ class PeerNode(_Wire):
     )
     owner: str | None = Field(default=None, description="owning principal; None for a tagged node")
     tags: tuple[str, ...] = ()
+    routing: RouteOffer = Field(default_factory=RouteOffer, description="routes offered; its route tunnel key")
 
 
 class Netmap(_Wire):
@@ -115,6 +137,7 @@ class EndpointReport(_Wire):
 
     listen_port: int = Field(ge=1, le=65535)
     endpoints: tuple[str, ...] = Field(default=(), max_length=32, description="local underlay ip:port candidates")
+    routing: RouteOffer = Field(default_factory=RouteOffer, description="what the node offers as a gateway")
 
 
 class ResyncNeeded(Exception):

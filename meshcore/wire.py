@@ -110,6 +110,17 @@ class PolicyInfo(_Strict):
     unchanged: bool = Field(default=False, description="the applied text was already the current policy")
 
 
+class RouteInfo(_Strict):
+    """One route a node offers, and what the policy does with it (``meshctl routes list``)."""
+
+    node: str
+    tags: list[str]
+    prefix: str
+    exit: bool = Field(description="0.0.0.0/0 or ::/0: the node is an exit node")
+    enabled_by: list[str] = Field(description="the policy routes rules that send someone through this offer; "
+                                  "empty = offered but unused")
+
+
 _SCOPE = r"^(\*|[a-z0-9][a-z0-9._-]{0,62}):(\*|[a-z0-9][a-z0-9._-]{0,62})$"
 _AGENT_NAME = r"^[A-Za-z0-9._-]{1,128}$"
 

@@ -63,7 +63,17 @@ from .compile import (
     identity_delta,
 )
 from .delegations import check_delegation, node_named
-from .evaluate import Decision, PolicyTestFailure, Target, actor_for, decide, decide_flow, explain, run_tests
+from .evaluate import (
+    Decision,
+    PolicyTestFailure,
+    Target,
+    actor_for,
+    decide,
+    decide_flow,
+    explain,
+    explain_address,
+    run_tests,
+)
 from .fields import ALL_PORTS, Destination, NodeSpec, PortRange, Protocol
 from .identities import Actor, AgentIdentity, Identities, NodeIdentity
 from .load import load_policy, validate_policy
@@ -122,6 +132,7 @@ __all__ = [
     "decide",
     "decide_flow",
     "explain",
+    "explain_address",
     "explain_route",
     "identity_delta",
     "load_policy",

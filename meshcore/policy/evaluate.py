@@ -12,6 +12,8 @@ every flow; the unit tests check that on generated meshes.
 
 from __future__ import annotations
 
+import ipaddress
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +27,7 @@ from .fields import Destination, NodeSpec, Protocol, parse_destination
 from .identities import Actor, NodeIdentity
 from .model import FlowSource, Policy
 from .plan import plan_policy
+from .routes import Gateway, RouteDecision, explain_route
 from .problems import render_path
 from .source import validation_problems
 
@@ -208,6 +211,17 @@ def explain(policy: Policy, source: str | Mapping[str, Any], to: str, protocol: 
     if problems:
         raise InvalidInput(f"--to: {problems[0].message}")
     return decide_flow(policy, flow_source, dest, protocol)
+
+
+def explain_address(policy: Policy, source: str | Mapping[str, Any], address: str,
+                    gateways: Mapping[str, Gateway] | None = None) -> RouteDecision:
+    """``policy explain --to ADDRESS``: the route ``source`` takes to an address off the mesh (see :mod:`.routes`)."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError as exc:
+        raise InvalidInput(f"--to: {address!r} is not an IP address") from exc
+    flow_source = _parse_source(source, policy.groups)
+    return explain_route(policy, actor_for(flow_source), address, flow_source.text(), gateways)
 
 
 def _key_values(text: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class SetDevice:
 
     private_key: str | None = None
     listen_port: int | None = None
+    fwmark: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,9 @@ def diff_device(current: DeviceState, desired: DeviceConfig, last: DeviceConfig 
     """Operations that turn the whole device into ``desired``: a :class:`SetDevice` if needed, then the peers."""
     private_key = desired.private_key if current.public_key != desired.public_key else None
     port = desired.listen_port if desired.listen_port and desired.listen_port != current.listen_port else None
+    fwmark = desired.fwmark if desired.fwmark != current.fwmark else None
     ops: list[Op] = []
-    if private_key is not None or port is not None:
-        ops.append(SetDevice(private_key, port))
+    if private_key is not None or port is not None or fwmark is not None:
+        ops.append(SetDevice(private_key, port, fwmark))
     ops.extend(diff_peers(current.peers, desired.peers, last.peers if last is not None else None))
     return ops

@@ -43,6 +43,7 @@ class FakeUapiServer:
     def __init__(self) -> None:
         self.private_key: str | None = None  # hex
         self.listen_port = 0
+        self.fwmark = 0
         self.peers: dict[str, _FakePeer] = {}  # hex public key -> peer, in insertion order like a device
         self._owner: dict[str, str] = {}  # prefix -> hex key of the peer holding it (a device's trie)
         self.touched: Counter[str] = Counter()  # base64 public key -> set sections that named it
@@ -63,6 +64,8 @@ class FakeUapiServer:
         if self.private_key:
             out.append(f"private_key={self.private_key}")
         out.append(f"listen_port={self.listen_port}")
+        if self.fwmark:
+            out.append(f"fwmark={self.fwmark}")
         for key, p in self.peers.items():
             out += [f"public_key={key}", f"endpoint={p.endpoint}" if p.endpoint else "",
                     f"last_handshake_time_sec={p.handshake[0]}", f"last_handshake_time_nsec={p.handshake[1]}",
@@ -87,6 +90,8 @@ class FakeUapiServer:
                     self.private_key = value
                 elif key == "listen_port":
                     self.listen_port = int(value)
+                elif key == "fwmark":
+                    self.fwmark = int(value)
                 else:
                     return -22
                 continue
@@ -149,7 +154,8 @@ class FakeWireGuard:
 
     def apply(self, desired: DeviceConfig) -> None:
         if self._known is not None and self._last is not None:  # incremental updates since _last
-            self._last = DeviceConfig(self._last.private_key, self._last.listen_port, tuple(self._known.values()))
+            self._last = DeviceConfig(self._last.private_key, self._last.listen_port, tuple(self._known.values()),
+                                      self._last.fwmark)
         self.last_ops = diff_device(self._client.get(), desired, self._last)
         self._client.set(self.last_ops)
         self._last, self._known = desired, None

@@ -38,7 +38,7 @@ def netlink_requests(ops: Sequence[Op]) -> list[dict[str, Any]]:
     requests: list[dict[str, Any]] = []
     for op in ops:
         if isinstance(op, SetDevice):
-            device = {"private_key": op.private_key, "listen_port": op.listen_port}
+            device = {"private_key": op.private_key, "listen_port": op.listen_port, "fwmark": op.fwmark}
             requests.append({k: v for k, v in device.items() if v is not None})
         elif isinstance(op, RemovePeer):
             requests.append({"peer": {"public_key": op.public_key, "remove": True}})
@@ -70,12 +70,13 @@ def _text(value: Any) -> str:
 def parse_netlink(messages: Iterable[Any], ifname: str) -> DeviceState:
     """A :class:`DeviceState` from the ``WG_CMD_GET_DEVICE`` dump (a list of pyroute2 ``wgmsg``)."""
     public_key: str | None = None
-    listen_port = 0
+    listen_port = fwmark = 0
     peers: dict[str, dict[str, Any]] = {}
     for msg in messages:
         if msg.get_attr("WGDEVICE_A_PUBLIC_KEY") is not None:
             public_key = _text(msg.get_attr("WGDEVICE_A_PUBLIC_KEY"))
         listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or listen_port
+        fwmark = msg.get_attr("WGDEVICE_A_FWMARK") or fwmark
         for nla in msg.get_attr("WGDEVICE_A_PEERS") or ():
             key = _text(nla.get_attr("WGPEER_A_PUBLIC_KEY"))
             peer = peers.setdefault(key, {"allowed": []})
@@ -99,7 +100,7 @@ def parse_netlink(messages: Iterable[Any], ifname: str) -> DeviceState:
         states.append(PeerState(key, endpoint, handshake, peer.get("WGPEER_A_RX_BYTES") or 0,
                                 peer.get("WGPEER_A_TX_BYTES") or 0, tuple(peer["allowed"]),
                                 peer.get("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or None))
-    return DeviceState(ifname, public_key, listen_port, tuple(states))
+    return DeviceState(ifname, public_key, listen_port, tuple(states), fwmark)
 
 
 class KernelWireGuard:

@@ -148,11 +148,15 @@ class DeviceConfig:
     private_key: str
     listen_port: int
     peers: tuple[PeerConfig, ...] = ()
+    fwmark: int = 0
+    """Mark on the device's own encrypted packets (0 = none): lets policy routing leave them alone."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "private_key", _check_key(self.private_key, "private key"))
         if not 0 <= self.listen_port < 65536:
             raise InvalidInput(f"listen port {self.listen_port} must be 0-65535")
+        if not 0 <= self.fwmark < 2**32:
+            raise InvalidInput(f"fwmark {self.fwmark} must be a 32-bit value")
         own = public_key_of(self.private_key)
         owner: dict[str, str] = {}
         seen: set[str] = set()
@@ -194,6 +198,7 @@ class DeviceState:
     public_key: str | None
     listen_port: int
     peers: tuple[PeerState, ...] = field(default=())
+    fwmark: int = 0
 
     def peer(self, public_key: str) -> PeerState | None:
         return next((p for p in self.peers if p.public_key == public_key), None)

@@ -87,6 +87,8 @@ def render_set(ops: Sequence[Op]) -> str:
                 lines.append(f"private_key={key_to_hex(op.private_key)}")
             if op.listen_port is not None:
                 lines.append(f"listen_port={op.listen_port}")
+            if op.fwmark is not None:
+                lines.append(f"fwmark={op.fwmark}")
         else:
             lines.extend(_peer_lines(op))
     return "\n".join(lines) + "\n\n"
@@ -150,7 +152,7 @@ _PEER_INTS = {"last_handshake_time_sec": "sec", "last_handshake_time_nsec": "nse
 def parse_get(text: str, ifname: str) -> DeviceState:
     """Parse a ``get=1`` answer. Keys come back in hex and are returned in base64."""
     public_key: str | None = None
-    listen_port = 0
+    listen_port = fwmark = 0
     peers: list[_PeerFields] = []
     for key, value in _pairs(text):
         if key == "public_key":
@@ -161,7 +163,9 @@ def parse_get(text: str, ifname: str) -> DeviceState:
             public_key = public_key_of(key_from_hex(value))
         elif key == "listen_port":
             listen_port = int(value)
-    return DeviceState(ifname, public_key, listen_port, tuple(p.state() for p in peers))
+        elif key == "fwmark":
+            fwmark = int(value)
+    return DeviceState(ifname, public_key, listen_port, tuple(p.state() for p in peers), fwmark)
 
 
 class UapiTransport(Protocol):
