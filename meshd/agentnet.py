@@ -6,9 +6,13 @@ without their code changing, and nothing else on the node can send with
 those addresses. Everything lives in one nftables table of its own,
 ``inet idmesh_agents`` (``inet idmesh`` belongs to :mod:`meshd.firewall`,
 which replaces it whole on every policy change and never touches this one).
-Only packets leaving through the mesh interface are touched::
+Every packet an agent sends is marked, whatever interface routing chose
+first, so that policy routing can steer it by identity (:mod:`meshd.routing`:
+the new mark re-routes it); only packets leaving through a *mesh interface*
+(the overlay interface, and the tunnels to gateways, set ``mesh_ifaces``)
+are translated and policed::
 
-    chain classify: output, type route, priority mangle  (routing has chosen the interface; a new mark re-routes)
+    chain classify: output, type route, priority mangle  (a new mark re-routes the packet)
       1. clear the agent field of the mark          a forged SO_MARK cannot pose as an agent
       2. socket cgroupv2 level L vmap @agent_cgroups  -> goto agent_<n>   the sending socket's cgroup
       3. ct mark & FIELD vmap @agent_flows            -> goto agent_<n>   packets the kernel sends for an
@@ -54,7 +58,7 @@ What the anti-spoofing does not cover:
 * a socket made before its process entered the cgroup is not the agent's
   (it leaves as the node), and one the agent hands to another process
   (SCM_RIGHTS) stays the agent's until the agent is removed;
-* only traffic through the mesh interface is translated and policed;
+* only traffic through the mesh interfaces is translated and policed;
   the receiving side (an address accepted only from the tunnel of the node
   owning its block) is WireGuard's allowed-IPs, not this module.
 """
@@ -213,6 +217,7 @@ def render_table(t: AgentTable) -> str:
         "  counter spoofed { }",
         f"  set agent_pool4 {{ type ipv4_addr; flags interval; elements = {{ {_ranges(t.block4, t.node4)} }}; }}",
         f"  set agent_pool6 {{ type ipv6_addr; flags interval; elements = {{ {_ranges(t.block6, t.node6)} }}; }}",
+        f"  set mesh_ifaces {{ type ifname; elements = {{ {oif} }}; }}",
         f"  map agent_cgroups {{ typeof socket cgroupv2 level {lvl} : verdict; }}",
         "  map agent_flows { typeof ct mark : verdict; }",
         "  map agent_src4 { typeof meta mark : ip saddr; }",
@@ -221,19 +226,18 @@ def render_table(t: AgentTable) -> str:
         "  set agent_owner6 { typeof ip6 saddr . meta mark; }",
         "  chain classify {",
         "    type route hook output priority mangle; policy accept;",
-        f"    oifname != {oif} accept",
         f"    meta mark set meta mark & {keep}",
         f"    socket cgroupv2 level {lvl} vmap @agent_cgroups",
         f"    ct mark & {m} vmap @agent_flows",
         "  }",
         "  chain translate {",
         "    type nat hook postrouting priority srcnat; policy accept;",
-        f"    oifname {oif} snat ip to meta mark & {m} map @agent_src4",
-        f"    oifname {oif} snat ip6 to meta mark & {m} map @agent_src6",
+        f"    oifname @mesh_ifaces snat ip to meta mark & {m} map @agent_src4",
+        f"    oifname @mesh_ifaces snat ip6 to meta mark & {m} map @agent_src6",
         "  }",
         "  chain antispoof {",
         "    type filter hook postrouting priority srcnat + 10; policy accept;",
-        f"    oifname != {oif} accept",
+        "    oifname != @mesh_ifaces accept",
         f"    ip saddr . meta mark & {m} @agent_owner4 accept",
         f"    ip6 saddr . meta mark & {m} @agent_owner6 accept",
         "    ip saddr @agent_pool4 counter name spoofed drop",
@@ -461,6 +465,15 @@ class AgentNet:
                 raise Conflict(f"agent {agent_id}: address {v4 if other.ipv4 == str(v4) else v6} "
                                f"is agent {other.agent_id}'s")
         return v4, v6
+
+    def set_route_interfaces(self, names: Iterable[str]) -> None:
+        """The tunnels to gateways: agents' packets leaving through them are translated and policed too."""
+        with self._lock:
+            self._require_started()
+            tb = f"inet {TABLE}"
+            elements = ", ".join(f'"{n}"' for n in sorted({self.ifname, *names}))
+            self._run(f"flush set {tb} mesh_ifaces\nadd element {tb} mesh_ifaces {{ {elements} }}\n",
+                      f"the mesh interfaces of node {self.node}")
 
     def add(self, agent_id: str, ipv4: str, ipv6: str) -> AgentSlot:
         """Create the agent's cgroup and its entries: its processes' mesh traffic leaves from ``ipv4``/``ipv6``."""

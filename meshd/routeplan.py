@@ -10,10 +10,17 @@ route sets, not of agents::
 
     5180  fwmark GATEWAY/GATEWAY            lookup 5180   (gateway only) replies back into the gateway interface
     5190  fwmark BYPASS/BYPASS              lookup main   WireGuard's own encrypted UDP never loops into a tunnel
-    5200  fwmark <agent>/<mask>             lookup 52xx   one rule per agent with routes, tables shared
-    5250  fwmark 0/<mask> iif lo            lookup 52xx   the node's own processes
+    5200  fwmark <agent>/<mask>|BYPASS      lookup 52xx   one rule per agent with routes, tables shared
+    5250  fwmark 0/<mask>|BYPASS iif lo     lookup 52xx   the node's own processes
     32766 lookup main, 32767 lookup default               (the kernel's)
-    32800                                   lookup 5199   fallback: every routed prefix via the mesh interface
+    32800 fwmark 0/BYPASS                   lookup 5199   fallback: every routed prefix via the mesh interface
+
+The bypass bit is part of the mask of every steering rule: a lookup that
+finds no route in a table goes on to the next rule, so without it a
+WireGuard packet the main table cannot route (no default route, say)
+would fall through to an identity's table and loop into a tunnel. With
+it, a packet carrying the bypass bit is routed by the main table or not
+at all.
 
 A profile table holds the identity's routes plus ``throw`` routes for the
 overlay prefixes (mesh traffic falls through to the main table, where the
@@ -217,6 +224,7 @@ def plan_routing(senders: Sequence[SenderRoutes], *, mark_mask: int, mesh_ifname
                            f"{TABLE_LAST - TABLE_FIRST + 1} routing tables {TABLE_FIRST}-{TABLE_LAST}")
     table_of = {routes: TABLE_FIRST + n for n, routes in enumerate(profiles)}
 
+    steer_mask = mark_mask | BYPASS_MARK
     rules: set[Rule] = set()
     table_routes: set[TableRoute] = set()
     for routes, table in table_of.items():
@@ -227,14 +235,14 @@ def plan_routing(senders: Sequence[SenderRoutes], *, mark_mask: int, mesh_ifname
     for mark, routes in by_sender.items():
         for family in sorted({net.version for net, _ in routes}):
             if mark is None:
-                rules.add(Rule(family, PRIO_NODE, table_of[routes], fwmark=0, fwmask=mark_mask, iif="lo"))
+                rules.add(Rule(family, PRIO_NODE, table_of[routes], fwmark=0, fwmask=steer_mask, iif="lo"))
             else:
-                rules.add(Rule(family, PRIO_AGENT, table_of[routes], fwmark=mark, fwmask=mark_mask))
+                rules.add(Rule(family, PRIO_AGENT, table_of[routes], fwmark=mark, fwmask=steer_mask))
 
     routed = {net for routes in table_of for net, _ in routes}
     for family in sorted({net.version for net in routed}):
         rules.add(Rule(family, PRIO_BYPASS, MAIN_TABLE, fwmark=BYPASS_MARK, fwmask=BYPASS_MARK))
-        rules.add(Rule(family, PRIO_FALLBACK, TABLE_FALLBACK))
+        rules.add(Rule(family, PRIO_FALLBACK, TABLE_FALLBACK, fwmark=0, fwmask=BYPASS_MARK))
     table_routes.update(TableRoute(TABLE_FALLBACK, str(net), mesh_ifname, src=src[net.version]) for net in routed)
 
     if gateway_ifname is not None:

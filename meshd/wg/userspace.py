@@ -291,7 +291,7 @@ class WireGuardGo:
         assert self._desired is not None
         if self._stale and self._known is not None:  # incremental updates happened since _desired was set
             d = self._desired
-            self._desired = DeviceConfig(d.private_key, d.listen_port, tuple(self._known.values()))
+            self._desired = DeviceConfig(d.private_key, d.listen_port, tuple(self._known.values()), d.fwmark)
             self._stale = False
         try:
             ops = diff_device(self._client.get(), self._desired, self._applied)

@@ -45,6 +45,7 @@ table inet idmesh_agents {
   counter spoofed { }
   set agent_pool4 { type ipv4_addr; flags interval; elements = { 100.64.0.0, 100.64.0.2-100.64.0.63 }; }
   set agent_pool6 { type ipv6_addr; flags interval; elements = { fd00:1::, fd00:1::2-fd00:1::ffff:ffff:ffff:ffff }; }
+  set mesh_ifaces { type ifname; elements = { "idmesh0" }; }
   map agent_cgroups { typeof socket cgroupv2 level 2 : verdict; }
   map agent_flows { typeof ct mark : verdict; }
   map agent_src4 { typeof meta mark : ip saddr; }
@@ -53,19 +54,18 @@ table inet idmesh_agents {
   set agent_owner6 { typeof ip6 saddr . meta mark; }
   chain classify {
     type route hook output priority mangle; policy accept;
-    oifname != "idmesh0" accept
     meta mark set meta mark & 0x000fffff
     socket cgroupv2 level 2 vmap @agent_cgroups
     ct mark & 0xfff00000 vmap @agent_flows
   }
   chain translate {
     type nat hook postrouting priority srcnat; policy accept;
-    oifname "idmesh0" snat ip to meta mark & 0xfff00000 map @agent_src4
-    oifname "idmesh0" snat ip6 to meta mark & 0xfff00000 map @agent_src6
+    oifname @mesh_ifaces snat ip to meta mark & 0xfff00000 map @agent_src4
+    oifname @mesh_ifaces snat ip6 to meta mark & 0xfff00000 map @agent_src6
   }
   chain antispoof {
     type filter hook postrouting priority srcnat + 10; policy accept;
-    oifname != "idmesh0" accept
+    oifname != @mesh_ifaces accept
     ip saddr . meta mark & 0xfff00000 @agent_owner4 accept
     ip6 saddr . meta mark & 0xfff00000 @agent_owner6 accept
     ip saddr @agent_pool4 counter name spoofed drop
@@ -130,7 +130,7 @@ def test_the_table_follows_interface_mask_level_and_block() -> None:
     text = render_table(t)
     assert "elements = { 100.64.0.64, 100.64.0.66-100.64.0.67 }" in text
     assert "elements = { fd00:1:0:1::, fd00:1:0:1::2-fd00:1:0:1::ff }" in text
-    assert 'oifname != "wg7" accept' in text and "idmesh0" not in text
+    assert 'set mesh_ifaces { type ifname; elements = { "wg7" }; }' in text and "idmesh0" not in text
     assert "socket cgroupv2 level 4 vmap @agent_cgroups" in text
     assert "meta mark set meta mark & 0xff00ffff" in text and "meta mark & 0x00ff0000 map @agent_src4" in text
 
