@@ -350,6 +350,15 @@ def _status(args: argparse.Namespace) -> int:
     _table([[p["name"], " ".join(p["addresses"]), p["endpoint"] or "-", _ago(p["latest_handshake"]),
              str(p["rx_bytes"]), str(p["tx_bytes"])] for p in status["peers"]],
            ["PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"])
+    routing = status.get("routing") or {}
+    if routing.get("offered"):
+        print(f"gateway on {routing['gateway_interface']} for {', '.join(routing['offered'])}; "
+              f"clients: {', '.join(routing['clients']) or '-'}")
+    if routing.get("routes"):
+        up = {t["gateway"]: t["up"] for t in routing["tunnels"]}
+        _table([[r["identity"], r["prefix"], r["via"] or "-",
+                 ", ".join(g + ("" if up.get(g) else " (down)") for g in r["gateways"])] for r in routing["routes"]],
+               ["IDENTITY", "ROUTE", "VIA", "GATEWAYS IN ORDER"])
     return 0
 
 

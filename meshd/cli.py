@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from idmesh.cli import env_path, parser, print_json, run
 
+from meshcore.errors import InvalidInput
+
 from .state import DEFAULT_SOCKET, DEFAULT_STATE, StateDir
 
 
@@ -51,6 +53,16 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="serve Prometheus metrics here, e.g. 127.0.0.1:9465 (env IDMESH_METRICS; default off)")
     rn.add_argument("--no-flow-log", action="store_true",
                     help="do not log denied and sampled accepted connections to the controller")
+    rn.add_argument("--advertise-routes", metavar="PREFIX[,PREFIX...]",
+                    default=os.environ.get("IDMESH_ADVERTISE_ROUTES", ""),
+                    help="offer to route these prefixes for the mesh, e.g. 10.20.0.0/16 (env "
+                    "IDMESH_ADVERTISE_ROUTES). Nobody's traffic uses the offer until a policy 'routes' rule names "
+                    "this node")
+    rn.add_argument("--advertise-exit-node", action="store_true",
+                    default=os.environ.get("IDMESH_ADVERTISE_EXIT_NODE", "") in ("1", "yes", "true"),
+                    help="offer to be an exit node (0.0.0.0/0 and ::/0; env IDMESH_ADVERTISE_EXIT_NODE=1)")
+    rn.add_argument("--gateway-port", type=int, metavar="PORT",
+                    help="UDP port of the gateway interface when offering routes (default: listen port + 1)")
     rn.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = p.parse_args(argv)
 
@@ -61,9 +73,16 @@ def _main(argv: Sequence[str] | None) -> int:
 
         from .daemon import Daemon, Options
 
+        from .routing import advertised
+
         setup_logging(args.verbose)
+        try:
+            offered = advertised(args.advertise_routes.split(","), args.advertise_exit_node)
+        except ValueError as exc:
+            raise InvalidInput(f"--advertise-routes: {exc}") from exc
         opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard,
-                       args.metrics, not args.no_flow_log)
+                       args.metrics, not args.no_flow_log, offered,
+                       args.gateway_port or (args.listen_port + 1 if args.listen_port else 51821))
         asyncio.run(Daemon(opts).run())
         return 0
 

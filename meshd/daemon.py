@@ -19,17 +19,28 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from idmesh.metrics import Metrics, serve_metrics
 from meshcore.errors import IdmeshError, InvalidInput, NotFound
 from meshcore.identity import load_certificate
-from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
+from meshcore.netmap import (
+    AgentUpdate,
+    EndpointReport,
+    Netmap,
+    NetmapDelta,
+    NodeView,
+    PolicyDoc,
+    ResyncNeeded,
+    RouteOffer,
+)
 from meshcore.policy import Policy, load_policy
 from meshcore.wire import AgentIssued
 
@@ -44,7 +55,8 @@ from .netconf import IPRouteNetConf
 from .session import ControllerSession
 from .state import StateDir, write_private
 from .underlay import local_endpoints
-from .wg import open_device
+from .routing import Routing
+from .wg import generate_private_key, open_device, public_key_of
 
 __all__ = ["Options", "Daemon"]
 
@@ -63,6 +75,8 @@ class Options:
     wireguard: str = "auto"
     metrics: str | None = None
     flow_log: bool = True
+    advertise: tuple[str, ...] = ()
+    gateway_port: int = 51821
 
 
 class Daemon:
@@ -72,6 +86,10 @@ class Daemon:
         self.record = self.state.read_record()
         self.name = self.record.name
         self.wg_private = self.state.wg_key.read_text().strip()
+        self.route_private = self._route_key()
+        self.offer = RouteOffer(routes=opts.advertise, route_key=public_key_of(self.route_private),
+                                gateway_port=opts.gateway_port if opts.advertise else None)
+        self.routing: Routing | None = None
         self.view: NodeView | None = self._load_cached_netmap()
         self.policy_doc: PolicyDoc | None = self._load_cached_policy()
         self.policy: Policy = self._parse_policy(self.policy_doc) or load_policy("", "<no policy>")
@@ -135,6 +153,16 @@ class Daemon:
                 out.append(("idmesh_handshake_age_seconds", "Seconds since the last handshake (-1: never)",
                             {"peer": names.get(p.public_key, p.public_key[:8])}, age))
         return out
+
+    def _route_key(self) -> str:
+        """The key of this node's route tunnels (see :mod:`meshd.routing`): made here, on first run, 0600."""
+        path = self.state.path / "route.key"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            key = generate_private_key()
+            write_private(path, key + "\n")
+            return key
 
     # -- caches ---------------------------------------------------------------------------
     def _load_cached_netmap(self) -> NodeView | None:
@@ -274,7 +302,7 @@ class Daemon:
         # pyroute2's synchronous API runs an event loop of its own: keep it off ours.
         found = await asyncio.to_thread(local_endpoints, self.opts.listen_port, self.opts.interface,
                                         self.record.mesh_prefixes)
-        return EndpointReport(listen_port=self.opts.listen_port, endpoints=found)
+        return EndpointReport(listen_port=self.opts.listen_port, endpoints=found, routing=self.offer)
 
     def _discovered(self, public_key: str) -> None:
         for name, node in (self.view.nodes.items() if self.view else ()):
@@ -374,6 +402,7 @@ class Daemon:
                 "last_error": self.session.last_error,
             },
             "peers": peers,
+            "routing": self.routing.status() if self.routing else None,
         }
 
     # -- lifetime ---------------------------------------------------------------------------------------
@@ -397,6 +426,7 @@ class Daemon:
             # and the cached map applied, before the controller answers.
             self._dirty.set()
             await self._start_agents()
+            self.plane.routing = self.routing = self._make_routing()
             if self.opts.flow_log:
                 self.flowlog = FlowLog(self._flow_source, self.session.call)
                 self.flowlog.start(self._loop)
@@ -413,6 +443,7 @@ class Daemon:
                     tasks.append(tg.create_task(self._start_discovery(), name="discovery"))
                 if self.flowlog is not None:
                     tasks.append(tg.create_task(self.flowlog.ship_forever(), name="flow-log"))
+                tasks.append(tg.create_task(self._watch_gateways(), name="gateways"))
                 api = tg.create_task(self.api.serve(), name="local-api")
                 waiter = tg.create_task(stop.wait(), name="stop")
                 await asyncio.wait([api, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -430,6 +461,8 @@ class Daemon:
                 await asyncio.to_thread(self.flowlog.close)
             if self.supervisor is not None:
                 await self.supervisor.close()
+            if self.routing is not None:
+                await asyncio.to_thread(self.routing.close)
             if self.agentnet is not None:
                 await asyncio.to_thread(self.agentnet.close)
             if self.discovery is not None:
@@ -450,6 +483,35 @@ class Daemon:
         await asyncio.to_thread(self.agentnet.start)
         self.supervisor = AgentSupervisor(self.state, blocks, self.agentnet, self.session, self.opts.socket,
                                           self._local_agent_changed)
+
+    def _make_routing(self) -> Routing:
+        """Routes by identity; a node without route rules or offers never touches its routing tables."""
+        host = urlsplit(self.record.controller).hostname or ""
+        bypass: tuple[str, ...] = ()
+        try:
+            bypass = (str(ipaddress.ip_network(host)),)
+        except ValueError:
+            try:
+                bypass = tuple(sorted({str(ipaddress.ip_network(str(info[4][0]).split("%")[0]))
+                                       for info in socket.getaddrinfo(host, None)}))
+            except OSError:
+                log.warning("cannot resolve the controller %s: an exit route of this node itself would carry "
+                            "its control traffic too", host)
+        return Routing(self.name, self.opts.interface, self.record.addresses, self.route_private, self.offer,
+                       self.record.mesh_prefixes, mark_mask=self.agentnet.table.field.mask,
+                       agent_marks=lambda: {a: s.mark for a, s in self.agentnet.slots.items()},
+                       set_route_interfaces=self.agentnet.set_route_interfaces, bypass=bypass,
+                       wireguard=self.opts.wireguard)
+
+    async def _watch_gateways(self) -> None:
+        """Failover: every half second, has a gateway gone quiet (or come back)?"""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.routing is not None:
+                try:
+                    await asyncio.to_thread(self.routing.poll)
+                except IdmeshError as exc:
+                    log.error("gateway failover: %s", exc)
 
     async def _start_discovery(self) -> None:
         """mDNS probing takes a second or more: it runs beside everything else, never before it."""

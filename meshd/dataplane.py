@@ -36,6 +36,8 @@ from meshcore.policy import (
 from .converge import KEEPALIVE, choose_endpoint, desired_link
 from .firewall import NftFirewall
 from .netconf import NetConf
+from .routeplan import BYPASS_MARK
+from .routing import Routing
 from .wg import DeviceConfig, PeerConfig, WireGuardDevice
 
 __all__ = ["DataPlane", "Work"]
@@ -73,6 +75,7 @@ class DataPlane:
         self.device = device
         self.netconf = netconf
         self.firewall = firewall
+        self.routing: Routing | None = None  # identity-based routes, set by the daemon once agents can be marked
         self.lock = threading.Lock()  # one apply at a time; status reads the device under it too
         self.filter: NodeFilter | None = None
         self._ids: Identities | None = None
@@ -181,29 +184,35 @@ class DataPlane:
             nf = self._filter(work, ids, moves)
             self.firewall.apply(nf)
             self._ids, self.filter, self._policy = ids, nf, work.policy
-            if work.full_nodes is not None:
-                self._nodes = {n: p for n, p in work.full_nodes.items() if n != self.name}
-                self._peers = {n: self._peer_config(p, work.discovered) for n, p in self._nodes.items()}
-                self._apply_device_whole()
-                self.netconf.apply(desired_link(self.ifname, self.addresses, work.prefixes))
-                return
-            upsert, remove = [], []
-            for name, peer in work.nodes.items():
-                if name == self.name:
-                    continue
-                old = self._peers.pop(name, None)
-                self._nodes.pop(name, None)
-                if peer is None:
-                    if old is not None:
-                        remove.append(old.public_key)
-                    continue
-                cfg = self._peer_config(peer, work.discovered)
-                if old is not None and old.public_key != cfg.public_key:
-                    remove.append(old.public_key)  # re-enrolled with a new key
-                self._peers[name], self._nodes[name] = cfg, peer
-                upsert.append(cfg)
-            if (upsert or remove) and not self.device.update_peers(upsert, remove):
-                self._apply_device_whole()
+            self._apply_peers(work)
+            if self.routing is not None:  # after the mesh tunnels: route tunnels need the gateways' endpoints
+                self.routing.apply(work.policy, ids, self._nodes)
+
+    def _apply_peers(self, work: Work) -> None:
+        if work.full_nodes is not None:
+            self._nodes = {n: p for n, p in work.full_nodes.items() if n != self.name}
+            self._peers = {n: self._peer_config(p, work.discovered) for n, p in self._nodes.items()}
+            self._apply_device_whole()
+            self.netconf.apply(desired_link(self.ifname, self.addresses, work.prefixes))
+            return
+        upsert, remove = [], []
+        for name, peer in work.nodes.items():
+            if name == self.name:
+                continue
+            old = self._peers.pop(name, None)
+            self._nodes.pop(name, None)
+            if peer is None:
+                if old is not None:
+                    remove.append(old.public_key)
+                continue
+            cfg = self._peer_config(peer, work.discovered)
+            if old is not None and old.public_key != cfg.public_key:
+                remove.append(old.public_key)  # re-enrolled with a new key
+            self._peers[name], self._nodes[name] = cfg, peer
+            upsert.append(cfg)
+        if (upsert or remove) and not self.device.update_peers(upsert, remove):
+            self._apply_device_whole()
 
     def _apply_device_whole(self) -> None:
-        self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values())))
+        # The mark lets the tunnel's own packets bypass identity-based routes (meshd.routing).
+        self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values()), BYPASS_MARK))

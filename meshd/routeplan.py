@@ -13,7 +13,7 @@ route sets, not of agents::
     5200  fwmark <agent>/<mask>|BYPASS      lookup 52xx   one rule per agent with routes, tables shared
     5250  fwmark 0/<mask>|BYPASS iif lo     lookup 52xx   the node's own processes
     32766 lookup main, 32767 lookup default               (the kernel's)
-    32800 fwmark 0/BYPASS                   lookup 5199   fallback: every routed prefix via the mesh interface
+    32800 fwmark 0/BYPASS iif lo            lookup 5199   fallback: every routed prefix via the mesh interface
 
 The bypass bit is part of the mask of every steering rule: a lookup that
 finds no route in a table goes on to the next rule, so without it a
@@ -36,7 +36,8 @@ hook that would steer it. The fallback gives that first lookup an answer
 (the mesh interface, with the node's overlay source). The route firewall
 (:mod:`meshd.routefw`) rejects anything that would actually leave through
 the mesh interface to a non-overlay address, so the fallback never carries
-traffic.
+traffic. It serves locally generated packets only (``iif lo``): forwarded
+traffic without a route stays unroutable, as it would be without idmesh.
 
 :func:`plan_routing` only computes; :mod:`meshd.routetables` converges the
 kernel to the plan.
@@ -242,7 +243,7 @@ def plan_routing(senders: Sequence[SenderRoutes], *, mark_mask: int, mesh_ifname
     routed = {net for routes in table_of for net, _ in routes}
     for family in sorted({net.version for net in routed}):
         rules.add(Rule(family, PRIO_BYPASS, MAIN_TABLE, fwmark=BYPASS_MARK, fwmask=BYPASS_MARK))
-        rules.add(Rule(family, PRIO_FALLBACK, TABLE_FALLBACK, fwmark=0, fwmask=BYPASS_MARK))
+        rules.add(Rule(family, PRIO_FALLBACK, TABLE_FALLBACK, fwmark=0, fwmask=BYPASS_MARK, iif="lo"))
     table_routes.update(TableRoute(TABLE_FALLBACK, str(net), mesh_ifname, src=src[net.version]) for net in routed)
 
     if gateway_ifname is not None:

@@ -238,6 +238,30 @@ class Network:
                 _ip("-n", host.netns, "addr", "add", f"{host.underlay6}/64", "dev", "eth0", "nodad")
             _ip("-n", host.netns, "link", "set", "eth0", "up")
 
+    def add_segment(self, name: str, address: str, members: dict[Host, str]) -> Host:
+        """A network behind some hosts (a "lan", the "internet"): a namespace ``name`` holding a bridge
+        with ``address`` (e.g. ``203.0.113.1/24``), and an ``eth1`` in each member with its address.
+
+        Returned as a :class:`Host` so tests can run servers in it; it has no mesh interface.
+        """
+        netns = f"{self.prefix}-{name}"
+        self._add_netns(netns)
+        _ip("-n", netns, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+        _ip("-n", netns, "addr", "add", address, "dev", "br0")
+        _ip("-n", netns, "link", "set", "br0", "up")
+        for k, (host, host_address) in enumerate(members.items()):
+            port = f"p{k}"
+            _ip("-n", netns, "link", "add", port, "type", "veth", "peer", "name", "eth1", "netns", host.netns)
+            _ip("-n", netns, "link", "set", port, "master", "br0", "up")
+            _ip("-n", host.netns, "addr", "add", host_address, "dev", "eth1")
+            _ip("-n", host.netns, "link", "set", "eth1", "up")
+        return Host(name, 0, netns, address.split("/")[0], "", "", self)
+
+    def _uapi_sockets(self) -> list[Path]:
+        """Every UAPI socket of our hosts: the mesh interface and the route tunnels meshd derives from it."""
+        names = re.compile("(?:" + "|".join(re.escape(h.wg_ifname) for h in self.hosts) + r")(?:r\d+|gw)?\.sock")
+        return [p for p in UAPI_DIR.glob("*.sock") if names.fullmatch(p.name)] if UAPI_DIR.is_dir() else []
+
     def close(self) -> None:
         """Remove everything this network made; raise if something could not be removed."""
         if self._closed:
@@ -247,8 +271,8 @@ class Network:
             self._stop(proc)
         for netns in reversed(self._namespaces):
             _delete_netns(netns)
-        for host in self.hosts:
-            (UAPI_DIR / f"{host.wg_ifname}.sock").unlink(missing_ok=True)
+        for path in self._uapi_sockets():
+            path.unlink(missing_ok=True)
         self._remove_cgroups()
         left = self.leftovers()
         if left:
@@ -299,7 +323,7 @@ class Network:
         names = [n.split(" ")[0] for n in _ip("netns", "list").stdout.splitlines()]
         left = [f"netns {n}" for n in names if n.startswith(self.prefix + "-")]
         left += [f"pid {p.pid}" for p in self.processes if _alive(p.pid)]
-        left += [f"socket {s}" for h in self.hosts if (s := UAPI_DIR / f"{h.wg_ifname}.sock").exists()]
+        left += [f"socket {s}" for s in self._uapi_sockets()]
         left += processes_mentioning([h.wg_ifname for h in self.hosts] + self._namespaces)
         left += [f"cgroup {c}" for c in self.agent_cgroups()]
         return left

@@ -1,0 +1,234 @@
+"""The firewall side of identity-based routes: one nftables table, ``inet idmesh_routes``.
+
+On a sending node (:mod:`meshd.routeplan` steers identities to gateway
+tunnels, the ``route_ifaces``):
+
+* nothing may start a connection towards this node through a gateway
+  tunnel, neither to it (input) nor through it (forward): only replies and
+  their ICMP errors come back;
+* nothing may leave through the mesh interface to a non-overlay address
+  (output): the routing plan's fallback table points every routed prefix
+  at the mesh interface only so that an agent socket's first route lookup
+  succeeds (see :mod:`meshd.routeplan`); if a packet is still headed there
+  once the agent marks have re-routed it, it is rejected at once
+  (``admin-prohibited``) instead of being sent to a peer that would drop it.
+
+On a gateway (``gateway_ifname`` set), traffic arriving on the gateway
+interface is forwarded only for a granted (source address, destination
+prefix) pair, looked up in one concatenated interval set per family, and
+leaves masqueraded to the gateway's outside address. The flow's conntrack
+mark gets :data:`meshd.routeplan.GATEWAY_MARK`; its replies get it as packet
+mark before routing, which sends them back into the gateway interface
+(rule 5180 of the routing plan). Everything else from the gateway
+interface is dropped and counted (``refused``); nothing from it is
+addressed to the gateway itself, and nothing enters it but replies.
+
+The table is replaced whole, in one transaction, when the configuration
+changes (so the ``refused`` counter starts again from 0 then); grants are
+collapsed first (a prefix inside another of the same source goes, adjacent
+ones merge) because the kernel's concatenated interval sets refuse
+overlapping elements.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from meshcore.errors import IdmeshError, InvalidInput, PermissionDenied, Unavailable
+from meshd.nft import Libnftables
+from meshd.routeplan import GATEWAY_MARK
+
+__all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_table"]
+
+TABLE = "idmesh_routes"
+log = logging.getLogger("meshd.routefw")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+_LINK_LOCAL6, _MULTICAST6 = "fe80::/10", "ff00::/8"
+_REJECT = "reject with icmpx admin-prohibited"
+
+
+def _ifname(name: str, what: str) -> str:
+    if not _IFNAME.match(name):
+        raise InvalidInput(f"{what} {name!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    return name
+
+
+def _prefix(text: str, family: int, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{what} {text!r} is not a prefix without host bits") from exc
+    if net.version != family:
+        raise InvalidInput(f"{what} {text!r} is not an IPv{family} prefix")
+    return net
+
+
+def _grants(grants: Iterable[tuple[str, str]], family: int) -> frozenset[tuple[str, str]]:
+    """Canonical text, and per source the destinations collapsed (no element inside or next to another)."""
+    by_source: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+    for source, destination in grants:
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError as exc:
+            raise InvalidInput(f"grant source {source!r} is not an address") from exc
+        if address.version != family:
+            raise InvalidInput(f"grant source {source!r} is not an IPv{family} address")
+        by_source.setdefault(str(address), []).append(_prefix(destination, family, f"grant {source}: destination"))
+    return frozenset((source, str(net)) for source, nets in by_source.items()
+                     for net in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]  # one family
+
+
+@dataclass(frozen=True)
+class RouteFirewallConfig:
+    """Everything the table's text depends on; values are checked and made canonical on construction."""
+
+    mesh_ifname: str
+    overlay4: str
+    """The mesh's IPv4 prefix, ``100.64.0.0/10``."""
+    overlay6: str
+    """The mesh's IPv6 (ULA /48) prefix."""
+    route_ifnames: frozenset[str] = frozenset()
+    """This node's tunnels to gateways."""
+    gateway_ifname: str | None = None
+    """Set when this node is a gateway."""
+    grants4: frozenset[tuple[str, str]] = frozenset()
+    """(source address, destination prefix) pairs allowed through this gateway."""
+    grants6: frozenset[tuple[str, str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        _ifname(self.mesh_ifname, "mesh interface")
+        for name in self.route_ifnames:
+            _ifname(name, "route interface")
+        if self.gateway_ifname is not None:
+            _ifname(self.gateway_ifname, "gateway interface")
+        clash = {self.mesh_ifname, self.gateway_ifname} & set(self.route_ifnames)
+        if clash or self.gateway_ifname == self.mesh_ifname:
+            raise InvalidInput(f"interface {(clash or {self.mesh_ifname}).pop()} is given two roles")
+        set_ = object.__setattr__
+        set_(self, "route_ifnames", frozenset(self.route_ifnames))
+        set_(self, "overlay4", str(_prefix(self.overlay4, 4, "overlay prefix")))
+        set_(self, "overlay6", str(_prefix(self.overlay6, 6, "overlay prefix")))
+        set_(self, "grants4", _grants(self.grants4, 4))
+        set_(self, "grants6", _grants(self.grants6, 6))
+
+
+def _grant_sort(grant: tuple[str, str]) -> tuple[int, int, int]:
+    net = ipaddress.ip_network(grant[1])
+    return int(ipaddress.ip_address(grant[0])), int(net.network_address), net.prefixlen
+
+
+def _elements(items: Iterable[str]) -> str:
+    listed = ", ".join(items)
+    return f" elements = {{ {listed} }};" if listed else ""
+
+
+def render_table(cfg: RouteFirewallConfig) -> str:
+    """The whole table for ``nft -f``: created if missing, deleted and made anew, in one transaction."""
+    mesh, mark = f'"{cfg.mesh_ifname}"', f"{GATEWAY_MARK:#010x}"
+    ifaces = _elements(f'"{name}"' for name in sorted(cfg.route_ifnames))
+    grants4 = _elements(f"{s} . {d}" for s, d in sorted(cfg.grants4, key=_grant_sort))
+    grants6 = _elements(f"{s} . {d}" for s, d in sorted(cfg.grants6, key=_grant_sort))
+    gw = f'"{cfg.gateway_ifname}"' if cfg.gateway_ifname is not None else None
+    lines = [
+        f"add table inet {TABLE}",
+        f"delete table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        f'  comment "idmesh routes: mesh {cfg.mesh_ifname}, gateway {cfg.gateway_ifname or "-"}"',
+        "  counter refused { }",
+        f"  set route_ifaces {{ type ifname;{ifaces} }}",
+        f"  set grant4 {{ type ipv4_addr . ipv4_addr; flags interval;{grants4} }}",
+        f"  set grant6 {{ type ipv6_addr . ipv6_addr; flags interval;{grants6} }}",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    iifname @route_ifaces ct state established,related accept",
+        "    iifname @route_ifaces counter drop",
+        *([f"    iifname {gw} counter drop"] if gw else []),
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        "    iifname @route_ifaces ct state established,related accept",
+        "    iifname @route_ifaces drop",
+        *([f"    iifname {gw} ip saddr . ip daddr @grant4 ct mark set ct mark | {mark} accept",
+           f"    iifname {gw} ip6 saddr . ip6 daddr @grant6 ct mark set ct mark | {mark} accept",
+           f"    iifname {gw} counter name refused drop",
+           f"    oifname {gw} ct state established,related accept",
+           f"    oifname {gw} drop"] if gw else []),
+        "  }",
+        "  chain output {",
+        "    type filter hook output priority filter; policy accept;",
+        f"    oifname {mesh} ip daddr != {cfg.overlay4} {_REJECT}",
+        f"    oifname {mesh} ip6 daddr != {{ {cfg.overlay6}, {_LINK_LOCAL6}, {_MULTICAST6} }} {_REJECT}",
+        "  }",
+    ]
+    if gw:
+        lines += [
+            "  chain replies {",
+            "    type filter hook prerouting priority mangle; policy accept;",
+            f"    iifname != {gw} ct mark & {mark} == {mark} meta mark set meta mark | {mark}",
+            "  }",
+            "  chain nat {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f"    oifname != {gw} ct mark & {mark} == {mark} masquerade",
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+class RouteFirewall:
+    """The ``inet idmesh_routes`` table of this network namespace, owned by this meshd."""
+
+    def __init__(self, nft: Callable[[str], str] | None = None) -> None:
+        self._nft = nft
+        self._own: Libnftables | None = None
+        self._lock = threading.Lock()
+        self.installed: RouteFirewallConfig | None = None
+
+    def _run(self, script: str, what: str) -> str:
+        if self._nft is None:
+            self._own = Libnftables()
+            self._nft = self._own
+        try:
+            return self._nft(script)
+        except PermissionDenied as exc:
+            raise PermissionDenied(f"{what}: {exc} (needs CAP_NET_ADMIN)") from exc
+        except IdmeshError as exc:
+            raise Unavailable(f"{what}: nftables refused it: {exc}") from exc
+
+    def apply(self, cfg: RouteFirewallConfig) -> None:
+        """Install the table for ``cfg``; nothing is sent when it is the one installed."""
+        with self._lock:
+            if cfg == self.installed:
+                return
+            self._run(render_table(cfg), f"installing table inet {TABLE}")
+            self.installed = cfg
+            log.info("route firewall: %d route interfaces, gateway %s with %d grants", len(cfg.route_ifnames),
+                     cfg.gateway_ifname or "-", len(cfg.grants4) + len(cfg.grants6))
+
+    def refused(self) -> int:
+        """Packets the gateway refused so far (no grant for their source and destination); 0 when not a gateway."""
+        with self._lock:
+            if self.installed is None or self.installed.gateway_ifname is None:
+                return 0
+            out = self._run(f"list counter inet {TABLE} refused\n", "reading the refused counter")
+        found = re.search(r"packets (\d+)", out)
+        return int(found.group(1)) if found else 0
+
+    def close(self) -> None:
+        """Delete the table (also one a crashed meshd left), then close the nft context if it is ours."""
+        with self._lock:
+            try:
+                self._run(f"add table inet {TABLE}\ndelete table inet {TABLE}\n", f"deleting table inet {TABLE}")
+            except Unavailable as exc:
+                if "No such file or directory" not in str(exc):
+                    raise
+            finally:
+                self.installed = None
+                if self._own is not None:
+                    self._own.close()
+                    self._own = self._nft = None
