@@ -109,6 +109,8 @@ class Daemon:
         self.supervisor: AgentSupervisor | None = None
         self.api = LocalApi(opts.socket, self.status, self.whois, self._run_agent, self._list_agents)
         self._dirty = asyncio.Event()
+        self._taken = self._applied = 0  # converger passes begun / finished (see _run_agent)
+        self._applied_changed = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._snapshot_due = False
@@ -278,10 +280,15 @@ class Daemon:
             found = self.discovery.found if self.discovery else {}
             work = self.plane.take(self.policy, nodes, self.book.identities, found,
                                    view.prefixes if view else tuple(self.record.mesh_prefixes))
+            self._taken += 1
+            taken = self._taken
             try:
                 await asyncio.to_thread(self.plane.apply, work)
                 self.applied_version = view.version if view else None
                 self._write_snapshot()
+                async with self._applied_changed:
+                    self._applied = taken
+                    self._applied_changed.notify_all()
             except IdmeshError as exc:
                 log.error("could not apply the netmap: %s; retrying in %.0f s", exc, RETRY_APPLY)
                 self.plane.restore(work)
@@ -324,6 +331,14 @@ class Daemon:
         user = (req.uid, req.gid) if req.uid is not None and req.gid is not None else None
         agent = await self.supervisor.create(pid, req.principal, req.scopes, timedelta(seconds=req.ttl_seconds),
                                              req.name, user)
+        # The command starts when this returns: let the converger install the agent's routes first,
+        # so its first connection already takes its gateway (bounded: a slow apply must not block it).
+        due = self._taken + 1
+        async with self._applied_changed:
+            try:
+                await asyncio.wait_for(self._applied_changed.wait_for(lambda: self._applied >= due), 2.0)
+            except TimeoutError:
+                log.warning("agent %s starts before its routes are installed", agent.issued.agent.id)
         return {"agent": agent.issued.agent.model_dump(mode="json"),
                 "environment": agent.environment(agent.directory / "ca.crt", self.opts.socket)}
 
@@ -501,7 +516,12 @@ class Daemon:
                        self.record.mesh_prefixes, mark_mask=self.agentnet.table.field.mask,
                        agent_marks=lambda: {a: s.mark for a, s in self.agentnet.slots.items()},
                        set_route_interfaces=self.agentnet.set_route_interfaces, bypass=bypass,
-                       wireguard=self.opts.wireguard)
+                       wireguard=self.opts.wireguard, mesh_endpoints=self._mesh_endpoints)
+
+    def _mesh_endpoints(self) -> dict[str, str]:
+        """Where the mesh tunnel reaches each peer now (learnt from authenticated packets), by public key."""
+        assert self.plane is not None
+        return {p.public_key: p.endpoint for p in self.plane.device.state().peers if p.endpoint}
 
     async def _watch_gateways(self) -> None:
         """Failover: every half second, has a gateway gone quiet (or come back)?"""

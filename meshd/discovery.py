@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import logging
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ class LanDiscovery:
         self.port = port
         self.addresses = addresses
         self.found: dict[str, str] = {}  # WireGuard public key -> ip:port
+        self._subnets: list[ipaddress.IPv4Network] = []
         self._on_change = on_change
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -37,6 +39,7 @@ class LanDiscovery:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self._subnets = await asyncio.to_thread(_connected_subnets)
         # Announce and listen on the underlay only: never through the mesh interface itself.
         underlay: list[str | int | tuple[tuple[str, int, int], int]] = [
             a for a in self.addresses if ipaddress.ip_address(a).version == 4]
@@ -66,7 +69,10 @@ class LanDiscovery:
         addrs = info.parsed_addresses(IPVersion.V4Only)
         if not key or not addrs or not info.port or key.decode() == self.public_key:
             return
-        endpoint = f"{addrs[0]}:{info.port}"
+        # A peer on several networks announces all its addresses: take one on a network we are on too
+        # (an exit node's outside address is no use to its neighbours on the LAN).
+        near = [a for a in addrs if any(ipaddress.ip_address(a) in net for net in self._subnets)]
+        endpoint = f"{(near or addrs)[0]}:{info.port}"
         if self.found.get(key.decode()) != endpoint:
             self.found[key.decode()] = endpoint
             log.info("found %s on the local link at %s", name, endpoint)
@@ -81,3 +87,12 @@ class LanDiscovery:
             if self._info is not None:
                 await self._zc.async_unregister_service(self._info)
             await self._zc.async_close()
+
+
+def _connected_subnets() -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks this host has an address on (pyroute2 blocks: call it off the event loop)."""
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+
+    with IPRoute() as ipr:
+        return [ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}").network  # type: ignore[misc]
+                for msg in ipr.get_addr(family=socket.AF_INET)]

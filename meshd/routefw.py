@@ -6,12 +6,17 @@ tunnels, the ``route_ifaces``):
 * nothing may start a connection towards this node through a gateway
   tunnel, neither to it (input) nor through it (forward): only replies and
   their ICMP errors come back;
-* nothing may leave through the mesh interface to a non-overlay address
-  (output): the routing plan's fallback table points every routed prefix
-  at the mesh interface only so that an agent socket's first route lookup
-  succeeds (see :mod:`meshd.routeplan`); if a packet is still headed there
-  once the agent marks have re-routed it, it is rejected at once
-  (``admin-prohibited``) instead of being sent to a peer that would drop it.
+* nothing may leave through the mesh interface to a non-overlay address:
+  the routing plan's fallback table points every routed prefix at the mesh
+  interface only so that an agent socket's first route lookup succeeds
+  (see :mod:`meshd.routeplan`). A packet of the node's own (no agent mark)
+  headed there is rejected in output (``admin-prohibited``: the sender
+  learns at once). An agent's packet is re-routed by its mark *after*
+  that point, and nftables' ``oifname`` in the output hook still names
+  the device of the first lookup (the hook's, not the new route's); so
+  agents' packets are checked in postrouting, where the device is the one
+  the packet really leaves through, and dropped (postrouting cannot
+  reject).
 
 On a gateway (``gateway_ifname`` set), traffic arriving on the gateway
 interface is forwarded only for a granted (source address, destination
@@ -23,8 +28,10 @@ mark before routing, which sends them back into the gateway interface
 interface is dropped and counted (``refused``); nothing from it is
 addressed to the gateway itself, and nothing enters it but replies.
 
-The table is replaced whole, in one transaction, when the configuration
-changes (so the ``refused`` counter starts again from 0 then); grants are
+The table is replaced whole, in one transaction, when an interface or
+prefix changes; grants and tunnels coming and going (an agent born, a
+gateway used) only add and delete set elements, so counters and the rest
+stay as they are (:func:`render_element_changes`). Grants are
 collapsed first (a prefix inside another of the same source goes, adjacent
 ones merge) because the kernel's concatenated interval sets refuse
 overlapping elements.
@@ -43,7 +50,7 @@ from meshcore.errors import IdmeshError, InvalidInput, PermissionDenied, Unavail
 from meshd.nft import Libnftables
 from meshd.routeplan import GATEWAY_MARK
 
-__all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_table"]
+__all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_element_changes", "render_table"]
 
 TABLE = "idmesh_routes"
 log = logging.getLogger("meshd.routefw")
@@ -99,6 +106,8 @@ class RouteFirewallConfig:
     grants4: frozenset[tuple[str, str]] = frozenset()
     """(source address, destination prefix) pairs allowed through this gateway."""
     grants6: frozenset[tuple[str, str]] = frozenset()
+    agent_mask: int = 0xFFF00000
+    """The agent field of the packet mark (:mod:`meshd.agentnet`)."""
 
     def __post_init__(self) -> None:
         _ifname(self.mesh_ifname, "mesh interface")
@@ -134,6 +143,7 @@ def render_table(cfg: RouteFirewallConfig) -> str:
     grants4 = _elements(f"{s} . {d}" for s, d in sorted(cfg.grants4, key=_grant_sort))
     grants6 = _elements(f"{s} . {d}" for s, d in sorted(cfg.grants6, key=_grant_sort))
     gw = f'"{cfg.gateway_ifname}"' if cfg.gateway_ifname is not None else None
+    off_mesh6 = f"{{ {cfg.overlay6}, {_LINK_LOCAL6}, {_MULTICAST6} }}"
     lines = [
         f"add table inet {TABLE}",
         f"delete table inet {TABLE}",
@@ -161,8 +171,13 @@ def render_table(cfg: RouteFirewallConfig) -> str:
         "  }",
         "  chain output {",
         "    type filter hook output priority filter; policy accept;",
-        f"    oifname {mesh} ip daddr != {cfg.overlay4} {_REJECT}",
-        f"    oifname {mesh} ip6 daddr != {{ {cfg.overlay6}, {_LINK_LOCAL6}, {_MULTICAST6} }} {_REJECT}",
+        f"    meta mark & {cfg.agent_mask:#010x} == 0 oifname {mesh} ip daddr != {cfg.overlay4} {_REJECT}",
+        f"    meta mark & {cfg.agent_mask:#010x} == 0 oifname {mesh} ip6 daddr != {off_mesh6} {_REJECT}",
+        "  }",
+        "  chain leaving {",
+        "    type filter hook postrouting priority filter; policy accept;",
+        f"    oifname {mesh} ip daddr != {cfg.overlay4} counter drop",
+        f"    oifname {mesh} ip6 daddr != {off_mesh6} counter drop",
         "  }",
     ]
     if gw:
@@ -178,6 +193,24 @@ def render_table(cfg: RouteFirewallConfig) -> str:
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def render_element_changes(installed: RouteFirewallConfig, desired: RouteFirewallConfig) -> str | None:
+    """The set element changes from ``installed`` to ``desired``; None when the table must be replaced."""
+    fixed = ("mesh_ifname", "overlay4", "overlay6", "gateway_ifname", "agent_mask")
+    if any(getattr(installed, name) != getattr(desired, name) for name in fixed):
+        return None
+    lines = []
+    for name, old, new, text in (
+            ("route_ifaces", installed.route_ifnames, desired.route_ifnames, lambda n: f'"{n}"'),
+            ("grant4", installed.grants4, desired.grants4, lambda g: f"{g[0]} . {g[1]}"),
+            ("grant6", installed.grants6, desired.grants6, lambda g: f"{g[0]} . {g[1]}")):
+        gone, added = sorted(old - new), sorted(new - old)
+        if gone:
+            lines.append(f"delete element inet {TABLE} {name} {{ {', '.join(map(text, gone))} }}")
+        if added:
+            lines.append(f"add element inet {TABLE} {name} {{ {', '.join(map(text, added))} }}")
+    return "".join(line + "\n" for line in lines)
 
 
 class RouteFirewall:
@@ -204,6 +237,11 @@ class RouteFirewall:
         """Install the table for ``cfg``; nothing is sent when it is the one installed."""
         with self._lock:
             if cfg == self.installed:
+                return
+            changes = None if self.installed is None else render_element_changes(self.installed, cfg)
+            if changes is not None:
+                self._run(changes, f"updating table inet {TABLE}")
+                self.installed = cfg
                 return
             self._run(render_table(cfg), f"installing table inet {TABLE}")
             self.installed = cfg

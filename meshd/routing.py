@@ -11,10 +11,14 @@ prefix. So routes travel over tunnels of their own:
   prefixes as allowed IPs. Each identity's packets are steered into the
   right one by the agent mark (:mod:`meshd.agentnet`), ip rules and one
   routing table per distinct set of routes (:mod:`meshd.routeplan`);
-* on a **gateway**, one gateway interface (``<mesh>gw``) whose peers are the
-  senders' route keys, each allowed its node's blocks. It forwards only
-  (source, prefix) pairs the policy grants and NATs them to its outside
-  address (:mod:`meshd.routefw`); replies are routed back into it by mark.
+* on a **gateway**, one gateway interface (``<mesh>gw``) with every node's
+  route key as a peer, each allowed its node's blocks — like the mesh
+  interface, which also knows every node: a sender's tunnel must find its
+  peer there the moment an agent is born, not after the gateway has heard
+  of the agent (a handshake that finds no peer is retried only after 5 s).
+  It forwards only (source, prefix) pairs the policy grants and NATs them to
+  its outside address (:mod:`meshd.routefw`); replies are routed back into
+  it by mark.
 
 Both ends of a route tunnel use one extra key per node, the *route key*,
 made on the node and registered with the controller (``RouteOffer``); the
@@ -60,6 +64,9 @@ STALE_AFTER = 3.0
 """Seconds without a packet from a gateway before its identities move to the next one."""
 RETRY_EVERY = 5.0
 """While a gateway is down, its peer is re-created this often to force a fresh handshake."""
+LINGER = 120.0
+"""A tunnel no identity uses any more is kept this long: agents come and go by the minute, and the
+next one should find a tunnel with a fresh handshake (and a known health) waiting."""
 
 
 def side_ifname(base: str, suffix: str) -> str:
@@ -91,6 +98,7 @@ class _Tunnel:
     rx: int = 0
     heard: float = 0.0  # when rx last grew
     retried: float = 0.0
+    unused_since: float | None = None
 
     def up(self, now: float) -> bool:
         return now - max(self.heard, self.created) < STALE_AFTER
@@ -116,6 +124,7 @@ class Routing:
                  agent_marks: Callable[[], Mapping[str, int]],
                  set_route_interfaces: Callable[[Iterable[str]], None],
                  bypass: tuple[str, ...] = (), wireguard: str = "auto",
+                 mesh_endpoints: Callable[[], Mapping[str, str]] = dict,
                  tables: PolicyRouting | None = None, firewall: RouteFirewall | None = None,
                  netconf: NetConf | None = None, sysctl: Callable[[str, str], None] = write_sysctl,
                  opener: Callable[..., WireGuardDevice] = open_device,
@@ -125,6 +134,7 @@ class Routing:
         self.mark_mask = mark_mask
         self.gateway_ifname = side_ifname(mesh_ifname, "gw") if offer.routes else None
         self._agent_marks, self._set_route_ifaces = agent_marks, set_route_interfaces
+        self._mesh_endpoints = mesh_endpoints
         self._wireguard, self._opener, self._clock, self._sysctl = wireguard, opener, clock, sysctl
         self._tables = tables
         self._firewall = firewall
@@ -163,18 +173,21 @@ class Routing:
         """Converge tunnels, gateway interface, tables and firewall to the policy; returns what was compiled."""
         gateways = {name: Gateway(name, frozenset(p.tags), p.routing.routes) for name, p in nodes.items()
                     if name != self.node and p.routing.routes and p.routing.route_key and p.routing.gateway_port}
+        me = identities.nodes.get(self.node)
+        if self.offer.routes and me is not None:  # to know whom this node forwards for
+            gateways[self.node] = Gateway(self.node, me.tags, self.offer.routes)
         routes = compile_node_routes(policy, identities, self.node, gateways)
         with self._lock:
             if not routes.senders and not self._tunnels and self.gateway_ifname is None and self._tables is None:
                 return routes  # nothing to do here, now or before
             if self.gateway_ifname is not None:
-                self._gateway(routes, nodes)
+                self._gateway(nodes)
             self._sync_tunnels(routes, nodes)
             self._inputs = _Inputs(routes, dict(self._agent_marks()))
             self._install()
         return routes
 
-    def _gateway(self, routes: NodeRoutes, nodes: Mapping[str, PeerNode]) -> None:
+    def _gateway(self, nodes: Mapping[str, PeerNode]) -> None:
         assert self.gateway_ifname is not None and self.offer.gateway_port is not None
         if self._gateway_device is None:
             self._gateway_device = self._open(self.gateway_ifname)
@@ -183,9 +196,8 @@ class Routing:
             log.info("gateway interface %s on port %d for %s", self.gateway_ifname, self.offer.gateway_port,
                      ", ".join(self.offer.routes))
         peers = tuple(
-            PeerConfig(public_key=nodes[c].routing.route_key, allowed_ips=nodes[c].blocks,  # type: ignore[arg-type]
-                       persistent_keepalive=KEEPALIVE)
-            for c in sorted(routes.clients) if c in nodes and nodes[c].routing.route_key
+            PeerConfig(public_key=peer.routing.route_key, allowed_ips=peer.blocks, persistent_keepalive=KEEPALIVE)
+            for name, peer in sorted(nodes.items()) if name != self.node and peer.routing.route_key
         )
         config = DeviceConfig(self.route_key, self.offer.gateway_port, peers, BYPASS_MARK)
         if config != self._gateway_config:
@@ -194,10 +206,12 @@ class Routing:
 
     def _sync_tunnels(self, routes: NodeRoutes, nodes: Mapping[str, PeerNode]) -> None:
         wanted = {g for g in routes.gateways if g in nodes}
-        for name in sorted(set(self._tunnels) - wanted):
-            gone = self._tunnels.pop(name)
-            gone.device.close()
-            log.info("tunnel %s to gateway %s removed", gone.ifname, name)
+        live = self._mesh_endpoints() if wanted else {}
+        now = self._clock()
+        for name, t in self._tunnels.items():
+            if name not in wanted and t.unused_since is None:
+                t.unused_since = now
+        self._drop_unused(now, gone=set(self._tunnels) - wanted - set(nodes))
         for name in sorted(wanted):
             peer = nodes[name]
             tunnel = self._tunnels.get(name)
@@ -208,19 +222,34 @@ class Routing:
                 tunnel = _Tunnel(name, ifname, self._open(ifname), self._clock())
                 self._tunnels[name] = tunnel
                 log.info("tunnel %s to gateway %s (%s)", ifname, name, ", ".join(peer.routing.routes))
-            config = DeviceConfig(self.route_key, 0, (self._gateway_peer(peer),), BYPASS_MARK)
+            tunnel.unused_since = None
+            config = DeviceConfig(self.route_key, 0, (self._gateway_peer(peer, live),), BYPASS_MARK)
             if config != tunnel.config:
                 tunnel.device.apply(config)
                 tunnel.config = config
 
+    def _drop_unused(self, now: float, gone: frozenset[str] | set[str] = frozenset()) -> bool:
+        """Close tunnels unused for :data:`LINGER` seconds, or whose gateway left the mesh."""
+        dropped = False
+        for name in sorted(self._tunnels):
+            tunnel = self._tunnels[name]
+            if name in gone or (tunnel.unused_since is not None and now - tunnel.unused_since >= LINGER):
+                del self._tunnels[name]
+                tunnel.device.close()
+                log.info("tunnel %s to gateway %s removed", tunnel.ifname, name)
+                dropped = True
+        return dropped
+
     @staticmethod
-    def _gateway_peer(peer: PeerNode) -> PeerConfig:
+    def _gateway_peer(peer: PeerNode, live: Mapping[str, str]) -> PeerConfig:
+        """The gateway at the address its mesh tunnel works with (a gateway has several: its outside one
+        is no use to us), at its gateway port; the first advertised candidate if the tunnel has none yet."""
         endpoint = None
-        for candidate in peer.endpoints:
-            ip, _ = parse_endpoint(candidate)
-            host = f"[{ip}]" if ip.version == 6 else str(ip)
-            endpoint = f"{host}:{peer.routing.gateway_port}"
-            break
+        for candidate in (live.get(peer.wireguard_public_key), *peer.endpoints):
+            if candidate:
+                ip, _ = parse_endpoint(candidate)
+                endpoint = f"[{ip}]:{peer.routing.gateway_port}" if ip.version == 6 else f"{ip}:{peer.routing.gateway_port}"
+                break
         assert peer.routing.route_key is not None
         return PeerConfig(public_key=peer.routing.route_key, allowed_ips=peer.routing.routes, endpoint=endpoint,
                           persistent_keepalive=KEEPALIVE)
@@ -274,13 +303,13 @@ class Routing:
                     peer = tunnel.config.peers[0]
                     tunnel.device.update_peers([], [peer.public_key])
                     tunnel.device.update_peers([peer], [])
-            after = {name: t.up(now) for name, t in self._tunnels.items()}
-            if after == before:
+            dropped = self._drop_unused(now)
+            moved = sorted(name for name, t in self._tunnels.items() if t.up(now) != before[name])
+            if not moved and not dropped:
                 return False
-            for name, up in sorted(after.items()):
-                if up != before.get(name):
-                    log.warning("gateway %s is %s (tunnel %s)", name, "up again" if up else
-                                f"down: nothing heard for {STALE_AFTER:g} s", self._tunnels[name].ifname)
+            for name in moved:
+                log.warning("gateway %s is %s (tunnel %s)", name, "up again" if self._tunnels[name].up(now) else
+                            f"down: nothing heard for {STALE_AFTER:g} s", self._tunnels[name].ifname)
             self._install()
             return True
 

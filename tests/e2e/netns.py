@@ -238,7 +238,7 @@ class Network:
                 _ip("-n", host.netns, "addr", "add", f"{host.underlay6}/64", "dev", "eth0", "nodad")
             _ip("-n", host.netns, "link", "set", "eth0", "up")
 
-    def add_segment(self, name: str, address: str, members: dict[Host, str]) -> Host:
+    def add_segment(self, name: str, address: str, members: Sequence[tuple[Host, str]]) -> Host:
         """A network behind some hosts (a "lan", the "internet"): a namespace ``name`` holding a bridge
         with ``address`` (e.g. ``203.0.113.1/24``), and an ``eth1`` in each member with its address.
 
@@ -249,7 +249,7 @@ class Network:
         _ip("-n", netns, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
         _ip("-n", netns, "addr", "add", address, "dev", "br0")
         _ip("-n", netns, "link", "set", "br0", "up")
-        for k, (host, host_address) in enumerate(members.items()):
+        for k, (host, host_address) in enumerate(members):
             port = f"p{k}"
             _ip("-n", netns, "link", "add", port, "type", "veth", "peer", "name", "eth1", "netns", host.netns)
             _ip("-n", netns, "link", "set", port, "master", "br0", "up")

@@ -52,7 +52,7 @@ INTERNET, LAN, PORT = "203.0.113.1", "10.20.0.1", 8080
 EXIT_A, EXIT_B, BILLING_GW = "203.0.113.2", "203.0.113.3", "10.20.0.2"
 HELLO = ("import socket,sys\n"
          "try:\n"
-         "    print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).recv(100).decode().strip())\n"
+         "    print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).recv(100).decode().strip())\n"
          "except OSError as e: print('failed', e); sys.exit(3)\n")
 SRE = ("li@acme.com", "ops:run")
 BILLING = ("ann@acme.com", "billing:read")
@@ -80,8 +80,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if missing:
         pytest.skip("e2e prerequisites missing: " + "; ".join(missing))
     with Network(5, ipv6=False) as net:
-        internet = net.add_segment("internet", f"{INTERNET}/24", {net["h3"]: f"{EXIT_A}/24", net["h4"]: f"{EXIT_B}/24"})
-        lan = net.add_segment("lan", f"{LAN}/16", {net["h5"]: f"{BILLING_GW}/16"})
+        internet = net.add_segment("internet", f"{INTERNET}/24", [(net["h3"], f"{EXIT_A}/24"), (net["h4"], f"{EXIT_B}/24")])
+        lan = net.add_segment("lan", f"{LAN}/16", [(net["h5"], f"{BILLING_GW}/16")])
         mesh = Mesh(net, tmp_path_factory.mktemp("routes"), net["h1"])
         mesh.init(policy=POLICY)
         agents = mesh.enroll(net["h2"], "agents", "--tag", "agents")

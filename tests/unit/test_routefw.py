@@ -7,6 +7,7 @@ given by tests/e2e/test_routing_drivers.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 
@@ -14,7 +15,7 @@ import pytest
 
 from meshcore.errors import InvalidInput, Unavailable
 from meshd.nft import Libnftables
-from meshd.routefw import TABLE, RouteFirewall, RouteFirewallConfig, render_table
+from meshd.routefw import TABLE, RouteFirewall, RouteFirewallConfig, render_element_changes, render_table
 
 SENDER = RouteFirewallConfig("idmesh0", "100.64.0.0/10", "fd12:3456:789a::/48",
                              route_ifnames=frozenset({"rt-gw1", "rt-gw2"}))
@@ -148,3 +149,20 @@ def test_nft_errors_name_the_table() -> None:
 
     with pytest.raises(Unavailable, match=f"installing table inet {TABLE}: nftables refused it"):
         RouteFirewall(broken).apply(SENDER)
+
+
+def test_an_agent_coming_or_going_changes_set_elements_only_and_keeps_the_counter() -> None:
+    nft = FakeNft()
+    fw = RouteFirewall(nft)
+    fw.apply(GATEWAY)
+    more = dataclasses.replace(GATEWAY, grants4=GATEWAY.grants4 | {("100.64.0.9", "10.20.0.0/16")})
+    fw.apply(more)
+    assert nft.scripts[-1] == f"add element inet {TABLE} grant4 {{ 100.64.0.9 . 10.20.0.0/16 }}\n"
+    fw.apply(GATEWAY)
+    assert nft.scripts[-1] == f"delete element inet {TABLE} grant4 {{ 100.64.0.9 . 10.20.0.0/16 }}\n"
+    tunnels = dataclasses.replace(GATEWAY, route_ifnames=frozenset({"rt-x"}))
+    assert render_element_changes(GATEWAY, tunnels) == f'add element inet {TABLE} route_ifaces {{ "rt-x" }}\n'
+    other = dataclasses.replace(GATEWAY, gateway_ifname="gw-2")
+    assert render_element_changes(GATEWAY, other) is None  # an interface changes: the whole table
+    fw.apply(other)
+    assert nft.scripts[-1] == render_table(other)
