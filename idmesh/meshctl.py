@@ -354,6 +354,9 @@ def _status(args: argparse.Namespace) -> int:
     if routing.get("offered"):
         print(f"gateway on {routing['gateway_interface']} for {', '.join(routing['offered'])}; "
               f"clients: {', '.join(routing['clients']) or '-'}")
+    if routing.get("tunnels"):
+        _table([[t["interface"], t["gateway"], "up" if t["up"] else "down"] for t in routing["tunnels"]],
+               ["TUNNEL", "GATEWAY", "STATE"])
     if routing.get("routes"):
         up = {t["gateway"]: t["up"] for t in routing["tunnels"]}
         _table([[r["identity"], r["prefix"], r["via"] or "-",

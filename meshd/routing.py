@@ -99,6 +99,7 @@ class _Tunnel:
     heard: float = 0.0  # when rx last grew
     retried: float = 0.0
     unused_since: float | None = None
+    was_up: bool = True  # as last routed by (a new tunnel is given STALE_AFTER seconds to be heard)
 
     def up(self, now: float) -> bool:
         return now - max(self.heard, self.created) < STALE_AFTER
@@ -288,7 +289,6 @@ class Routing:
         """Read each tunnel's receive counter; re-route whoever must move. True when something moved."""
         with self._lock:
             now = self._clock()
-            before = {name: t.up(now) for name, t in self._tunnels.items()}
             for tunnel in self._tunnels.values():
                 try:
                     state = tunnel.device.state()
@@ -304,12 +304,14 @@ class Routing:
                     tunnel.device.update_peers([], [peer.public_key])
                     tunnel.device.update_peers([peer], [])
             dropped = self._drop_unused(now)
-            moved = sorted(name for name, t in self._tunnels.items() if t.up(now) != before[name])
+            moved = sorted(name for name, t in self._tunnels.items() if t.up(now) != t.was_up)
             if not moved and not dropped:
                 return False
             for name in moved:
-                log.warning("gateway %s is %s (tunnel %s)", name, "up again" if self._tunnels[name].up(now) else
-                            f"down: nothing heard for {STALE_AFTER:g} s", self._tunnels[name].ifname)
+                tunnel = self._tunnels[name]
+                tunnel.was_up = not tunnel.was_up
+                log.warning("gateway %s is %s (tunnel %s)", name, "up again" if tunnel.was_up else
+                            f"down: nothing heard for {STALE_AFTER:g} s", tunnel.ifname)
             self._install()
             return True
 
