@@ -145,6 +145,7 @@ class Routing:
         self._tunnels: dict[str, _Tunnel] = {}
         self._inputs = _Inputs()
         self._route_ifaces: frozenset[str] | None = None
+        self._installed = False  # has this node ever told the kernel about routes?
         self._lock = threading.Lock()
 
     # -- the drivers, made on first use (a node without routes touches nothing) ---------------------------------
@@ -179,7 +180,7 @@ class Routing:
             gateways[self.node] = Gateway(self.node, me.tags, self.offer.routes)
         routes = compile_node_routes(policy, identities, self.node, gateways)
         with self._lock:
-            if not routes.senders and not self._tunnels and self.gateway_ifname is None and self._tables is None:
+            if not routes.senders and not self._tunnels and self.gateway_ifname is None and not self._installed:
                 return routes  # nothing to do here, now or before
             if self.gateway_ifname is not None:
                 self._gateway(nodes)
@@ -273,6 +274,7 @@ class Routing:
             if chosen:
                 senders.append(SenderRoutes(mark, chosen))
         tables, firewall, _ = self._kernel()
+        self._installed = True
         plan = plan_routing(senders, mark_mask=self.mark_mask, mesh_ifname=self.mesh_ifname, overlay=self.overlay,
                             addresses=self.addresses, bypass=self.bypass, gateway_ifname=self.gateway_ifname)
         ifaces = frozenset(t.ifname for t in self._tunnels.values())
