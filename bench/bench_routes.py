@@ -35,9 +35,13 @@ tag:exit on TCP 5201, for the direct path below.
    again, timed until the first ``failed`` ("route withdrawn"). Timed twice:
    from just before the apply command starts (time.monotonic(), the clock
    the agent prints: it is not per namespace), and from the controller's
-   commit (the ``at`` of its ``policy.applied`` audit row, wall clock). The
-   first includes the ``meshctl policy apply`` command itself (~0.3-0.5 s of
-   Python start-up and TLS). Both include the loop's granularity: 0.1 s
+   commit (the ``at`` of its ``policy.applied`` audit row, stamped as the
+   controller takes the request, just before it validates and commits;
+   wall clock, the agent's times converted on this machine). The first
+   includes the ``meshctl policy apply`` command itself (~0.3-0.5 s of
+   Python start-up and TLS before its request; the whole command's run,
+   also reported, ends only after its answer, often after the effect).
+   Both include the loop's granularity: 0.1 s
    between tries, plus up to 0.5 s for a connect that times out (a
    withdrawn route shows as a timeout). A connection succeeds only once
    both the sender (agents: route tunnel, policy routing) and the gateway
