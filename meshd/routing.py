@@ -62,7 +62,7 @@ KEEPALIVE = 1
 """Seconds between keepalives on route tunnels, both ways: the heartbeat failover listens to."""
 STALE_AFTER = 3.0
 """Seconds without a packet from a gateway before its identities move to the next one."""
-RETRY_EVERY = 5.0
+RETRY_EVERY = 2.0
 """While a gateway is down, its peer is re-created this often to force a fresh handshake."""
 LINGER = 120.0
 """A tunnel no identity uses any more is kept this long: agents come and go by the minute, and the
