@@ -298,13 +298,15 @@ class Routing:
                     log.warning("tunnel %s: %s", tunnel.ifname, exc)
                     continue
                 rx = sum(p.rx_bytes for p in state.peers)
-                if rx != tunnel.rx:
-                    tunnel.rx, tunnel.heard = rx, now
+                if rx > tunnel.rx:
+                    tunnel.heard = now
+                tunnel.rx = rx
                 if not tunnel.up(now) and now - tunnel.retried >= RETRY_EVERY and tunnel.config is not None:
                     tunnel.retried = now
                     peer = tunnel.config.peers[0]
                     tunnel.device.update_peers([], [peer.public_key])
                     tunnel.device.update_peers([peer], [])
+                    tunnel.rx = 0  # a new peer counts from zero: that is not a sign of life
             dropped = self._drop_unused(now)
             moved = sorted(name for name, t in self._tunnels.items() if t.up(now) != t.was_up)
             if not moved and not dropped:

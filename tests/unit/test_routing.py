@@ -215,3 +215,16 @@ def test_a_gateway_peers_with_every_node_and_grants_only_what_routes_send_throug
 def test_advertising_an_exit_node_offers_both_families() -> None:
     assert advertised(["10.20.0.0/16", " "], True) == ("0.0.0.0/0", "10.20.0.0/16", "::/0")
     assert advertised([], False) == ()
+
+
+def test_a_fresh_peer_counting_from_zero_is_not_taken_for_a_sign_of_life() -> None:
+    rig = Rig(marks={"sre": 0x00200000})
+    rig.routing.apply(POLICY, _ids(SRE), NODES)
+    rig.hear("exit-a"), rig.hear("exit-b")
+    rig.routing.poll()
+    for _ in range(int(2 * (STALE_AFTER + RETRY_EVERY))):  # exit-a silent, retried more than once
+        rig.clock.now += 0.5
+        rig.hear("exit-b")
+        rig.routing.poll()
+        if rig.clock.now - 1000.0 > STALE_AFTER + 0.5:
+            assert rig.via() == {"agent:sre 0.0.0.0/0": "exit-b"}
