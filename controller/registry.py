@@ -496,7 +496,7 @@ class Controller:
         if observed:
             candidates.append(_endpoint(_join(observed, report.listen_port), self.settings.prefixes))
         endpoints = tuple(dict.fromkeys(c for c in candidates if c))
-        routing = _route_offer(report.routing, self.settings.prefixes).model_dump(exclude_none=True)
+        routing = _route_offer(report.routing, self.settings.prefixes).model_dump(mode="json", exclude_none=True)
         with self.store.transaction() as tx:
             row = tx.node(name)
             if row is None:

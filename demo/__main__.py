@@ -7,7 +7,9 @@ real wireguard-go and nftables. The demo applies the seed policy of
 SPEC.md §4, starts agents, prints an access matrix measured with real TCP
 connections (identity x service, with the rule that decided), and revokes
 an agent while it is connecting, timing how long the mesh takes to stop
-honoring it. Everything is removed on exit and on Ctrl-C; ``--keep``
+honoring it. Then identity-based routes: exit-eu offers to be an exit node
+to an "internet" namespace (203.0.113.0/24), and the policy's ``routes``
+sends the sre group's agents — only them — through it. Everything is removed on exit and on Ctrl-C; ``--keep``
 leaves the mesh up and prints how to explore and tear it down.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.mesh import Mesh, Node, cmd, revoke_and_time, tcp_server, wait_until  # noqa: E402
-from tests.e2e.netns import HostCommandError, Network  # noqa: E402
+from tests.e2e.netns import Host, HostCommandError, Network  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 POLICY = (HERE.parent / "examples" / "policy.yaml").read_text()
@@ -116,6 +118,25 @@ def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
           f"(exit status {proc.returncode})")
 
 
+HELLO = ("import socket,sys\n"
+         "try: print(socket.create_connection((sys.argv[1], 8080), timeout=3).recv(100).decode().strip())\n"
+         "except OSError as e: print('no way out:', e.strerror or e)\n")
+
+
+def routes(mesh: Mesh, nodes: dict[str, Node], internet: Host) -> None:
+    agents = nodes["agents"]
+    tcp_server(internet, "0.0.0.0", 8080)
+    show(mesh.admin("routes", "list"))
+    show(mesh.admin("policy", "explain", "--from", "principal=nikita@acme.com,via=agent,scope=db:read",
+                    "--to", "203.0.113.1"))
+    probe = [sys.executable, "-c", HELLO, "203.0.113.1"]
+    argv = agent_argv(agents, "nikita@acme.com", ["db:read"], "browser", *probe)
+    print("  nikita's agent (group sre) on the agents host -> 203.0.113.1:8080, which answers with who it sees:")
+    show(agents.host.run(argv, check=False, timeout=30), "    ")
+    print("  a plain process on the same host -> 203.0.113.1:8080:")
+    show(agents.host.run(probe, check=False, timeout=30), "    ")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="make demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +152,7 @@ def main() -> None:
     code = 0
     try:
         net.build()
+        internet = net.add_segment("internet", "203.0.113.1/24", [(net["h5"], "203.0.113.2/24")])
         mesh = Mesh(net, work, net["h1"])
         say("1. the controller: CA (Ed25519), registry (SQLite), HTTPS API with mTLS")
         mesh.init(policy=None)
@@ -139,7 +161,7 @@ def main() -> None:
         nodes: dict[str, Node] = {}
         for host, name, flags in CAST:
             nodes[name] = mesh.enroll(net[host], name, *flags)
-            mesh.start(nodes[name])
+            mesh.start(nodes[name], *(["--advertise-exit-node"] if name == "exit-eu" else []))
         mesh.wait_converged(60)
         show(mesh.admin("nodes", "list"))
         say("3. the seed policy (examples/policy.yaml): checked, its tests run, applied to every node")
@@ -154,7 +176,9 @@ def main() -> None:
         matrix(mesh, nodes, db)
         say("5. revocation, live: an agent keeps connecting to db; we revoke it")
         revocation(mesh, nodes, db)
-        say("6. this node's view: meshctl status on the agents host")
+        say("6. identity-based routes: exit-eu offers an exit; the policy's routes say whose traffic uses it")
+        routes(mesh, nodes, internet)
+        say("7. this node's view: meshctl status on the agents host")
         show(nodes["agents"].host.run([cmd("meshctl"), "status", "--socket", str(nodes["agents"].socket)]))
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         if args.keep:

@@ -134,7 +134,7 @@ def test_a_stray_from_a_crashed_run_is_stopped_not_duplicated(make: Callable[...
         _wait(dev.sock_path.exists)
         dev.start()
         assert dev.pid != stray.pid
-        assert stray.wait(5) in (0, -signal.SIGTERM)
+        stray.wait(5)  # stopped (raises if not); its exit code depends on where in its start-up SIGTERM lands
     finally:
         if stray.poll() is None:
             stray.kill()
