@@ -521,7 +521,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 print_json(offered)
             else:
                 _table([[r.node, r.prefix, "exit" if r.exit else "subnet",
-                         "; ".join(e.split(":", 1)[0] for e in r.enabled_by) or "- (no rule uses it)"]
+                         "; ".join(e.split(": from ", 1)[0] for e in r.enabled_by) or "- (no rule uses it)"]
                         for r in offered], ["NODE", "ROUTE", "KIND", "ENABLED BY"])
         elif args.command == "nodes" and args.action == "remove":
             node = NodeInfo.model_validate(api.request("DELETE", f"/v1/nodes/{args.name}"))
