@@ -141,7 +141,7 @@ class Routing:
         self._firewall = firewall
         self._netconf = netconf
         self._gateway_device: WireGuardDevice | None = None
-        self._gateway_config: DeviceConfig | None = None
+        self._gateway_peers: dict[str, tuple[str, tuple[str, ...]]] | None = None  # name -> (route key, blocks)
         self._tunnels: dict[str, _Tunnel] = {}
         self._inputs = _Inputs()
         self._route_ifaces: frozenset[str] | None = None
@@ -197,14 +197,25 @@ class Routing:
                 self._sysctl(name, value)
             log.info("gateway interface %s on port %d for %s", self.gateway_ifname, self.offer.gateway_port,
                      ", ".join(self.offer.routes))
-        peers = tuple(
-            PeerConfig(public_key=peer.routing.route_key, allowed_ips=peer.blocks, persistent_keepalive=KEEPALIVE)
-            for name, peer in sorted(nodes.items()) if name != self.node and peer.routing.route_key
-        )
-        config = DeviceConfig(self.route_key, self.offer.gateway_port, peers, BYPASS_MARK)
-        if config != self._gateway_config:
-            self._gateway_device.apply(config)
-            self._gateway_config = config
+        # One peer per node, like the mesh interface: a node joining is one peer operation, not a whole-device
+        # apply (which reads every peer back: a second at 10,000 nodes).
+        want = {name: (key, peer.blocks) for name, peer in nodes.items()
+                if name != self.node and (key := peer.routing.route_key)}
+        had = self._gateway_peers
+        if want == had:
+            return
+        upsert = [self._client_peer(*value) for name, value in want.items() if had is None or had.get(name) != value]
+        old = had or {}
+        remove = [old[name][0] for name in old if name not in want or want[name][0] != old[name][0]]
+        if had is None or not self._gateway_device.update_peers(upsert, remove):
+            self._gateway_device.apply(DeviceConfig(self.route_key, self.offer.gateway_port,
+                                                    tuple(self._client_peer(*v) for v in want.values()),
+                                                    BYPASS_MARK))
+        self._gateway_peers = want
+
+    @staticmethod
+    def _client_peer(route_key: str, blocks: tuple[str, ...]) -> PeerConfig:
+        return PeerConfig(public_key=route_key, allowed_ips=blocks, persistent_keepalive=KEEPALIVE)
 
     def _sync_tunnels(self, routes: NodeRoutes, nodes: Mapping[str, PeerNode]) -> None:
         wanted = {g for g in routes.gateways if g in nodes}

@@ -228,3 +228,19 @@ def test_a_fresh_peer_counting_from_zero_is_not_taken_for_a_sign_of_life() -> No
         rig.routing.poll()
         if rig.clock.now - 1000.0 > STALE_AFTER + 0.5:
             assert rig.via() == {"agent:sre 0.0.0.0/0": "exit-b"}
+
+
+def test_a_node_joining_is_one_peer_operation_on_the_gateway_interface() -> None:
+    rig = Rig("exit-a")
+    rig.routing.apply(POLICY, _ids(), NODES)
+    device = rig.devices["wg0gw"]
+    joined = PeerNode(name="new", wireguard_public_key=public_key_of(generate_private_key()),
+                      addresses=("100.64.1.1", "fd00:0:0:9::1"), blocks=("100.64.1.0/26", "fd00:0:0:9::/64"),
+                      routing=RouteOffer(route_key=public_key_of(generate_private_key())))
+    requests = len(device.server.requests)
+    rig.routing.apply(POLICY, _ids(), {**NODES, "new": joined})
+    sent = device.server.requests[requests:]
+    assert len(sent) == 1 and sent[0].startswith("set=1") and sent[0].count("public_key=") == 1  # no get=1
+    assert joined.routing.route_key in {p.public_key for p in device.state().peers}
+    rig.routing.apply(POLICY, _ids(), {**NODES, "new": joined})
+    assert len(device.server.requests) == requests + 2  # unchanged: nothing sent (the +1 is the state() above)
