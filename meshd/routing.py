@@ -146,6 +146,7 @@ class Routing:
         self._inputs = _Inputs()
         self._route_ifaces: frozenset[str] | None = None
         self._installed = False  # has this node ever told the kernel about routes?
+        self._restarted: set[str] = set()  # interfaces whose wireguard-go was restarted (see _open)
         self._lock = threading.Lock()
 
     # -- the drivers, made on first use (a node without routes touches nothing) ---------------------------------
@@ -159,7 +160,14 @@ class Routing:
         return self._tables, self._firewall, self._netconf
 
     def _open(self, ifname: str) -> WireGuardDevice:
-        device = self._opener(ifname, implementation=self._wireguard)
+        # wireguard-go re-creates its interface when it restarts: the kernel then forgets the link state and
+        # every route through it. The callback only notes it (it runs in the device's supervisor thread);
+        # poll() puts link and routes back within half a second.
+        device = self._opener(ifname, implementation=self._wireguard, on_restart=lambda: self._restarted.add(ifname))
+        self._link_up(ifname)
+        return device
+
+    def _link_up(self, ifname: str) -> None:
         _, _, netconf = self._kernel()
         netconf.apply(LinkConfig(ifname))
         # Replies from the far side of a gateway come from addresses this node has no route to
@@ -168,7 +176,6 @@ class Routing:
             self._sysctl(f"net.ipv4.conf.{ifname}.rp_filter", "0")
         except OSError as exc:
             log.warning("%s: cannot turn off reverse-path filtering: %s", ifname, exc)
-        return device
 
     # -- policy and identities ---------------------------------------------------------------------------------
     def apply(self, policy: Policy, identities: Identities, nodes: Mapping[str, PeerNode]) -> NodeRoutes:
@@ -302,6 +309,11 @@ class Routing:
         """Read each tunnel's receive counter; re-route whoever must move. True when something moved."""
         with self._lock:
             now = self._clock()
+            restarted = set(self._restarted)
+            self._restarted -= restarted
+            for ifname in sorted(restarted):
+                log.warning("%s: wireguard-go was restarted; link and routes put back", ifname)
+                self._link_up(ifname)
             for tunnel in self._tunnels.values():
                 try:
                     state = tunnel.device.state()
@@ -320,7 +332,7 @@ class Routing:
                     tunnel.rx = 0  # a new peer counts from zero: that is not a sign of life
             dropped = self._drop_unused(now)
             moved = sorted(name for name, t in self._tunnels.items() if t.up(now) != t.was_up)
-            if not moved and not dropped:
+            if not moved and not dropped and not restarted:
                 return False
             for name in moved:
                 tunnel = self._tunnels[name]

@@ -85,6 +85,7 @@ class Rig:
         self.nft = FakeNft()
         self.sysctl: dict[str, str] = {}
         self.route_ifaces: list[frozenset[str]] = []
+        self.restart: dict[str, Any] = {}
         peer = NODES[name]
         self.routing = Routing(
             name, side_ifname("wg0", ""), peer.addresses, KEYS[name],  # type: ignore[arg-type]
@@ -96,7 +97,8 @@ class Rig:
             sysctl=self.sysctl.__setitem__, opener=self._open, clock=self.clock,
             mesh_endpoints=lambda: {NODES["exit-a"].wireguard_public_key: "198.51.100.99:51820"})
 
-    def _open(self, ifname: str, **_: Any) -> FakeWireGuard:
+    def _open(self, ifname: str, **kwargs: Any) -> FakeWireGuard:
+        self.restart[ifname] = kwargs["on_restart"]
         self.netconf.add_link(ifname)
         self.devices[ifname] = FakeWireGuard(ifname)
         return self.devices[ifname]
@@ -244,3 +246,16 @@ def test_a_node_joining_is_one_peer_operation_on_the_gateway_interface() -> None
     assert joined.routing.route_key in {p.public_key for p in device.state().peers}
     rig.routing.apply(POLICY, _ids(), {**NODES, "new": joined})
     assert len(device.server.requests) == requests + 2  # unchanged: nothing sent (the +1 is the state() above)
+
+
+def test_a_restarted_wireguard_go_gets_its_link_and_routes_back_at_the_next_poll() -> None:
+    rig = Rig(marks={"sre": 0x00200000})
+    rig.routing.apply(POLICY, _ids(SRE), NODES)
+    rig.hear("exit-a"), rig.hear("exit-b")
+    rig.routing.poll()
+    plans = len(rig.tables.applied)
+    rig.netconf.links["wg0r1"].up = False  # what a re-created interface looks like
+    rig.restart["wg0r1"]()
+    assert rig.routing.poll() is True
+    assert rig.netconf.links["wg0r1"].up and len(rig.tables.applied) == plans + 1
+    assert rig.routing.poll() is False  # handled once
