@@ -238,24 +238,30 @@ class Network:
                 _ip("-n", host.netns, "addr", "add", f"{host.underlay6}/64", "dev", "eth0", "nodad")
             _ip("-n", host.netns, "link", "set", "eth0", "up")
 
-    def add_segment(self, name: str, address: str, members: Sequence[tuple[Host, str]]) -> Host:
+    def add_segment(self, name: str, address: str | Sequence[str],
+                    members: Sequence[tuple[Host, str | Sequence[str]]]) -> Host:
         """A network behind some hosts (a "lan", the "internet"): a namespace ``name`` holding a bridge
-        with ``address`` (e.g. ``203.0.113.1/24``), and an ``eth1`` in each member with its address.
+        with ``address`` (e.g. ``203.0.113.1/24``, or a list: IPv4 and IPv6), and an ``eth1`` in each
+        member with its address(es).
 
         Returned as a :class:`Host` so tests can run servers in it; it has no mesh interface.
         """
         netns = f"{self.prefix}-{name}"
         self._add_netns(netns)
         _ip("-n", netns, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
-        _ip("-n", netns, "addr", "add", address, "dev", "br0")
+        own = [address] if isinstance(address, str) else list(address)
+        for one in own:
+            _ip("-n", netns, "addr", "add", one, "dev", "br0", *(["nodad"] if ":" in one else []))
         _ip("-n", netns, "link", "set", "br0", "up")
-        for k, (host, host_address) in enumerate(members):
+        for k, (host, host_addresses) in enumerate(members):
             port = f"p{k}"
             _ip("-n", netns, "link", "add", port, "type", "veth", "peer", "name", "eth1", "netns", host.netns)
             _ip("-n", netns, "link", "set", port, "master", "br0", "up")
-            _ip("-n", host.netns, "addr", "add", host_address, "dev", "eth1")
+            for one in [host_addresses] if isinstance(host_addresses, str) else host_addresses:
+                _ip("-n", host.netns, "addr", "add", one, "dev", "eth1", *(["nodad"] if ":" in one else []))
             _ip("-n", host.netns, "link", "set", "eth1", "up")
-        return Host(name, 0, netns, address.split("/")[0], "", "", self)
+        v6 = next((a.split("/")[0] for a in own if ":" in a), "")
+        return Host(name, 0, netns, own[0].split("/")[0], v6, "", self)
 
     def _uapi_sockets(self) -> list[Path]:
         """Every UAPI socket of our hosts: the mesh interface and the route tunnels meshd derives from it."""

@@ -39,7 +39,7 @@ delegations:
     max_ttl: 1h
 routes:
   - from: {group: sre, via: agent}
-    to: 0.0.0.0/0
+    to: [0.0.0.0/0, "::/0"]
     via: [node:exit-a, node:exit-b]
   - from: {scope: "billing:*"}
     to: 0.0.0.0/0
@@ -50,6 +50,7 @@ routes:
 """
 INTERNET, LAN, PORT = "203.0.113.1", "10.20.0.1", 8080
 EXIT_A, EXIT_B, BILLING_GW = "203.0.113.2", "203.0.113.3", "10.20.0.2"
+INTERNET6, EXIT_A6 = "2001:db8:113::1", "2001:db8:113::2"
 HELLO = ("import socket,sys\n"
          "try:\n"
          "    print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).recv(100).decode().strip())\n"
@@ -80,7 +81,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if missing:
         pytest.skip("e2e prerequisites missing: " + "; ".join(missing))
     with Network(5, ipv6=False) as net:
-        internet = net.add_segment("internet", f"{INTERNET}/24", [(net["h3"], f"{EXIT_A}/24"), (net["h4"], f"{EXIT_B}/24")])
+        internet = net.add_segment("internet", [f"{INTERNET}/24", f"{INTERNET6}/64"],
+                                   [(net["h3"], [f"{EXIT_A}/24", f"{EXIT_A6}/64"]), (net["h4"], f"{EXIT_B}/24")])
         lan = net.add_segment("lan", f"{LAN}/16", [(net["h5"], f"{BILLING_GW}/16")])
         mesh = Mesh(net, tmp_path_factory.mktemp("routes"), net["h1"])
         mesh.init(policy=POLICY)
@@ -94,6 +96,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         mesh.start(billing_gw, "--advertise-routes", "10.20.0.0/16")
         mesh.wait_converged()
         tcp_server(internet, "0.0.0.0", PORT)
+        tcp_server(internet, INTERNET6, PORT)  # its own address: no clash with the IPv4 server
         tcp_server(lan, "0.0.0.0", PORT)
         yield Lab(mesh, agents, exit_a, exit_b, billing_gw, internet, lan)
 
@@ -120,6 +123,11 @@ def test_an_sre_agent_leaves_through_exit_a_and_a_billing_agent_through_exit_b(l
     wait_routed(lab, SRE, INTERNET, f"hello {EXIT_A}")  # the far end sees exit A's address
     assert hello(lab.agents, BILLING, INTERNET) == f"hello {EXIT_B}"
     assert hello(lab.agents, SRE, INTERNET) == f"hello {EXIT_A}"
+
+
+def test_ipv6_leaves_through_the_exit_too(lab: Lab) -> None:
+    wait_routed(lab, SRE, INTERNET6, f"hello {EXIT_A6}")  # an exit offers ::/0 as well; NAT66 to its address
+    assert hello(lab.agents, BILLING, INTERNET6).startswith("failed")  # billing's routes are IPv4 only
 
 
 def test_a_plain_process_and_an_agent_without_a_route_do_not_leave_the_mesh(lab: Lab) -> None:
@@ -159,7 +167,7 @@ def test_routes_list_and_explain_say_who_goes_where(lab: Lab) -> None:
     assert offered[("exit-a", "0.0.0.0/0")]["exit"] is True
     assert [e.split(" ")[0] for e in offered[("exit-a", "0.0.0.0/0")]["enabled_by"]] == ["routes[0]"]
     assert [e.split(" ")[0] for e in offered[("billing-gw", "10.20.0.0/16")]["enabled_by"]] == ["routes[2]"]
-    assert offered[("exit-a", "::/0")]["enabled_by"] == []  # offered, but no rule sends anyone there
+    assert [e.split(" ")[0] for e in offered[("exit-a", "::/0")]["enabled_by"]] == ["routes[0]"]
     explained = lab.mesh.admin("policy", "explain", "--from", "group=sre,via=agent,scope=ops:run",
                                "--to", INTERNET).stdout
     assert "via exit-a, then exit-b: routes[0]" in explained
