@@ -48,44 +48,23 @@ from dataclasses import dataclass
 
 from meshcore.errors import IdmeshError, InvalidInput, PermissionDenied, Unavailable
 from meshd.nft import Libnftables
-from meshd.routeplan import GATEWAY_MARK
+from meshd.routeplan import GATEWAY_MARK, parse_address, parse_network
+from meshd.wg.model import check_ifname
 
 __all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_element_changes", "render_table"]
 
 TABLE = "idmesh_routes"
 log = logging.getLogger("meshd.routefw")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 _LINK_LOCAL6, _MULTICAST6 = "fe80::/10", "ff00::/8"
 _REJECT = "reject with icmpx admin-prohibited"
-
-
-def _ifname(name: str, what: str) -> str:
-    if not _IFNAME.match(name):
-        raise InvalidInput(f"{what} {name!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
-    return name
-
-
-def _prefix(text: str, family: int, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{what} {text!r} is not a prefix without host bits") from exc
-    if net.version != family:
-        raise InvalidInput(f"{what} {text!r} is not an IPv{family} prefix")
-    return net
 
 
 def _grants(grants: Iterable[tuple[str, str]], family: int) -> frozenset[tuple[str, str]]:
     """Canonical text, and per source the destinations collapsed (no element inside or next to another)."""
     by_source: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
     for source, destination in grants:
-        try:
-            address = ipaddress.ip_address(source)
-        except ValueError as exc:
-            raise InvalidInput(f"grant source {source!r} is not an address") from exc
-        if address.version != family:
-            raise InvalidInput(f"grant source {source!r} is not an IPv{family} address")
-        by_source.setdefault(str(address), []).append(_prefix(destination, family, f"grant {source}: destination"))
+        address = parse_address(source, "grant source", family)
+        by_source.setdefault(address, []).append(parse_network(destination, f"grant {source}: destination", family))
     return frozenset((source, str(net)) for source, nets in by_source.items()
                      for net in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]  # one family
 
@@ -110,18 +89,15 @@ class RouteFirewallConfig:
     """The agent field of the packet mark (:mod:`meshd.agentnet`)."""
 
     def __post_init__(self) -> None:
-        _ifname(self.mesh_ifname, "mesh interface")
-        for name in self.route_ifnames:
-            _ifname(name, "route interface")
-        if self.gateway_ifname is not None:
-            _ifname(self.gateway_ifname, "gateway interface")
+        for name in (self.mesh_ifname, *self.route_ifnames, *filter(None, [self.gateway_ifname])):
+            check_ifname(name)
         clash = {self.mesh_ifname, self.gateway_ifname} & set(self.route_ifnames)
         if clash or self.gateway_ifname == self.mesh_ifname:
             raise InvalidInput(f"interface {(clash or {self.mesh_ifname}).pop()} is given two roles")
         set_ = object.__setattr__
         set_(self, "route_ifnames", frozenset(self.route_ifnames))
-        set_(self, "overlay4", str(_prefix(self.overlay4, 4, "overlay prefix")))
-        set_(self, "overlay6", str(_prefix(self.overlay6, 6, "overlay prefix")))
+        set_(self, "overlay4", str(parse_network(self.overlay4, "overlay prefix", 4)))
+        set_(self, "overlay6", str(parse_network(self.overlay6, "overlay prefix", 6)))
         set_(self, "grants4", _grants(self.grants4, 4))
         set_(self, "grants6", _grants(self.grants6, 6))
 

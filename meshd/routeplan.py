@@ -52,6 +52,8 @@ from typing import Literal
 
 from meshcore.errors import InvalidInput
 
+from .wg.model import check_ifname
+
 __all__ = [
     "BYPASS_MARK",
     "GATEWAY_MARK",
@@ -145,32 +147,38 @@ class RoutingPlan:
     routes: frozenset[TableRoute] = frozenset()
 
 
-def _network(text: str, what: str) -> Network:
+def parse_network(text: str, what: str, family: int | None = None) -> Network:
+    """A prefix without host bits (of ``family`` if given), or InvalidInput naming ``what``."""
     try:
-        return ipaddress.ip_network(text, strict=True)
+        net = ipaddress.ip_network(text, strict=True)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"{what} {text!r} is not a prefix without host bits") from exc
+    if family is not None and net.version != family:
+        raise InvalidInput(f"{what} {text!r} is not an IPv{family} prefix")
+    return net
 
 
-def _networks(texts: Iterable[str], what: str) -> list[Network]:
-    return [_network(t, what) for t in texts]
+def parse_address(text: str, what: str, family: int) -> str:
+    """An address of ``family`` in canonical text, or InvalidInput naming ``what``."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{what} {text!r} is not an address") from exc
+    if address.version != family:
+        raise InvalidInput(f"{what} {text!r} is not an IPv{family} address")
+    return str(address)
 
 
 def _inside(net: Network, others: Iterable[Network]) -> bool:
     return any(net.version == o.version and net.subnet_of(o) for o in others)  # type: ignore[arg-type]
 
 
-def _check_ifname(name: str, what: str) -> None:
-    if not name or len(name) > 15 or "/" in name or any(c.isspace() for c in name):
-        raise InvalidInput(f"{what} {name!r} is not an interface name")
-
-
 def _sender_routes(sender: SenderRoutes, never: Sequence[Network]) -> frozenset[tuple[Network, str]]:
     who = "the node" if sender.mark is None else f"agent mark {sender.mark:#010x}"
     chosen: dict[Network, str] = {}
     for prefix, ifname in sender.routes:
-        net = _network(prefix, f"{who}: route")
-        _check_ifname(ifname, f"{who}: route {prefix} interface")
+        net = parse_network(prefix, f"{who}: route")
+        check_ifname(ifname)
         if chosen.setdefault(net, ifname) != ifname:
             raise InvalidInput(f"{who}: route {net} is given two interfaces ({chosen[net]} and {ifname})")
     return frozenset((net, ifname) for net, ifname in chosen.items() if not _inside(net, never))
@@ -194,20 +202,13 @@ def plan_routing(senders: Sequence[SenderRoutes], *, mark_mask: int, mesh_ifname
     if not 0 < mark_mask <= 0xFFFFFFFF or mark_mask & (BYPASS_MARK | GATEWAY_MARK):
         raise InvalidInput(f"mark mask {mark_mask:#x} must be a non-zero 32-bit value clear of "
                            f"{BYPASS_MARK:#010x} and {GATEWAY_MARK:#010x}")
-    _check_ifname(mesh_ifname, "mesh interface")
+    check_ifname(mesh_ifname)
     if gateway_ifname is not None:
-        _check_ifname(gateway_ifname, "gateway interface")
-    overlays = _networks(overlay, "overlay prefix")
-    bypasses = _networks(bypass, "bypass prefix")
-    src: dict[int, str] = {}
-    for family, text in zip((4, 6), addresses, strict=True):
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError as exc:
-            raise InvalidInput(f"overlay address {text!r} is not an address") from exc
-        if address.version != family:
-            raise InvalidInput(f"overlay address {text!r} is not an IPv{family} address")
-        src[family] = str(address)
+        check_ifname(gateway_ifname)
+    overlays = [parse_network(t, "overlay prefix") for t in overlay]
+    bypasses = [parse_network(t, "bypass prefix") for t in bypass]
+    src = {family: parse_address(text, "overlay address", family)
+           for family, text in zip((4, 6), addresses, strict=True)}
 
     by_sender: dict[int | None, frozenset[tuple[Network, str]]] = {}
     for sender in senders:
