@@ -49,7 +49,7 @@ from meshcore.policy import Gateway, Identities, NodeRoutes, Policy, RouteChoice
 
 from .netconf import IPRouteNetConf, LinkConfig, NetConf
 from .routefw import RouteFirewall, RouteFirewallConfig
-from .routeplan import BYPASS_MARK, SenderRoutes, plan_routing
+from .routeplan import BYPASS_MARK, RoutingPlan, SenderRoutes, plan_routing
 from .routetables import IPRoutePolicyRouting, PolicyRouting
 from .wg import DeviceConfig, PeerConfig, WireGuardDevice, open_device
 from .wg.model import parse_endpoint
@@ -146,6 +146,7 @@ class Routing:
         self._inputs = _Inputs()
         self._route_ifaces: frozenset[str] | None = None
         self._installed = False  # has this node ever told the kernel about routes?
+        self._plan: RoutingPlan | None = None  # what the kernel was last told (None: tell it again)
         self._restarted: set[str] = set()  # interfaces whose wireguard-go was restarted (see _open)
         self._lock = threading.Lock()
 
@@ -180,6 +181,8 @@ class Routing:
     # -- policy and identities ---------------------------------------------------------------------------------
     def apply(self, policy: Policy, identities: Identities, nodes: Mapping[str, PeerNode]) -> NodeRoutes:
         """Converge tunnels, gateway interface, tables and firewall to the policy; returns what was compiled."""
+        if not policy.routes and self.gateway_ifname is None and not self._installed:
+            return NodeRoutes()  # every netmap change passes here: a node without routes pays nothing per node
         gateways = {name: Gateway(name, frozenset(p.tags), p.routing.routes) for name, p in nodes.items()
                     if name != self.node and p.routing.routes and p.routing.route_key and p.routing.gateway_port}
         me = identities.nodes.get(self.node)
@@ -299,7 +302,9 @@ class Routing:
         if ifaces != self._route_ifaces:
             self._set_route_ifaces(ifaces)
             self._route_ifaces = ifaces
-        tables.apply(plan)
+        if plan != self._plan:  # the driver reads the kernel back on every call
+            tables.apply(plan)
+            self._plan = plan
         firewall.apply(RouteFirewallConfig(
             mesh_ifname=self.mesh_ifname, overlay4=self.overlay[0], overlay6=self.overlay[1], route_ifnames=ifaces,
             gateway_ifname=self.gateway_ifname, grants4=routes.grants4, grants6=routes.grants6))
@@ -314,6 +319,7 @@ class Routing:
             for ifname in sorted(restarted):
                 log.warning("%s: wireguard-go was restarted; link and routes put back", ifname)
                 self._link_up(ifname)
+                self._plan = None  # the kernel dropped the routes through the old interface
             for tunnel in self._tunnels.values():
                 try:
                     state = tunnel.device.state()
