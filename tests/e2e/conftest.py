@@ -19,12 +19,9 @@ from types import FrameType
 import pytest
 
 from tests.e2e.netns import Network, reap_stale
+from tests.prerequisites import require
 
 REQUIRED_TOOLS = ("ip", "wireguard-go", "ping", "nft")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def missing_prerequisites() -> list[str]:
@@ -47,15 +44,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _e2e_prerequisites(request: pytest.FixtureRequest) -> None:
-    if request.node.get_closest_marker("e2e") is None:
-        return
-    missing = missing_prerequisites()
-    if not missing:
-        return
-    message = "e2e prerequisites missing: " + "; ".join(missing)
-    if in_ci():
-        pytest.fail(message + " (CI=true: e2e tests must not be skipped)", pytrace=False)
-    pytest.skip(message)
+    if request.node.get_closest_marker("e2e") is not None:
+        require_e2e()
+
+
+def require_e2e() -> None:
+    """Also for module fixtures, which run before the per-test check above."""
+    require("e2e prerequisites missing", missing_prerequisites())
 
 
 @pytest.fixture(scope="session", autouse=True)

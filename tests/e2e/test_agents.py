@@ -38,13 +38,9 @@ HELLO = ("import socket,sys\n"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Node, Node]]:
-    from tests.e2e.conftest import in_ci, missing_prerequisites
+    from tests.e2e.conftest import require_e2e
 
-    missing = missing_prerequisites()  # checked here too: a module fixture runs before the per-test check
-    if missing and in_ci():
-        pytest.fail("e2e prerequisites missing: " + "; ".join(missing) + " (CI=true: no skipping)", pytrace=False)
-    if missing:
-        pytest.skip("e2e prerequisites missing: " + "; ".join(missing))
+    require_e2e()
     with Network(3) as net:
         mesh = Mesh(net, tmp_path_factory.mktemp("agents"), net["h1"])
         mesh.init(policy=POLICY)

@@ -73,13 +73,9 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    from tests.e2e.conftest import in_ci, missing_prerequisites
+    from tests.e2e.conftest import require_e2e
 
-    missing = missing_prerequisites()
-    if missing and in_ci():
-        pytest.fail("e2e prerequisites missing: " + "; ".join(missing) + " (CI=true: no skipping)", pytrace=False)
-    if missing:
-        pytest.skip("e2e prerequisites missing: " + "; ".join(missing))
+    require_e2e()
     with Network(5, ipv6=False) as net:
         internet = net.add_segment("internet", [f"{INTERNET}/24", f"{INTERNET6}/64"],
                                    [(net["h3"], [f"{EXIT_A}/24", f"{EXIT_A6}/64"]), (net["h4"], f"{EXIT_B}/24")])

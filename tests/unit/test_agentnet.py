@@ -30,6 +30,7 @@ from meshd.agentnet import (
     render_table,
 )
 from meshd.cgroups import Cgroup2, check_agent_name, locate_cgroup2
+from tests.prerequisites import require
 
 T = AgentTable("h1", "idmesh0", IPv4Network("100.64.0.0/26"), IPv6Network("fd00:1::/64"))
 A1 = AgentSlot("a1", Path("/sys/fs/cgroup/idmesh-h1/a1"), 0x00200000, 2, "100.64.0.2", "fd00:1::2",
@@ -409,20 +410,13 @@ def test_construction_refuses_what_cannot_work() -> None:
 
 
 # -- nft itself -------------------------------------------------------------------------------------------------
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 def _need_nft() -> None:
     missing = []
     if shutil.which("nft") is None or shutil.which("unshare") is None:
         missing.append("the nft and unshare commands (apt-get install nftables util-linux)")
     if os.geteuid() != 0:
         missing.append("root (nft -c reads the kernel's ruleset)")
-    if missing:
-        if _in_ci():
-            pytest.fail("cannot check the nft text: " + "; ".join(missing) + " (CI=true: no skipping)")
-        pytest.skip("cannot check the nft text: " + "; ".join(missing))
+    require("cannot check the nft text", missing)
 
 
 CHECK = """

@@ -16,6 +16,7 @@ import pytest
 from meshcore.errors import InvalidInput, Unavailable
 from meshd.nft import Libnftables
 from meshd.routefw import TABLE, RouteFirewall, RouteFirewallConfig, render_element_changes, render_table
+from tests.prerequisites import require
 
 SENDER = RouteFirewallConfig("idmesh0", "100.64.0.0/10", "fd12:3456:789a::/48",
                              route_ifnames=frozenset({"rt-gw1", "rt-gw2"}))
@@ -26,11 +27,7 @@ GATEWAY = RouteFirewallConfig(
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail("cannot check the nft text: needs root (nft -c reads the kernel's ruleset) "
-                        "(CI=true: no skipping)")
-        pytest.skip("cannot check the nft text: needs root (nft -c reads the kernel's ruleset)")
+    require("cannot check the nft text", [] if os.geteuid() == 0 else ["needs root (nft -c reads the kernel's ruleset)"])
 
 
 @pytest.mark.parametrize("cfg", [SENDER, GATEWAY, RouteFirewallConfig("idmesh0", "100.64.0.0/10", "fd00:1::/48")],
