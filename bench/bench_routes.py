@@ -69,22 +69,20 @@ import argparse
 import json
 import os
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import command_line
+from common import start_namespace_bench
 
-from tests.e2e.mesh import Mesh, Node, cmd, tcp_server, wait_until
+from tests.e2e.mesh import Mesh, Node, audited, tcp_server, wait_until
 from tests.e2e.netns import Host, Network
 from tests.e2e.test_routes import (
     BILLING_GW,
@@ -97,6 +95,7 @@ from tests.e2e.test_routes import (
     POLICY,
     PORT,
     SRE,
+    agent_argv,
     hello,
 )
 
@@ -106,13 +105,6 @@ BASE_POLICY = POLICY + f'acls:\n  - from: {{tag: agents}}\n    to: ["tag:exit:{I
 DOCS_ROUTE = '  - from: {scope: "docs:*"}\n    to: 0.0.0.0/0\n    via: node:exit-b\n'
 GRANTED_POLICY = BASE_POLICY.replace("routes:\n", "routes:\n" + DOCS_ROUTE, 1)
 assert GRANTED_POLICY != BASE_POLICY and "acls:\n" in BASE_POLICY
-
-
-def agent_argv(node: Node, who: tuple[str, str], *command: str) -> list[str]:
-    """``meshctl agent run -q`` as ``who`` (principal, scope): meshctl prints nothing, the command's output is all."""
-    principal, scope = who
-    return [cmd("meshctl"), "agent", "run", "--socket", str(node.socket), "-q", "--principal", principal,
-            "--scope", scope, "--ttl", "30m", "--", *command]
 
 
 def iperf_argv(address: str, seconds: int) -> list[str]:
@@ -194,12 +186,8 @@ class Loop:
 
 def audit_applied(mesh: Mesh) -> tuple[int, float]:
     """The newest ``policy.applied`` audit row: (policy version, its time as a Unix timestamp)."""
-    path = mesh.tmp / "ctl" / "controller.db"
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as store:
-        at, target = store.execute("SELECT at, target FROM audit WHERE action = 'policy.applied' "
-                                   "ORDER BY id DESC LIMIT 1").fetchone()
-    moment = datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-    return int(str(target).rsplit("v", 1)[1]), moment
+    moment, target = audited(mesh, "policy.applied")
+    return int(target.rsplit("v", 1)[1]), moment
 
 
 def policy_version_everywhere(mesh: Mesh, version: int) -> bool:
@@ -236,11 +224,7 @@ def main() -> None:
                     help="route changes, each a grant then a withdrawal (default %(default)s)")
     ap.add_argument("--failovers", type=int, default=3, help="stops and restarts of exit-a (default %(default)s)")
     args = ap.parse_args()
-    print(f"$ {command_line()}")
-    if os.geteuid() != 0:
-        raise SystemExit("needs root (network namespaces)")
-    print(f"{os.cpu_count()} cores shared by iperf3, meshd, wireguard-go and the rest of this host "
-          f"(load average before start: {os.getloadavg()[0]:.2f})", flush=True)
+    start_namespace_bench("iperf3, meshd, wireguard-go")
     with tempfile.TemporaryDirectory() as tmpdir, Network(5, ipv6=False) as net:
         internet = net.add_segment("internet", f"{INTERNET}/24",
                                    [(net["h3"], f"{EXIT_A}/24"), (net["h4"], f"{EXIT_B}/24")])

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.mesh import Mesh, Node, cmd
 from tests.e2e.netns import UAPI_DIR, Host, Network, wait_until
-from common import command_line  # noqa: E402
+from common import start_namespace_bench  # noqa: E402
 
 IPERF_PORT = 5201
 MANUAL_PORT = 51821
@@ -127,11 +127,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run (default %(default)s)")
     ap.add_argument("--starts", type=int, default=5, help="timed meshd starts (default %(default)s)")
     args = ap.parse_args()
-    print(f"$ {command_line()}")
-    if os.geteuid() != 0:
-        raise SystemExit("needs root (network namespaces)")
-    print(f"{os.cpu_count()} cores shared by iperf3, wireguard-go and the rest of this host "
-          f"(load average before start: {os.getloadavg()[0]:.2f})", flush=True)
+    start_namespace_bench("iperf3, wireguard-go")
     with tempfile.TemporaryDirectory() as tmpdir, Network(4) as net:
         tmp = Path(tmpdir)
         h1, h2, h3, h4 = net.hosts

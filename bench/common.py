@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["command_line", "free_port", "wait_listening", "cpu_seconds"]
+__all__ = ["command_line", "cpu_seconds", "free_port", "start_namespace_bench", "wait_listening"]
 
 
 def command_line() -> str:
@@ -22,6 +22,15 @@ def command_line() -> str:
     if python.startswith(os.getcwd() + os.sep):
         python = os.path.relpath(python)
     return shlex.join([python, *sys.argv])
+
+
+def start_namespace_bench(sharers: str) -> None:
+    """Print the command line; refuse to run without root (network namespaces); say who shares the cores."""
+    print(f"$ {command_line()}")
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    print(f"{os.cpu_count()} cores shared by {sharers} and the rest of this host "
+          f"(load average before start: {os.getloadavg()[0]:.2f})", flush=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -210,9 +210,7 @@ def firewall_holds(node: Node, address: str) -> bool:
 def revoke_and_time(mesh: Mesh, agent_id: str, address: str, observer: Node) -> float:
     """Revoke an agent; return milliseconds from the controller's commit (its audit row)
     until ``observer``'s firewall no longer holds the agent's address."""
-    import sqlite3
     import threading
-    from datetime import datetime, timezone
 
     gone: list[float] = []
 
@@ -225,8 +223,16 @@ def revoke_and_time(mesh: Mesh, agent_id: str, address: str, observer: Node) -> 
     watcher.start()
     mesh.admin("agent", "revoke", agent_id)
     watcher.join(30)
-    with sqlite3.connect(mesh.tmp / "ctl" / "controller.db") as store:
-        (at,) = store.execute("SELECT at FROM audit WHERE action = 'agent.revoked' AND target LIKE ?",
-                              (f"%/{agent_id}",)).fetchone()
-    revoked = datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    revoked, _ = audited(mesh, "agent.revoked", f"%/{agent_id}")
     return (gone[0] - revoked) * 1000
+
+
+def audited(mesh: Mesh, action: str, target: str = "%") -> tuple[float, str]:
+    """The newest audit row of ``action`` (target LIKE ``target``): its time (Unix seconds) and target."""
+    import sqlite3
+    from datetime import datetime, timezone
+
+    with sqlite3.connect(f"file:{mesh.tmp / 'ctl' / 'controller.db'}?mode=ro", uri=True) as store:
+        at, found = store.execute("SELECT at, target FROM audit WHERE action = ? AND target LIKE ? "
+                                  "ORDER BY id DESC LIMIT 1", (action, target)).fetchone()
+    return datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp(), str(found)

@@ -97,11 +97,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield Lab(mesh, agents, exit_a, exit_b, billing_gw, internet, lan)
 
 
-def as_agent(node: Node, who: tuple[str, str], *command: str) -> str:
-    """Run ``command`` as a fresh agent of ``who`` (principal, scope); its output."""
+def agent_argv(node: Node, who: tuple[str, str], *command: str) -> list[str]:
+    """``meshctl agent run -q`` as ``who`` (principal, scope): meshctl prints nothing, the command's output is all."""
     principal, scope = who
-    done = node.host.run([cmd("meshctl"), "agent", "run", "--socket", str(node.socket), "-q", "--principal",
-                          principal, "--scope", scope, "--ttl", "10m", "--", *command], check=False, timeout=60)
+    return [cmd("meshctl"), "agent", "run", "--socket", str(node.socket), "-q", "--principal", principal,
+            "--scope", scope, "--ttl", "30m", "--", *command]
+
+
+def as_agent(node: Node, who: tuple[str, str], *command: str) -> str:
+    """Run ``command`` as a fresh agent of ``who``; its output."""
+    done = node.host.run(agent_argv(node, who, *command), check=False, timeout=60)
     return (done.stdout + done.stderr).strip()
 
 
@@ -184,10 +189,7 @@ LOOP = ("import socket,sys,time\n"
 
 def test_when_exit_a_stops_the_sre_agent_moves_to_exit_b_and_back(lab: Lab) -> None:
     wait_routed(lab, SRE, INTERNET, f"hello {EXIT_A}")
-    principal, scope = SRE
-    proc = lab.agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(lab.agents.socket), "-q",
-                                  "--principal", principal, "--scope", scope, "--ttl", "10m", "--",
-                                  sys.executable, "-c", LOOP, INTERNET, str(PORT)],
+    proc = lab.agents.host.popen(agent_argv(lab.agents, SRE, sys.executable, "-c", LOOP, INTERNET, str(PORT)),
                                  stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     lines = proc.stdout
