@@ -110,6 +110,7 @@ class Daemon:
         self.api = LocalApi(opts.socket, self.status, self.whois, self._run_agent, self._list_agents)
         self._dirty = asyncio.Event()
         self._taken = self._applied = 0  # converger passes begun / finished (see _run_agent)
+        self._agent_due = 0
         self._applied_changed = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -319,6 +320,7 @@ class Daemon:
 
     # -- agents born here ----------------------------------------------------------------------------
     def _local_agent_changed(self, issued: AgentIssued | None) -> None:
+        self._agent_due = self._taken + 1  # the first converger pass taken from now on carries this change
         if issued is not None and self.view is not None:
             held = self.book.admit(issued.certificate, self.view.nodes, datetime.now(timezone.utc))
             if self.plane:
@@ -333,7 +335,7 @@ class Daemon:
                                              req.name, user)
         # The command starts when this returns: let the converger install the agent's routes first,
         # so its first connection already takes its gateway (bounded: a slow apply must not block it).
-        due = self._taken + 1
+        due = self._agent_due
         async with self._applied_changed:
             try:
                 await asyncio.wait_for(self._applied_changed.wait_for(lambda: self._applied >= due), 2.0)
