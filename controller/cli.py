@@ -8,10 +8,10 @@ from datetime import datetime, timezone
 
 from idmesh.cli import duration, env_path, parser, print_json, run
 from idmesh.logs import setup_logging
+from idmesh.paths import DEFAULT_DATA
 
 from .api import DEFAULT_MAX_BODY
 
-DEFAULT_DATA = "/var/lib/idmesh"
 
 
 def _main(argv: Sequence[str] | None) -> int:

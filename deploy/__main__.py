@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from idmesh.cli import env_path, parser, run
+from idmesh.paths import DEFAULT_ADMIN
 
 from .cli import DESCRIPTION, EPILOG, add_arguments
 from .cli import run as run_deploy
-
-DEFAULT_ADMIN = "/var/lib/idmesh/admin.conf"
 
 
 def _main(argv: Sequence[str] | None) -> int:

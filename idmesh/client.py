@@ -23,9 +23,19 @@ import httpx
 from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable, error_for_status
 from meshcore.identity import fingerprint, load_certificate
 
-__all__ = ["ControllerClient", "AdminCredential", "LocalClient", "client_ssl_context", "fetch_ca"]
+__all__ = ["ControllerClient", "AdminCredential", "LocalClient", "answer_error", "client_ssl_context", "fetch_ca"]
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+def answer_error(resp: httpx.Response, who: str) -> IdmeshError:
+    """The error an answer of status >= 400 stands for: its ``{"error": "..."}`` line (every idmesh
+    server answers so), or the bare status when a proxy or something else answered instead."""
+    try:
+        message = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        message = f"{who} answered HTTP {resp.status_code}"
+    return error_for_status(resp.status_code, str(message))
 
 
 def client_ssl_context(ca_pem: str, cert_pem: str | None = None, key_pem: str | None = None,
@@ -112,11 +122,7 @@ class ControllerClient:
         with self._translate():
             resp = self._http.request(method, path, json=body)
         if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"controller answered HTTP {resp.status_code}"
-            raise error_for_status(resp.status_code, message)
+            raise answer_error(resp, "controller")
         return resp.text if raw else resp.json()
 
     @contextmanager
@@ -163,9 +169,5 @@ class LocalClient:
         except httpx.HTTPError as exc:
             raise Unavailable(f"talking to meshd at {self.socket_path} failed: {_reason(exc)}") from exc
         if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"meshd answered HTTP {resp.status_code}"
-            raise error_for_status(resp.status_code, message)
+            raise answer_error(resp, "meshd")
         return resp.json()

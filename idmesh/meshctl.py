@@ -39,10 +39,8 @@ from .cli import duration, env_path, parser, print_json, run
 from deploy import cli as deploy_cli
 
 from .client import AdminCredential, ControllerClient, LocalClient
+from .paths import DEFAULT_ADMIN, DEFAULT_SOCKET
 
-DEFAULT_SOCKET = "/run/meshd/meshd.sock"
-
-DEFAULT_ADMIN = "/var/lib/idmesh/admin.conf"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:

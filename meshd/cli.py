@@ -9,7 +9,9 @@ from idmesh.cli import env_path, parser, print_json, run
 
 from meshcore.errors import InvalidInput
 
-from .state import DEFAULT_SOCKET, DEFAULT_STATE, StateDir
+from idmesh.paths import DEFAULT_INTERFACE, DEFAULT_SOCKET, DEFAULT_STATE
+
+from .state import StateDir
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -41,7 +43,7 @@ def _main(argv: Sequence[str] | None) -> int:
                         formatter_class=p.formatter_class)
     rn.add_argument("--state", type=lambda s: env_path("", s), default=env_path("IDMESH_STATE", DEFAULT_STATE),
                     help="state directory (env IDMESH_STATE; default %(default)s)")
-    rn.add_argument("--interface", default=os.environ.get("IDMESH_INTERFACE") or "idmesh0",
+    rn.add_argument("--interface", default=os.environ.get("IDMESH_INTERFACE") or DEFAULT_INTERFACE,
                     help="WireGuard interface name (env IDMESH_INTERFACE; default %(default)s)")
     rn.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET),
                     help="local API socket (env IDMESH_SOCKET; default %(default)s)")

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from idmesh.metrics import Metrics, serve_metrics
+from idmesh.paths import DEFAULT_SOCKET
 from meshcore.errors import IdmeshError, InvalidInput, NotFound
 from meshcore.identity import load_certificate
 from meshcore.netmap import (
@@ -69,7 +70,7 @@ SNAPSHOT_EVERY = 5.0  # seconds between writes of the cached netmap (a 10k-node 
 class Options:
     state: Path
     interface: str = "idmesh0"
-    socket: Path = Path("/run/meshd/meshd.sock")
+    socket: Path = Path(DEFAULT_SOCKET)
     listen_port: int = 51820
     discovery: bool = True
     wireguard: str = "auto"

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from idmesh.client import client_ssl_context
-from meshcore.errors import IdmeshError, Unavailable, error_for_status
+from idmesh.client import answer_error, client_ssl_context
+from meshcore.errors import IdmeshError, Unavailable
 from meshcore.identity import build_csr
 from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, PolicyDoc, ResyncNeeded, StreamMessage
 from meshcore.wire import RenewRequest, RenewResponse
@@ -102,7 +102,7 @@ class ControllerSession:
             async with http.stream("GET", "/v1/netmap", params=params) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
-                    raise _error(resp)
+                    raise answer_error(resp, "controller")
                 self.connected = True
                 self.last_error = None
                 backoff.reset()
@@ -132,7 +132,7 @@ class ControllerSession:
             self._calls = None
             raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
         if resp.status_code >= 400:
-            raise _error(resp)
+            raise answer_error(resp, "controller")
         return resp.json()
 
     async def report_endpoints(self) -> None:
@@ -172,16 +172,8 @@ class ControllerSession:
     async def _post(http: httpx.AsyncClient, path: str, body: object) -> object:
         resp = await http.post(path, json=body)
         if resp.status_code >= 400:
-            raise _error(resp)
+            raise answer_error(resp, "controller")
         return resp.json()
-
-
-def _error(resp: httpx.Response) -> IdmeshError:
-    try:
-        message = resp.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        message = f"controller answered HTTP {resp.status_code}"
-    return error_for_status(resp.status_code, message)
 
 
 def _describe(exc: BaseException) -> str:

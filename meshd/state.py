@@ -28,10 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 
-__all__ = ["StateDir", "NodeRecord", "write_private", "wireguard_public_key", "DEFAULT_STATE", "DEFAULT_SOCKET"]
+__all__ = ["StateDir", "NodeRecord", "write_private", "wireguard_public_key"]
 
-DEFAULT_STATE = "/var/lib/meshd"
-DEFAULT_SOCKET = "/run/meshd/meshd.sock"
 
 
 def write_private(path: Path, data: str, mode: int = 0o600, durable: bool = True) -> None:

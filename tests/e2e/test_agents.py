@@ -140,9 +140,11 @@ def test_a_missing_delegation_is_a_clear_refusal(lab: tuple[Mesh, Node, Node]) -
 
 def test_sub_agents_are_attenuated_and_die_with_their_parent(lab: tuple[Mesh, Node, Node]) -> None:
     mesh, agents, db = lab
-    sub = (f"{cmd('meshctl')} agent run -q --principal nikita@acme.com --scope web:read --name child "
-           f"-- sleep 60 & sleep 1; {cmd('meshctl')} agent run -q --principal nikita@acme.com --scope db:write "
-           f"--name greedy -- true; echo greedy=$?; wait")
+    # greedy first: once the child is listed, greedy's refusal is already in the pipes (revoking the
+    # parent kills this shell, so nothing after the revocation may be needed)
+    sub = (f"{cmd('meshctl')} agent run -q --principal nikita@acme.com --scope db:write --name greedy -- true; "
+           f"echo greedy=$?; {cmd('meshctl')} agent run -q --principal nikita@acme.com --scope web:read "
+           f"--name child -- sleep 60 & wait")
     proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
                               "nikita@acme.com", "--scope", "db:read", "--scope", "web:*", "--name", "parent",
                               "--ttl", "10m", "--", "sh", "-c", sub], stdout=subprocess.PIPE,

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import DEFAULT_DATA
+from idmesh.paths import DEFAULT_DATA, DEFAULT_SOCKET, DEFAULT_STATE
 from deploy.inventory import parse_inventory
 from deploy.units import DEFAULT_INSTALL_DIR, render_meshd_unit, render_unit
 from idmesh.meshctl import DEFAULT_SOCKET as MESHCTL_SOCKET
-from meshd.state import DEFAULT_SOCKET, DEFAULT_STATE
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
