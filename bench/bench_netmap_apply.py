@@ -8,7 +8,7 @@ For maps of 100, 1,000 and 10,000 peers, times:
 * ``parse_apply``: the same with the JSON line parsed first
   (``StreamMessage.model_validate_json``), which is what meshd does per line;
 * ``node_change``: the daemon's whole path for that delta after the view:
-  :class:`meshd.dataplane.DataPlane` taking the change and applying it —
+  :class:`meshd.mesh.dataplane.DataPlane` taking the change and applying it —
   identities, firewall filter (unchanged here: an endpoint moved) and one
   incremental WireGuard operation through the real UAPI client against the
   in-memory device (``FakeWireGuard``); nftables itself is not run;
@@ -45,9 +45,9 @@ from meshcore.addressing import MeshPrefixes
 from meshcore.netmap import Netmap, NetmapDelta, NodeView, PeerNode, StreamMessage
 from meshcore.policy import AgentIdentity, NodeFilter, load_policy
 from meshcore.scopes import parse_scopes
-from meshd.converge import desired_device
-from meshd.dataplane import DataPlane
-from meshd.netconf import FakeNetConf
+from meshd.mesh.peers import desired_device
+from meshd.mesh.dataplane import DataPlane
+from meshd.mesh.netconf import FakeNetConf
 from meshd.wg import FakeWireGuard, generate_private_key
 from common import command_line  # noqa: E402
 
@@ -63,7 +63,7 @@ acls:
 
 
 class _UnrunFirewall:
-    """Takes the compiled filter like meshd.firewall.NftFirewall, without running nft (timed apart)."""
+    """Takes the compiled filter like meshd.mesh.firewall.NftFirewall, without running nft (timed apart)."""
 
     def apply(self, nf: NodeFilter) -> str:
         return "unrun"

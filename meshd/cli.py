@@ -11,7 +11,7 @@ from meshcore.errors import InvalidInput
 
 from idmesh.paths import DEFAULT_INTERFACE, DEFAULT_SOCKET, DEFAULT_STATE
 
-from .state import StateDir
+from meshd.node.state import StateDir
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 from meshcore.errors import Conflict, Unavailable
 
-from ._links import create_link, delete_link, link_kind, netlink_error
+from meshd.kernel.netlink import create_link, delete_link, link_kind, netlink_error
 from .diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer, diff_device
 from .model import DeviceConfig, DeviceState, PeerConfig, PeerState, check_ifname, parse_endpoint
 

@@ -38,7 +38,7 @@ from typing import Self, TypeVar
 
 from meshcore.errors import Conflict, IdmeshError, Unavailable
 
-from ._links import delete_link, link_kind
+from meshd.kernel.netlink import delete_link, link_kind
 from .diff import Op, diff_device, peer_changes
 from .model import DeviceConfig, DeviceState, PeerConfig, check_ifname
 from .uapi import UAPI_DIR, UapiClient, UnixSocketTransport

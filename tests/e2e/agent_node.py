@@ -1,7 +1,7 @@
 """A stand-in for meshd's agent supervisor, driven over stdin/stdout by the e2e tests.
 
 Run inside a host namespace (``python -m tests.e2e.agent_node``), it owns one
-:class:`~meshd.agentnet.AgentNet` — in its own mount namespace, as given by
+:class:`~meshd.agents.net.AgentNet` — in its own mount namespace, as given by
 ``ip netns exec``, where ``start()`` mounts cgroup2 — and answers one JSON
 line per request line:
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshcore.errors import IdmeshError
-from meshd.agentnet import AgentNet
+from meshd.agents.net import AgentNet
 from tests.e2e.wgnode import JsonLineChild
 
 if TYPE_CHECKING:

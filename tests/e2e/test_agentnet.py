@@ -2,7 +2,7 @@
 
 h1 owns block 100.64.0.0/26 + fd00:1::/64 (node address .1 / ::1), h2 owns
 100.64.0.64/26 + fd00:1:0:1::/64; each peer allows the other's whole block.
-In h1, ``agent_node.py`` runs :class:`meshd.agentnet.AgentNet` (its own
+In h1, ``agent_node.py`` runs :class:`meshd.agents.net.AgentNet` (its own
 mount namespace, as ``ip netns exec`` gives it). Test processes are started
 outside any agent and moved into one by pid before they open a socket;
 h2's servers print the source address they see. All traffic stays inside

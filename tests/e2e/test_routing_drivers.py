@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from meshd.routeplan import BYPASS_MARK, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, SenderRoutes, plan_routing
-from meshd.routetables import TABLES
+from meshd.routes.plan import BYPASS_MARK, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, SenderRoutes, plan_routing
+from meshd.routes.tables import TABLES
 from tests.e2e.netns import netns_pids
 
 pytestmark = pytest.mark.e2e
@@ -46,9 +46,9 @@ CONTROLLER = "198.51.100.11/32"
 CHILD = """
 import dataclasses, json, sys
 from meshcore.errors import IdmeshError
-from meshd.routefw import RouteFirewall, RouteFirewallConfig
-from meshd.routeplan import Rule, RoutingPlan, TableRoute
-from meshd.routetables import IPRoutePolicyRouting
+from meshd.routes.firewall import RouteFirewall, RouteFirewallConfig
+from meshd.routes.plan import Rule, RoutingPlan, TableRoute
+from meshd.routes.tables import IPRoutePolicyRouting
 
 routing, fw = IPRoutePolicyRouting(), RouteFirewall()
 for line in sys.stdin:
@@ -140,7 +140,7 @@ class Namespace:
                     routes=[dataclasses.asdict(r) for r in plan.routes])
 
     def installed(self) -> RoutingPlan:
-        from meshd.routeplan import Rule, TableRoute
+        from meshd.routes.plan import Rule, TableRoute
 
         got = self.driver("installed")
         return RoutingPlan(frozenset(Rule(**r) for r in got["rules"]),

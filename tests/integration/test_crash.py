@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from meshcore.errors import IdmeshError
-from meshd.enroll import enroll
-from meshd.state import StateDir
+from meshd.node.enroll import enroll
+from meshd.node.state import StateDir
 
 from .conftest import Controller, cli
 

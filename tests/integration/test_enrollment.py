@@ -126,8 +126,8 @@ def test_a_node_renews_its_certificate_and_the_old_one_stops_working(controller:
 
     import httpx
 
-    from meshd.session import ControllerSession
-    from meshd.state import StateDir
+    from meshd.node.session import ControllerSession
+    from meshd.node.state import StateDir
 
     state = tmp_path / "n"
     token = controller.token("--tag", "db")

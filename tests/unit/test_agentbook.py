@@ -11,7 +11,7 @@ from meshcore.errors import InvalidCertificate
 from meshcore.identity import Claims, SpiffeId, build_leaf, cert_pem, new_ca
 from meshcore.netmap import PeerNode
 from meshcore.scopes import parse_scopes
-from meshd.agentbook import AgentBook
+from meshd.agents.book import AgentBook
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 CA = new_ca("acme.mesh", ed25519.Ed25519PrivateKey.generate(), NOW)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshcore.errors import Conflict, InvalidInput, NotFound, Unavailable
-from meshd.agentnet import (
+from meshd.agents.net import (
     TABLE,
     AgentNet,
     AgentSlot,
@@ -29,7 +29,7 @@ from meshd.agentnet import (
     render_remove,
     render_table,
 )
-from meshd.cgroups import Cgroup2, check_agent_name, locate_cgroup2
+from meshd.agents.cgroups import Cgroup2, check_agent_name, locate_cgroup2
 from tests.prerequisites import require
 
 T = AgentTable("h1", "idmesh0", IPv4Network("100.64.0.0/26"), IPv6Network("fd00:1::/64"))

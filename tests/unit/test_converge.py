@@ -1,10 +1,10 @@
-"""From the netmap to the desired WireGuard device and link (:mod:`meshd.converge`): pure."""
+"""From the netmap to the desired WireGuard device and link (:mod:`meshd.mesh.peers`): pure."""
 
 from __future__ import annotations
 
 from meshcore.netmap import Netmap, NodeView, PeerNode
-from meshd.converge import KEEPALIVE, choose_endpoint, desired_device, desired_link
-from meshd.netconf import LinkConfig
+from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_device, desired_link
+from meshd.mesh.netconf import LinkConfig
 from meshd.wg import PeerConfig, generate_private_key, public_key_of
 
 PRIVATE = generate_private_key()

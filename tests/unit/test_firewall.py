@@ -11,7 +11,7 @@ import pytest
 
 from meshcore.policy import AgentIdentity, Identities, NodeIdentity, compile_node_filter, load_policy
 from meshcore.scopes import parse_scopes
-from meshd.firewall import element_changes, render_element_changes, render_table
+from meshd.mesh.firewall import element_changes, render_element_changes, render_table
 
 POLICY = load_policy("""\
 services:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcore.errors import InvalidInput, NotFound
-from meshd.netconf import (
+from meshd.mesh.netconf import (
     AddAddress,
     AddRoute,
     FakeNetConf,

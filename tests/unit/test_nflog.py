@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from meshd.nflog import LoggedPacket, parse_packet_message
+from meshd.kernel.nflog import LoggedPacket, parse_packet_message
 
 
 def attr(kind: int, value: bytes) -> bytes:

@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 from meshcore.errors import InvalidInput, Unavailable
-from meshd.nft import Libnftables
-from meshd.routefw import TABLE, RouteFirewall, RouteFirewallConfig, render_element_changes, render_table
+from meshd.kernel.nft import Libnftables
+from meshd.routes.firewall import TABLE, RouteFirewall, RouteFirewallConfig, render_element_changes, render_table
 from tests.prerequisites import require
 
 SENDER = RouteFirewallConfig("idmesh0", "100.64.0.0/10", "fd12:3456:789a::/48",

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from meshcore.errors import InvalidInput, Unavailable
-from meshd.routeplan import (
+from meshd.routes.plan import (
     BYPASS_MARK,
     GATEWAY_MARK,
     PRIO_AGENT,
@@ -25,7 +25,7 @@ from meshd.routeplan import (
     TableRoute,
     plan_routing,
 )
-from meshd.routetables import FakePolicyRouting
+from meshd.routes.tables import FakePolicyRouting
 
 MASK = 0xFFF00000
 STEER = MASK | BYPASS_MARK

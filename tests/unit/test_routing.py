@@ -1,4 +1,4 @@
-"""meshd.routing against in-memory drivers: which tunnels exist, what the kernel is told, failover."""
+"""meshd.routes.routing against in-memory drivers: which tunnels exist, what the kernel is told, failover."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 from meshcore.netmap import PeerNode, RouteOffer
 from meshcore.policy import AgentIdentity, Identities, NodeIdentity, load_policy
 from meshcore.scopes import parse_scope
-from meshd.netconf import FakeNetConf
-from meshd.routefw import RouteFirewall
-from meshd.routeplan import BYPASS_MARK, PRIO_AGENT
-from meshd.routetables import FakePolicyRouting
-from meshd.routing import LINGER, RETRY_EVERY, STALE_AFTER, Routing, advertised, side_ifname
+from meshd.mesh.netconf import FakeNetConf
+from meshd.routes.firewall import RouteFirewall
+from meshd.routes.plan import BYPASS_MARK, PRIO_AGENT
+from meshd.routes.tables import FakePolicyRouting
+from meshd.routes.routing import LINGER, RETRY_EVERY, STALE_AFTER, Routing, advertised, side_ifname
 from meshd.wg import generate_private_key, public_key_of
 from meshd.wg.fake import FakeWireGuard
 from meshd.wg.uapi import key_to_hex

@@ -9,15 +9,15 @@ prefix. So routes travel over tunnels of their own:
 * on a **sender**, one WireGuard interface per gateway it may use
   (``<mesh>r<N>``), whose single peer is that gateway with the advertised
   prefixes as allowed IPs. Each identity's packets are steered into the
-  right one by the agent mark (:mod:`meshd.agentnet`), ip rules and one
-  routing table per distinct set of routes (:mod:`meshd.routeplan`);
+  right one by the agent mark (:mod:`meshd.agents.net`), ip rules and one
+  routing table per distinct set of routes (:mod:`meshd.routes.plan`);
 * on a **gateway**, one gateway interface (``<mesh>gw``) with every node's
   route key as a peer, each allowed its node's blocks — like the mesh
   interface, which also knows every node: a sender's tunnel must find its
   peer there the moment an agent is born, not after the gateway has heard
   of the agent (a handshake that finds no peer is retried only after 5 s).
   It forwards only (source, prefix) pairs the policy grants and NATs them to
-  its outside address (:mod:`meshd.routefw`); replies are routed back into
+  its outside address (:mod:`meshd.routes.firewall`); replies are routed back into
   it by mark.
 
 Both ends of a route tunnel use one extra key per node, the *route key*,
@@ -47,16 +47,16 @@ from meshcore.errors import IdmeshError
 from meshcore.netmap import PeerNode, RouteOffer
 from meshcore.policy import Gateway, Identities, NodeRoutes, Policy, RouteChoice, compile_node_routes
 
-from .netconf import IPRouteNetConf, LinkConfig, NetConf
-from .routefw import RouteFirewall, RouteFirewallConfig
-from .routeplan import BYPASS_MARK, RoutingPlan, SenderRoutes, plan_routing
-from .routetables import IPRoutePolicyRouting, PolicyRouting
-from .wg import DeviceConfig, PeerConfig, WireGuardDevice, open_device
-from .wg.model import parse_endpoint
+from meshd.mesh.netconf import IPRouteNetConf, LinkConfig, NetConf
+from meshd.routes.firewall import RouteFirewall, RouteFirewallConfig
+from meshd.routes.plan import BYPASS_MARK, RoutingPlan, SenderRoutes, plan_routing
+from meshd.routes.tables import IPRoutePolicyRouting, PolicyRouting
+from meshd.wg import DeviceConfig, PeerConfig, WireGuardDevice, open_device
+from meshd.wg.model import parse_endpoint
 
 __all__ = ["KEEPALIVE", "RETRY_EVERY", "STALE_AFTER", "Routing", "advertised", "side_ifname"]
 
-log = logging.getLogger("meshd.routing")
+log = logging.getLogger("meshd.routes.routing")
 
 KEEPALIVE = 1
 """Seconds between keepalives on route tunnels, both ways: the heartbeat failover listens to."""

@@ -1,7 +1,7 @@
 """Enforcement with nftables: one table, ``inet idmesh``.
 
 Rendering is pure (:func:`render_table`, :func:`render_element_changes`);
-:class:`NftFirewall` runs the text through libnftables (:mod:`meshd.nft`),
+:class:`NftFirewall` runs the text through libnftables (:mod:`meshd.kernel.nft`),
 which applies a script as one atomic transaction: a packet sees the old ruleset or the new one, never
 a mix. What it installs, for a packet that arrives on the mesh interface
 (input and forward, see :class:`meshcore.policy.NodeFilter` for the order)::
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from meshcore.errors import IdmeshError, Unavailable
 from meshcore.policy import FilterRule, NodeFilter
 
-from .nft import Libnftables
+from meshd.kernel.nft import Libnftables
 
 __all__ = ["TABLE", "render_table", "render_element_changes", "NftFirewall", "ElementChanges"]
 
 TABLE = "idmesh"
-log = logging.getLogger("meshd.firewall")
+log = logging.getLogger("meshd.mesh.firewall")
 
 
 def _elements(addresses: frozenset[str]) -> str:
@@ -75,7 +75,7 @@ def render_table(nf: NodeFilter, ifname: str, flow_log: bool = False) -> str:
 
     With ``flow_log``, denied packets (up to 20/s) and a sample of accepted
     connections (up to 2/s per rule) are copied to NFLOG group
-    :data:`FLOW_GROUP` for :mod:`meshd.flowlog`.
+    :data:`FLOW_GROUP` for :mod:`meshd.mesh.flowlog`.
     """
     lines = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
              f"  comment \"idmesh {nf.node} rules {nf.rules_hash[:16]}\""]

@@ -28,11 +28,11 @@ from meshcore.identity import build_csr
 from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, PolicyDoc, ResyncNeeded, StreamMessage
 from meshcore.wire import RenewRequest, RenewResponse
 
-from .state import StateDir, write_private
+from meshd.node.state import StateDir, write_private
 
 __all__ = ["ControllerSession", "Backoff"]
 
-log = logging.getLogger("meshd.session")
+log = logging.getLogger("meshd.node.session")
 
 READ_TIMEOUT = 35.0  # the controller sends a keepalive every 10 s
 

@@ -3,12 +3,12 @@
 ``apply(plan)`` reads what of ours is installed, and sends only the
 difference (nothing at all when they are equal). What is ours:
 
-* a rule whose priority is one of :data:`meshd.routeplan.PRIORITIES` and
+* a rule whose priority is one of :data:`meshd.routes.plan.PRIORITIES` and
   whose table is main (254) or one of 5180-5299, and which selects on
   nothing but the mark and the input interface (a rule someone else made
   with other selectors there is left alone);
 * a route in a table 5180-5299: every ``throw`` route, and ``unicast``
-  routes carrying our protocol number :data:`meshd.netconf.ROUTE_PROTO`.
+  routes carrying our protocol number :data:`meshd.mesh.netconf.ROUTE_PROTO`.
 
 Everything we add carries that protocol number (``ip rule`` and ``ip route``
 show ``proto 108``). Order: new and changed routes first (a changed route is
@@ -37,15 +37,15 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from meshcore.errors import IdmeshError, PermissionDenied, Unavailable
-from meshd.netconf import ROUTE_PROTO
-from meshd.routeplan import MAIN_TABLE, PRIORITIES, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, Rule, TableRoute
+from meshd.mesh.netconf import ROUTE_PROTO
+from meshd.routes.plan import MAIN_TABLE, PRIORITIES, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, Rule, TableRoute
 
 __all__ = ["TABLES", "FakePolicyRouting", "IPRoutePolicyRouting", "PolicyRouting"]
 
 TABLES = range(TABLE_GATEWAY, TABLE_LAST + 1)
 """The routing tables that belong to idmesh (5180-5299)."""
 
-log = logging.getLogger("meshd.routetables")
+log = logging.getLogger("meshd.routes.tables")
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _RTN_UNICAST, _RTN_THROW = 1, 9
 _FR_ACT_TO_TBL = 1

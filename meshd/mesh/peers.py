@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 from meshcore.netmap import NodeView, PeerNode
 
-from .netconf import LinkConfig
-from .wg import DeviceConfig, PeerConfig
+from meshd.mesh.netconf import LinkConfig
+from meshd.wg import DeviceConfig, PeerConfig
 
 __all__ = ["desired_device", "desired_link", "choose_endpoint", "KEEPALIVE"]
 

@@ -1,6 +1,6 @@
 """The firewall side of identity-based routes: one nftables table, ``inet idmesh_routes``.
 
-On a sending node (:mod:`meshd.routeplan` steers identities to gateway
+On a sending node (:mod:`meshd.routes.plan` steers identities to gateway
 tunnels, the ``route_ifaces``):
 
 * nothing may start a connection towards this node through a gateway
@@ -9,7 +9,7 @@ tunnels, the ``route_ifaces``):
 * nothing may leave through the mesh interface to a non-overlay address:
   the routing plan's fallback table points every routed prefix at the mesh
   interface only so that an agent socket's first route lookup succeeds
-  (see :mod:`meshd.routeplan`). A packet of the node's own (no agent mark)
+  (see :mod:`meshd.routes.plan`). A packet of the node's own (no agent mark)
   headed there is rejected in output (``admin-prohibited``: the sender
   learns at once). An agent's packet is re-routed by its mark *after*
   that point, and nftables' ``oifname`` in the output hook still names
@@ -22,7 +22,7 @@ On a gateway (``gateway_ifname`` set), traffic arriving on the gateway
 interface is forwarded only for a granted (source address, destination
 prefix) pair, looked up in one concatenated interval set per family, and
 leaves masqueraded to the gateway's outside address. The flow's conntrack
-mark gets :data:`meshd.routeplan.GATEWAY_MARK`; its replies get it as packet
+mark gets :data:`meshd.routes.plan.GATEWAY_MARK`; its replies get it as packet
 mark before routing, which sends them back into the gateway interface
 (rule 5180 of the routing plan). Everything else from the gateway
 interface is dropped and counted (``refused``); nothing from it is
@@ -47,14 +47,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from meshcore.errors import IdmeshError, InvalidInput, PermissionDenied, Unavailable
-from meshd.nft import Libnftables
-from meshd.routeplan import GATEWAY_MARK, parse_address, parse_network
+from meshd.kernel.nft import Libnftables
+from meshd.routes.plan import GATEWAY_MARK, parse_address, parse_network
 from meshd.wg.model import check_ifname
 
 __all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_element_changes", "render_table"]
 
 TABLE = "idmesh_routes"
-log = logging.getLogger("meshd.routefw")
+log = logging.getLogger("meshd.routes.firewall")
 _LINK_LOCAL6, _MULTICAST6 = "fe80::/10", "ff00::/8"
 _REJECT = "reject with icmpx admin-prohibited"
 
@@ -86,7 +86,7 @@ class RouteFirewallConfig:
     """(source address, destination prefix) pairs allowed through this gateway."""
     grants6: frozenset[tuple[str, str]] = frozenset()
     agent_mask: int = 0xFFF00000
-    """The agent field of the packet mark (:mod:`meshd.agentnet`)."""
+    """The agent field of the packet mark (:mod:`meshd.agents.net`)."""
 
     def __post_init__(self) -> None:
         for name in (self.mesh_ifname, *self.route_ifnames, *filter(None, [self.gateway_ifname])):

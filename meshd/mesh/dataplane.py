@@ -33,16 +33,16 @@ from meshcore.policy import (
     identity_delta,
 )
 
-from .converge import KEEPALIVE, choose_endpoint, desired_link
-from .firewall import NftFirewall
-from .netconf import NetConf
-from .routeplan import BYPASS_MARK
-from .routing import Routing
-from .wg import DeviceConfig, PeerConfig, WireGuardDevice
+from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_link
+from meshd.mesh.firewall import NftFirewall
+from meshd.mesh.netconf import NetConf
+from meshd.routes.plan import BYPASS_MARK
+from meshd.routes.routing import Routing
+from meshd.wg import DeviceConfig, PeerConfig, WireGuardDevice
 
 __all__ = ["DataPlane", "Work"]
 
-log = logging.getLogger("meshd.dataplane")
+log = logging.getLogger("meshd.mesh.dataplane")
 
 
 def node_identity(peer: PeerNode) -> NodeIdentity:
@@ -214,5 +214,5 @@ class DataPlane:
             self._apply_device_whole()
 
     def _apply_device_whole(self) -> None:
-        # The mark lets the tunnel's own packets bypass identity-based routes (meshd.routing).
+        # The mark lets the tunnel's own packets bypass identity-based routes (meshd.routes.routing).
         self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values()), BYPASS_MARK))

@@ -3,7 +3,7 @@
 A sending node steers each local identity's traffic to the WireGuard
 interface of the gateway chosen for it: the node's own processes by
 "locally generated, no agent mark", each agent by the value of its mark
-field (set in the output hook by :mod:`meshd.agentnet`, which makes the
+field (set in the output hook by :mod:`meshd.agents.net`, which makes the
 kernel route the packet again). Identities with the same routes share one
 routing table, so the number of tables follows the number of distinct
 route sets, not of agents::
@@ -34,12 +34,12 @@ hook gives its packets the agent's mark, with mark 0; if that lookup finds
 no route the send fails with ENETUNREACH and the packet never reaches the
 hook that would steer it. The fallback gives that first lookup an answer
 (the mesh interface, with the node's overlay source). The route firewall
-(:mod:`meshd.routefw`) rejects anything that would actually leave through
+(:mod:`meshd.routes.firewall`) rejects anything that would actually leave through
 the mesh interface to a non-overlay address, so the fallback never carries
 traffic. It serves locally generated packets only (``iif lo``): forwarded
 traffic without a route stays unroutable, as it would be without idmesh.
 
-:func:`plan_routing` only computes; :mod:`meshd.routetables` converges the
+:func:`plan_routing` only computes; :mod:`meshd.routes.tables` converges the
 kernel to the plan.
 """
 
@@ -52,7 +52,7 @@ from typing import Literal
 
 from meshcore.errors import InvalidInput
 
-from .wg.model import check_ifname
+from meshd.wg.model import check_ifname
 
 __all__ = [
     "BYPASS_MARK",

@@ -40,16 +40,16 @@ from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound
 from meshcore.identity import build_csr, key_pem
 from meshcore.wire import AgentIssued
 
-from .state import StateDir, write_private
+from meshd.node.state import StateDir, write_private
 
 __all__ = ["AgentSupervisor", "LocalAgent", "AgentNetwork"]
 
-log = logging.getLogger("meshd.agents")
+log = logging.getLogger("meshd.agents.supervisor")
 WATCH_INTERVAL = 0.2
 
 
 class AgentNetwork(Protocol):
-    """What the supervisor needs from the agent data plane (meshd.agentnet)."""
+    """What the supervisor needs from the agent data plane (meshd.agents.net)."""
 
     def add(self, agent_id: str, ipv4: str, ipv6: str) -> Any: ...
 

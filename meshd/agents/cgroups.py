@@ -1,6 +1,6 @@
 """The node's agent cgroups on cgroup2: ``<root>/idmesh-<node>/<agent>``, one directory per agent.
 
-:class:`CgroupTree` is the thin shell over cgroupfs that :class:`meshd.agentnet.AgentNet`
+:class:`CgroupTree` is the thin shell over cgroupfs that :class:`meshd.agents.net.AgentNet`
 drives; :class:`AgentCgroups` is the protocol it needs, so unit tests run it
 against an in-memory fake.
 
@@ -54,7 +54,7 @@ NFT_CGROUP_BASE = Path("/sys/fs/cgroup")
 """nft resolves ``socket cgroupv2`` paths relative to this directory (compiled into nftables)."""
 
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
-log = logging.getLogger("meshd.cgroups")
+log = logging.getLogger("meshd.agents.cgroups")
 
 
 def check_agent_name(agent_id: str) -> str:
@@ -119,7 +119,7 @@ def locate_cgroup2(root: Path, parent: str, *, mount: bool = True) -> Cgroup2:
 
 
 class AgentCgroups(Protocol):
-    """What :class:`~meshd.agentnet.AgentNet` needs from cgroupfs (real: :class:`CgroupTree`)."""
+    """What :class:`~meshd.agents.net.AgentNet` needs from cgroupfs (real: :class:`CgroupTree`)."""
 
     def prepare(self) -> Cgroup2:
         """Locate cgroup2, create the node's directory, kill and remove what a crashed run left; return where."""

@@ -2,7 +2,7 @@
 
 One asyncio task group holds everything that lives as long as the daemon:
 the controller session (netmap stream with reconnection), certificate
-renewal, the converger (:mod:`meshd.dataplane`), agent expiry and the
+renewal, the converger (:mod:`meshd.mesh.dataplane`), agent expiry and the
 agent supervisor, the local API and LAN discovery. SIGTERM/SIGINT end the
 group in order; the interface (with its wireguard-go), the firewall
 tables and the agents' cgroups are removed: nothing is left.
@@ -45,19 +45,19 @@ from meshcore.netmap import (
 from meshcore.policy import Policy, load_policy
 from meshcore.wire import AgentIssued
 
-from .agentbook import AgentBook
-from .agents import AgentSupervisor
-from .dataplane import DataPlane
-from .discovery import LanDiscovery
-from .firewall import NftFirewall
-from .flowlog import FlowLog
-from .localapi import AgentRunRequest, LocalApi
-from .netconf import IPRouteNetConf
-from .session import ControllerSession
-from .state import StateDir, write_private
-from .underlay import local_endpoints
-from .routing import Routing
-from .wg import generate_private_key, open_device, public_key_of
+from meshd.agents.book import AgentBook
+from meshd.agents.supervisor import AgentSupervisor
+from meshd.mesh.dataplane import DataPlane
+from meshd.mesh.discovery import LanDiscovery
+from meshd.mesh.firewall import NftFirewall
+from meshd.mesh.flowlog import FlowLog
+from meshd.node.localapi import AgentRunRequest, LocalApi
+from meshd.mesh.netconf import IPRouteNetConf
+from meshd.node.session import ControllerSession
+from meshd.node.state import StateDir, write_private
+from meshd.mesh.underlay import local_endpoints
+from meshd.routes.routing import Routing
+from meshd.wg import generate_private_key, open_device, public_key_of
 
 __all__ = ["Options", "Daemon"]
 
@@ -159,7 +159,7 @@ class Daemon:
         return out
 
     def _route_key(self) -> str:
-        """The key of this node's route tunnels (see :mod:`meshd.routing`): made here, on first run, 0600."""
+        """The key of this node's route tunnels (see :mod:`meshd.routes.routing`): made here, on first run, 0600."""
         path = self.state.path / "route.key"
         try:
             return path.read_text().strip()

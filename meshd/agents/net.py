@@ -1,13 +1,13 @@
 """Agents' own source addresses on the sending node: cgroup -> mark -> SNAT, and anti-spoofing.
 
-An agent is a set of processes in its own cgroup (:mod:`meshd.cgroups`).
+An agent is a set of processes in its own cgroup (:mod:`meshd.agents.cgroups`).
 Whatever they send into the mesh leaves with the agent's overlay addresses,
 without their code changing, and nothing else on the node can send with
 those addresses. Everything lives in one nftables table of its own,
-``inet idmesh_agents`` (``inet idmesh`` belongs to :mod:`meshd.firewall`,
+``inet idmesh_agents`` (``inet idmesh`` belongs to :mod:`meshd.mesh.firewall`,
 which replaces it whole on every policy change and never touches this one).
 Every packet an agent sends is marked, whatever interface routing chose
-first, so that policy routing can steer it by identity (:mod:`meshd.routing`:
+first, so that policy routing can steer it by identity (:mod:`meshd.routes.routing`:
 the new mark re-routes it); only packets leaving through a *mesh interface*
 (the overlay interface, and the tunnels to gateways, set ``mesh_ifaces``)
 are translated and policed::
@@ -81,8 +81,8 @@ from typing import Self
 
 from meshcore.errors import Conflict, IdmeshError, InvalidInput, NotFound, Unavailable
 from meshcore.identity import NODE_NAME
-from meshd.cgroups import AgentCgroups, CgroupTree, check_agent_name
-from meshd.nft import Libnftables
+from meshd.agents.cgroups import AgentCgroups, CgroupTree, check_agent_name
+from meshd.kernel.nft import Libnftables
 
 __all__ = [
     "DEFAULT_MARK_MASK",
@@ -104,7 +104,7 @@ DEFAULT_MARK_MASK = 0xFFF00000
 (0x4000, 0x8000), Cilium's 0x0f00, Istio's 1337 and wg-quick's 51820; overlaps Calico's default
 0xffff0000 (pass another mask there)."""
 
-log = logging.getLogger("meshd.agentnet")
+log = logging.getLogger("meshd.agents.net")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
 

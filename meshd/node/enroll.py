@@ -20,7 +20,7 @@ from meshcore.identity import NODE_NAME, build_csr
 from meshcore.tokens import parse_token
 from meshcore.wire import EnrollRequest, EnrollResponse
 
-from .state import NodeRecord, StateDir
+from meshd.node.state import NodeRecord, StateDir
 
 __all__ = ["enroll", "default_node_name"]
 

@@ -1,8 +1,8 @@
 """The identity flow log: who a logged connection came from, shipped to the controller.
 
-The firewall (:mod:`meshd.firewall`) copies denied packets (up to 20/s) and a
+The firewall (:mod:`meshd.mesh.firewall`) copies denied packets (up to 20/s) and a
 sample of accepted new connections (up to 2/s per rule) to an NFLOG group.
-A reader thread takes them (:mod:`meshd.nflog`); on the event loop each one
+A reader thread takes them (:mod:`meshd.kernel.nflog`); on the event loop each one
 becomes a record with the full identity tuple of its source — the agent
 (principal, agent, scopes) or the node (its owner) the address belongs to,
 as this node verified it — and every second the records go to the controller
@@ -23,12 +23,12 @@ from typing import Any
 from meshcore.errors import IdmeshError
 from meshcore.wire import FlowBatch, FlowRecord
 
-from .firewall import FLOW_GROUP
-from .nflog import LoggedPacket, NflogSocket
+from meshd.mesh.firewall import FLOW_GROUP
+from meshd.kernel.nflog import LoggedPacket, NflogSocket
 
 __all__ = ["FlowLog", "BUFFER"]
 
-log = logging.getLogger("meshd.flowlog")
+log = logging.getLogger("meshd.mesh.flowlog")
 BUFFER = 2000
 
 

@@ -29,7 +29,7 @@ from meshcore.policy import AgentIdentity
 
 __all__ = ["AgentBook", "HeldAgent", "IdentityView"]
 
-log = logging.getLogger("meshd.agents")
+log = logging.getLogger("meshd.agents.supervisor")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """LAN discovery with mDNS/DNS-SD (zeroconf): ``_idmesh._udp.local.``
 
 Each node announces its WireGuard public key and listen port; peers found
-on the local link are tried first (see :func:`meshd.converge.choose_endpoint`).
+on the local link are tried first (see :func:`meshd.mesh.peers.choose_endpoint`).
 Discovery only proposes endpoints. Who a key belongs to, and whether it is a
 member at all, comes from the controller-signed netmap.
 """
@@ -20,7 +20,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 __all__ = ["LanDiscovery", "SERVICE"]
 
 SERVICE = "_idmesh._udp.local."
-log = logging.getLogger("meshd.discovery")
+log = logging.getLogger("meshd.mesh.discovery")
 
 
 class LanDiscovery:
