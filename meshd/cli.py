@@ -73,9 +73,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
         from idmesh.logs import setup_logging
 
-        from .daemon import Daemon, Options
+        from meshd.node.daemon import Daemon, Options
 
-        from .routing import advertised
+        from meshd.routes.routing import advertised
 
         setup_logging(args.verbose)
         try:
@@ -88,7 +88,7 @@ def _main(argv: Sequence[str] | None) -> int:
         asyncio.run(Daemon(opts).run())
         return 0
 
-    from .enroll import enroll
+    from meshd.node.enroll import enroll
 
     done = enroll(args.token, StateDir(args.state), args.name, args.force)
     node = done.response.node

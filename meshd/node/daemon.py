@@ -491,7 +491,7 @@ class Daemon:
             log.info("stopped; interface %s removed", self.opts.interface)
 
     async def _start_agents(self) -> None:
-        from .agentnet import AgentNet
+        from meshd.agents.net import AgentNet
 
         blocks = list(self.record.blocks)
         # The cgroup hierarchy is machine-wide (shared by network namespaces): name the
