@@ -15,7 +15,7 @@ For maps of 100, 1,000 and 10,000 peers, times:
 * ``agent_born``: the same path for an agent identity joining (a set element
   for the firewall, no WireGuard change);
 * for comparison, the whole-device paths the daemon takes only on connect,
-  resync or restart: ``desired_device`` (every peer's config) and
+  resync or restart: ``desired_device`` (every peer's config, :func:`desired_peers`) and
   ``driver_apply`` (``FakeWireGuard.apply``: read the device, diff, set), and
   ``snapshot_json`` (the cached netmap, written at most every 5 s).
 
@@ -45,7 +45,8 @@ from meshcore.addressing import MeshPrefixes
 from meshcore.netmap import Netmap, NetmapDelta, NodeView, PeerNode, StreamMessage
 from meshcore.policy import AgentIdentity, NodeFilter, load_policy
 from meshcore.scopes import parse_scopes
-from meshd.mesh.peers import desired_device
+from meshd.mesh.peers import desired_peers
+from meshd.wg import DeviceConfig
 from meshd.mesh.dataplane import DataPlane
 from meshd.mesh.netconf import FakeNetConf
 from meshd.wg import FakeWireGuard, generate_private_key
@@ -138,14 +139,17 @@ def bench_size(n: int, private: str) -> dict[str, object]:
     assert len(view.nodes) == n
 
     # the daemon's O(peers) steps after each change
-    dd_s, dd_wall, dd_runs = measure(lambda: desired_device(private, 51820, view, self_name), 5, 0.5)
+    def desired_device() -> DeviceConfig:
+        return DeviceConfig(private, 51820, tuple(desired_peers(view.nodes, self_name, {}).values()))
+
+    dd_s, dd_wall, dd_runs = measure(desired_device, 5, 0.5)
     snap_s, snap_wall, snap_runs = measure(lambda: view.snapshot().model_dump_json(), 5, 0.5)
 
     device = FakeWireGuard()
     configs = []
     for k in range(2):
         view.apply(NetmapDelta(base=view.version, version=view.version + 1, upsert=(moved(nodes[1], 77 + k),)))
-        configs.append(desired_device(private, 51820, view, self_name))
+        configs.append(desired_device())
     device.apply(configs[0])
     flip = iter(range(10**9))
     drv_s, drv_wall, drv_runs = measure(lambda: device.apply(configs[next(flip) % 2 - 1]), 5, 0.5)

@@ -48,6 +48,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from meshcore.errors import InvalidInput, NotFound, PolicyError
+from meshcore.names import ifname_problem
 from meshcore.policy.problems import Problem
 from meshcore.policy.source import parse_yaml, validation_problems
 
@@ -57,7 +58,6 @@ ServiceMode = Literal["systemd", "process"]
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PRINCIPAL = re.compile(r"^[^\s@]+@[^\s@]+\Z")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 _ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -254,9 +254,8 @@ def _resolve(name: str, defaults: HostEntry, entry: HostEntry, base: Path, envir
     elif not tags and not owner:
         problems.append(Problem(at, "say what the node is: tags: [..] or owner: someone@example.com"))
 
-    if not _IFNAME.match(merged["interface"]):
-        problems.append(Problem(where("interface"), f"interface name {merged['interface']!r} is not 1-15 of "
-                                "A-Z a-z 0-9 _ . -"))
+    if (problem := ifname_problem(merged["interface"])) is not None:
+        problems.append(Problem(where("interface"), problem))
     for key in ("install_dir", "state", "socket", "pidfile", "log"):
         if key in merged and not PurePosixPath(merged[key]).is_absolute():
             problems.append(Problem(where(key), f"{key} must be an absolute path on the host, got {merged[key]!r}"))

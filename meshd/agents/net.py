@@ -42,7 +42,7 @@ deletes its chain and its map and set elements; other agents' entries and
 flows are not touched. On death its conntrack entries (found by the mark
 field of the conntrack mark) are deleted too, so a flow of the dead agent
 cannot be revived by a later agent given the same address. Rendering is pure (:func:`render_table`,
-:func:`render_add`, :func:`render_remove`); :class:`AgentNet` is the shell
+:func:`render_add`, :func:`render_remove` in :mod:`meshd.agents.table`); :class:`AgentNet` is the shell
 that runs it through in-process libnftables (no fork/exec per change) and
 drives the cgroups.
 
@@ -65,15 +65,9 @@ What the anti-spoofing does not cover:
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import re
-import socket
-import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import TracebackType
@@ -81,266 +75,24 @@ from typing import Self
 
 from meshcore.errors import Conflict, IdmeshError, InvalidInput, NotFound, Unavailable
 from meshcore.identity import NODE_NAME
+from meshcore.names import check_ifname
 from meshd.agents.cgroups import AgentCgroups, CgroupTree, check_agent_name
-from meshd.kernel.nft import Libnftables
+from meshd.agents.table import (
+    DEFAULT_MARK_MASK,
+    TABLE,
+    AgentSlot,
+    AgentTable,
+    MarkField,
+    render_add,
+    render_remove,
+    render_table,
+)
+from meshd.kernel.conntrack import ConntrackFlusher
+from meshd.kernel.nft import Nft, NftTable
 
-__all__ = [
-    "DEFAULT_MARK_MASK",
-    "TABLE",
-    "AgentNet",
-    "AgentSlot",
-    "AgentTable",
-    "ConntrackFlusher",
-    "Libnftables",
-    "MarkField",
-    "render_add",
-    "render_remove",
-    "render_table",
-]
-
-TABLE = "idmesh_agents"
-DEFAULT_MARK_MASK = 0xFFF00000
-"""Bits 20-31: 4095 agents per node. Clear of Tailscale (0x40000/0x80000 under 0xff0000), kube-proxy
-(0x4000, 0x8000), Cilium's 0x0f00, Istio's 1337 and wg-quick's 51820; overlaps Calico's default
-0xffff0000 (pass another mask there)."""
+__all__ = ["AgentNet"]
 
 log = logging.getLogger("meshd.agents.net")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
-
-
-@dataclass(frozen=True)
-class MarkField:
-    """The bits of the packet (and conntrack) mark that carry an agent number; the rest is left alone."""
-
-    mask: int = DEFAULT_MARK_MASK
-
-    def __post_init__(self) -> None:
-        if not 0 < self.mask <= 0xFFFFFFFF:
-            raise InvalidInput(f"mark mask {self.mask:#x} must be a non-zero 32-bit value")
-        run = self.mask >> self.shift
-        if run & (run + 1):
-            raise InvalidInput(f"mark mask {self.mask:#010x} must be one contiguous run of bits")
-
-    @property
-    def shift(self) -> int:
-        return (self.mask & -self.mask).bit_length() - 1
-
-    @property
-    def capacity(self) -> int:
-        """The largest agent number the field holds (0 means "no agent")."""
-        return self.mask >> self.shift
-
-    @property
-    def keep(self) -> int:
-        """The other bits, kept when the field is written."""
-        return ~self.mask & 0xFFFFFFFF
-
-    def value(self, number: int) -> int:
-        if not 0 < number <= self.capacity:
-            raise InvalidInput(f"agent number {number} does not fit mark mask {self.mask:#010x}")
-        return number << self.shift
-
-
-@dataclass(frozen=True)
-class AgentTable:
-    """Everything the table's text depends on, apart from the agents."""
-
-    node: str
-    ifname: str
-    block4: IPv4Network
-    block6: IPv6Network
-    field: MarkField = MarkField()
-    level: int = 2
-    """``socket cgroupv2 level``: depth of an agent's cgroup below the cgroup2 root."""
-
-    @property
-    def node4(self) -> IPv4Address:
-        return self.block4.network_address + 1
-
-    @property
-    def node6(self) -> IPv6Address:
-        return self.block6.network_address + 1
-
-
-@dataclass(frozen=True)
-class AgentSlot:
-    """One agent's place on this node: its cgroup, its mark, its addresses."""
-
-    agent_id: str
-    cgroup: Path
-    """The agent's cgroup directory (write a pid to ``cgroup.procs`` to move a process in)."""
-    mark: int
-    """Its value in the mark field (``number << shift``)."""
-    number: int
-    """The offset of its IPv4 address in the node's block; names its chain ``agent_<number>``."""
-    ipv4: str
-    ipv6: str
-    nft_cgroup: str
-    """The cgroup as nft names it: relative to /sys/fs/cgroup."""
-
-    @property
-    def chain(self) -> str:
-        return f"agent_{self.number}"
-
-    def command(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` wrapped so that it enters the agent's cgroup before it runs (no window outside it).
-
-        For a supervisor that spawns the agent: the wrapper (``/bin/sh``) writes
-        its own pid to ``cgroup.procs`` and then ``exec``\\ s ``argv`` in place.
-        """
-        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cgroup / "cgroup.procs"), *argv]
-
-
-# -- rendering (pure) -------------------------------------------------------------------------------------------
-def _ranges(block: IPv4Network | IPv6Network, node: IPv4Address | IPv6Address) -> str:
-    """The block without the node's own address, as nft interval elements."""
-    make = type(block.network_address)
-    parts = []
-    for lo, hi in ((int(block.network_address), int(node) - 1), (int(node) + 1, int(block.broadcast_address))):
-        if lo <= hi:
-            parts.append(str(make(lo)) if lo == hi else f"{make(lo)}-{make(hi)}")
-    return ", ".join(parts)
-
-
-def _hex(value: int) -> str:
-    return f"{value:#010x}"
-
-
-def render_table(t: AgentTable) -> str:
-    """The whole table, no agents, for ``nft -f``: created if missing, emptied, filled, in one transaction."""
-    m, keep, oif, lvl = _hex(t.field.mask), _hex(t.field.keep), f'"{t.ifname}"', t.level
-    return "\n".join([
-        f"add table inet {TABLE}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
-        f'  comment "idmesh agents of node {t.node}: mark field {m}, cgroup level {lvl}"',
-        "  counter spoofed { }",
-        f"  set agent_pool4 {{ type ipv4_addr; flags interval; elements = {{ {_ranges(t.block4, t.node4)} }}; }}",
-        f"  set agent_pool6 {{ type ipv6_addr; flags interval; elements = {{ {_ranges(t.block6, t.node6)} }}; }}",
-        f"  set mesh_ifaces {{ type ifname; elements = {{ {oif} }}; }}",
-        f"  map agent_cgroups {{ typeof socket cgroupv2 level {lvl} : verdict; }}",
-        "  map agent_flows { typeof ct mark : verdict; }",
-        "  map agent_src4 { typeof meta mark : ip saddr; }",
-        "  map agent_src6 { typeof meta mark : ip6 saddr; }",
-        "  set agent_owner4 { typeof ip saddr . meta mark; }",
-        "  set agent_owner6 { typeof ip6 saddr . meta mark; }",
-        "  chain classify {",
-        "    type route hook output priority mangle; policy accept;",
-        f"    meta mark set meta mark & {keep}",
-        f"    socket cgroupv2 level {lvl} vmap @agent_cgroups",
-        f"    ct mark & {m} vmap @agent_flows",
-        "  }",
-        "  chain translate {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-        f"    oifname @mesh_ifaces snat ip to meta mark & {m} map @agent_src4",
-        f"    oifname @mesh_ifaces snat ip6 to meta mark & {m} map @agent_src6",
-        "  }",
-        "  chain antispoof {",
-        "    type filter hook postrouting priority srcnat + 10; policy accept;",
-        "    oifname != @mesh_ifaces accept",
-        f"    ip saddr . meta mark & {m} @agent_owner4 accept",
-        f"    ip6 saddr . meta mark & {m} @agent_owner6 accept",
-        "    ip saddr @agent_pool4 counter name spoofed drop",
-        "    ip6 saddr @agent_pool6 counter name spoofed drop",
-        "  }",
-        "}",
-    ]) + "\n"
-
-
-def _cgroup_element(slot: AgentSlot) -> str:
-    return f'"{slot.nft_cgroup}" comment "{slot.agent_id}" : goto {slot.chain}'
-
-
-def render_add(t: AgentTable, slot: AgentSlot) -> str:
-    """One agent in: its chain, then the elements pointing at it (one transaction)."""
-    v, keep, tb = _hex(slot.mark), _hex(t.field.keep), f"inet {TABLE}"
-    return "\n".join([
-        f"add chain {tb} {slot.chain}",
-        f"flush chain {tb} {slot.chain}",
-        f"add rule {tb} {slot.chain} meta mark set meta mark & {keep} | {v}",
-        f"add rule {tb} {slot.chain} ct mark set ct mark & {keep} | {v}",
-        f"add element {tb} agent_cgroups {{ {_cgroup_element(slot)} }}",
-        f'add element {tb} agent_flows {{ {v} comment "{slot.agent_id}" : goto {slot.chain} }}',
-        f"add element {tb} agent_src4 {{ {v} : {slot.ipv4} }}",
-        f"add element {tb} agent_src6 {{ {v} : {slot.ipv6} }}",
-        f"add element {tb} agent_owner4 {{ {slot.ipv4} . {v} }}",
-        f"add element {tb} agent_owner6 {{ {slot.ipv6} . {v} }}",
-    ]) + "\n"
-
-
-def render_remove(t: AgentTable, slot: AgentSlot, *, cgroup_gone: bool = False,
-                  others: Iterable[AgentSlot] = ()) -> str:
-    """One agent out: its elements, then its chain (one transaction).
-
-    nft names a cgroup element by its path, resolved when the command is
-    loaded. If the directory is already gone (removed behind our back), the
-    element cannot be named: the cgroup map is then flushed and ``others``
-    put back in the same transaction, which no packet can observe half-done.
-    """
-    v, tb = _hex(slot.mark), f"inet {TABLE}"
-    if cgroup_gone:
-        lines = [f"flush map {tb} agent_cgroups"]
-        rest = [_cgroup_element(o) for o in sorted(others, key=lambda o: o.number) if o.agent_id != slot.agent_id]
-        if rest:
-            lines.append(f"add element {tb} agent_cgroups {{ {', '.join(rest)} }}")
-    else:
-        lines = [f'delete element {tb} agent_cgroups {{ "{slot.nft_cgroup}" }}']
-    return "\n".join([
-        *lines,
-        f"delete element {tb} agent_flows {{ {v} }}",
-        f"delete element {tb} agent_src4 {{ {v} }}",
-        f"delete element {tb} agent_src6 {{ {v} }}",
-        f"delete element {tb} agent_owner4 {{ {slot.ipv4} . {v} }}",
-        f"delete element {tb} agent_owner6 {{ {slot.ipv6} . {v} }}",
-        f"delete chain {tb} {slot.chain}",
-    ]) + "\n"
-
-
-def _delete_table() -> str:
-    return f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
-
-
-# -- the shell --------------------------------------------------------------------------------------------------
-_NETLINK_NETFILTER = 12
-_CT_DELETE = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
-_CTA_MARK, _CTA_MARK_MASK = 8, 21
-_NLM_F_REQUEST, _NLM_F_ACK, _NLMSG_ERROR = 1, 4, 2
-
-
-class ConntrackFlusher:
-    """Deletes conntrack entries by mark through one ctnetlink socket kept open (closing one costs ~10 ms).
-
-    ``flusher(mark, mask)`` deletes every entry, IPv4 and IPv6, whose
-    ``ct mark & mask == mark``: a ctnetlink DELETE without a tuple is a flush,
-    filtered by mark in the kernel (what ``conntrack -D --mark mark/mask`` sends).
-    """
-
-    def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-        self._sock.settimeout(5)
-        self._seq = 0
-
-    def __call__(self, mark: int, mask: int) -> None:
-        self._seq += 1
-        attrs = (struct.pack("=HH", 8, _CTA_MARK) + struct.pack("!I", mark)
-                 + struct.pack("=HH", 8, _CTA_MARK_MASK) + struct.pack("!I", mask))
-        body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0) + attrs  # nfgenmsg: family, version, res_id
-        header = struct.pack("=IHHII", 16 + len(body), _CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, self._seq, 0)
-        self._sock.send(header + body)
-        while True:
-            reply = self._sock.recv(65536)
-            _, kind, _, seq = struct.unpack_from("=IHHI", reply)
-            if kind == _NLMSG_ERROR and seq == self._seq:
-                break
-        (error,) = struct.unpack_from("=i", reply, 16)
-        if error < 0 and -error != errno.ENOENT:
-            raise OSError(-error, f"conntrack flush by mark {mark:#010x}: {os.strerror(-error)}")
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-Nft = Callable[[str], str]
 
 
 class AgentNet:
@@ -364,8 +116,7 @@ class AgentNet:
                  conntrack: Callable[[int, int], None] | None = None, cgroup_parent: str | None = None) -> None:
         if not NODE_NAME.match(node):
             raise InvalidInput(f"node name {node!r} is not a DNS label (a-z 0-9 -)")
-        if not _IFNAME.match(ifname):
-            raise InvalidInput(f"interface name {ifname!r} is not 1-15 of A-Z a-z 0-9 _ . -")
+        check_ifname(ifname)
         try:
             block4, block6 = IPv4Network(pool4), IPv6Network(pool6)
         except ValueError as exc:
@@ -380,8 +131,7 @@ class AgentNet:
         self.table = AgentTable(node, ifname, block4, block6, field)
         parent = check_agent_name(cgroup_parent) if cgroup_parent else f"idmesh-{node}"
         self._cgroups: AgentCgroups = cgroups or CgroupTree(cgroup_root, parent)
-        self._nft: Nft | None = nft
-        self._own_nft: Libnftables | None = None
+        self._nft = NftTable(TABLE, nft)
         self._conntrack = conntrack
         self._own_conntrack: ConntrackFlusher | None = None
         self._slots: dict[str, AgentSlot] = {}
@@ -402,22 +152,12 @@ class AgentNet:
         with self._lock:
             return dict(self._slots)
 
-    def _run(self, script: str, what: str) -> str:
-        assert self._nft is not None
-        try:
-            return self._nft(script)
-        except IdmeshError as exc:
-            raise type(exc)(f"nftables refused {what} (table inet {TABLE}): {exc}") from exc
-
     def start(self) -> None:
         """Mount/locate cgroup2, take over what a crashed run left (killed, removed), install the table."""
         with self._lock:
             if self._started:
                 return
             try:
-                if self._nft is None:
-                    self._own_nft = Libnftables()
-                    self._nft = self._own_nft
                 if self._conntrack is None:
                     try:
                         self._own_conntrack = self._conntrack = ConntrackFlusher()
@@ -428,7 +168,7 @@ class AgentNet:
                 self._nft_prefix = where.nft_prefix
                 t = self.table
                 self.table = AgentTable(t.node, t.ifname, t.block4, t.block6, t.field, where.agent_level)
-                self._run(render_table(self.table), f"the agent table of node {self.node}")
+                self._nft.run(render_table(self.table), f"the agent table of node {self.node}")
             except BaseException:
                 self._close_locked(quiet=True)
                 raise
@@ -472,7 +212,7 @@ class AgentNet:
             self._require_started()
             tb = f"inet {TABLE}"
             elements = ", ".join(f'"{n}"' for n in sorted({self.ifname, *names}))
-            self._run(f"flush set {tb} mesh_ifaces\nadd element {tb} mesh_ifaces {{ {elements} }}\n",
+            self._nft.run(f"flush set {tb} mesh_ifaces\nadd element {tb} mesh_ifaces {{ {elements} }}\n",
                       f"the mesh interfaces of node {self.node}")
 
     def add(self, agent_id: str, ipv4: str, ipv6: str) -> AgentSlot:
@@ -488,7 +228,7 @@ class AgentNet:
             slot = AgentSlot(agent_id, path, self.table.field.value(number), number, str(v4), str(v6),
                              f"{self._nft_prefix}/{agent_id}")
             try:
-                self._run(render_add(self.table, slot), f"adding agent {agent_id} ({v4}, {v6})")
+                self._nft.run(render_add(self.table, slot), f"adding agent {agent_id} ({v4}, {v6})")
             except BaseException:
                 try:
                     self._cgroups.remove(agent_id)
@@ -540,7 +280,7 @@ class AgentNet:
                 problems.append(exc)
             self._forget(slot)
             gone = not self._cgroups.exists(agent_id)
-            self._run(render_remove(self.table, slot, cgroup_gone=gone, others=self._slots.values()),
+            self._nft.run(render_remove(self.table, slot, cgroup_gone=gone, others=self._slots.values()),
                       f"removing agent {agent_id}")
             del self._slots[agent_id]
             self._forget(slot)
@@ -564,9 +304,7 @@ class AgentNet:
         """Packets dropped so far because their source was an agent address they had no right to."""
         with self._lock:
             self._require_started()
-            out = self._run(f"list counter inet {TABLE} spoofed\n", "reading the spoofed counter")
-        found = re.search(r"packets (\d+)", out)
-        return int(found.group(1)) if found else 0
+            return self._nft.counter("spoofed")
 
     def close(self) -> None:
         """Kill every agent, remove the table and the node's cgroups; nothing of ours is left."""
@@ -583,8 +321,7 @@ class AgentNet:
                 self._forget(slot)
 
         def delete_table() -> None:
-            if self._nft is not None:
-                self._run(_delete_table(), f"deleting the agent table of node {self.node}")
+            self._nft.delete()
 
         # the order of remove(), for every agent at once
         steps = [lambda: self._cgroups.kill(None), forget_all, delete_table, forget_all, self._cgroups.close]
@@ -595,9 +332,7 @@ class AgentNet:
                 problems.append(exc)
         self._slots.clear()
         self._started = False
-        if self._own_nft is not None:
-            self._own_nft.close()
-            self._own_nft = self._nft = None
+        self._nft.close()
         if self._own_conntrack is not None:
             self._own_conntrack.close()
             self._own_conntrack = self._conntrack = None

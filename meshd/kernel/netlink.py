@@ -1,8 +1,10 @@
-"""The few rtnetlink calls the WireGuard back ends need: look up, create and delete their interface.
+"""rtnetlink through pyroute2: the one mapping of its errors, and the link calls the WireGuard back ends need.
 
-Errors are mapped to idmesh errors naming the interface; "already gone" is
-not an error for a delete, because close() and stale-state cleanup must be
-idempotent.
+Every driver that speaks rtnetlink (addresses and routes, policy routing,
+WireGuard links) maps a failed request with :func:`netlink_error`, so a user
+reads the same words for the same kernel answer whichever part asked.
+"Already gone" is not an error for a delete: close() and the cleanup of
+what a crashed run left must be idempotent.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ import errno
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
-from meshcore.errors import IdmeshError, PermissionDenied, Unavailable
+from meshcore.errors import IdmeshError, NotFound, PermissionDenied, Unavailable
 
-__all__ = ["create_link", "delete_link", "link_kind", "netlink_error"]
+__all__ = ["NetlinkError", "create_link", "delete_link", "link_kind", "netlink_error"]
 
 
 def netlink_error(exc: NetlinkError, what: str) -> IdmeshError:
     """The idmesh error for a failed netlink request; ``what`` names the object involved."""
     if exc.code in (errno.EPERM, errno.EACCES):
         return PermissionDenied(f"{what}: not permitted (needs CAP_NET_ADMIN)")
-    return Unavailable(f"{what}: {errno.errorcode.get(exc.code, exc.code)} {exc.args[-1] if exc.args else ''}".rstrip())
+    if exc.code == errno.ENODEV:
+        return NotFound(f"{what}: the interface does not exist")
+    if exc.code == errno.ENETDOWN:
+        return Unavailable(f"{what}: the interface is down")
+    detail = exc.args[-1] if len(exc.args) > 1 else ""
+    return Unavailable(f"{what}: {errno.errorcode.get(exc.code, exc.code)} {detail}".rstrip())
 
 
 def link_kind(ifname: str) -> str | None:

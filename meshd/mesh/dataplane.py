@@ -33,7 +33,7 @@ from meshcore.policy import (
     identity_delta,
 )
 
-from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_link
+from meshd.mesh.peers import desired_link, desired_peers, peer_config
 from meshd.mesh.firewall import NftFirewall
 from meshd.mesh.netconf import NetConf
 from meshd.routes.plan import BYPASS_MARK
@@ -123,10 +123,6 @@ class DataPlane:
         self._full = True
 
     # -- applying (worker thread) -------------------------------------------------------
-    def _peer_config(self, peer: PeerNode, discovered: Mapping[str, str]) -> PeerConfig:
-        return PeerConfig(public_key=peer.wireguard_public_key, allowed_ips=peer.blocks,
-                          endpoint=choose_endpoint(peer, discovered), persistent_keepalive=KEEPALIVE)
-
     def _identities(self, work: Work) -> tuple[Identities, list[tuple[Actor, Change]] | None]:
         """The identities after ``work``, and the actors that joined or left (None: rebuilt whole)."""
         if work.full_nodes is not None:
@@ -191,7 +187,7 @@ class DataPlane:
     def _apply_peers(self, work: Work) -> None:
         if work.full_nodes is not None:
             self._nodes = {n: p for n, p in work.full_nodes.items() if n != self.name}
-            self._peers = {n: self._peer_config(p, work.discovered) for n, p in self._nodes.items()}
+            self._peers = desired_peers(self._nodes, self.name, work.discovered)
             self._apply_device_whole()
             self.netconf.apply(desired_link(self.ifname, self.addresses, work.prefixes))
             return
@@ -205,7 +201,7 @@ class DataPlane:
                 if old is not None:
                     remove.append(old.public_key)
                 continue
-            cfg = self._peer_config(peer, work.discovered)
+            cfg = peer_config(peer, work.discovered)
             if old is not None and old.public_key != cfg.public_key:
                 remove.append(old.public_key)  # re-enrolled with a new key
             self._peers[name], self._nodes[name] = cfg, peer

@@ -23,14 +23,12 @@ Traffic that does not arrive over the mesh is not touched.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshcore.errors import IdmeshError, Unavailable
+from meshcore.errors import IdmeshError
 from meshcore.policy import FilterRule, NodeFilter
 
-from meshd.kernel.nft import Libnftables
+from meshd.kernel.nft import Nft, NftTable
 
 __all__ = ["TABLE", "render_table", "render_element_changes", "NftFirewall", "ElementChanges"]
 
@@ -78,7 +76,7 @@ def render_table(nf: NodeFilter, ifname: str, flow_log: bool = False) -> str:
     :data:`FLOW_GROUP` for :mod:`meshd.mesh.flowlog`.
     """
     lines = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
-             f"  comment \"idmesh {nf.node} rules {nf.rules_hash[:16]}\""]
+             f"  comment \"idmesh {nf.node} rules {nf.rules_hash[:16]}\"", "  counter denied { }"]
     for name in sorted(nf.sets):
         members = nf.sets[name]
         for family, addrs in (("4", members.v4), ("6", members.v6)):
@@ -92,7 +90,7 @@ def render_table(nf: NodeFilter, ifname: str, flow_log: bool = False) -> str:
         lines += [f"    {line}" for line in _rule_lines(rule, flow_log)]
     if flow_log:
         lines.append(f"    {DENY_LOG}")
-    lines.append("    counter drop comment \"default deny\"")
+    lines.append("    counter name denied drop comment \"default deny\"")
     lines.append("  }")
     for hook in ("input", "forward"):
         lines.append(f"  chain {hook} {{ type filter hook {hook} priority filter; policy accept; "
@@ -135,19 +133,11 @@ def render_element_changes(changes: ElementChanges) -> str:
 class NftFirewall:
     """The ``inet idmesh`` table of this network namespace, owned by this meshd."""
 
-    def __init__(self, ifname: str, nft: Callable[[str], str] | None = None, flow_log: bool = False) -> None:
+    def __init__(self, ifname: str, nft: Nft | None = None, flow_log: bool = False) -> None:
         self.ifname = ifname
         self.flow_log = flow_log
         self.installed: NodeFilter | None = None
-        self._run = nft
-
-    def _nft(self, script: str) -> None:
-        if self._run is None:
-            self._run = Libnftables()
-        try:
-            self._run(script)
-        except IdmeshError as exc:
-            raise Unavailable(f"nftables refused the idmesh ruleset: {exc}") from exc
+        self._table = NftTable(TABLE, nft)
 
     def apply(self, desired: NodeFilter) -> str:
         """Converge the table; return what was done ("replaced", "elements", "unchanged")."""
@@ -157,10 +147,10 @@ class NftFirewall:
             changes = element_changes(installed, desired)
             if changes.empty:
                 return "unchanged"
-            self._nft(render_element_changes(changes))
+            self._table.run(render_element_changes(changes), "the policy's set elements")
             self.installed = desired
             return "elements"
-        self._nft(render_table(desired, self.ifname, self.flow_log))
+        self._table.run(render_table(desired, self.ifname, self.flow_log), "the policy's ruleset")
         self.installed = desired
         log.info("firewall: installed rules %s (digest %s, %d rules, %d sets)", desired.rules_hash[:16],
                  desired.digest[:16], len(desired.rules), len(desired.sets))
@@ -171,18 +161,15 @@ class NftFirewall:
         if self.installed is None:
             return 0
         try:
-            if self._run is None:
-                self._run = Libnftables()
-            listing = self._run(f"list chain inet {TABLE} mesh_in")
+            return self._table.counter("denied")
         except IdmeshError:
             return 0
-        found = re.search(r"counter packets (\d+) bytes \d+ drop", listing)
-        return int(found.group(1)) if found else 0
 
     def close(self) -> None:
         """Remove the table (also one a crashed meshd left): nothing of ours stays."""
         try:
-            self._nft(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
-        except Unavailable as exc:
+            self._table.delete()
+        except IdmeshError as exc:
             log.warning("firewall: %s", exc)
         self.installed = None
+        self._table.close()

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
-from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable
+from meshcore.errors import InvalidInput, NotFound
+from meshd.kernel.netlink import NetlinkError, netlink_error
 
 __all__ = [
     "DEFAULT_MTU",
@@ -152,14 +152,6 @@ class NetConf(Protocol):
     def state(self, ifname: str) -> LinkState: ...
 
 
-def _netlink_error(exc: NetlinkError, what: str) -> IdmeshError:
-    if exc.code in (errno.EPERM, errno.EACCES):
-        return PermissionDenied(f"{what}: not permitted (needs CAP_NET_ADMIN)")
-    if exc.code == errno.ENODEV:
-        return NotFound(f"{what}: the interface does not exist")
-    return Unavailable(f"{what}: {errno.errorcode.get(exc.code, exc.code)}")
-
-
 class IPRouteNetConf:
     """:class:`NetConf` on the current network namespace through rtnetlink."""
 
@@ -193,7 +185,7 @@ class IPRouteNetConf:
             with IPRoute() as ipr:
                 return self._read(ipr, ifname)[1]
         except NetlinkError as exc:
-            raise _netlink_error(exc, f"reading interface {ifname}") from exc
+            raise netlink_error(exc, f"reading interface {ifname}") from exc
 
     def apply(self, desired: LinkConfig) -> list[LinkOp]:
         try:
@@ -204,7 +196,7 @@ class IPRouteNetConf:
                     self._send(ipr, index, op, desired.ifname)
                 return ops
         except NetlinkError as exc:
-            raise _netlink_error(exc, f"configuring interface {desired.ifname}") from exc
+            raise netlink_error(exc, f"configuring interface {desired.ifname}") from exc
 
     def _send(self, ipr: IPRoute, index: int, op: LinkOp, ifname: str) -> None:
         try:
@@ -223,7 +215,7 @@ class IPRouteNetConf:
             done = errno.EEXIST if isinstance(op, AddAddress | AddRoute) else errno.EADDRNOTAVAIL
             if exc.code in (done, errno.ESRCH) and not isinstance(op, SetLink):
                 return
-            raise _netlink_error(exc, f"interface {ifname}: {op}") from exc
+            raise netlink_error(exc, f"interface {ifname}: {op}") from exc
 
 
 _PROTO_NAMES = {2: "kernel", 3: "boot", 4: "static"}

@@ -1,7 +1,8 @@
-"""From the netmap to the desired state of this node's interface: pure.
+"""From the netmap to what the mesh interface is told: its peers and its link (pure).
 
-The daemon calls these after every change and hands the result to the
-drivers, which send only the difference to the kernel or wireguard-go.
+The data plane (:mod:`meshd.mesh.dataplane`) calls these on every change
+and hands the result to the drivers, which send only the difference to
+the kernel or wireguard-go.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from meshcore.netmap import NodeView, PeerNode
-
+from meshcore.netmap import PeerNode
 from meshd.mesh.netconf import LinkConfig
-from meshd.wg import DeviceConfig, PeerConfig
+from meshd.wg import PeerConfig
 
-__all__ = ["desired_device", "desired_link", "choose_endpoint", "KEEPALIVE"]
+__all__ = ["KEEPALIVE", "choose_endpoint", "desired_link", "desired_peers", "peer_config"]
 
 # Keep NAT mappings open and let a peer learn our endpoint without waiting
 # for traffic (WireGuard's usual 25 s).
@@ -34,19 +34,16 @@ def choose_endpoint(peer: PeerNode, discovered: Mapping[str, str]) -> str | None
     return peer.endpoints[0] if peer.endpoints else None
 
 
-def desired_device(private_key: str, listen_port: int, view: NodeView, self_name: str,
-                   discovered: Mapping[str, str] | None = None) -> DeviceConfig:
-    peers = tuple(
-        PeerConfig(
-            public_key=peer.wireguard_public_key,
-            allowed_ips=peer.blocks,  # the whole block: an agent's birth changes no tunnel
-            endpoint=choose_endpoint(peer, discovered or {}),
-            persistent_keepalive=KEEPALIVE,
-        )
-        for name, peer in sorted(view.nodes.items())
-        if name != self_name
-    )
-    return DeviceConfig(private_key=private_key, listen_port=listen_port, peers=peers)
+def peer_config(peer: PeerNode, discovered: Mapping[str, str]) -> PeerConfig:
+    """One node as a WireGuard peer: allowed its whole block, so an agent's birth changes no tunnel."""
+    return PeerConfig(public_key=peer.wireguard_public_key, allowed_ips=peer.blocks,
+                      endpoint=choose_endpoint(peer, discovered), persistent_keepalive=KEEPALIVE)
+
+
+def desired_peers(nodes: Mapping[str, PeerNode], self_name: str,
+                  discovered: Mapping[str, str]) -> dict[str, PeerConfig]:
+    """Every node but this one, by name, as a peer of the mesh interface."""
+    return {name: peer_config(peer, discovered) for name, peer in sorted(nodes.items()) if name != self_name}
 
 
 def desired_link(ifname: str, addresses: tuple[str, ...] | list[str], prefixes: tuple[str, ...] | list[str]) -> LinkConfig:

@@ -8,11 +8,10 @@ pins; the identity key is proven by the CSR's signature.
 
 from __future__ import annotations
 
-import base64
 import socket
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from idmesh.client import ControllerClient, client_ssl_context, fetch_ca
 from meshcore.errors import Conflict, InvalidInput
@@ -21,6 +20,7 @@ from meshcore.tokens import parse_token
 from meshcore.wire import EnrollRequest, EnrollResponse
 
 from meshd.node.state import NodeRecord, StateDir
+from meshd.wg.model import generate_private_key, public_key_of
 
 __all__ = ["enroll", "default_node_name"]
 
@@ -49,9 +49,8 @@ def enroll(token_line: str, state: StateDir, name: str | None = None, force: boo
 
     ca_pem = fetch_ca(token.url, token.ca_fingerprint)
     node_key = ed25519.Ed25519PrivateKey.generate()
-    wg_key = x25519.X25519PrivateKey.generate()
-    wg_private = base64.b64encode(wg_key.private_bytes_raw()).decode()
-    wg_public = base64.b64encode(wg_key.public_key().public_bytes_raw()).decode()
+    wg_private = generate_private_key()
+    wg_public = public_key_of(wg_private)
     request = EnrollRequest(token=token_line.strip(), csr=build_csr(node_key), wireguard_public_key=wg_public,
                             name=name)
     with ControllerClient(token.url, client_ssl_context(ca_pem)) as client:

@@ -15,7 +15,6 @@ and a key is never readable by others, not even for a moment.
 
 from __future__ import annotations
 
-import base64
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,11 +23,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 
-__all__ = ["StateDir", "NodeRecord", "write_private", "wireguard_public_key"]
+__all__ = ["StateDir", "NodeRecord", "write_private"]
 
 
 
@@ -51,11 +50,6 @@ def write_private(path: Path, data: str, mode: int = 0o600, durable: bool = True
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def wireguard_public_key(private_b64: str) -> str:
-    key = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(private_b64))
-    return base64.b64encode(key.public_key().public_bytes_raw()).decode()
 
 
 class NodeRecord(BaseModel):

@@ -41,15 +41,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meshcore.errors import IdmeshError, InvalidInput, PermissionDenied, Unavailable
-from meshd.kernel.nft import Libnftables
+from meshcore.errors import InvalidInput
+from meshd.kernel.nft import Nft, NftTable
 from meshd.routes.plan import GATEWAY_MARK, parse_address, parse_network
-from meshd.wg.model import check_ifname
+from meshcore.names import check_ifname
 
 __all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_element_changes", "render_table"]
 
@@ -192,22 +191,10 @@ def render_element_changes(installed: RouteFirewallConfig, desired: RouteFirewal
 class RouteFirewall:
     """The ``inet idmesh_routes`` table of this network namespace, owned by this meshd."""
 
-    def __init__(self, nft: Callable[[str], str] | None = None) -> None:
-        self._nft = nft
-        self._own: Libnftables | None = None
+    def __init__(self, nft: Nft | None = None) -> None:
+        self._table = NftTable(TABLE, nft)
         self._lock = threading.Lock()
         self.installed: RouteFirewallConfig | None = None
-
-    def _run(self, script: str, what: str) -> str:
-        if self._nft is None:
-            self._own = Libnftables()
-            self._nft = self._own
-        try:
-            return self._nft(script)
-        except PermissionDenied as exc:
-            raise PermissionDenied(f"{what}: {exc} (needs CAP_NET_ADMIN)") from exc
-        except IdmeshError as exc:
-            raise Unavailable(f"{what}: nftables refused it: {exc}") from exc
 
     def apply(self, cfg: RouteFirewallConfig) -> None:
         """Install the table for ``cfg``; nothing is sent when it is the one installed."""
@@ -216,10 +203,10 @@ class RouteFirewall:
                 return
             changes = None if self.installed is None else render_element_changes(self.installed, cfg)
             if changes is not None:
-                self._run(changes, f"updating table inet {TABLE}")
+                self._table.run(changes, "the route grants and tunnels")
                 self.installed = cfg
                 return
-            self._run(render_table(cfg), f"installing table inet {TABLE}")
+            self._table.run(render_table(cfg), "the route table")
             self.installed = cfg
             log.info("route firewall: %d route interfaces, gateway %s with %d grants", len(cfg.route_ifnames),
                      cfg.gateway_ifname or "-", len(cfg.grants4) + len(cfg.grants6))
@@ -229,20 +216,13 @@ class RouteFirewall:
         with self._lock:
             if self.installed is None or self.installed.gateway_ifname is None:
                 return 0
-            out = self._run(f"list counter inet {TABLE} refused\n", "reading the refused counter")
-        found = re.search(r"packets (\d+)", out)
-        return int(found.group(1)) if found else 0
+            return self._table.counter("refused")
 
     def close(self) -> None:
         """Delete the table (also one a crashed meshd left), then close the nft context if it is ours."""
         with self._lock:
             try:
-                self._run(f"add table inet {TABLE}\ndelete table inet {TABLE}\n", f"deleting table inet {TABLE}")
-            except Unavailable as exc:
-                if "No such file or directory" not in str(exc):
-                    raise
+                self._table.delete()
             finally:
                 self.installed = None
-                if self._own is not None:
-                    self._own.close()
-                    self._own = self._nft = None
+                self._table.close()

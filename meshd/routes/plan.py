@@ -52,7 +52,7 @@ from typing import Literal
 
 from meshcore.errors import InvalidInput
 
-from meshd.wg.model import check_ifname
+from meshcore.names import check_ifname
 
 __all__ = [
     "BYPASS_MARK",

@@ -34,9 +34,9 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from meshd.kernel.netlink import NetlinkError, netlink_error
 
-from meshcore.errors import IdmeshError, PermissionDenied, Unavailable
+from meshcore.errors import Unavailable
 from meshd.mesh.netconf import ROUTE_PROTO
 from meshd.routes.plan import MAIN_TABLE, PRIORITIES, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, Rule, TableRoute
 
@@ -91,16 +91,6 @@ def _route_order(route: TableRoute) -> tuple[int, int, int, int, str]:
 
 def _rule_order(rule: Rule) -> tuple[int, int, int, int]:
     return rule.priority, rule.family, rule.table, rule.fwmark or 0
-
-
-def _netlink_error(exc: NetlinkError, what: str) -> IdmeshError:
-    if exc.code in (errno.EPERM, errno.EACCES):
-        return PermissionDenied(f"{what}: not permitted (needs CAP_NET_ADMIN)")
-    if exc.code == errno.ENETDOWN:
-        return Unavailable(f"{what}: the interface is down")
-    if exc.code == errno.ENODEV:
-        return Unavailable(f"{what}: the interface does not exist")
-    return Unavailable(f"{what}: {errno.errorcode.get(exc.code, exc.code)}")
 
 
 class IPRoutePolicyRouting:
@@ -164,7 +154,7 @@ class IPRoutePolicyRouting:
             try:
                 return self._read()[0]
             except NetlinkError as exc:
-                raise _netlink_error(exc, "reading ip rules and routes") from exc
+                raise netlink_error(exc, "reading ip rules and routes") from exc
 
     # -- writing ----------------------------------------------------------------------------------------------
     def apply(self, plan: RoutingPlan) -> None:
@@ -177,7 +167,7 @@ class IPRoutePolicyRouting:
         try:
             current, links = self._read()
         except NetlinkError as exc:
-            raise _netlink_error(exc, "reading ip rules and routes") from exc
+            raise netlink_error(exc, "reading ip rules and routes") from exc
         index = {name: i for i, name in links.items()}
         missing = sorted(_interfaces(plan.routes) - set(index))
         if missing:
@@ -220,7 +210,7 @@ class IPRoutePolicyRouting:
             if command == "del" and exc.code in (errno.ESRCH, errno.ENOENT):
                 return  # gone already: the outcome is what we want
             what = f"table {route.table}: {route.kind} route {route.prefix}"
-            raise _netlink_error(exc, what + (f" dev {route.ifname}" if route.ifname else "")) from exc
+            raise netlink_error(exc, what + (f" dev {route.ifname}" if route.ifname else "")) from exc
 
     def _rule(self, command: str, rule: Rule) -> None:
         spec: dict[str, Any] = {"family": _AF[rule.family], "priority": rule.priority, "table": rule.table}
@@ -235,7 +225,7 @@ class IPRoutePolicyRouting:
         except NetlinkError as exc:
             if (command == "add" and exc.code == errno.EEXIST) or (command == "del" and exc.code == errno.ENOENT):
                 return  # someone did it between our read and our write
-            raise _netlink_error(exc, f"ip rule {command} {rule}") from exc
+            raise netlink_error(exc, f"ip rule {command} {rule}") from exc
 
     def _require_open(self) -> None:
         if self._closed:

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from meshcore.names import check_ifname
+
 from .diff import Op, diff_device, peer_changes
-from .model import DeviceConfig, DeviceState, PeerConfig, check_ifname, format_endpoint, parse_endpoint
+from .model import DeviceConfig, DeviceState, PeerConfig, format_endpoint, parse_endpoint
 from .uapi import UapiClient, key_from_hex, key_to_hex
 
 __all__ = ["FakeUapiServer", "FakeWireGuard"]

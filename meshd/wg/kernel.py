@@ -19,11 +19,12 @@ from typing import Any
 from pyroute2 import WireGuard  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
+from meshcore.names import check_ifname
 from meshcore.errors import Conflict, Unavailable
 
 from meshd.kernel.netlink import create_link, delete_link, link_kind, netlink_error
 from .diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer, diff_device
-from .model import DeviceConfig, DeviceState, PeerConfig, PeerState, check_ifname, parse_endpoint
+from .model import DeviceConfig, DeviceState, PeerConfig, PeerState, parse_endpoint
 
 __all__ = ["KernelWireGuard", "netlink_requests", "parse_netlink"]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from collections.abc import Sequence
@@ -32,22 +31,11 @@ __all__ = [
     "PeerConfig",
     "PeerState",
     "WireGuardDevice",
-    "check_ifname",
     "format_endpoint",
     "generate_private_key",
     "parse_endpoint",
     "public_key_of",
 ]
-
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-
-
-def check_ifname(ifname: str) -> str:
-    """Refuse a name the kernel would refuse (IFNAMSIZ is 16 with the NUL) or that breaks a socket path."""
-    if not _IFNAME.match(ifname) or ifname in (".", ".."):
-        raise InvalidInput(f"invalid interface name {ifname!r}: use 1-15 characters from A-Z a-z 0-9 _ . -")
-    return ifname
-
 
 def _check_key(key: str, what: str) -> str:
     try:

@@ -51,7 +51,7 @@ def test_default_deny_lets_nothing_cross_but_tunnels_are_up(cast: tuple[Mesh, di
     status = n["db"].status()
     assert status["policy"]["version"] == 0 and status["policy"]["rules"] == 0
     ruleset = n["db"].host.run(["nft", "list", "table", "inet", "idmesh"]).stdout
-    assert 'counter packets' in ruleset and "default deny" in ruleset
+    assert 'counter name "denied" drop comment "default deny"' in ruleset
 
 
 def test_the_seed_example_at_node_level(cast: tuple[Mesh, dict[str, Node]]) -> None:

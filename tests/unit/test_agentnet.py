@@ -18,18 +18,10 @@ from pathlib import Path
 import pytest
 
 from meshcore.errors import Conflict, InvalidInput, NotFound, Unavailable
-from meshd.agents.net import (
-    TABLE,
-    AgentNet,
-    AgentSlot,
-    AgentTable,
-    Libnftables,
-    MarkField,
-    render_add,
-    render_remove,
-    render_table,
-)
 from meshd.agents.cgroups import Cgroup2, check_agent_name, locate_cgroup2
+from meshd.agents.net import AgentNet
+from meshd.agents.table import TABLE, AgentSlot, AgentTable, MarkField, render_add, render_remove, render_table
+from meshd.kernel.nft import Libnftables
 from tests.prerequisites import require
 
 T = AgentTable("h1", "idmesh0", IPv4Network("100.64.0.0/26"), IPv6Network("fd00:1::/64"))

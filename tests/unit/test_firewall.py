@@ -37,7 +37,7 @@ def test_the_table_admits_only_what_rules_name_and_drops_the_rest() -> None:
     assert "tcp dport { 5432, 8000-8100 } accept" in text
     assert "meta l4proto icmp accept" in text and "meta l4proto ipv6-icmp accept" in text
     assert text.index("ct state established,related accept") < text.index("tcp dport")
-    assert text.rstrip().endswith("}") and 'counter drop comment "default deny"' in text
+    assert text.rstrip().endswith("}") and 'counter name denied drop comment "default deny"' in text
     assert 'iifname "idmesh0" jump mesh_in' in text
 
 

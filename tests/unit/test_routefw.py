@@ -144,7 +144,7 @@ def test_nft_errors_name_the_table() -> None:
     def broken(script: str) -> str:
         raise Unavailable("Could not process rule: No buffer space available")
 
-    with pytest.raises(Unavailable, match=f"installing table inet {TABLE}: nftables refused it"):
+    with pytest.raises(Unavailable, match=rf"nftables refused the route table \(table inet {TABLE}\)"):
         RouteFirewall(broken).apply(SENDER)
 
 

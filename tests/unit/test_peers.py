@@ -1,9 +1,9 @@
-"""From the netmap to the desired WireGuard device and link (:mod:`meshd.mesh.peers`): pure."""
+"""From the netmap to the mesh interface's peers and link (:mod:`meshd.mesh.peers`): pure."""
 
 from __future__ import annotations
 
 from meshcore.netmap import Netmap, NodeView, PeerNode
-from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_device, desired_link
+from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_link, desired_peers
 from meshd.mesh.netconf import LinkConfig
 from meshd.wg import PeerConfig, generate_private_key, public_key_of
 
@@ -26,9 +26,7 @@ def view(*nodes: PeerNode) -> NodeView:
 def test_every_peer_but_self_is_allowed_its_whole_block() -> None:
     v = view(node("self", 0, ("198.51.100.10:51820",)), node("a", 1, ("198.51.100.11:51820",)),
              node("b", 2, ("[2001:db8::12]:51820", "198.51.100.12:51820")))
-    device = desired_device(PRIVATE, 51820, v, "self")
-    assert device.private_key == PRIVATE and device.listen_port == 51820
-    by_key = {p.public_key: p for p in device.peers}
+    by_key = {p.public_key: p for p in desired_peers(v.nodes, "self", {}).values()}
     assert set(by_key) == {KEYS["a"], KEYS["b"]}  # never a peer entry for ourselves
     assert by_key[KEYS["a"]] == PeerConfig(KEYS["a"], ("100.64.0.64/26", "fd7a:1:2:1::/64"), "198.51.100.11:51820",
                                            KEEPALIVE)
@@ -40,8 +38,7 @@ def test_every_peer_but_self_is_allowed_its_whole_block() -> None:
 def test_a_peer_found_on_the_lan_is_tried_first() -> None:
     a = node("a", 1, ("203.0.113.7:41641",))
     v = view(node("self", 0), a, node("b", 2, ("198.51.100.12:51820",)))
-    device = desired_device(PRIVATE, 51820, v, "self", {KEYS["a"]: "198.51.100.11:51820"})
-    by_key = {p.public_key: p for p in device.peers}
+    by_key = {p.public_key: p for p in desired_peers(v.nodes, "self", {KEYS["a"]: "198.51.100.11:51820"}).values()}
     assert by_key[KEYS["a"]].endpoint == "198.51.100.11:51820"
     assert by_key[KEYS["b"]].endpoint == "198.51.100.12:51820"  # discovery found nothing for b
     assert choose_endpoint(a, {}) == "203.0.113.7:41641"
@@ -49,20 +46,18 @@ def test_a_peer_found_on_the_lan_is_tried_first() -> None:
 
 def test_a_discovery_under_an_unknown_key_adds_no_peer() -> None:
     stranger = public_key_of(generate_private_key())
-    device = desired_device(PRIVATE, 51820, view(node("self", 0), node("a", 1)), "self",
-                            {stranger: "198.51.100.66:51820"})
-    assert [p.public_key for p in device.peers] == [KEYS["a"]]
+    peers = desired_peers(view(node("self", 0), node("a", 1)).nodes, "self", {stranger: "198.51.100.66:51820"})
+    assert [p.public_key for p in peers.values()] == [KEYS["a"]]
 
 
 def test_an_unknown_endpoint_is_left_to_the_device() -> None:
-    device = desired_device(PRIVATE, 51820, view(node("self", 0), node("a", 1)), "self")
-    (peer,) = device.peers
+    (peer,) = desired_peers(view(node("self", 0), node("a", 1)).nodes, "self", {}).values()
     assert peer.endpoint is None  # "no opinion": the device keeps what it learnt from the peer's packets
     assert peer.persistent_keepalive == KEEPALIVE
 
 
 def test_a_map_with_only_ourselves_gives_no_peers() -> None:
-    assert desired_device(PRIVATE, 0, view(node("self", 0)), "self").peers == ()
+    assert desired_peers(view(node("self", 0)).nodes, "self", {}) == {}
 
 
 def test_desired_link_gives_host_prefixes_and_routes_the_mesh() -> None:

@@ -1,0 +1,31 @@
+"""Names the kernel gives meaning to, checked before anything is asked of it."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidInput
+
+__all__ = ["check_ifname", "ifname_problem"]
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+
+
+def ifname_problem(ifname: str) -> str | None:
+    """Why ``ifname`` cannot be an interface name, or None.
+
+    The kernel's limit is IFNAMSIZ (16 with the NUL); the character set is
+    narrower than the kernel's so that a name is also a safe path component
+    (wireguard-go's UAPI socket) and a safe word in an nftables script.
+    """
+    if not _IFNAME.match(ifname) or ifname in (".", ".."):
+        return f"interface name {ifname!r} is not 1-15 of A-Z a-z 0-9 _ . -"
+    return None
+
+
+def check_ifname(ifname: str) -> str:
+    """``ifname`` itself, or :class:`InvalidInput` saying what is wrong with it."""
+    problem = ifname_problem(ifname)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return ifname
