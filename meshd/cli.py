@@ -73,19 +73,21 @@ def _main(argv: Sequence[str] | None) -> int:
 
         from idmesh.logs import setup_logging
 
-        from meshd.node.daemon import Daemon, Options
-
+        from meshd.node.daemon import Daemon
         from meshd.routes.routing import advertised
+        from meshd.settings import Settings
 
         setup_logging(args.verbose)
         try:
             offered = advertised(args.advertise_routes.split(","), args.advertise_exit_node)
         except ValueError as exc:
             raise InvalidInput(f"--advertise-routes: {exc}") from exc
-        opts = Options(args.state, args.interface, args.socket, args.listen_port, not args.no_discovery, args.wireguard,
-                       args.metrics, not args.no_flow_log, offered,
-                       args.gateway_port or (args.listen_port + 1 if args.listen_port else 51821))
-        asyncio.run(Daemon(opts).run())
+        settings = Settings(
+            state=args.state, interface=args.interface, socket=args.socket, listen_port=args.listen_port,
+            discovery=not args.no_discovery, wireguard=args.wireguard, metrics=args.metrics,
+            flow_log=not args.no_flow_log, advertise=offered,
+            gateway_port=args.gateway_port or (args.listen_port + 1 if args.listen_port else 51821))
+        asyncio.run(Daemon(settings).run())
         return 0
 
     from meshd.node.enroll import enroll

@@ -12,12 +12,12 @@ import asyncio
 import ipaddress
 import socket
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["LanDiscovery", "SERVICE"]
+__all__ = ["SERVICE", "LanDiscovery", "start_discovery"]
 
 SERVICE = "_idmesh._udp.local."
 log = logging.getLogger("meshd.mesh.discovery")
@@ -96,3 +96,21 @@ def _connected_subnets() -> list[ipaddress.IPv4Network]:
     with IPRoute() as ipr:
         return [ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}").network  # type: ignore[misc]
                 for msg in ipr.get_addr(family=socket.AF_INET)]
+
+
+async def start_discovery(node: str, public_key: str, port: int, endpoints: Iterable[str],
+                          on_change: Callable[[str], None]) -> LanDiscovery | None:
+    """Announce this node on the LAN of its IPv4 ``endpoints`` (``ip:port``) and listen for others.
+
+    mDNS probing takes a second or more, so the daemon runs this beside
+    everything else, never before it. None when the host has no multicast:
+    discovery is an optimisation, the controller's endpoints still work.
+    """
+    underlay = [e.rsplit(":", 1)[0] for e in endpoints if not e.startswith("[")]
+    discovery = LanDiscovery(node, public_key, port, underlay, on_change)
+    try:
+        await discovery.start()
+    except (OSError, RuntimeError) as exc:
+        log.warning("LAN discovery unavailable: %s", exc)
+        return None
+    return discovery

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from meshd.wg.model import generate_private_key
 from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 
 __all__ = ["StateDir", "NodeRecord", "write_private"]
@@ -93,6 +94,17 @@ class StateDir:
     @property
     def record(self) -> Path:
         return self.path / "node.json"
+
+    def route_key(self) -> str:
+        """The private key of this node's route tunnels (:mod:`meshd.routes.routing`): made here on first
+        use, 0600, never the mesh key (one key per interface role)."""
+        path = self.path / "route.key"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            key = generate_private_key()
+            write_private(path, key + "\n")
+            return key
 
     def enrolled(self) -> bool:
         return self.node_cert.exists() and self.record.exists()

@@ -35,13 +35,16 @@ would otherwise ignore our keepalives for up to three minutes).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from meshcore.errors import IdmeshError
 from meshcore.netmap import PeerNode, RouteOffer
@@ -54,7 +57,8 @@ from meshd.routes.tables import IPRoutePolicyRouting, PolicyRouting
 from meshd.wg import DeviceConfig, PeerConfig, WireGuardDevice, open_device
 from meshd.wg.model import parse_endpoint
 
-__all__ = ["KEEPALIVE", "RETRY_EVERY", "STALE_AFTER", "Routing", "advertised", "side_ifname"]
+__all__ = ["KEEPALIVE", "RETRY_EVERY", "STALE_AFTER", "Routing", "advertised", "controller_bypass", "side_ifname",
+           "watch_gateways"]
 
 log = logging.getLogger("meshd.routes.routing")
 
@@ -80,6 +84,33 @@ def advertised(routes: Iterable[str], exit_node: bool) -> tuple[str, ...]:
     if exit_node:
         out |= {"0.0.0.0/0", "::/0"}
     return tuple(sorted(out, key=lambda t: (ipaddress.ip_network(t).version, t)))
+
+
+def controller_bypass(url: str) -> tuple[str, ...]:
+    """The controller's addresses as prefixes: an exit route of this node itself must not carry its control
+    traffic (that would cut the node off from revocations when the exit goes down)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        return (str(ipaddress.ip_network(host)),)
+    except ValueError:
+        pass
+    try:
+        return tuple(sorted({str(ipaddress.ip_network(str(info[4][0]).split("%")[0]))
+                             for info in socket.getaddrinfo(host, None)}))
+    except OSError:
+        log.warning("cannot resolve the controller %s: an exit route of this node itself would carry "
+                    "its control traffic too", host)
+        return ()
+
+
+async def watch_gateways(routing: Routing, every: float = 0.5) -> None:
+    """Failover: this often, has a gateway gone quiet (or come back)?"""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(routing.poll)
+        except IdmeshError as exc:
+            log.error("gateway failover: %s", exc)
 
 
 def write_sysctl(name: str, value: str) -> None:
