@@ -48,7 +48,7 @@ from meshcore.scopes import parse_scopes
 from meshd.mesh.peers import desired_peers
 from meshd.wg import DeviceConfig
 from meshd.mesh.dataplane import DataPlane
-from meshd.mesh.netconf import FakeNetConf
+from meshd.kernel.netconf import FakeNetConf
 from meshd.wg import FakeWireGuard, generate_private_key
 from common import command_line  # noqa: E402
 

@@ -40,7 +40,7 @@ from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound
 from meshcore.identity import build_csr, key_pem
 from meshcore.wire import AgentIssued
 
-from meshd.node.state import StateDir, write_private
+from meshd.files import write_private
 
 __all__ = ["AgentSupervisor", "LocalAgent", "AgentNetwork"]
 
@@ -92,9 +92,10 @@ class Controller(Protocol):
 
 
 class AgentSupervisor:
-    def __init__(self, state: StateDir, blocks: list[str], net: AgentNetwork, controller: Controller,
+    def __init__(self, directory: Path, ca_cert: Path, blocks: list[str], net: AgentNetwork, controller: Controller,
                  socket: Path, on_change: Any) -> None:
-        self.state = state
+        self.directory = directory  # one directory per agent below it: its key, certificate and the CA
+        self.ca_cert = ca_cert
         self.block = NodeBlock(0, IPv4Network(blocks[0]), IPv6Network(blocks[1]))
         self.net = net
         self.controller = controller
@@ -125,14 +126,14 @@ class AgentSupervisor:
             issued = AgentIssued.model_validate(await self.controller.call("POST", "/v1/agents", body))
             t2 = time.perf_counter()
             agent_id = issued.agent.id
-            directory = self.state.path / "agents" / agent_id
+            directory = self.directory / agent_id
             agent = LocalAgent(agent_id, slot, issued, directory, issued.agent.expires)
             self.local[agent_id] = agent
         try:
             directory.mkdir(mode=0o700, parents=True)
             write_private(directory / "agent.key", key_pem(key), durable=False)
             write_private(directory / "agent.crt", issued.certificate, 0o644, durable=False)
-            shutil.copyfile(self.state.ca_cert, directory / "ca.crt")
+            shutil.copyfile(self.ca_cert, directory / "ca.crt")
             if user is not None:
                 for path in (directory, *directory.iterdir()):
                     os.chown(path, *user)

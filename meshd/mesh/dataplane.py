@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from meshcore.netmap import PeerNode
 from meshcore.policy import (
@@ -35,12 +36,10 @@ from meshcore.policy import (
 
 from meshd.mesh.peers import desired_link, desired_peers, peer_config
 from meshd.mesh.firewall import NftFirewall
-from meshd.mesh.netconf import NetConf
-from meshd.routes.plan import BYPASS_MARK
-from meshd.routes.routing import Routing
+from meshd.kernel.netconf import NetConf
 from meshd.wg import DeviceConfig, PeerConfig, WireGuardDevice
 
-__all__ = ["DataPlane", "Work"]
+__all__ = ["DataPlane", "RouteApplier", "Work"]
 
 log = logging.getLogger("meshd.mesh.dataplane")
 
@@ -48,6 +47,13 @@ log = logging.getLogger("meshd.mesh.dataplane")
 def node_identity(peer: PeerNode) -> NodeIdentity:
     return NodeIdentity(name=peer.name, owner=peer.owner, tags=frozenset(peer.tags), ipv4=peer.addresses[0],
                         ipv6=peer.addresses[1])
+
+
+class RouteApplier(Protocol):
+    """Identity-based routes (:class:`meshd.routes.routing.Routing`), applied after the mesh tunnels: route
+    tunnels need the gateways' endpoints."""
+
+    def apply(self, policy: Policy, identities: Identities, nodes: Mapping[str, PeerNode]) -> object: ...
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Work:
 
 class DataPlane:
     def __init__(self, name: str, addresses: tuple[str, str], private_key: str, listen_port: int, ifname: str,
-                 device: WireGuardDevice, netconf: NetConf, firewall: NftFirewall) -> None:
+                 device: WireGuardDevice, netconf: NetConf, firewall: NftFirewall, fwmark: int = 0) -> None:
         self.name = name
         self.self_node = NodeIdentity(name=name, ipv4=addresses[0], ipv6=addresses[1])
         self.addresses = addresses
@@ -75,7 +81,8 @@ class DataPlane:
         self.device = device
         self.netconf = netconf
         self.firewall = firewall
-        self.routing: Routing | None = None  # identity-based routes, set by the daemon once agents can be marked
+        self.fwmark = fwmark  # on the tunnel's own packets, so that they bypass identity-based routes
+        self.routing: RouteApplier | None = None  # identity-based routes, set by the daemon once agents can be marked
         self.lock = threading.Lock()  # one apply at a time; status reads the device under it too
         self.filter: NodeFilter | None = None
         self._ids: Identities | None = None
@@ -210,5 +217,4 @@ class DataPlane:
             self._apply_device_whole()
 
     def _apply_device_whole(self) -> None:
-        # The mark lets the tunnel's own packets bypass identity-based routes (meshd.routes.routing).
-        self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values()), BYPASS_MARK))
+        self.device.apply(DeviceConfig(self.private_key, self.listen_port, tuple(self._peers.values()), self.fwmark))

@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Mapping
 
 from meshcore.netmap import PeerNode
-from meshd.mesh.netconf import LinkConfig
+from meshd.kernel.netconf import LinkConfig
 from meshd.wg import PeerConfig
 
 __all__ = ["KEEPALIVE", "choose_endpoint", "desired_link", "desired_peers", "peer_config"]

@@ -31,7 +31,7 @@ from meshd.mesh.dataplane import DataPlane, Work
 from meshd.mesh.discovery import LanDiscovery, start_discovery
 from meshd.mesh.firewall import NftFirewall
 from meshd.mesh.flowlog import FlowLog
-from meshd.mesh.netconf import IPRouteNetConf
+from meshd.kernel.netconf import IPRouteNetConf
 from meshd.mesh.underlay import local_endpoints
 from meshd.node import answers
 from meshd.node.converger import Converger
@@ -39,6 +39,7 @@ from meshd.node.localapi import AgentRunRequest, LocalApi
 from meshd.node.session import ControllerSession
 from meshd.node.state import StateDir
 from meshd.node.view import MeshView
+from meshd.routes.plan import BYPASS_MARK
 from meshd.routes.routing import Routing, controller_bypass, watch_gateways
 from meshd.settings import Settings
 from meshd.wg import WireGuardDevice, open_device, public_key_of
@@ -165,7 +166,7 @@ class Daemon:
     async def _start(self, device: WireGuardDevice) -> None:
         s = self.settings
         self.plane = DataPlane(self.name, self.record.addresses, self.state.wg_key.read_text().strip(),
-                               s.listen_port, s.interface, device, IPRouteNetConf(), self.firewall)
+                               s.listen_port, s.interface, device, IPRouteNetConf(), self.firewall, BYPASS_MARK)
         self.mesh.plane = self.plane
         self.converger = Converger(self.plane, self._take, self.mesh.applied)
         # Default deny from the first moment: the cached (or empty) policy is enforced,
@@ -177,7 +178,8 @@ class Daemon:
         agentnet = self.agentnet = AgentNet(self.name, s.interface, blocks[0], blocks[1],
                                             cgroup_parent=f"idmesh-{s.interface}")
         await asyncio.to_thread(agentnet.start)
-        self.supervisor = AgentSupervisor(self.state, blocks, agentnet, self.session, s.socket,
+        self.supervisor = AgentSupervisor(self.state.path / "agents", self.state.ca_cert, blocks, agentnet,
+                                          self.session, s.socket,
                                           self._local_agent_changed)
         self.plane.routing = self.routing = Routing(
             self.name, s.interface, self.record.addresses, self._route_private, self.offer,

@@ -25,32 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from meshd.files import write_private
 from meshd.wg.model import generate_private_key
 from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 
 __all__ = ["StateDir", "NodeRecord", "write_private"]
-
-
-
-def write_private(path: Path, data: str, mode: int = 0o600, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically, created with ``mode``.
-
-    ``durable=False`` skips the fsync, for files that need not outlive a
-    crash (an agent's key dies with the agent anyway).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class NodeRecord(BaseModel):

@@ -50,7 +50,7 @@ from meshcore.errors import IdmeshError
 from meshcore.netmap import PeerNode, RouteOffer
 from meshcore.policy import Gateway, Identities, NodeRoutes, Policy, RouteChoice, compile_node_routes
 
-from meshd.mesh.netconf import IPRouteNetConf, LinkConfig, NetConf
+from meshd.kernel.netconf import IPRouteNetConf, LinkConfig, NetConf
 from meshd.routes.firewall import RouteFirewall, RouteFirewallConfig
 from meshd.routes.plan import BYPASS_MARK, RoutingPlan, SenderRoutes, plan_routing
 from meshd.routes.tables import IPRoutePolicyRouting, PolicyRouting

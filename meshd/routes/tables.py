@@ -8,7 +8,7 @@ difference (nothing at all when they are equal). What is ours:
   nothing but the mark and the input interface (a rule someone else made
   with other selectors there is left alone);
 * a route in a table 5180-5299: every ``throw`` route, and ``unicast``
-  routes carrying our protocol number :data:`meshd.mesh.netconf.ROUTE_PROTO`.
+  routes carrying our protocol number :data:`meshd.kernel.netconf.ROUTE_PROTO`.
 
 Everything we add carries that protocol number (``ip rule`` and ``ip route``
 show ``proto 108``). Order: new and changed routes first (a changed route is
@@ -37,7 +37,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from meshd.kernel.netlink import NetlinkError, netlink_error
 
 from meshcore.errors import Unavailable
-from meshd.mesh.netconf import ROUTE_PROTO
+from meshd.kernel.netconf import ROUTE_PROTO
 from meshd.routes.plan import MAIN_TABLE, PRIORITIES, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, Rule, TableRoute
 
 __all__ = ["TABLES", "FakePolicyRouting", "IPRoutePolicyRouting", "PolicyRouting"]

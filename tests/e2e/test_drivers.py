@@ -243,7 +243,7 @@ def test_a_crashed_wireguard_go_is_restarted_and_reconfigured(members: Callable[
 
 NETCONF_PROGRAM = """
 import json, sys
-from meshd.mesh.netconf import IPRouteNetConf, LinkConfig
+from meshd.kernel.netconf import IPRouteNetConf, LinkConfig
 config = json.loads(sys.argv[1])
 print(json.dumps([str(op) for op in IPRouteNetConf().apply(LinkConfig(**config))]))
 """

@@ -1,7 +1,7 @@
 """A tiny stand-in for the node daemon's data plane, driven over stdin/stdout by the e2e tests.
 
 Run inside a host namespace (``python -m tests.e2e.wgnode IFNAME``), it owns one
-:class:`~meshd.wg.WireGuardGo` device and applies :mod:`meshd.mesh.netconf` to
+:class:`~meshd.wg.WireGuardGo` device and applies :mod:`meshd.kernel.netconf` to
 its interface, exactly as meshd will; the test sends JSON lines and reads
 one JSON answer per line:
 
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshd.mesh.netconf import IPRouteNetConf, LinkConfig
+from meshd.kernel.netconf import IPRouteNetConf, LinkConfig
 from meshd.wg import DeviceConfig, PeerConfig, WireGuardGo
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from meshcore.netmap import PeerNode
 from meshcore.policy import AgentIdentity, Identities, NodeFilter, compile_node_filter, load_policy
 from meshcore.scopes import parse_scopes
 from meshd.mesh.dataplane import DataPlane, node_identity
-from meshd.mesh.netconf import FakeNetConf
+from meshd.kernel.netconf import FakeNetConf
 from meshd.wg import FakeWireGuard, generate_private_key
 
 PREFIXES = MeshPrefixes(ipaddress.IPv4Network("100.64.0.0/10"), ipaddress.IPv6Network("fd00:1::/48"))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcore.errors import InvalidInput, NotFound
-from meshd.mesh.netconf import (
+from meshd.kernel.netconf import (
     AddAddress,
     AddRoute,
     FakeNetConf,

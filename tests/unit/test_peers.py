@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meshcore.netmap import Netmap, NodeView, PeerNode
 from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_link, desired_peers
-from meshd.mesh.netconf import LinkConfig
+from meshd.kernel.netconf import LinkConfig
 from meshd.wg import PeerConfig, generate_private_key, public_key_of
 
 PRIVATE = generate_private_key()

@@ -8,7 +8,7 @@ from typing import Any
 from meshcore.netmap import PeerNode, RouteOffer
 from meshcore.policy import AgentIdentity, Identities, NodeIdentity, load_policy
 from meshcore.scopes import parse_scope
-from meshd.mesh.netconf import FakeNetConf
+from meshd.kernel.netconf import FakeNetConf
 from meshd.routes.firewall import RouteFirewall
 from meshd.routes.plan import BYPASS_MARK, PRIO_AGENT
 from meshd.routes.tables import FakePolicyRouting
