@@ -49,8 +49,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from meshcore.errors import InvalidInput, NotFound, PolicyError
 from meshcore.names import ifname_problem
-from meshcore.policy.problems import Problem
-from meshcore.policy.source import parse_yaml, validation_problems
+from meshcore.problems import Problem
+from meshcore.yamlsource import parse_yaml, validation_problems
 
 __all__ = ["HostSpec", "Inventory", "ServiceMode", "load_inventory", "parse_inventory"]
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..scopes import Scope
 from .fields import ALL_PORTS, Destination, PortRange
-from .problems import Path, Problem
+from ..problems import Path, Problem
 
 if TYPE_CHECKING:
     from .model import Acl, Delegation, FlowSource, Policy, Selector, Service

@@ -28,8 +28,8 @@ from .identities import Actor, NodeIdentity
 from .model import FlowSource, Policy
 from .plan import plan_policy
 from .routes import Gateway, RouteDecision, explain_route
-from .problems import render_path
-from .source import validation_problems
+from ..problems import render_path
+from ..yamlsource import validation_problems
 
 __all__ = [
     "Decision",

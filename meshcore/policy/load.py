@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from ..errors import PolicyError
 from .model import Policy
-from .problems import ProblemsFound
-from .source import SourceMap, parse_yaml, validation_problems
+from ..problems import ProblemsFound
+from ..yamlsource import SourceMap, parse_yaml, validation_problems
 
 __all__ = ["load_policy", "validate_policy"]
 

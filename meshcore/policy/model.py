@@ -51,10 +51,10 @@ from .fields import (
     parse_protocols,
     parse_scope_value,
 )
-from .problems import ProblemsFound
+from ..problems import ProblemsFound
 
 if TYPE_CHECKING:
-    from .source import SourceMap
+    from ..yamlsource import SourceMap
 
 __all__ = [
     "Acl",

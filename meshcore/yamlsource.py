@@ -18,7 +18,7 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import PolicyError
+from .errors import PolicyError
 from .problems import Path, Problem, render_path
 
 __all__ = ["MAX_NODES", "MAX_PROBLEMS", "SourceMap", "parse_yaml", "validation_problems"]

@@ -1,7 +1,7 @@
 """Problems found in a policy, before they are given a file location.
 
 Validation works on paths (``("acls", 1, "to", 0)``), because the pydantic
-models and the semantic checks know nothing of YAML; :mod:`.load` turns each
+models and the semantic checks know nothing of YAML; :mod:`meshcore.policy.load` (and deploy's inventory) turn each
 path into ``file:line:column`` with the source map of the text it parsed.
 """
 
@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import PolicyError
+from .errors import PolicyError
 
 __all__ = ["Path", "Problem", "ProblemsFound", "render_path"]
 
