@@ -31,7 +31,7 @@ unit: venv
 
 lint: venv
 	$(VENV)/bin/mypy
-	$(VENV)/bin/ruff check meshcore controller meshd idmesh
+	$(VENV)/bin/ruff check meshcore controller meshd idmesh meshctl
 
 demo: deps venv
 	$(PY) -m demo $(DEMO_ARGS)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from idmesh.cli import env_path, parser, run
-from idmesh.paths import DEFAULT_ADMIN
+from idmesh.cli import admin_option, parser, run
 
 from .cli import DESCRIPTION, EPILOG, add_arguments
 from .cli import run as run_deploy
@@ -13,8 +12,7 @@ from .cli import run as run_deploy
 
 def _main(argv: Sequence[str] | None) -> int:
     p = parser("meshctl deploy", DESCRIPTION, EPILOG)
-    p.add_argument("--admin", type=lambda s: env_path("", s), default=env_path("IDMESH_ADMIN", DEFAULT_ADMIN),
-                   help="admin credential written by 'mesh-controller init' (env IDMESH_ADMIN; default %(default)s)")
+    admin_option(p)
     add_arguments(p)
     return run_deploy(p.parse_args(argv))
 

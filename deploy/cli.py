@@ -13,7 +13,6 @@ deployed regardless), 2/3/5/6 for problems before any host is touched
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio  # here, with the rest of what a deployment needs: meshctl imports this module to build its parser
+
     from idmesh.client import AdminCredential
 
     from .artifacts import Artifacts

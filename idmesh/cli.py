@@ -1,4 +1,4 @@
-"""What every idmesh command shares: one-line errors, JSON output, paths.
+"""What every idmesh command shares: one-line errors, JSON output, path options.
 
 A user never sees a traceback: :func:`run` turns an :class:`IdmeshError`
 into ``<prog>: error: <message>`` and its exit code, and anything else into
@@ -17,12 +17,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic import BaseModel
-
 from meshcore.durations import parse_duration
 from meshcore.errors import IdmeshError, InvalidInput
 
-__all__ = ["run", "print_json", "env_path", "duration", "HelpFormatter", "fail"]
+from .paths import DEFAULT_ADMIN
+
+__all__ = ["HelpFormatter", "admin_option", "duration", "env_path", "fail", "parser", "path_option", "print_json",
+           "run"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -43,6 +44,19 @@ def env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name) or default)
 
 
+def path_option(p: argparse.ArgumentParser, flag: str, env: str, default: str, help: str | None = None) -> None:
+    """Add ``flag``, a path; without it, the environment variable ``env`` (when set and not empty), else
+    ``default``, as the environment is when the parser is built (so ``%(default)s`` in ``help`` shows it)."""
+    p.add_argument(flag, type=Path, default=env_path(env, default), help=help)
+
+
+def admin_option(p: argparse.ArgumentParser) -> None:
+    """``--admin``, the admin credential (env ``IDMESH_ADMIN``): every command that acts as the mesh's
+    administrator (``meshctl``, ``python -m deploy``)."""
+    path_option(p, "--admin", "IDMESH_ADMIN", DEFAULT_ADMIN,
+                help="admin credential written by 'mesh-controller init' (env IDMESH_ADMIN; default %(default)s)")
+
+
 def duration(text: str) -> timedelta:
     try:
         return parse_duration(text)
@@ -51,7 +65,7 @@ def duration(text: str) -> timedelta:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump"):  # a pydantic model; duck-typed, so no command pays for importing pydantic
         return value.model_dump(mode="json")
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]

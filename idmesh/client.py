@@ -5,6 +5,8 @@ store), and it must name the host of the URL. A client certificate can come
 from files (a node's ``node.crt``/``node.key``) or from memory (the admin
 credential), loaded through a memfd so the key never touches the disk.
 Transport and HTTP errors become :mod:`meshcore.errors` exceptions here.
+Certificates (:mod:`meshcore.identity`, ``cryptography``) are loaded only by
+what checks one, so ``meshctl agent run`` talking to meshd does not pay for them.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
 from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable, error_for_status
-from meshcore.identity import fingerprint, load_certificate
 
-__all__ = ["ControllerClient", "AdminCredential", "LocalClient", "answer_error", "client_ssl_context", "fetch_ca"]
+__all__ = ["AdminCredential", "ControllerClient", "LocalClient", "answer_error", "client_ssl_context", "fetch_ca"]
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -65,7 +66,9 @@ class AdminCredential:
     key: str
 
     @classmethod
-    def load(cls, path: Path) -> "AdminCredential":
+    def load(cls, path: Path) -> AdminCredential:
+        from meshcore.identity import fingerprint, load_certificate
+
         try:
             doc = json.loads(path.read_text())
             cred = cls(doc["url"], doc["domain"], doc["ca"], doc["certificate"], doc["key"])
@@ -80,13 +83,15 @@ class AdminCredential:
             raise InvalidInput(f"{path}: the CA certificate does not match its pinned fingerprint")
         return cred
 
-    def client(self) -> "ControllerClient":
+    def client(self) -> ControllerClient:
         return ControllerClient(self.url, client_ssl_context(self.ca, self.certificate, self.key))
 
 
 def fetch_ca(url: str, expected_fingerprint: str) -> str:
     """Bootstrap trust: fetch the CA unauthenticated, accept it only if it
     matches the fingerprint the token pinned (as kubeadm's discovery hash)."""
+    from meshcore.identity import fingerprint, load_certificate
+
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -109,7 +114,7 @@ class ControllerClient:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, verify=ctx, timeout=timeout, trust_env=False)
 
-    def __enter__(self) -> "ControllerClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,9 +14,9 @@ import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-__all__ = ["setup_logging", "request_id"]
+__all__ = ["request_id", "setup_logging"]
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _TOKEN = re.compile(r"idm1\.[A-Za-z0-9_-]{8,}")
@@ -33,7 +33,7 @@ class _Context(logging.Filter):
 class _Json(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

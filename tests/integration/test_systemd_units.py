@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from idmesh.paths import DEFAULT_DATA, DEFAULT_SOCKET, DEFAULT_STATE
 from deploy.inventory import parse_inventory
 from deploy.units import DEFAULT_INSTALL_DIR, render_meshd_unit, render_unit
-from idmesh.meshctl import DEFAULT_SOCKET as MESHCTL_SOCKET
+from idmesh.paths import DEFAULT_DATA, DEFAULT_SOCKET, DEFAULT_STATE
+from meshctl.main import build_parser as meshctl_parser
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
@@ -99,7 +99,7 @@ def test_exposure_stays_low(tmp_path: Path, name: str, threshold: int) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr
 
 
-def test_meshd_unit_hardening_and_defaults() -> None:
+def test_meshd_unit_hardening_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     unit = settings((UNITS / "meshd.service").read_text())
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "Restart": "on-failure", "Delegate": "yes", "StateDirectory": "meshd",
@@ -109,7 +109,11 @@ def test_meshd_unit_hardening_and_defaults() -> None:
     assert "meshd" in one(unit, "RuntimeDirectory").split()
     env = dict(e.split("=", 1) for e in unit["Environment"])
     assert env["IDMESH_STATE"] == DEFAULT_STATE == f"/var/lib/{one(unit, 'StateDirectory')}"
-    assert env["IDMESH_SOCKET"] == DEFAULT_SOCKET == MESHCTL_SOCKET
+    assert env["IDMESH_SOCKET"] == DEFAULT_SOCKET
+    monkeypatch.delenv("IDMESH_SOCKET", raising=False)
+    meshctl = meshctl_parser()
+    for command in ("status", "whois 100.64.0.1", "agent list", "agent run --principal p --scope s:r"):
+        assert str(meshctl.parse_args(command.split()).socket) == DEFAULT_SOCKET, command  # meshctl finds this meshd
     assert Path(env["IDMESH_SOCKET"]).parent == Path("/run") / "meshd"  # inside RuntimeDirectory=meshd
     assert env["IDMESH_INTERFACE"] == "idmesh0"
     assert one(unit, "ExecStart") == f"{DEFAULT_INSTALL_DIR}/bin/meshd run"

@@ -1,0 +1,5 @@
+"""``python -m meshctl``: the ``meshctl`` command."""
+
+from .main import main
+
+main()

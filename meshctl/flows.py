@@ -1,0 +1,43 @@
+"""``meshctl flows``: the identity flow log — denied connections and a sample of accepted ones (admin credential)."""
+
+from __future__ import annotations
+
+import argparse
+
+from idmesh.cli import HelpFormatter, print_json
+
+from .connect import controller, get_all
+from .output import table, when
+
+__all__ = ["register"]
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    flows = commands.add_parser(
+        "flows", help="the identity flow log: denied connections and a sample of accepted ones",
+        description="Connections nodes saw arrive over the mesh, with the full identity of the "
+        "sender (principal, agent, scopes, node), the destination, the verdict and the rule. "
+        "Denied connections are logged (rate-limited), accepted ones sampled.",
+        epilog="examples:\n  meshctl flows --denied\n  meshctl flows --principal nikita@acme.com --json",
+        formatter_class=HelpFormatter)
+    flows.add_argument("--denied", action="store_true", help="only denied connections")
+    flows.add_argument("--principal", help="only connections made for this principal")
+    flows.add_argument("--node", help="only connections seen by this node")
+    flows.add_argument("--limit", type=int, default=200, help="the newest N (default %(default)s)")
+    flows.add_argument("--json", action="store_true")
+    flows.set_defaults(func=_flows)
+
+
+def _flows(args: argparse.Namespace) -> int:
+    from meshcore.wire import FlowRecord
+
+    with controller(args) as api:
+        flows = get_all(api, "/v1/flows", FlowRecord, denied="true" if args.denied else None,
+                        principal=args.principal, node=args.node, limit=str(args.limit))
+    if args.json:
+        print_json(flows)
+        return 0
+    table([[when(f.at), f.verdict, f.agent and f"agent {f.agent}" or f"node {f.source_node or f.source}",
+            f.principal or "-", " ".join(f.scopes) or "-", f"{f.node}:{f.port or ''}/{f.protocol}", f.rule]
+           for f in flows], ["WHEN", "VERDICT", "FROM", "PRINCIPAL", "SCOPES", "TO", "RULE"])
+    return 0

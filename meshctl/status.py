@@ -1,0 +1,57 @@
+"""``meshctl status``: this node — its identity, the controller link, its peers, its routes (from meshd)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from idmesh.cli import print_json
+
+from .connect import meshd, socket_option
+from .output import ago, table
+
+__all__ = ["register"]
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser("status", help="this node: its identity, the controller link, its peers",
+                                 description="Ask the local meshd (over its Unix socket) for this node's identity, "
+                                 "whether it is connected to the controller, and each peer's endpoint and handshake.")
+    socket_option(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = meshd(args).get("/v1/status")
+    if args.json:
+        print_json(status)
+        return 0
+    me, ctl = status["self"], status["controller"]
+    print(f"{me['name']}  {' '.join(me['addresses'])}  {me['owner'] or ','.join('tag:' + t for t in me['tags'])}")
+    state = "connected" if ctl["connected"] else f"disconnected ({ctl.get('last_error') or 'connecting'})"
+    print(f"controller {ctl['url']}: {state}, netmap version {ctl['netmap_version']}")
+    pol, agents = status.get("policy", {}), status.get("agents", {})
+    print(f"policy version {pol.get('version', 0)}, {pol.get('rules', 0)} rule(s), ruleset "
+          f"{(pol.get('ruleset') or '-')[:16]}; agents: {agents.get('local', 0)} here, "
+          f"{agents.get('honored', 0)} honored")
+    table([[p["name"], " ".join(p["addresses"]), p["endpoint"] or "-", ago(p["latest_handshake"]),
+            str(p["rx_bytes"]), str(p["tx_bytes"])] for p in status["peers"]],
+          ["PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"])
+    _routing(status.get("routing") or {})
+    return 0
+
+
+def _routing(routing: dict[str, Any]) -> None:
+    """The gateway this node is, its route tunnels, and the route each of its identities takes."""
+    if routing.get("offered"):
+        print(f"gateway on {routing['gateway_interface']} for {', '.join(routing['offered'])}; "
+              f"clients: {', '.join(routing['clients']) or '-'}")
+    if routing.get("tunnels"):
+        table([[t["interface"], t["gateway"], "up" if t["up"] else "down"] for t in routing["tunnels"]],
+              ["TUNNEL", "GATEWAY", "STATE"])
+    if routing.get("routes"):
+        up = {t["gateway"]: t["up"] for t in routing["tunnels"]}
+        table([[r["identity"], r["prefix"], r["via"] or "-",
+                ", ".join(g + ("" if up.get(g) else " (down)") for g in r["gateways"])] for r in routing["routes"]],
+              ["IDENTITY", "ROUTE", "VIA", "GATEWAYS IN ORDER"])
