@@ -1,8 +1,9 @@
 """Problems found in a policy, before they are given a file location.
 
 Validation works on paths (``("acls", 1, "to", 0)``), because the pydantic
-models and the semantic checks know nothing of YAML; :mod:`meshcore.policy.load` (and deploy's inventory) turn each
-path into ``file:line:column`` with the source map of the text it parsed.
+models and the semantic checks know nothing of YAML; the policy loader (and
+deploy's inventory) turn each path into ``file:line:column`` with the
+source map of the text they parsed (:mod:`meshcore.yamlsource`).
 """
 
 from __future__ import annotations
