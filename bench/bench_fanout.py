@@ -52,7 +52,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from idmesh.client import client_ssl_context
 from meshcore.identity import build_csr
-from meshcore.netmap import NodeView, StreamMessage
+from meshcore.netmap import NodeView
+from meshcore.wire.stream import StreamMessage
 from common import command_line, cpu_seconds, free_port, wait_listening  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable
 
 from meshcore.addressing import MeshPrefixes
-from meshcore.netmap import Netmap, NetmapDelta, NodeView, PeerNode, StreamMessage
+from meshcore.netmap import NodeView
+from meshcore.wire.stream import Netmap, NetmapDelta, PeerNode, StreamMessage
 from meshcore.policy import AgentIdentity, NodeFilter, load_policy
 from meshcore.scopes import parse_scopes
 from meshd.mesh.peers import desired_peers

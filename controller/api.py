@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from idmesh.logs import request_id
 from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
-from meshcore.netmap import EndpointReport, NetmapDelta, PeerNode, StreamMessage
-from meshcore.wire import (
+from meshcore.wire.stream import EndpointReport, NetmapDelta, PeerNode, StreamMessage
+from meshcore.wire.api import (
     AgentInfo,
     AgentIssued,
     AgentIssueRequest,

@@ -15,7 +15,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshcore.netmap import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, StreamMessage
+from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, StreamMessage
 
 from .store import Tx
 

@@ -33,10 +33,10 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.tokens import hash_matches, new_token, parse_token, token_hash
-from meshcore.netmap import AgentUpdate, EndpointReport, PeerNode, PolicyDoc, RouteOffer
+from meshcore.wire.stream import AgentUpdate, EndpointReport, PeerNode, PolicyDoc, RouteOffer
 from meshcore.policy import Gateway, NodeIdentity, Policy, check_delegation, load_policy, offer_users, run_tests
 from meshcore.scopes import parse_scopes, scopes_within
-from meshcore.wire import (
+from meshcore.wire.api import (
     RouteInfo,
     AgentInfo,
     AgentIssued,

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from meshcore.errors import IdmeshError
 from meshcore.identity import fingerprint, load_certificate
-from meshcore.wire import NodeInfo, TokenCreated, TokenCreateRequest
+from meshcore.wire.api import NodeInfo, TokenCreated, TokenCreateRequest
 
 from .artifacts import Artifacts, Wheel
 from .inventory import HostSpec

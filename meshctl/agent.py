@@ -117,7 +117,7 @@ def _table(agents: list[dict[str, Any]]) -> None:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from meshcore.wire import AgentRevokeRequest, AgentsEnded
+    from meshcore.wire.api import AgentRevokeRequest, AgentsEnded
 
     with controller(args) as api:
         if (args.id is None) == (args.principal is None):

@@ -48,7 +48,7 @@ def _since(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from meshcore.wire import AuditEntry
+    from meshcore.wire.api import AuditEntry
 
     with controller(args) as api:
         rows = get_all(api, "/v1/audit", AuditEntry, since=_since(args.since) if args.since else None,

@@ -29,7 +29,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _flows(args: argparse.Namespace) -> int:
-    from meshcore.wire import FlowRecord
+    from meshcore.wire.api import FlowRecord
 
     with controller(args) as api:
         flows = get_all(api, "/v1/flows", FlowRecord, denied="true" if args.denied else None,

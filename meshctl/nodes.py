@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _list(args: argparse.Namespace) -> int:
-    from meshcore.wire import NodeInfo
+    from meshcore.wire.api import NodeInfo
 
     with controller(args) as api:
         nodes = get_all(api, "/v1/nodes", NodeInfo)
@@ -38,7 +38,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from meshcore.wire import NodeInfo
+    from meshcore.wire.api import NodeInfo
 
     with controller(args) as api:
         node = NodeInfo.model_validate(api.request("DELETE", f"/v1/nodes/{args.name}"))

@@ -101,7 +101,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from meshcore.wire import PolicyApply, PolicyInfo
+    from meshcore.wire.api import PolicyApply, PolicyInfo
 
     _tested(args.file)
     with controller(args) as api:
@@ -117,7 +117,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from meshcore.wire import PolicyInfo
+    from meshcore.wire.api import PolicyInfo
 
     with controller(args) as api:
         query = f"?version={args.version}" if args.version is not None else ""
@@ -132,7 +132,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from meshcore.wire import PolicyInfo
+    from meshcore.wire.api import PolicyInfo
 
     with controller(args) as api:
         history = get_all(api, "/v1/policy/history", PolicyInfo)
@@ -147,7 +147,7 @@ def _history(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     """Against ``--file``, or the policy in force (and, for an address, the routes nodes offer)."""
     from meshcore.policy import load_policy
-    from meshcore.wire import PolicyInfo
+    from meshcore.wire.api import PolicyInfo
 
     if args.file is not None:
         return _decide(args, _read(args.file), None)
@@ -167,7 +167,7 @@ def _is_address(text: str) -> bool:
 
 def _gateways(api: ControllerClient) -> dict[str, Gateway]:
     from meshcore.policy import Gateway
-    from meshcore.wire import RouteInfo
+    from meshcore.wire.api import RouteInfo
 
     offers: dict[str, list[RouteInfo]] = {}
     for info in get_all(api, "/v1/routes", RouteInfo):

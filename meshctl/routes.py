@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _list(args: argparse.Namespace) -> int:
-    from meshcore.wire import RouteInfo
+    from meshcore.wire.api import RouteInfo
 
     with controller(args) as api:
         offered = get_all(api, "/v1/routes", RouteInfo)

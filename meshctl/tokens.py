@@ -37,7 +37,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _create(args: argparse.Namespace) -> int:
-    from meshcore.wire import TokenCreated, TokenCreateRequest
+    from meshcore.wire.api import TokenCreated, TokenCreateRequest
 
     with controller(args) as api:
         req = TokenCreateRequest(tags=args.tags, owner=args.owner, ttl_seconds=int(args.ttl.total_seconds()),
@@ -51,7 +51,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from meshcore.wire import TokenInfo
+    from meshcore.wire.api import TokenInfo
 
     with controller(args) as api:
         tokens = get_all(api, "/v1/tokens", TokenInfo)

@@ -6,11 +6,8 @@ import os
 from collections.abc import Sequence
 
 from idmesh.cli import env_path, parser, print_json, run
-
-from meshcore.errors import InvalidInput
-
 from idmesh.paths import DEFAULT_INTERFACE, DEFAULT_SOCKET, DEFAULT_STATE
-
+from meshcore.errors import InvalidInput
 from meshd.node.state import StateDir
 
 
@@ -72,7 +69,6 @@ def _main(argv: Sequence[str] | None) -> int:
         import asyncio
 
         from idmesh.logs import setup_logging
-
         from meshd.node.daemon import Daemon
         from meshd.routes.routing import advertised
         from meshd.settings import Settings

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from ..problems import Path, Problem
 from ..scopes import Scope
 from .fields import ALL_PORTS, Destination, PortRange
-from ..problems import Path, Problem
 
 if TYPE_CHECKING:
     from .model import Acl, Delegation, FlowSource, Policy, Selector, Service

@@ -13,7 +13,6 @@ every flow; the unit tests check that on generated meshes.
 from __future__ import annotations
 
 import ipaddress
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,14 +21,14 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import InvalidInput
+from ..problems import render_path
+from ..yamlsource import validation_problems
 from .checks import flow_destination_problems, flow_source_problems
 from .fields import Destination, NodeSpec, Protocol, parse_destination
 from .identities import Actor, NodeIdentity
 from .model import FlowSource, Policy
 from .plan import plan_policy
 from .routes import Gateway, RouteDecision, explain_route
-from ..problems import render_path
-from ..yamlsource import validation_problems
 
 __all__ = [
     "Decision",

@@ -8,9 +8,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import PolicyError
-from .model import Policy
 from ..problems import ProblemsFound
 from ..yamlsource import SourceMap, parse_yaml, validation_problems
+from .model import Policy
 
 __all__ = ["load_policy", "validate_policy"]
 

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from ..durations import format_duration
+from ..problems import ProblemsFound
 from ..scopes import Scope
 from .fields import (
     Destination,
@@ -51,7 +52,6 @@ from .fields import (
     parse_protocols,
     parse_scope_value,
 )
-from ..problems import ProblemsFound
 
 if TYPE_CHECKING:
     from ..yamlsource import SourceMap

@@ -24,8 +24,8 @@ from cryptography import x509
 
 from meshcore.errors import IdmeshError, InvalidCertificate
 from meshcore.identity import load_certificate, verify_leaf
-from meshcore.netmap import PeerNode
 from meshcore.policy import AgentIdentity
+from meshcore.wire.stream import PeerNode
 
 __all__ = ["AgentBook", "HeldAgent", "IdentityView"]
 

@@ -38,8 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from meshcore.addressing import NodeBlock
 from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound
 from meshcore.identity import build_csr, key_pem
-from meshcore.wire import AgentIssued
-
+from meshcore.wire.api import AgentIssued
 from meshd.files import write_private
 
 __all__ = ["AgentSupervisor", "LocalAgent", "AgentNetwork"]

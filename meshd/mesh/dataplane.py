@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshcore.netmap import PeerNode
 from meshcore.policy import (
     Actor,
     AgentIdentity,
@@ -33,10 +32,10 @@ from meshcore.policy import (
     compile_node_filter,
     identity_delta,
 )
-
-from meshd.mesh.peers import desired_link, desired_peers, peer_config
-from meshd.mesh.firewall import NftFirewall
+from meshcore.wire.stream import PeerNode
 from meshd.kernel.netconf import NetConf
+from meshd.mesh.firewall import NftFirewall
+from meshd.mesh.peers import desired_link, desired_peers, peer_config
 from meshd.wg import DeviceConfig, PeerConfig, WireGuardDevice
 
 __all__ = ["DataPlane", "RouteApplier", "Work"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import logging
+import socket
 from collections.abc import Callable, Iterable
 
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf

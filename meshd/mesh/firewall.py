@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 from meshcore.errors import IdmeshError
 from meshcore.policy import FilterRule, NodeFilter
-
 from meshd.kernel.nft import Nft, NftTable
 
 __all__ = ["TABLE", "render_table", "render_element_changes", "NftFirewall", "ElementChanges"]

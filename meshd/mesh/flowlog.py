@@ -16,15 +16,14 @@ import asyncio
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from meshcore.errors import IdmeshError
-from meshcore.wire import FlowBatch, FlowRecord
-
-from meshd.mesh.firewall import FLOW_GROUP
+from meshcore.wire.api import FlowBatch, FlowReport
 from meshd.kernel.nflog import LoggedPacket, NflogSocket
+from meshd.mesh.firewall import FLOW_GROUP
 
 __all__ = ["FlowLog", "BUFFER"]
 
@@ -33,10 +32,10 @@ BUFFER = 2000
 
 
 class FlowLog:
-    def __init__(self, whois: Callable[[str], dict[str, Any]], ship: Callable[[str, str, object], Any]) -> None:
+    def __init__(self, whois: Callable[[str], Mapping[str, Any]], ship: Callable[[str, str, object], Any]) -> None:
         self._whois = whois
         self._ship = ship
-        self.pending: deque[FlowRecord] = deque(maxlen=BUFFER)
+        self.pending: deque[FlowReport] = deque(maxlen=BUFFER)
         self.denied: Counter[str] = Counter()  # logged denials by identity class: agent, node, unknown
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -63,14 +62,14 @@ class FlowLog:
         now = datetime.now(timezone.utc)
         for p in packets:
             try:
-                who: dict[str, Any] = self._whois(p.source)
+                who: Mapping[str, Any] = self._whois(p.source)
             except IdmeshError:
                 who = {}
             denied = p.prefix == "deny"
             if denied:
                 self.denied["agent" if who.get("agent") else "node" if who.get("node") else "unknown"] += 1
             rule = "default deny (no rule allows this)" if denied else f"acls[{p.prefix[1:]}]"
-            self.pending.append(FlowRecord(
+            self.pending.append(FlowReport(
                 at=now, verdict="deny" if denied else "allow", rule=rule, source=p.source,
                 source_node=who.get("node"), principal=who.get("principal"), agent=who.get("agent"),
                 scopes=list(who.get("scopes") or []), destination=p.destination, protocol=p.protocol, port=p.port))

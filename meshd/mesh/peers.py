@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from meshcore.netmap import PeerNode
+from meshcore.wire.stream import PeerNode
 from meshd.kernel.netconf import LinkConfig
 from meshd.wg import PeerConfig
 

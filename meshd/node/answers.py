@@ -10,8 +10,9 @@ latest netmap.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Protocol
 
+from meshcore.wire.local import PeerStatus, Status
 from meshd.agents.net import AgentNet
 from meshd.agents.supervisor import AgentSupervisor
 from meshd.mesh.dataplane import DataPlane
@@ -52,11 +53,11 @@ def _device(plane: DataPlane | None) -> DeviceState | None:
         return plane.device.state()
 
 
-def status(node: Node) -> dict[str, Any]:
+def status(node: Node) -> Status:
     mesh, plane, record = node.mesh, node.plane, node.record
     view, state = mesh.view, _device(plane)
     by_key = {p.public_key: p for p in state.peers} if state else {}
-    peers = []
+    peers: list[PeerStatus] = []
     for name, peer in sorted((view.nodes if view else {}).items()):
         if name == record.name:
             continue
@@ -94,6 +95,7 @@ def status(node: Node) -> dict[str, Any]:
         "controller": {
             "url": node.session.url,
             "connected": node.session.connected,
+            "protocol": node.session.protocol,
             "netmap_version": view.version if view else None,
             "applied_version": mesh.applied_version,
             "last_error": node.session.last_error,

@@ -23,19 +23,20 @@ from typing import Any
 
 from idmesh.metrics import Metrics, serve_metrics
 from meshcore.errors import IdmeshError
-from meshcore.netmap import AgentUpdate, EndpointReport, RouteOffer
-from meshcore.wire import AgentIssued
+from meshcore.wire.api import AgentIssued
+from meshcore.wire.local import AgentRunAnswer, AgentRunRequest
+from meshcore.wire.stream import AgentUpdate, EndpointReport, RouteOfferReport
 from meshd.agents.net import AgentNet
 from meshd.agents.supervisor import AgentSupervisor
+from meshd.kernel.netconf import IPRouteNetConf
 from meshd.mesh.dataplane import DataPlane, Work
 from meshd.mesh.discovery import LanDiscovery, start_discovery
 from meshd.mesh.firewall import NftFirewall
 from meshd.mesh.flowlog import FlowLog
-from meshd.kernel.netconf import IPRouteNetConf
 from meshd.mesh.underlay import local_endpoints
 from meshd.node import answers
 from meshd.node.converger import Converger
-from meshd.node.localapi import AgentRunRequest, LocalApi
+from meshd.node.localapi import LocalApi
 from meshd.node.session import ControllerSession
 from meshd.node.state import StateDir
 from meshd.node.view import MeshView
@@ -58,7 +59,7 @@ class Daemon:
         self.record = self.state.read_record()
         self.name = self.record.name
         route_private = self.state.route_key()
-        self.offer = RouteOffer(routes=settings.advertise, route_key=public_key_of(route_private),
+        self.offer = RouteOfferReport(routes=settings.advertise, route_key=public_key_of(route_private),
                                 gateway_port=settings.gateway_port if settings.advertise else None)
         self._route_private = route_private
         self.mesh = MeshView(self.state, self._wake)
@@ -134,7 +135,7 @@ class Daemon:
             self.mesh.admit_local(issued)
         self.converger.wake()
 
-    async def _run_agent(self, pid: int, req: AgentRunRequest) -> dict[str, Any]:
+    async def _run_agent(self, pid: int, req: AgentRunRequest) -> AgentRunAnswer:
         if self.supervisor is None or self.converger is None:
             raise IdmeshError("meshd is still starting; try again")
         user = (req.uid, req.gid) if req.uid is not None and req.gid is not None else None

@@ -17,8 +17,7 @@ from idmesh.client import ControllerClient, client_ssl_context, fetch_ca
 from meshcore.errors import Conflict, InvalidInput
 from meshcore.identity import NODE_NAME, build_csr
 from meshcore.tokens import parse_token
-from meshcore.wire import EnrollRequest, EnrollResponse
-
+from meshcore.wire.api import EnrollRequest, EnrollResponse
 from meshd.node.state import NodeRecord, StateDir
 from meshd.wg.model import generate_private_key, public_key_of
 

@@ -22,24 +22,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from meshcore.errors import IdmeshError, PermissionDenied
+from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, Status, Whois
 
-__all__ = ["LocalApi", "bind_unix_socket", "AgentRunRequest", "PEERCRED"]
+__all__ = ["PEERCRED", "LocalApi", "bind_unix_socket"]
 
 PEERCRED = "idmesh.peercred"
-
-
-class AgentRunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    principal: str = Field(max_length=320)
-    scopes: list[str] = Field(min_length=1, max_length=64)
-    ttl_seconds: int = Field(gt=0, le=366 * 86400)
-    name: str | None = Field(default=None, max_length=128)
-    uid: int | None = Field(default=None, ge=0, description="owner of the agent's key files (for --user)")
-    gid: int | None = Field(default=None, ge=0)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -93,9 +83,9 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class LocalApi:
-    def __init__(self, path: Path, status: Callable[[], dict[str, Any]],
-                 whois: Callable[[str], dict[str, Any]],
-                 run_agent: Callable[[int, AgentRunRequest], Awaitable[dict[str, Any]]],
+    def __init__(self, path: Path, status: Callable[[], Status],
+                 whois: Callable[[str], Whois],
+                 run_agent: Callable[[int, AgentRunRequest], Awaitable[AgentRunAnswer]],
                  list_agents: Callable[[], list[dict[str, Any]]]) -> None:
         self.path = path
         app = FastAPI(title="meshd local API", docs_url=None, redoc_url=None)
@@ -112,11 +102,11 @@ class LocalApi:
                                 status_code=422)
 
         @app.get("/v1/status")
-        async def get_status() -> dict[str, Any]:
+        async def get_status() -> Status:
             return status()
 
         @app.get("/v1/whois")
-        async def get_whois(address: str) -> dict[str, Any]:
+        async def get_whois(address: str) -> Whois:
             return whois(address)
 
         @app.get("/v1/agents")
@@ -124,7 +114,7 @@ class LocalApi:
             return list_agents()
 
         @app.post("/v1/agents")
-        async def post_agent(req: AgentRunRequest, request: Request) -> dict[str, Any]:
+        async def post_agent(req: AgentRunRequest, request: Request) -> AgentRunAnswer:
             cred = request.scope.get("extensions", {}).get(PEERCRED)
             if cred is None:
                 raise PermissionDenied("the caller's process could not be identified (SO_PEERCRED)")

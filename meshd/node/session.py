@@ -25,9 +25,18 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from idmesh.client import answer_error, client_ssl_context
 from meshcore.errors import IdmeshError, Unavailable
 from meshcore.identity import build_csr
-from meshcore.netmap import AgentUpdate, EndpointReport, Netmap, NetmapDelta, PolicyDoc, ResyncNeeded, StreamMessage
-from meshcore.wire import RenewRequest, RenewResponse
-
+from meshcore.netmap import ResyncNeeded
+from meshcore.wire import PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
+from meshcore.wire.api import RenewRequest, RenewResponse
+from meshcore.wire.stream import (
+    MESSAGE_TYPES,
+    AgentUpdate,
+    EndpointReport,
+    Netmap,
+    NetmapDelta,
+    PolicyDoc,
+    StreamMessage,
+)
 from meshd.node.state import StateDir, write_private
 
 __all__ = ["ControllerSession", "Backoff"]
@@ -68,6 +77,7 @@ class ControllerSession:
         self._on_agents = on_agents
         self._endpoints = endpoints
         self.connected = False
+        self.protocol: int | None = None  # what the controller agreed to speak on the stream
         self.last_error: str | None = None
         self._ca = state.ca_cert.read_text()
         self._ssl = self._context()
@@ -78,7 +88,8 @@ class ControllerSession:
 
     def _client(self) -> httpx.AsyncClient:
         timeout = httpx.Timeout(10.0, read=READ_TIMEOUT)
-        return httpx.AsyncClient(base_url=self.url, verify=self._ssl, timeout=timeout, trust_env=False)
+        return httpx.AsyncClient(base_url=self.url, verify=self._ssl, timeout=timeout, trust_env=False,
+                                 headers={PROTOCOL_HEADER: str(PROTOCOL)})
 
     async def run(self) -> None:
         """Stay connected forever; every failure is logged once and retried."""
@@ -103,22 +114,31 @@ class ControllerSession:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise answer_error(resp, "controller")
+                self.protocol = _agreed(resp.headers.get(PROTOCOL_HEADER))
                 self.connected = True
                 self.last_error = None
                 backoff.reset()
-                log.info("connected to controller %s", self.url)
+                log.info("connected to controller %s (protocol %d, it supports %s)", self.url, self.protocol,
+                         resp.headers.get(SUPPORTED_HEADER, "2"))
+                skipped: set[str] = set()
                 async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    message = StreamMessage.model_validate_json(line)
-                    if message.type == "full" and message.full is not None:
-                        self._on_full(message.full)
-                    elif message.type == "delta" and message.delta is not None:
-                        self._on_delta(message.delta)
-                    elif message.type == "policy" and message.policy is not None:
-                        self._on_policy(message.policy)
-                    elif message.type == "agents" and message.agents is not None:
-                        self._on_agents(message.agents)
+                    if line.strip():
+                        self._dispatch(StreamMessage.model_validate_json(line), skipped)
+
+    def _dispatch(self, message: StreamMessage, skipped: set[str]) -> None:
+        """One stream message to its handler; a type this node does not know (a newer controller's) is skipped."""
+        if message.type == "full" and message.full is not None:
+            self._on_full(message.full)
+        elif message.type == "delta" and message.delta is not None:
+            self._on_delta(message.delta)
+        elif message.type == "policy" and message.policy is not None:
+            self._on_policy(message.policy)
+        elif message.type == "agents" and message.agents is not None:
+            self._on_agents(message.agents)
+        elif message.type not in MESSAGE_TYPES and message.type not in skipped:
+            skipped.add(message.type)
+            log.info("controller %s sends %r messages, which this meshd does not know: skipped", self.url,
+                     message.type)
 
     async def call(self, method: str, path: str, body: object = None) -> object:
         """One request to the controller with the node certificate, on a kept-alive
@@ -174,6 +194,14 @@ class ControllerSession:
         if resp.status_code >= 400:
             raise answer_error(resp, "controller")
         return resp.json()
+
+
+def _agreed(header: str | None) -> int:
+    """The protocol the controller answered; an older controller says nothing, and speaks 2."""
+    try:
+        return int(header) if header else 2
+    except ValueError:
+        return 2
 
 
 def _describe(exc: BaseException) -> str:

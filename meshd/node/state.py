@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from pydantic import BaseModel, ConfigDict, Field
 
+from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 from meshd.files import write_private
 from meshd.wg.model import generate_private_key
-from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 
 __all__ = ["StateDir", "NodeRecord", "write_private"]
 

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from meshcore.errors import IdmeshError, InvalidInput, NotFound
 from meshcore.identity import load_certificate
-from meshcore.netmap import AgentUpdate, Netmap, NetmapDelta, NodeView, PolicyDoc, ResyncNeeded
+from meshcore.netmap import NodeView, ResyncNeeded
 from meshcore.policy import Policy, load_policy
-from meshcore.wire import AgentIssued
+from meshcore.wire.api import AgentIssued
+from meshcore.wire.local import Whois
+from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PolicyDoc
 from meshd.agents.book import AgentBook
 from meshd.mesh.dataplane import DataPlane, Work
 from meshd.node.state import StateDir, write_private
@@ -173,7 +175,7 @@ class MeshView:
         self._snapshot_due, self._snapshot_at = False, time.monotonic()
 
     # -- questions ----------------------------------------------------------------------------------------
-    def whois(self, address: str, recent: bool = False) -> dict[str, object]:
+    def whois(self, address: str, recent: bool = False) -> Whois:
         """Who holds an overlay address, from what this node has verified itself.
 
         ``recent``: an agent that ended a moment ago still names its flows (the flow log asks so).

@@ -46,9 +46,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshcore.errors import InvalidInput
+from meshcore.names import check_ifname
 from meshd.kernel.nft import Nft, NftTable
 from meshd.routes.plan import GATEWAY_MARK, parse_address, parse_network
-from meshcore.names import check_ifname
 
 __all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_element_changes", "render_table"]
 

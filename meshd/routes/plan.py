@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshcore.errors import InvalidInput
-
 from meshcore.names import check_ifname
 
 __all__ = [

@@ -47,9 +47,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from meshcore.errors import IdmeshError
-from meshcore.netmap import PeerNode, RouteOffer
 from meshcore.policy import Gateway, Identities, NodeRoutes, Policy, RouteChoice, compile_node_routes
-
+from meshcore.wire.stream import PeerNode, RouteOffer
 from meshd.kernel.netconf import IPRouteNetConf, LinkConfig, NetConf
 from meshd.routes.firewall import RouteFirewall, RouteFirewallConfig
 from meshd.routes.plan import BYPASS_MARK, RoutingPlan, SenderRoutes, plan_routing

@@ -34,10 +34,10 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from meshd.kernel.netlink import NetlinkError, netlink_error
 
 from meshcore.errors import Unavailable
 from meshd.kernel.netconf import ROUTE_PROTO
+from meshd.kernel.netlink import NetlinkError, netlink_error
 from meshd.routes.plan import MAIN_TABLE, PRIORITIES, TABLE_GATEWAY, TABLE_LAST, RoutingPlan, Rule, TableRoute
 
 __all__ = ["TABLES", "FakePolicyRouting", "IPRoutePolicyRouting", "PolicyRouting"]

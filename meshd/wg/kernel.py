@@ -19,10 +19,10 @@ from typing import Any
 from pyroute2 import WireGuard  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
-from meshcore.names import check_ifname
 from meshcore.errors import Conflict, Unavailable
-
+from meshcore.names import check_ifname
 from meshd.kernel.netlink import create_link, delete_link, link_kind, netlink_error
+
 from .diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer, diff_device
 from .model import DeviceConfig, DeviceState, PeerConfig, PeerState, parse_endpoint
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Sequence
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import x25519

@@ -36,10 +36,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
-from meshcore.names import check_ifname
 from meshcore.errors import Conflict, IdmeshError, Unavailable
-
+from meshcore.names import check_ifname
 from meshd.kernel.netlink import delete_link, link_kind
+
 from .diff import Op, diff_device, peer_changes
 from .model import DeviceConfig, DeviceState, PeerConfig
 from .uapi import UAPI_DIR, UapiClient, UnixSocketTransport

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from idmesh.client import AdminCredential, client_ssl_context
-from meshcore.netmap import NetmapDelta, PeerNode, StreamMessage
+from meshcore.wire.stream import NetmapDelta, PeerNode, StreamMessage
 
 from .conftest import BIN, Controller, cli
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshcore.netmap import PeerNode
+from meshcore.wire.stream import PeerNode
 from meshd.wg import generate_private_key, public_key_of
 from tests.integration.conftest import Controller, cli
 from tests.integration.test_netmap_stream import Mesh, full_version

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshcore.errors import InvalidCertificate
 from meshcore.identity import Claims, SpiffeId, build_leaf, cert_pem, new_ca
-from meshcore.netmap import PeerNode
+from meshcore.wire.stream import PeerNode
 from meshcore.scopes import parse_scopes
 from meshd.agents.book import AgentBook
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcore.addressing import MeshPrefixes
-from meshcore.netmap import PeerNode
+from meshcore.wire.stream import PeerNode
 from meshcore.policy import AgentIdentity, Identities, NodeFilter, compile_node_filter, load_policy
 from meshcore.scopes import parse_scopes
 from meshd.mesh.dataplane import DataPlane, node_identity

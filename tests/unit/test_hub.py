@@ -15,7 +15,8 @@ import pytest
 import controller.netmap as hubmod
 from controller.netmap import NetmapHub, Subscription
 from controller.store import Store
-from meshcore.netmap import NetmapDelta, NodeView, PeerNode, StreamMessage
+from meshcore.netmap import NodeView
+from meshcore.wire.stream import NetmapDelta, PeerNode, StreamMessage
 
 PREFIXES = ("100.64.0.0/10", "fd7a:1:2::/48")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from meshcore.netmap import PeerNode, RouteOffer
+from meshcore.wire.stream import PeerNode, RouteOffer
 from meshcore.policy import AgentIdentity, Identities, NodeIdentity, load_policy
 from meshcore.scopes import parse_scope
 from meshd.kernel.netconf import FakeNetConf

@@ -1,24 +1,22 @@
-"""The HTTP API's request and answer bodies: the one place they are defined.
+"""The controller's HTTP API: request and answer bodies (the netmap stream is :mod:`.stream`).
 
 The controller validates every request against these models (a malformed
-body is a 422 with a message) and clients parse every answer with them.
-Fields are documented where a missing value has a meaning.
-
-Protocol version history:
-  1 (2026-11-28): enrollment, tokens, node registry; renewal, endpoint reports,
-                  the netmap stream (see meshcore.netmap).
+body, or one with a field it does not know, is a 422 with a message);
+clients parse every answer with them and ignore fields they do not know
+(:mod:`.base`). Fields are documented where a missing value has a meaning.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import Field, StringConstraints
+
+from . import PROTOCOL
+from .base import REQUEST_CONFIG, Answer, Request
 
 __all__ = [
-    "PROTOCOL_VERSION",
     "ErrorBody",
     "EnrollRequest",
     "EnrollResponse",
@@ -35,12 +33,11 @@ __all__ = [
     "AgentsEnded",
     "AuditEntry",
     "FlowRecord",
+    "FlowReport",
     "FlowBatch",
     "PolicyInfo",
     "RenewResponse",
 ]
-
-PROTOCOL_VERSION = 1
 
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _TAG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -49,24 +46,20 @@ _WG_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 Tag = Annotated[str, StringConstraints(pattern=_TAG)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ErrorBody(_Strict):
+class ErrorBody(Answer):
     """Every error answer: one line for the user."""
 
     error: str
 
 
-class EnrollRequest(_Strict):
+class EnrollRequest(Request):
     token: str = Field(max_length=2048, description="the whole enrollment token line")
     csr: str = Field(max_length=8192, description="PEM CSR over the node's Ed25519 identity key")
     wireguard_public_key: str = Field(pattern=_WG_KEY, description="base64 X25519 public key")
     name: str = Field(pattern=_NAME, description="node name, a DNS label")
 
 
-class NodeInfo(_Strict):
+class NodeInfo(Answer):
     name: str
     spiffe_id: str
     owner: str | None = Field(description="principal who owns the node; None for a tagged node")
@@ -78,8 +71,8 @@ class NodeInfo(_Strict):
     cert_not_after: datetime
 
 
-class EnrollResponse(_Strict):
-    protocol: int = PROTOCOL_VERSION
+class EnrollResponse(Answer):
+    protocol: int = Field(default=PROTOCOL, description="the controller's wire protocol (meshcore.wire)")
     domain: str
     certificate: str = Field(description="PEM node certificate (an X509-SVID)")
     ca: str = Field(description="PEM mesh CA certificate")
@@ -87,20 +80,20 @@ class EnrollResponse(_Strict):
     mesh_prefixes: list[str] = Field(description="the whole overlay, IPv4 then IPv6")
 
 
-class RenewRequest(_Strict):
+class RenewRequest(Request):
     csr: str = Field(max_length=8192, description="PEM CSR over the node's (possibly new) Ed25519 key")
 
 
-class RenewResponse(_Strict):
+class RenewResponse(Answer):
     certificate: str = Field(description="PEM node certificate with a fresh validity window")
 
 
-class PolicyApply(_Strict):
+class PolicyApply(Request):
     text: str = Field(max_length=4 * 1024 * 1024, description="the policy YAML")
     filename: str = Field(default="policy.yaml", max_length=255, description="for error locations")
 
 
-class PolicyInfo(_Strict):
+class PolicyInfo(Answer):
     version: int
     hash: str
     filename: str
@@ -110,7 +103,7 @@ class PolicyInfo(_Strict):
     unchanged: bool = Field(default=False, description="the applied text was already the current policy")
 
 
-class RouteInfo(_Strict):
+class RouteInfo(Answer):
     """One route a node offers, and what the policy does with it (``meshctl routes list``)."""
 
     node: str
@@ -125,7 +118,7 @@ _SCOPE = r"^(\*|[a-z0-9][a-z0-9._-]{0,62}):(\*|[a-z0-9][a-z0-9._-]{0,62})$"
 _AGENT_NAME = r"^[A-Za-z0-9._-]{1,128}$"
 
 
-class AgentIssueRequest(_Strict):
+class AgentIssueRequest(Request):
     """A node asks for an agent certificate (the key was made on the node)."""
 
     csr: str = Field(max_length=8192)
@@ -138,7 +131,7 @@ class AgentIssueRequest(_Strict):
     ipv6: str = Field(max_length=64)
 
 
-class AgentInfo(_Strict):
+class AgentInfo(Answer):
     id: str
     name: str
     spiffe_id: str
@@ -152,20 +145,20 @@ class AgentInfo(_Strict):
     state: str = Field(description="live, revoked, retired (its process ended) or expired")
 
 
-class AgentIssued(_Strict):
+class AgentIssued(Answer):
     agent: AgentInfo
     certificate: str = Field(description="PEM X509-SVID of spiffe://<domain>/agent/<id>")
 
 
-class AgentRevokeRequest(_Strict):
+class AgentRevokeRequest(Request):
     principal: str = Field(pattern=_PRINCIPAL, max_length=320, description="revoke every live agent of this principal")
 
 
-class AgentsEnded(_Strict):
+class AgentsEnded(Answer):
     ended: list[str] = Field(description="ids whose identities ended, descendants included")
 
 
-class AuditEntry(_Strict):
+class AuditEntry(Answer):
     """One identity event: who did what to whom, when, from where, with the details."""
 
     id: int
@@ -177,7 +170,7 @@ class AuditEntry(_Strict):
     detail: dict[str, Any]
 
 
-class FlowRecord(_Strict):
+class FlowRecord(Answer):
     """One connection a node saw arrive over the mesh, with who sent it."""
 
     at: datetime
@@ -194,18 +187,24 @@ class FlowRecord(_Strict):
     node: str | None = Field(default=None, description="the node that saw it (set by the controller)")
 
 
-class FlowBatch(_Strict):
-    flows: list[FlowRecord] = Field(max_length=1000)
+class FlowReport(FlowRecord):
+    """A :class:`FlowRecord` as a node reports it: strict, like every request."""
+
+    model_config = REQUEST_CONFIG
 
 
-class TokenCreateRequest(_Strict):
+class FlowBatch(Request):
+    flows: list[FlowReport] = Field(max_length=1000)
+
+
+class TokenCreateRequest(Request):
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     owner: str | None = Field(default=None, pattern=_PRINCIPAL, max_length=320)
     ttl_seconds: int = Field(default=3600, gt=0, le=366 * 86400)
     reusable: bool = False
 
 
-class TokenInfo(_Strict):
+class TokenInfo(Answer):
     id: str
     tags: list[str]
     owner: str | None

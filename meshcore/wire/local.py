@@ -1,0 +1,119 @@
+"""meshd's local API (HTTP on its Unix socket): what ``meshctl`` sends and what meshd answers.
+
+The answers are :class:`~typing.TypedDict` s, not pydantic models: they
+cost nothing to import, so ``meshctl status``, ``whois`` and ``agent run``
+read them as plain JSON (tolerant by nature: a key they do not know is
+never looked at) while mypy checks that meshd builds them whole. The one
+request, :class:`AgentRunRequest`, is validated strictly by meshd like every
+request from outside (any process that may open the socket can send it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+from pydantic import Field
+
+from .base import Request
+
+__all__ = [
+    "AgentRunAnswer",
+    "AgentRunRequest",
+    "ControllerLink",
+    "PeerStatus",
+    "PolicyInForce",
+    "SelfStatus",
+    "Status",
+    "Whois",
+]
+
+
+class AgentRunRequest(Request):
+    """``POST /v1/agents``: make the calling process (identified by SO_PEERCRED, never by this body) an agent."""
+
+    principal: str = Field(max_length=320)
+    scopes: list[str] = Field(min_length=1, max_length=64)
+    ttl_seconds: int = Field(gt=0, le=366 * 86400)
+    name: str | None = Field(default=None, max_length=128)
+    uid: int | None = Field(default=None, ge=0, description="owner of the agent's key files (for --user)")
+    gid: int | None = Field(default=None, ge=0)
+
+
+class AgentRunAnswer(TypedDict):
+    """The agent made: ``agent`` is its :class:`meshcore.wire.api.AgentInfo` as JSON; ``environment``
+    the variables its command gets (IDMESH_AGENT_ID, IDMESH_AGENT_CERT, ...)."""
+
+    agent: dict[str, Any]
+    environment: dict[str, str]
+
+
+class Whois(TypedDict):
+    """``GET /v1/whois?address=A``: who holds an overlay address, as this node verified it."""
+
+    kind: Literal["agent", "node"]
+    node: str
+    principal: str | None
+    """The agent's principal, or the node's owner (None for a tagged node)."""
+    agent: str | None
+    name: NotRequired[str]
+    """The agent's name (agents only)."""
+    scopes: list[str]
+    parent: str | None
+    expires: str | None
+    """ISO time the agent's certificate ends; None for a node."""
+    tags: NotRequired[list[str]]
+    """The node's tags (nodes only)."""
+    addresses: list[str]
+
+
+class SelfStatus(TypedDict):
+    name: str
+    addresses: list[str]
+    public_key: str
+    tags: list[str]
+    owner: str | None
+    interface: str
+    listen_port: int
+
+
+class PolicyInForce(TypedDict):
+    version: int
+    """0: no policy yet (everything is denied)."""
+    hash: str | None
+    ruleset: str | None
+    """Digest of the compiled ruleset installed in nftables."""
+    rules: int
+
+
+class ControllerLink(TypedDict):
+    url: str
+    connected: bool
+    protocol: int | None
+    """The wire protocol spoken on the stream (None: not connected yet)."""
+    netmap_version: int | None
+    applied_version: int | None
+    last_error: str | None
+
+
+class PeerStatus(TypedDict):
+    name: str
+    addresses: list[str]
+    endpoint: str | None
+    latest_handshake: str | None
+    rx_bytes: int
+    tx_bytes: int
+    tags: list[str]
+    owner: str | None
+
+
+class Status(TypedDict):
+    """``GET /v1/status``: ``meshctl status``."""
+
+    self: SelfStatus
+    policy: PolicyInForce
+    agents: dict[str, int]
+    """``honored``: agent identities this node verified; ``local``: agents running here."""
+    controller: ControllerLink
+    peers: list[PeerStatus]
+    routing: dict[str, Any] | None
+    """Identity-based routes (:meth:`meshd.routes.routing.Routing.status`); None before they start."""

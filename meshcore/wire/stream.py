@@ -1,0 +1,141 @@
+"""The netmap stream: what every node must know about the other nodes, and how it reaches them.
+
+The controller keeps one mesh-wide map with a version number that grows by
+one with every change (a node enrolled or removed, an endpoint changed).
+A node's stream starts with a full map and continues with deltas; each
+delta names the version it applies to (``base``), so a node that missed one
+notices and asks for a full resync instead of drifting (applying them is
+:class:`meshcore.netmap.NodeView`).
+
+Messages on the stream are one JSON object per line (NDJSON), each a
+:class:`StreamMessage`. The node names its protocol in the request that
+opens the stream; the controller answers the one both will speak
+(:func:`meshcore.wire.negotiate`).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import REQUEST_CONFIG, Answer, Request
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "AgentUpdate",
+    "EndpointReport",
+    "Netmap",
+    "NetmapDelta",
+    "PeerNode",
+    "PolicyDoc",
+    "RouteOffer",
+    "RouteOfferReport",
+    "StreamMessage",
+]
+
+MESSAGE_TYPES = ("full", "delta", "keepalive", "policy", "agents")
+"""The message types of this protocol version; each names the field of :class:`StreamMessage` it sets."""
+
+
+class RouteOffer(Answer):
+    """What a node offers as a gateway, and the key of its route tunnels.
+
+    Routes reach a gateway over tunnels of their own (one WireGuard
+    interface per gateway on the sender, one gateway interface on the
+    gateway), because WireGuard picks a peer by destination: the mesh
+    interface can send ``0.0.0.0/0`` to one peer only, yet two identities on
+    one node may need two different exits.
+    """
+
+    routes: tuple[str, ...] = Field(
+        default=(), max_length=64,
+        description="advertised prefixes, canonical; 0.0.0.0/0 and ::/0 make the node an exit node")
+    route_key: str | None = Field(
+        default=None, description="base64 X25519 public key of the node's route tunnels (both directions)")
+    gateway_port: int | None = Field(
+        default=None, ge=1, le=65535, description="UDP port of the gateway interface; None = offers nothing")
+
+
+class PeerNode(Answer):
+    """One node as the others see it."""
+
+    name: str = Field(description="node name, unique in the mesh")
+    wireguard_public_key: str = Field(description="base64 X25519 key; identifies the tunnel peer")
+    addresses: tuple[str, ...] = Field(description="the node's own overlay addresses, IPv4 then IPv6")
+    blocks: tuple[str, ...] = Field(description="the node's blocks (itself + its agents); a peer's allowed IPs")
+    endpoints: tuple[str, ...] = Field(
+        default=(), description="underlay ip:port candidates, best first; empty = not known yet (keep what works)"
+    )
+    owner: str | None = Field(default=None, description="owning principal; None for a tagged node")
+    tags: tuple[str, ...] = ()
+    routing: RouteOffer = Field(default_factory=RouteOffer, description="routes offered; its route tunnel key")
+
+
+class Netmap(Answer):
+    """The whole mesh at ``version``."""
+
+    version: int
+    domain: str
+    prefixes: tuple[str, ...] = Field(description="the overlay, IPv4 then IPv6: routed through the mesh interface")
+    nodes: dict[str, PeerNode] = Field(description="every node by name, the receiving node included")
+
+
+class NetmapDelta(Answer):
+    """The change from version ``base`` to ``version`` (= base + 1)."""
+
+    base: int
+    version: int
+    upsert: tuple[PeerNode, ...] = Field(default=(), description="nodes added or changed, whole")
+    remove: tuple[str, ...] = Field(default=(), description="names of nodes that left the mesh")
+
+
+class PolicyDoc(Answer):
+    """The mesh's policy as applied: each node compiles its own filter from it."""
+
+    version: int = Field(description="grows by one with every apply; 0 = no policy yet (deny everything)")
+    hash: str = Field(description="SHA-256 of text, hex")
+    filename: str = Field(description="the file name it was applied from, for error locations")
+    text: str = Field(description="the policy YAML exactly as applied")
+
+
+class AgentUpdate(Answer):
+    """Agent identities for the receiving node to verify and enforce.
+
+    ``full``: replace every agent identity held (sent on connect); else add
+    ``certificates`` and drop ``revoked``. Revocations are applied first.
+    """
+
+    full: bool = False
+    certificates: tuple[str, ...] = Field(default=(), description="PEM agent X509-SVIDs, signed by the mesh CA")
+    revoked: tuple[str, ...] = Field(default=(), description="agent ids that no node may honor any more")
+
+
+class StreamMessage(Answer):
+    """One line of the stream. Exactly the field named by ``type`` is set.
+
+    On connect the controller sends the policy first, then the map, then the
+    live agent identities, so a node enforces the current policy before it
+    learns of any new peer. ``type`` is one of :data:`MESSAGE_TYPES`; a
+    reader skips a line whose type it does not know (a newer controller's),
+    as it ignores unknown fields.
+    """
+
+    type: str = Field(max_length=64)
+    full: Netmap | None = None
+    delta: NetmapDelta | None = None
+    policy: PolicyDoc | None = None
+    agents: AgentUpdate | None = None
+
+
+class RouteOfferReport(RouteOffer):
+    """A :class:`RouteOffer` as a node reports it: strict, like every request."""
+
+    model_config = REQUEST_CONFIG
+
+
+class EndpointReport(Request):
+    """What a node tells the controller about how to reach it."""
+
+    listen_port: int = Field(ge=1, le=65535)
+    endpoints: tuple[str, ...] = Field(default=(), max_length=32, description="local underlay ip:port candidates")
+    routing: RouteOfferReport = Field(default_factory=RouteOfferReport,
+                                      description="what the node offers as a gateway")
