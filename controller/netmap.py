@@ -19,7 +19,7 @@ from meshcore.netmap import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDo
 
 from .store import Tx
 
-__all__ = ["NetmapHub", "Subscription", "Outgoing", "KEEPALIVE"]
+__all__ = ["KEEPALIVE", "NetmapHub", "Outgoing", "Subscription"]
 
 HISTORY = 4096
 QUEUE_LIMIT = 1024
@@ -33,7 +33,7 @@ class Outgoing:
     line: bytes
 
     @classmethod
-    def of(cls, message: StreamMessage) -> "Outgoing":
+    def of(cls, message: StreamMessage) -> Outgoing:
         return cls(message, message.model_dump_json(exclude_none=True).encode() + b"\n")
 
 

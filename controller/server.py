@@ -20,15 +20,14 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from meshcore.errors import InvalidInput, Unavailable
-
 from idmesh.metrics import serve_metrics
+from meshcore.errors import InvalidInput, Unavailable
 
 from .api import DEFAULT_MAX_BODY, TLS_EXTENSION, create_app
 from .authority import DataDir
 from .registry import Controller
 
-__all__ = ["serve", "server_ssl_context", "parse_listen"]
+__all__ = ["parse_listen", "serve", "server_ssl_context"]
 
 
 class _ClientCertProtocol(HttpToolsProtocol):

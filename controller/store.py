@@ -18,13 +18,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
 
-__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "PolicyRow", "AgentRow", "AuditRow", "iso", "from_iso"]
+__all__ = ["AgentRow", "AuditRow", "NodeRow", "PolicyRow", "Store", "TokenRow", "Tx", "from_iso", "iso"]
 
 MIGRATIONS: list[str] = [
     # 1: foundation
@@ -131,11 +131,11 @@ MIGRATIONS: list[str] = [
 
 def iso(moment: datetime) -> str:
     """UTC, fixed width, so text order is time order."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def from_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -442,7 +442,7 @@ class Store:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, create: bool = False) -> "Store":
+    def open(cls, path: Path, create: bool = False) -> Store:
         if not create and not path.exists():
             raise Unavailable(f"no controller database at {path}: run 'mesh-controller init' first")
         try:
