@@ -10,7 +10,7 @@ from idmesh.cli import duration, env_path, parser, print_json, run
 from idmesh.logs import setup_logging
 from idmesh.paths import DEFAULT_DATA
 
-from .api import DEFAULT_MAX_BODY
+from .middleware import DEFAULT_MAX_BODY
 
 
 def _main(argv: Sequence[str] | None) -> int:
