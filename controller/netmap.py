@@ -116,14 +116,15 @@ class NetmapHub:
     def publish_policy(self, doc: PolicyDoc) -> None:
         """A new policy version goes to everyone at once; it is small and final."""
         self.policy = doc
-        message = Outgoing.of(StreamMessage(type="policy", policy=doc))
-        for sub in list(self._subscribers):
-            sub.queue.put_nowait(message)
+        self._to_everyone(Outgoing.of(StreamMessage(type="policy", policy=doc)))
 
     def publish_agents(self, update: AgentUpdate) -> None:
         """Agent births and deaths go to every connected node. Revocations are
         never dropped for a slow reader: they are what 'within a second' is about."""
-        message = Outgoing.of(StreamMessage(type="agents", agents=update))
+        self._to_everyone(Outgoing.of(StreamMessage(type="agents", agents=update)))
+
+    def _to_everyone(self, message: Outgoing) -> None:
+        """Queue ``message`` for every subscriber, however far behind (never a resync)."""
         for sub in list(self._subscribers):
             sub.queue.put_nowait(message)
 

@@ -348,14 +348,9 @@ class Tx:
         return None if r is None else _agent_row(r)
 
     def live_agents(self, now: datetime, node: str | None = None, principal: str | None = None) -> list[AgentRow]:
-        sql, args = "SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?", [iso(now)]
-        if node is not None:
-            sql += " AND node = ?"
-            args.append(node)
-        if principal is not None:
-            sql += " AND principal = ?"
-            args.append(principal)
-        return [_agent_row(r) for r in self._c.execute(sql + " ORDER BY issued_at", args)]
+        where, args = _equal(node=node, principal=principal)
+        sql = f"SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?{where} ORDER BY issued_at"
+        return [_agent_row(r) for r in self._c.execute(sql, [iso(now), *args])]
 
     def agent_children(self, agent_id: str) -> list[str]:
         return [r[0] for r in self._c.execute("SELECT id FROM agents WHERE parent = ? AND ended_at IS NULL",
@@ -376,16 +371,10 @@ class Tx:
     def flows(self, denied: bool = False, principal: str | None = None, node: str | None = None,
               limit: int = 1000) -> list[tuple[str, str]]:
         """The newest matching (node, record JSON), oldest first."""
-        sql, args = "SELECT node, record FROM flows WHERE 1=1", []  # type: tuple[str, list[Any]]
-        if denied:
-            sql += " AND verdict = 'deny'"
-        if principal is not None:
-            sql += " AND principal = ?"
-            args.append(principal)
-        if node is not None:
-            sql += " AND node = ?"
-            args.append(node)
-        rows = self._c.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        where, args = _equal(principal=principal, node=node)
+        deny = " AND verdict = 'deny'" if denied else ""
+        sql = f"SELECT node, record FROM flows WHERE 1=1{deny}{where} ORDER BY id DESC LIMIT ?"
+        rows = self._c.execute(sql, [*args, limit]).fetchall()
         return [(r[0], r[1]) for r in reversed(rows)]
 
     # audit ----------------------------------------------------------------
@@ -422,6 +411,12 @@ class Tx:
         args.append(limit)
         rows = self._c.execute(sql, args).fetchall()
         return [AuditRow(r[0], from_iso(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6])) for r in reversed(rows)]
+
+
+def _equal(**columns: str | None) -> tuple[str, list[str]]:
+    """`` AND column = ?`` for each column given a value (None: not filtered on), and those values."""
+    given = {column: value for column, value in columns.items() if value is not None}
+    return "".join(f" AND {column} = ?" for column in given), list(given.values())
 
 
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
