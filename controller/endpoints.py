@@ -101,6 +101,8 @@ def _endpoint(text: str, prefixes: MeshPrefixes) -> str | None:
         raise InvalidInput(f"invalid endpoint {text!r}: expected IP:PORT or [IPv6]:PORT") from exc
     if not sep or not 0 < number < 65536:
         raise InvalidInput(f"invalid endpoint {text!r}: expected IP:PORT or [IPv6]:PORT")
-    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or prefixes.block_of(str(ip)) is not None:
+    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        return None
+    if prefixes.block_of(str(ip)) is not None:
         return None
     return _join(str(ip), number)
