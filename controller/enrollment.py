@@ -6,6 +6,9 @@ version. A refused token is audited in a transaction of its own and
 counted by the failure limiter, so guessing is slowed down while successful
 enrollments cost nothing extra. An unknown id and a wrong secret get the
 same answer, so the reply tells a guesser nothing about which ids exist.
+Renewal signs again the claims the node already holds (it cannot widen
+them), and the certificate it replaces stops working at once, since
+authentication accepts only a node's current serial.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ A subscriber whose queue overflows (a node too slow to read) is switched to
 a full resync instead of holding the controller's memory hostage.
 
 What a stored node or policy looks like on the stream (:func:`peer_node`,
-:func:`policy_doc`) is decided here too: the hub is seeded from the store
-with them at start-up and fed by them on every change, so both ends of the
-map agree by construction.
+:func:`policy_doc`) is decided here too: the hub is seeded with them from
+the store at start-up (:meth:`NetmapHub.load`) and fed with them on every
+change, so the map a restart rebuilds is the one that was streamed before.
 """
 
 from __future__ import annotations
