@@ -6,8 +6,9 @@ the policy in force; a sub-agent instead needs a live parent on the same
 node, the parent's principal, scopes within the parent's and an end no
 later than the parent's, so a parent can never hand out more than it holds.
 A permission refusal is audited, in a transaction of its own since the
-refused one left nothing behind. Ending an agent ends its whole subtree in one
-transaction, and each birth and death goes to every connected node at once.
+refused one left nothing behind. Ending an agent ends its whole subtree in
+one transaction, and each birth and death goes to every connected node at
+once.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Rows are written by each concern inside the transaction of the change they
 record, so an identity event never exists without its row; this module only
-reads them back. The admin names a node by name, the rows by SPIFFE ID: the
-translation is made here, once.
+reads them back. The admin names a node by its name, while rows made by or
+about it name it by SPIFFE ID; the ID is made here from the settings.
 """
 
 from __future__ import annotations

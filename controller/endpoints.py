@@ -1,9 +1,9 @@
 """What a node reports about itself: where it can be reached, and the routes it offers to carry.
 
 Both arrive from the node, so both are validated strictly here before they
-reach anyone's map: an endpoint inside the overlay or on loopback would
-route a tunnel through itself, a route inside the overlay would let a
-gateway capture the mesh. A report that changes nothing spends no netmap
+reach anyone's map: an endpoint on loopback or link-local is no use to
+another host and one inside the overlay would route the tunnel through
+itself, a route inside the overlay would let a gateway capture the mesh. A report that changes nothing spends no netmap
 version; a change of offered routes is audited (offering to carry others'
 traffic is an identity event), a change of endpoints is not.
 """
