@@ -22,14 +22,8 @@ from meshcore.wire import AgentIssueRequest, EnrollRequest, PolicyApply, TokenCr
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 ADMIN = "spiffe://acme.mesh/admin/admin"
-POLICY = """\
-delegations:
-  - principal: nikita@acme.com
-    nodes: [tag:agents]
-    scopes: ["db:read", "web:*"]
-    max_ttl: 1h
-acls: []
-"""
+# SPEC's seed example: nikita@acme.com may delegate web:* to agents of nodes tagged agents
+POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.yaml").read_text()
 
 
 @pytest.fixture
