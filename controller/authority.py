@@ -41,7 +41,7 @@ from meshcore.identity import (
 
 from .store import Store
 
-__all__ = ["DataDir", "init_data_dir", "load_authority", "default_url", "parse_url"]
+__all__ = ["DataDir", "default_url", "init_data_dir", "load_authority", "parse_url"]
 
 ADMIN_CERT_TTL = timedelta(days=365)
 SERVER_CERT_TTL = timedelta(days=365)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from idmesh.cli import duration, env_path, parser, print_json, run
 from idmesh.logs import setup_logging
 from idmesh.paths import DEFAULT_DATA
 
-from .api import DEFAULT_MAX_BODY
-
+from .middleware import DEFAULT_MAX_BODY
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -57,7 +56,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "init":
         from .authority import default_url, init_data_dir
 
-        result = init_data_dir(args.data, args.domain, args.url or default_url(), datetime.now(timezone.utc),
+        result = init_data_dir(args.data, args.domain, args.url or default_url(), datetime.now(UTC),
                                args.node_block_v4, args.node_block_v6, args.node_cert_ttl)
         if args.json:
             print_json(result)

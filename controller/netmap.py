@@ -7,6 +7,11 @@ last :data:`HISTORY` deltas are kept in memory: a node reconnecting with a
 version among them gets just the deltas it missed, anyone else a full map.
 A subscriber whose queue overflows (a node too slow to read) is switched to
 a full resync instead of holding the controller's memory hostage.
+
+What a stored node or policy looks like on the stream (:func:`peer_node`,
+:func:`policy_doc`) is decided here too: the hub is seeded with them from
+the store at start-up (:meth:`NetmapHub.load`) and fed with them on every
+change, so the map a restart rebuilds is the one that was streamed before.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, StreamMessage
+from meshcore.addressing import MeshPrefixes
+from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, RouteOffer, StreamMessage
 
-from .store import Tx
+from .store import NodeRow, PolicyRow, Tx
 
-__all__ = ["NetmapHub", "Subscription", "Outgoing", "KEEPALIVE"]
+__all__ = ["KEEPALIVE", "NetmapHub", "Outgoing", "Subscription", "peer_node", "policy_doc"]
 
 HISTORY = 4096
 QUEUE_LIMIT = 1024
+_VERSION_KEY = "netmap_version"  # in the store's meta table
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Outgoing:
     line: bytes
 
     @classmethod
-    def of(cls, message: StreamMessage) -> "Outgoing":
+    def of(cls, message: StreamMessage) -> Outgoing:
         return cls(message, message.model_dump_json(exclude_none=True).encode() + b"\n")
 
 
@@ -58,6 +65,15 @@ class NetmapHub:
         self._subscribers: set[Subscription] = set()
         self.policy: PolicyDoc | None = None
 
+    @classmethod
+    def load(cls, tx: Tx, domain: str, prefixes: MeshPrefixes) -> NetmapHub:
+        """The hub as the store left it: its version, every node, the policy in force."""
+        version = int(tx.meta(_VERSION_KEY) or 0)
+        nodes = {row.name: peer_node(row, prefixes) for row in tx.nodes()}
+        hub = cls(domain, (str(prefixes.v4), str(prefixes.v6)), version, nodes)
+        hub.policy = policy_doc(tx.policy())
+        return hub
+
     # -- the map ------------------------------------------------------------
     def full(self) -> Netmap:
         return Netmap(version=self.version, domain=self.domain, prefixes=self.prefixes, nodes=dict(self.nodes))
@@ -72,9 +88,9 @@ class NetmapHub:
 
     def bump(self, tx: Tx) -> int:
         """Reserve the next version inside the transaction making the change."""
-        stored = int(tx.meta("netmap_version") or 0)
+        stored = int(tx.meta(_VERSION_KEY) or 0)
         nxt = max(stored, self.version) + 1
-        tx.set_meta("netmap_version", str(nxt))
+        tx.set_meta(_VERSION_KEY, str(nxt))
         return nxt
 
     def publish(self, version: int, upsert: tuple[PeerNode, ...] = (), remove: tuple[str, ...] = ()) -> NetmapDelta:
@@ -100,14 +116,15 @@ class NetmapHub:
     def publish_policy(self, doc: PolicyDoc) -> None:
         """A new policy version goes to everyone at once; it is small and final."""
         self.policy = doc
-        message = Outgoing.of(StreamMessage(type="policy", policy=doc))
-        for sub in list(self._subscribers):
-            sub.queue.put_nowait(message)
+        self._to_everyone(Outgoing.of(StreamMessage(type="policy", policy=doc)))
 
     def publish_agents(self, update: AgentUpdate) -> None:
         """Agent births and deaths go to every connected node. Revocations are
         never dropped for a slow reader: they are what 'within a second' is about."""
-        message = Outgoing.of(StreamMessage(type="agents", agents=update))
+        self._to_everyone(Outgoing.of(StreamMessage(type="agents", agents=update)))
+
+    def _to_everyone(self, message: Outgoing) -> None:
+        """Queue ``message`` for every subscriber, however far behind (never a resync)."""
         for sub in list(self._subscribers):
             sub.queue.put_nowait(message)
 
@@ -126,3 +143,19 @@ class NetmapHub:
     @property
     def connected(self) -> int:
         return len(self._subscribers)
+
+
+def peer_node(row: NodeRow, prefixes: MeshPrefixes) -> PeerNode:
+    """A stored node as every other node sees it in the map."""
+    block = prefixes.block(row.block_index)
+    return PeerNode(name=row.name, wireguard_public_key=row.wg_public_key,
+                    addresses=(str(block.node_v4), str(block.node_v6)), blocks=(str(block.v4), str(block.v6)),
+                    endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags),
+                    routing=RouteOffer.model_validate(row.routing))
+
+
+def policy_doc(row: PolicyRow | None) -> PolicyDoc | None:
+    """A stored policy version as the stream carries it (None: no policy applied yet)."""
+    if row is None:
+        return None
+    return PolicyDoc(version=row.version, hash=row.hash, filename=row.filename, text=row.text)

@@ -20,15 +20,16 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from idmesh.metrics import serve_metrics
 from meshcore.errors import InvalidInput, Unavailable
 
-from idmesh.metrics import serve_metrics
-
-from .api import DEFAULT_MAX_BODY, TLS_EXTENSION, create_app
+from . import gauges
+from .api import TLS_EXTENSION, create_app
 from .authority import DataDir
-from .registry import Controller
+from .context import Context
+from .middleware import DEFAULT_MAX_BODY
 
-__all__ = ["serve", "server_ssl_context", "parse_listen"]
+__all__ = ["parse_listen", "serve", "server_ssl_context"]
 
 
 class _ClientCertProtocol(HttpToolsProtocol):
@@ -64,36 +65,37 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None) -> None:
     host, port = parse_listen(listen)
-    controller = Controller.open(data)
+    ctx = Context.open(data)
     if metrics:
-        serve_metrics(controller.metrics, metrics)
-    ctx = server_ssl_context(data)
+        gauges.watch(ctx)
+        serve_metrics(ctx.metrics, metrics)
+    ssl_ctx = server_ssl_context(data)
     config = uvicorn.Config(
-        create_app(controller, max_body),
+        create_app(ctx, max_body),
         host=host,
         port=port,
         http=_ClientCertProtocol,
         ws="none",
         lifespan="off",
         log_level="warning",
-        ssl_context_factory=lambda _config, _default: ctx,
+        ssl_context_factory=lambda _config, _default: ssl_ctx,
         timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     try:
         sock = _bind(host, port)
     except OSError as exc:
-        controller.store.close()
+        ctx.store.close()
         raise Unavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
     logging.getLogger("idmesh.controller").info(
-        "controller for %s listening on https://%s:%d", controller.settings.domain, host, port
+        "controller for %s listening on https://%s:%d", ctx.settings.domain, host, port
     )
     try:
         # uvloop: its TLS and transports are C, about a third of the CPU per enrollment.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(server.serve(sockets=[sock]))
     finally:
-        controller.store.close()
+        ctx.store.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:

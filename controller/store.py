@@ -6,8 +6,8 @@ any moment leaves either all of a change or none of it. ``synchronous=NORMAL``
 in WAL mode keeps every committed transaction across a process crash; only a
 power loss can drop the last few (never corrupt the file).
 
-Queries are plain methods of :class:`Tx`, one open transaction. Migrations
-are append-only: :data:`MIGRATIONS` grows, a number never changes meaning.
+Queries are plain methods of :class:`Tx`, one open transaction. The schema
+is :data:`controller.migrations.MIGRATIONS`, applied in order on open.
 """
 
 from __future__ import annotations
@@ -18,124 +18,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
 
-__all__ = ["Store", "Tx", "TokenRow", "NodeRow", "PolicyRow", "AgentRow", "AuditRow", "iso", "from_iso"]
+from .migrations import MIGRATIONS
 
-MIGRATIONS: list[str] = [
-    # 1: foundation
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
-        hash BLOB NOT NULL,
-        tags TEXT NOT NULL,
-        owner TEXT,
-        reusable INTEGER NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        uses INTEGER NOT NULL DEFAULT 0,
-        created_by TEXT NOT NULL
-    );
-    CREATE TABLE nodes (
-        name TEXT PRIMARY KEY,
-        block_index INTEGER NOT NULL UNIQUE,
-        wg_public_key TEXT NOT NULL UNIQUE,
-        owner TEXT,
-        tags TEXT NOT NULL,
-        cert_serial TEXT NOT NULL,
-        cert_not_after TEXT NOT NULL,
-        enrolled_at TEXT NOT NULL,
-        token_id TEXT
-    );
-    CREATE TABLE certificates (
-        serial TEXT PRIMARY KEY,
-        spiffe_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        node TEXT,
-        issued_at TEXT NOT NULL,
-        not_after TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE INDEX certificates_node ON certificates(node);
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT,
-        source TEXT,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX audit_at ON audit(at);
-    """,
-    # 2: data plane — where each node can be reached (underlay ip:port candidates)
-    """
-    ALTER TABLE nodes ADD COLUMN endpoints TEXT NOT NULL DEFAULT '[]';
-    """,
-    # 3: policy versions, append-only
-    """
-    CREATE TABLE policies (
-        version INTEGER PRIMARY KEY,
-        hash TEXT NOT NULL,
-        filename TEXT NOT NULL,
-        text TEXT NOT NULL,
-        applied_by TEXT NOT NULL,
-        applied_at TEXT NOT NULL
-    );
-    """,
-    # 4: agents — every agent identity ever issued; live ones have neither revoked_at nor retired_at
-    """
-    CREATE TABLE agents (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        node TEXT NOT NULL,
-        principal TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        parent TEXT,
-        ipv4 TEXT NOT NULL,
-        ipv6 TEXT NOT NULL,
-        serial TEXT NOT NULL,
-        certificate TEXT NOT NULL,
-        issued_at TEXT NOT NULL,
-        not_after TEXT NOT NULL,
-        ended_at TEXT,
-        end_reason TEXT
-    );
-    CREATE INDEX agents_node ON agents(node);
-    CREATE INDEX agents_principal ON agents(principal);
-    CREATE INDEX agents_parent ON agents(parent);
-    """,
-    # 5: identity flow log (denied connections and a sample of accepted ones, as nodes saw them)
-    """
-    CREATE TABLE flows (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        node TEXT NOT NULL,
-        record TEXT NOT NULL,
-        verdict TEXT NOT NULL,
-        principal TEXT
-    );
-    CREATE INDEX flows_at ON flows(at);
-    """,
-    # 6: routes a node offers as a gateway, and its route tunnel key (a RouteOffer as JSON)
-    """
-    ALTER TABLE nodes ADD COLUMN routing TEXT NOT NULL DEFAULT '{}';
-    """,
-]
+__all__ = ["AgentRow", "AuditRow", "NodeRow", "PolicyRow", "Store", "TokenRow", "Tx", "from_iso", "iso"]
 
 
 def iso(moment: datetime) -> str:
     """UTC, fixed width, so text order is time order."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def from_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -348,14 +248,9 @@ class Tx:
         return None if r is None else _agent_row(r)
 
     def live_agents(self, now: datetime, node: str | None = None, principal: str | None = None) -> list[AgentRow]:
-        sql, args = "SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?", [iso(now)]
-        if node is not None:
-            sql += " AND node = ?"
-            args.append(node)
-        if principal is not None:
-            sql += " AND principal = ?"
-            args.append(principal)
-        return [_agent_row(r) for r in self._c.execute(sql + " ORDER BY issued_at", args)]
+        where, args = _equal(node=node, principal=principal)
+        sql = f"SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?{where} ORDER BY issued_at"
+        return [_agent_row(r) for r in self._c.execute(sql, [iso(now), *args])]
 
     def agent_children(self, agent_id: str) -> list[str]:
         return [r[0] for r in self._c.execute("SELECT id FROM agents WHERE parent = ? AND ended_at IS NULL",
@@ -376,16 +271,10 @@ class Tx:
     def flows(self, denied: bool = False, principal: str | None = None, node: str | None = None,
               limit: int = 1000) -> list[tuple[str, str]]:
         """The newest matching (node, record JSON), oldest first."""
-        sql, args = "SELECT node, record FROM flows WHERE 1=1", []  # type: tuple[str, list[Any]]
-        if denied:
-            sql += " AND verdict = 'deny'"
-        if principal is not None:
-            sql += " AND principal = ?"
-            args.append(principal)
-        if node is not None:
-            sql += " AND node = ?"
-            args.append(node)
-        rows = self._c.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        where, args = _equal(principal=principal, node=node)
+        deny = " AND verdict = 'deny'" if denied else ""
+        sql = f"SELECT node, record FROM flows WHERE 1=1{deny}{where} ORDER BY id DESC LIMIT ?"
+        rows = self._c.execute(sql, [*args, limit]).fetchall()
         return [(r[0], r[1]) for r in reversed(rows)]
 
     # audit ----------------------------------------------------------------
@@ -424,6 +313,12 @@ class Tx:
         return [AuditRow(r[0], from_iso(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6])) for r in reversed(rows)]
 
 
+def _equal(**columns: str | None) -> tuple[str, list[str]]:
+    """`` AND column = ?`` for each column given a value (None: not filtered on), and those values."""
+    given = {column: value for column, value in columns.items() if value is not None}
+    return "".join(f" AND {column} = ?" for column in given), list(given.values())
+
+
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
     return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8],
                    tuple(json.loads(r[9])), json.loads(r[10]))
@@ -442,7 +337,7 @@ class Store:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, create: bool = False) -> "Store":
+    def open(cls, path: Path, create: bool = False) -> Store:
         if not create and not path.exists():
             raise Unavailable(f"no controller database at {path}: run 'mesh-controller init' first")
         try:

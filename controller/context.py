@@ -1,0 +1,79 @@
+"""What every concern of the controller works with, opened once per process.
+
+The concerns (tokens, enrollment, nodes, policies, agents, …) are plain
+functions that take a :class:`Context` first, as Headscale's queries take a
+transaction: what they share is named in one small typed object rather than
+being ``self`` of a class that grew a method per API call, so each concern
+can be read, and called from a test, on its own. Nothing here decides
+anything: opening the data directory and seeding the netmap hub from the
+store is all there is, and this module imports no concern.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from idmesh.metrics import Metrics
+from meshcore.addressing import MeshPrefixes
+from meshcore.identity import CertificateAuthority, Kind, SpiffeId
+from meshcore.policy import Policy
+
+from .authority import DataDir, load_authority
+from .netmap import NetmapHub
+from .ratelimit import FailureLimiter
+from .store import Store, Tx
+
+__all__ = ["Context", "Settings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``mesh-controller init`` fixed for the life of the mesh (the store's meta table)."""
+
+    domain: str
+    url: str
+    prefixes: MeshPrefixes
+    node_cert_ttl: timedelta
+
+    def spiffe_id(self, kind: Kind, name: str) -> SpiffeId:
+        return SpiffeId(self.domain, kind, name)
+
+    @classmethod
+    def read(cls, tx: Tx) -> Settings:
+        meta = {k: tx.meta(k) or "" for k in ("domain", "url", "prefix_v4", "prefix_v6", "block_v4",
+                                              "block_v6", "node_cert_ttl")}
+        prefixes = MeshPrefixes(
+            ipaddress.IPv4Network(meta["prefix_v4"]), ipaddress.IPv6Network(meta["prefix_v6"]),
+            int(meta["block_v4"]), int(meta["block_v6"]),
+        )
+        return cls(meta["domain"], meta["url"], prefixes, timedelta(seconds=int(meta["node_cert_ttl"])))
+
+
+@dataclass(eq=False)
+class Context:
+    """The controller's state: durable (store, CA, settings) and in memory (the rest).
+
+    ``parsed_policy`` is the policy in force as (hash, parsed), kept by
+    :func:`controller.policies.in_force`; nothing else writes it.
+    """
+
+    store: Store
+    ca: CertificateAuthority
+    settings: Settings
+    hub: NetmapHub
+    limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    metrics: Metrics = field(default_factory=Metrics)
+    parsed_policy: tuple[str, Policy] | None = None
+
+    @classmethod
+    def open(cls, data: Path) -> Context:
+        """The controller of the mesh in ``data`` (made by ``mesh-controller init``)."""
+        ca = load_authority(data)
+        store = Store.open(DataDir(data).database)
+        with store.transaction() as tx:
+            settings = Settings.read(tx)
+            hub = NetmapHub.load(tx, settings.domain, settings.prefixes)
+        return cls(store, ca, settings, hub)

@@ -1,0 +1,114 @@
+"""The store's schema, as the steps that build it: append-only.
+
+Step *n* (1-based) is applied to a database whose ``PRAGMA user_version`` is
+below *n*, each in a transaction of its own that also sets the version, so a
+database of any age is brought forward and a crash mid-way leaves a
+consistent older schema. A step never changes once released: a later need is
+a new step, and a database newer than this list is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS: list[str] = [
+    # 1: foundation
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash BLOB NOT NULL,
+        tags TEXT NOT NULL,
+        owner TEXT,
+        reusable INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        uses INTEGER NOT NULL DEFAULT 0,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        block_index INTEGER NOT NULL UNIQUE,
+        wg_public_key TEXT NOT NULL UNIQUE,
+        owner TEXT,
+        tags TEXT NOT NULL,
+        cert_serial TEXT NOT NULL,
+        cert_not_after TEXT NOT NULL,
+        enrolled_at TEXT NOT NULL,
+        token_id TEXT
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        node TEXT,
+        issued_at TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX certificates_node ON certificates(node);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        source TEXT,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit(at);
+    """,
+    # 2: data plane — where each node can be reached (underlay ip:port candidates)
+    """
+    ALTER TABLE nodes ADD COLUMN endpoints TEXT NOT NULL DEFAULT '[]';
+    """,
+    # 3: policy versions, append-only
+    """
+    CREATE TABLE policies (
+        version INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        text TEXT NOT NULL,
+        applied_by TEXT NOT NULL,
+        applied_at TEXT NOT NULL
+    );
+    """,
+    # 4: agents — every agent identity ever issued; live ones have neither revoked_at nor retired_at
+    """
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        node TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        parent TEXT,
+        ipv4 TEXT NOT NULL,
+        ipv6 TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        certificate TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        ended_at TEXT,
+        end_reason TEXT
+    );
+    CREATE INDEX agents_node ON agents(node);
+    CREATE INDEX agents_principal ON agents(principal);
+    CREATE INDEX agents_parent ON agents(parent);
+    """,
+    # 5: identity flow log (denied connections and a sample of accepted ones, as nodes saw them)
+    """
+    CREATE TABLE flows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        node TEXT NOT NULL,
+        record TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        principal TEXT
+    );
+    CREATE INDEX flows_at ON flows(at);
+    """,
+    # 6: routes a node offers as a gateway, and its route tunnel key (a RouteOffer as JSON)
+    """
+    ALTER TABLE nodes ADD COLUMN routing TEXT NOT NULL DEFAULT '{}';
+    """,
+]

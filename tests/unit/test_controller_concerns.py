@@ -1,0 +1,85 @@
+"""The controller's concerns called in process, on a fixed clock: no server, no sleeping."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from controller import agents, auth, enrollment, policies
+from controller.authority import init_data_dir
+from controller.context import Context
+from controller.tokens import create_token
+from meshcore.errors import InvalidToken
+from meshcore.identity import Identity, build_csr
+from meshcore.wire.api import AgentIssueRequest, EnrollRequest, PolicyApply, TokenCreateRequest
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+ADMIN = "spiffe://acme.mesh/admin/admin"
+# SPEC's seed example: nikita@acme.com may delegate web:* to agents of nodes tagged agents
+POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.yaml").read_text()
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Context]:
+    init_data_dir(tmp_path / "data", "acme.mesh", "https://127.0.0.1:8443", NOW)
+    c = Context.open(tmp_path / "data")
+    yield c
+    c.store.close()
+
+
+def enroll(ctx: Context, token: str, name: str, now: datetime) -> Identity:
+    wg = x25519.X25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.Raw,
+                                                                     serialization.PublicFormat.Raw)
+    req = EnrollRequest(token=token, csr=build_csr(ed25519.Ed25519PrivateKey.generate()),
+                        wireguard_public_key=base64.b64encode(wg).decode(), name=name)
+    pem = enrollment.enroll(ctx, req, "192.0.2.1", now).certificate
+    der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+    return auth.authenticate(ctx, der, now)
+
+
+def agent(ctx: Context, node: Identity, slot: int, now: datetime, ttl: int, parent: str | None = None) -> str:
+    v4, v6 = ctx.settings.prefixes.block(0).agent_address(slot)
+    req = AgentIssueRequest(csr=build_csr(ed25519.Ed25519PrivateKey.generate()), name="helper",
+                            principal="nikita@acme.com", scopes=["web:deploy"], ttl_seconds=ttl, parent=parent,
+                            ipv4=str(v4), ipv6=str(v6))
+    return agents.issue_agent(ctx, node, req, now).agent.id
+
+
+def test_a_token_expires_on_the_clock_it_is_given(ctx: Context) -> None:
+    token = create_token(ctx, ADMIN, TokenCreateRequest(tags=["db"], ttl_seconds=60, reusable=True), NOW).token
+    assert enroll(ctx, token, "db-1", NOW + timedelta(seconds=59)).spiffe_id.name == "db-1"
+    with pytest.raises(InvalidToken, match="enrollment token expired at 2026-06-01T12:01:00"):
+        enroll(ctx, token, "db-2", NOW + timedelta(seconds=60))
+    with ctx.store.transaction() as tx:
+        assert [r.action for r in tx.audit_rows(action="token")][-2:] == ["token.used", "token.refused"]
+
+
+def test_a_sub_agent_ends_no_later_than_its_parent_and_with_it(ctx: Context) -> None:
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY), NOW)
+    token = create_token(ctx, ADMIN, TokenCreateRequest(tags=["agents"]), NOW).token
+    node = enroll(ctx, token, "agents-1", NOW)
+    parent = agent(ctx, node, 3, NOW, ttl=600)
+    child = agent(ctx, node, 4, NOW + timedelta(seconds=60), ttl=3000, parent=parent)
+    live = {a.id: a.expires for a in agents.list_agents(ctx, node, NOW + timedelta(seconds=61))}
+    assert live == {parent: NOW + timedelta(seconds=600), child: NOW + timedelta(seconds=600)}
+    sub = ctx.hub.subscribe("agents-2")
+    assert agents.end_agent(ctx, node, parent, NOW + timedelta(seconds=120)).ended == [parent, child]
+    update = sub.queue.get_nowait().message.agents
+    assert update is not None and update.revoked == (parent, child)
+    assert agents.list_agents(ctx, node, NOW + timedelta(seconds=121)) == []
+
+
+def test_the_policy_in_force_is_parsed_once_per_version(ctx: Context) -> None:
+    assert policies.in_force(ctx) is None
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY), NOW)
+    first = policies.in_force(ctx)
+    assert first is not None and policies.in_force(ctx) is first
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY + "# v2\n"), NOW)
+    assert policies.in_force(ctx) is not first
