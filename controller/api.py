@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
+from meshcore.wire import MIN_PROTOCOL, PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
 from meshcore.wire.api import (
     AgentInfo,
     AgentIssued,
@@ -210,10 +211,13 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
         return node_reports.report_endpoints(ctx, who, report, observed, _now())
 
     @app.get("/v1/netmap")
-    async def netmap(who: Node, since: int | None = None) -> StreamingResponse:
+    async def netmap(who: Node, request: Request, since: int | None = None) -> StreamingResponse:
         """The node's stream: a full map (or the deltas since ``since``), then
         deltas as they happen, and a keepalive line when nothing does."""
-        return StreamingResponse(stream.open_stream(ctx, who.spiffe_id.name, since, _now),
-                                 media_type="application/x-ndjson")
+        protocol = stream.agree(who.spiffe_id.name, request.headers.get(PROTOCOL_HEADER))
+        return StreamingResponse(stream.open_stream(ctx, who.spiffe_id.name, since, _now, protocol),
+                                 media_type="application/x-ndjson",
+                                 headers={PROTOCOL_HEADER: str(protocol),
+                                          SUPPORTED_HEADER: f"{MIN_PROTOCOL}-{PROTOCOL}"})
 
     return BodyLimit(app, max_body, larger={"/v1/policy": 4 * 1024 * 1024 + 4096, "/v1/flows": 1024 * 1024})

@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from meshcore.addressing import MeshPrefixes
+from meshcore.wire import PROTOCOL
 from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, RouteOffer, StreamMessage
 
 from .store import NodeRow, PolicyRow, Tx
@@ -50,6 +51,8 @@ KEEPALIVE = Outgoing.of(StreamMessage(type="keepalive"))
 @dataclass(eq=False)
 class Subscription:
     node: str
+    protocol: int = PROTOCOL
+    """The wire protocol agreed with the node when its stream opened."""
     queue: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     resync: bool = False
     closed: bool = False
@@ -129,8 +132,8 @@ class NetmapHub:
             sub.queue.put_nowait(message)
 
     # -- subscribers -----------------------------------------------------------
-    def subscribe(self, node: str) -> Subscription:
-        sub = Subscription(node)
+    def subscribe(self, node: str, protocol: int = PROTOCOL) -> Subscription:
+        sub = Subscription(node, protocol)
         self._subscribers.add(sub)
         return sub
 

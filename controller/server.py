@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +64,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None) -> None:
+def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None,
+          middleware: Sequence[Callable[[Any], Any]] = ()) -> None:
+    """Serve the API until SIGTERM; ``middleware`` wraps it in more ASGI layers (the last one outermost)."""
     host, port = parse_listen(listen)
     ctx = Context.open(data)
     if metrics:
         gauges.watch(ctx)
         serve_metrics(ctx.metrics, metrics)
     ssl_ctx = server_ssl_context(data)
+    app = create_app(ctx, max_body)
+    for layer in middleware:
+        app = layer(app)
     config = uvicorn.Config(
-        create_app(ctx, max_body),
+        app,
         host=host,
         port=port,
         http=_ClientCertProtocol,

@@ -14,23 +14,40 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
+from meshcore.errors import Outdated
+from meshcore.wire import MIN_PROTOCOL, PROTOCOL, negotiate
 from meshcore.wire.stream import NetmapDelta, StreamMessage
 
 from .agents import agent_update_full
 from .context import Context
 from .netmap import KEEPALIVE, Outgoing, Subscription
 
-__all__ = ["KEEPALIVE_SECONDS", "open_stream"]
+__all__ = ["KEEPALIVE_SECONDS", "agree", "open_stream"]
 
 # A keepalive line this often keeps NATs open and lets a node notice a dead
 # controller within KEEPALIVE + its read timeout.
 KEEPALIVE_SECONDS = 10.0
 
 
-def open_stream(ctx: Context, node: str, since: int | None, clock: Callable[[], datetime]) -> AsyncIterator[bytes]:
+def agree(node: str, announced: str | None) -> int:
+    """The protocol to speak with ``node``, which announced ``announced`` (nothing: a node older than the
+    handshake, which reads protocol 2), or :class:`Outdated` for one this controller no longer serves."""
+    protocol = negotiate(announced)
+    if protocol is None:
+        raise Outdated(f"node {node} speaks wire protocol {announced!r}; this controller serves "
+                       f"{MIN_PROTOCOL} to {PROTOCOL}: upgrade meshd on {node}")
+    return protocol
+
+
+def open_stream(ctx: Context, node: str, since: int | None, clock: Callable[[], datetime],
+                protocol: int = PROTOCOL) -> AsyncIterator[bytes]:
     """Subscribe ``node`` and return its stream's lines: a full map, or the
-    deltas after ``since`` when the hub still has them, then deltas as they happen."""
-    sub = ctx.hub.subscribe(node)
+    deltas after ``since`` when the hub still has them, then deltas as they happen.
+
+    ``protocol`` is what :func:`agree` settled on; every message of this
+    version is one a protocol-2 node reads, so nothing depends on it yet.
+    """
+    sub = ctx.hub.subscribe(node, protocol)
     backlog = ctx.hub.since(since) if since is not None else None
     first = _everything(ctx, backlog, clock())
     return _lines(ctx, sub, first, clock)

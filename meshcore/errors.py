@@ -12,6 +12,7 @@ errors (cryptography, sqlite, ssl, httpx) are mapped at the boundary with
     │   └── PolicyError             a policy file that cannot be used, with every location
     ├── NotFound                    a named node/token/file does not exist (3)
     ├── Conflict                    already enrolled, duplicate name, CA exists (4)
+    │   └── Outdated                a peer speaks a protocol this one no longer serves
     ├── PermissionDenied            credential missing or not allowed (5)
     ├── Unavailable                 the controller or a daemon cannot be reached (6)
     └── Exhausted                   the overlay address space is full (7)
@@ -31,6 +32,7 @@ __all__ = [
     "PolicyError",
     "NotFound",
     "Conflict",
+    "Outdated",
     "PermissionDenied",
     "Unavailable",
     "Exhausted",
@@ -81,6 +83,12 @@ class Conflict(IdmeshError):
     status = 409
 
 
+class Outdated(Conflict):
+    """The other side speaks a wire protocol older than this side serves (:mod:`meshcore.wire`)."""
+
+    status = 426
+
+
 class PermissionDenied(IdmeshError):
     exit_code = 5
     status = 403
@@ -107,6 +115,7 @@ _BY_STATUS: dict[int, type[IdmeshError]] = {
     404: NotFound,
     409: Conflict,
     413: InvalidInput,
+    426: Outdated,
     422: InvalidInput,
     429: RateLimited,
     503: Unavailable,

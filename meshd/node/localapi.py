@@ -101,11 +101,12 @@ class LocalApi:
             return JSONResponse({"error": f"malformed request: {where}: {first.get('msg', 'invalid')}"},
                                 status_code=422)
 
-        @app.get("/v1/status")
+        # The answers are TypedDicts for mypy; FastAPI sends them as they are (response_model=None).
+        @app.get("/v1/status", response_model=None)
         async def get_status() -> Status:
             return status()
 
-        @app.get("/v1/whois")
+        @app.get("/v1/whois", response_model=None)
         async def get_whois(address: str) -> Whois:
             return whois(address)
 
@@ -113,7 +114,7 @@ class LocalApi:
         async def get_agents() -> list[dict[str, Any]]:
             return list_agents()
 
-        @app.post("/v1/agents")
+        @app.post("/v1/agents", response_model=None)
         async def post_agent(req: AgentRunRequest, request: Request) -> AgentRunAnswer:
             cred = request.scope.get("extensions", {}).get(PEERCRED)
             if cred is None:

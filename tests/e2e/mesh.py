@@ -79,6 +79,8 @@ class Mesh:
     url: str = ""
     controller: subprocess.Popen[Any] | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
+    serve: list[str] = field(default_factory=lambda: [cmd("mesh-controller"), "serve"])
+    """How the controller is started (a test may start another version's: :mod:`tests.compat`)."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -101,7 +103,7 @@ class Mesh:
     def start_controller(self) -> None:
         with (self.tmp / "controller.log").open("a") as log:
             self.controller = self.controller_host.popen(
-                [cmd("mesh-controller"), "serve", "--data", str(self.tmp / "ctl"), "--listen", "0.0.0.0:8443"],
+                [*self.serve, "--data", str(self.tmp / "ctl"), "--listen", "0.0.0.0:8443"],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: self.admin("nodes", "list", check=False).returncode == 0, 20, "controller up",
                    on_fail=self.logs)

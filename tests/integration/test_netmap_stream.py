@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from idmesh.client import AdminCredential, client_ssl_context
+from meshcore.wire import PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
 from meshcore.wire.stream import NetmapDelta, PeerNode, StreamMessage
 
 from .conftest import BIN, Controller, cli
@@ -292,3 +293,20 @@ def test_a_dual_stack_controller_sees_an_ipv4_node_as_ipv4(controller: Controlle
             log.close()
     finally:
         mesh.close()
+
+
+@pytest.mark.parametrize(("announced", "agreed"), [(None, "2"), ("2", "2"), ("3", "3"), ("40", "3")])
+def test_the_stream_opens_in_the_protocol_both_speak(mesh: Mesh, announced: str | None, agreed: str) -> None:
+    node = mesh.enroll("db-1")
+    headers = {PROTOCOL_HEADER: announced} if announced else {}
+    with node.http.stream("GET", "/v1/netmap", headers=headers) as resp:
+        assert resp.status_code == 200
+        assert resp.headers[PROTOCOL_HEADER] == agreed and resp.headers[SUPPORTED_HEADER] == f"2-{PROTOCOL}"
+
+
+def test_a_node_older_than_the_controller_serves_is_told_to_upgrade(mesh: Mesh) -> None:
+    node = mesh.enroll("db-1")
+    refused = node.http.get("/v1/netmap", headers={PROTOCOL_HEADER: "1"})
+    assert refused.status_code == 426
+    assert refused.json()["error"] == ("node db-1 speaks wire protocol '1'; this controller serves 2 to "
+                                       f"{PROTOCOL}: upgrade meshd on db-1")

@@ -1,0 +1,1 @@
+"""Peers from other versions, for the tests of wire compatibility (:mod:`meshcore.wire`)."""
