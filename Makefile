@@ -30,8 +30,8 @@ unit: venv
 	$(PY) -m pytest -q tests/unit
 
 lint: venv
+	$(VENV)/bin/ruff check meshcore controller meshd idmesh meshctl deploy tests bench demo
 	$(VENV)/bin/mypy
-	$(VENV)/bin/ruff check meshcore controller meshd idmesh meshctl
 
 demo: deps venv
 	$(PY) -m demo $(DEMO_ARGS)

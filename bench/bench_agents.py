@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.mesh import Mesh, Node, cmd, firewall_holds, revoke_and_time, wait_until  # noqa: E402
-from tests.e2e.netns import Network  # noqa: E402
+from common import command_line
 
-from common import command_line  # noqa: E402
+from tests.e2e.mesh import Mesh, Node, cmd, firewall_holds, revoke_and_time, wait_until
+from tests.e2e.netns import Network
 
 POLICY = """\
 delegations:
@@ -77,7 +77,7 @@ def revocations(mesh: Mesh, agents: Node, db: Node, k: int) -> list[float]:
         agent = listed[0]
         address = agent["addresses"][0]
 
-        wait_until(lambda: firewall_holds(db, address), 10, "db to honor the agent")
+        wait_until(lambda held=address: firewall_holds(db, held), 10, "db to honor the agent")
         out.append(revoke_and_time(mesh, agent["id"], address, db))
         proc.wait(20)
     return out

@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import command_line, cpu_seconds, free_port, wait_listening
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from meshcore.identity import build_csr
-from common import command_line, cpu_seconds, free_port, wait_listening  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

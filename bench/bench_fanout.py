@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
+from common import command_line, cpu_seconds, free_port, wait_listening
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
@@ -54,7 +55,6 @@ from idmesh.client import client_ssl_context
 from meshcore.identity import build_csr
 from meshcore.netmap import NodeView
 from meshcore.wire.stream import StreamMessage
-from common import command_line, cpu_seconds, free_port, wait_listening  # noqa: E402
 
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"

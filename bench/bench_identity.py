@@ -24,6 +24,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import cryptography
+from common import command_line
 from cryptography import x509
 from cryptography.hazmat.backends.openssl import backend
 from cryptography.hazmat.primitives import serialization
@@ -42,7 +43,6 @@ from meshcore.identity import (
     verify_leaf,
 )
 from meshcore.scopes import parse_scopes
-from common import command_line  # noqa: E402
 
 TARGET_PER_SECOND = 8000
 NOW = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)

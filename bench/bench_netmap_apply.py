@@ -41,17 +41,17 @@ import sys
 import time
 from collections.abc import Callable
 
+from common import command_line
+
 from meshcore.addressing import MeshPrefixes
 from meshcore.netmap import NodeView
-from meshcore.wire.stream import Netmap, NetmapDelta, PeerNode, StreamMessage
 from meshcore.policy import AgentIdentity, NodeFilter, load_policy
 from meshcore.scopes import parse_scopes
-from meshd.mesh.peers import desired_peers
-from meshd.wg import DeviceConfig
-from meshd.mesh.dataplane import DataPlane
+from meshcore.wire.stream import Netmap, NetmapDelta, PeerNode, StreamMessage
 from meshd.kernel.netconf import FakeNetConf
-from meshd.wg import FakeWireGuard, generate_private_key
-from common import command_line  # noqa: E402
+from meshd.mesh.dataplane import DataPlane
+from meshd.mesh.peers import desired_peers
+from meshd.wg import DeviceConfig, FakeWireGuard, generate_private_key
 
 POLICY = load_policy("""\
 services:
@@ -117,7 +117,7 @@ def bench_size(n: int, private: str) -> dict[str, object]:
     # apply: a fresh one-node delta each run, built beforehand (building it is the controller's cost)
     view = NodeView(full)
 
-    def apply_prebuilt(batch: list[NetmapDelta]) -> Callable[[], None]:
+    def apply_prebuilt(batch: list[NetmapDelta]) -> Callable[[], object]:
         it = iter(batch)
         return lambda: view.apply(next(it))
 
@@ -160,7 +160,7 @@ def bench_size(n: int, private: str) -> dict[str, object]:
     # the daemon's real per-change path: DataPlane, incremental
     netconf = FakeNetConf()
     netconf.add_link("wg0")
-    plane = DataPlane(self_name, nodes[0].addresses, private, 51820, "wg0", FakeWireGuard("wg0"), netconf,
+    plane = DataPlane(self_name, (nodes[0].addresses[0], nodes[0].addresses[1]), private, 51820, "wg0", FakeWireGuard("wg0"), netconf,
                       _UnrunFirewall())  # type: ignore[arg-type]
     agents: dict[str, AgentIdentity] = {}
     plane.apply(plane.take(POLICY, view.nodes, agents, {}, full.prefixes))

@@ -45,9 +45,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import start_namespace_bench
+
 from tests.e2e.mesh import Mesh, Node, cmd
 from tests.e2e.netns import UAPI_DIR, Host, Network, wait_until
-from common import start_namespace_bench  # noqa: E402
 
 IPERF_PORT = 5201
 MANUAL_PORT = 51821

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.mesh import Mesh, Node, cmd, revoke_and_time, tcp_server, wait_until  # noqa: E402
-from tests.e2e.netns import Host, HostCommandError, Network  # noqa: E402
+from tests.e2e.mesh import Mesh, Node, cmd, revoke_and_time, tcp_server, wait_until
+from tests.e2e.netns import Host, HostCommandError, Network
 
 HERE = Path(__file__).resolve().parent
 POLICY = (HERE.parent / "examples" / "policy.yaml").read_text()

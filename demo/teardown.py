@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.netns import reap_stale  # noqa: E402
+from tests.e2e.netns import reap_stale
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .errors import Exhausted, InvalidInput
 
-__all__ = ["MeshPrefixes", "NodeBlock", "random_ula48", "CGNAT"]
+__all__ = ["CGNAT", "MeshPrefixes", "NodeBlock", "random_ula48"]
 
 CGNAT = IPv4Network("100.64.0.0/10")
 

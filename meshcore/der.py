@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-__all__ = ["tlv", "length", "read_length", "integer", "time", "sequence", "octet_string", "utf8_string"]
+__all__ = ["integer", "length", "octet_string", "read_length", "sequence", "time", "tlv", "utf8_string"]
 
 
 def length(n: int) -> bytes:

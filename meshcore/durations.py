@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from .errors import InvalidInput
 
-__all__ = ["parse_duration", "format_duration"]
+__all__ = ["format_duration", "parse_duration"]
 
 _PART = re.compile(r"(\d+)([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}

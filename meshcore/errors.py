@@ -25,18 +25,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "Conflict",
+    "Exhausted",
     "IdmeshError",
+    "InvalidCertificate",
     "InvalidInput",
     "InvalidToken",
-    "InvalidCertificate",
-    "PolicyError",
     "NotFound",
-    "Conflict",
     "Outdated",
     "PermissionDenied",
-    "Unavailable",
-    "Exhausted",
+    "PolicyError",
     "RateLimited",
+    "Unavailable",
     "error_for_status",
 ]
 

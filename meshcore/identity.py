@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Literal, Union
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -37,23 +37,23 @@ from .scopes import Scope, parse_scopes
 
 __all__ = [
     "CLAIMS_OID",
-    "Kind",
-    "SpiffeId",
+    "CertificateAuthority",
     "Claims",
     "Identity",
-    "CertificateAuthority",
-    "new_ca",
+    "Kind",
+    "SpiffeId",
+    "build_csr",
     "build_leaf",
     "build_leaf_reference",
-    "new_serial",
-    "verify_leaf",
-    "load_csr",
-    "build_csr",
-    "fingerprint",
-    "load_certificate",
     "cert_pem",
+    "fingerprint",
     "key_pem",
+    "load_certificate",
+    "load_csr",
+    "new_ca",
+    "new_serial",
     "trust_domain_of",
+    "verify_leaf",
 ]
 
 # 2.25 is the UUID arc (ITU-T X.667): our arc is UUID a3000e26-fd5a-4a2f-927d-42e5f8984389.
@@ -63,8 +63,8 @@ CLAIMS_OID = x509.ObjectIdentifier(IDMESH_ARC + ".1")
 
 Kind = Literal["node", "agent", "admin", "controller"]
 _KINDS = ("node", "agent", "admin", "controller")
-SigningKey = Union[ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey]
-PublicKey = Union[ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey]
+SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
@@ -91,7 +91,7 @@ class SpiffeId:
         return f"spiffe://{self.trust_domain}/{self.kind}/{self.name}"
 
     @classmethod
-    def parse(cls, uri: str) -> "SpiffeId":
+    def parse(cls, uri: str) -> SpiffeId:
         m = re.match(r"^spiffe://([^/]+)/([^/]+)/([^/]+)\Z", uri)
         if not m or m.group(2) not in _KINDS:
             raise InvalidInput(f"not an idmesh SPIFFE ID: {uri!r}")
@@ -132,7 +132,7 @@ class Claims:
         return der.utf8_string(json.dumps(doc, sort_keys=True, separators=(",", ":")))
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Claims":
+    def decode(cls, raw: bytes) -> Claims:
         try:
             if raw[:1] != b"\x0c":
                 raise ValueError("not a UTF8String")
@@ -141,7 +141,7 @@ class Claims:
                 raise ValueError("trailing bytes")
             doc = json.loads(raw[offset:].decode())
             if not isinstance(doc, dict):
-                raise ValueError("not a JSON object")
+                raise TypeError("not a JSON object")
             if doc.get("v") != 1 or doc.get("kind") not in _KINDS:
                 raise ValueError("unknown claims version or kind")
             for key in ("node", "owner", "principal", "parent", "name"):
@@ -204,7 +204,7 @@ class CertificateAuthority:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
     @cached_property
-    def _leaf_template(self) -> "_LeafTemplate":
+    def _leaf_template(self) -> _LeafTemplate:
         return _LeafTemplate.for_ca(self)
 
 
@@ -360,7 +360,7 @@ class _LeafTemplate:
     claims_oid: bytes
 
     @classmethod
-    def for_ca(cls, ca: CertificateAuthority) -> "_LeafTemplate":
+    def for_ca(cls, ca: CertificateAuthority) -> _LeafTemplate:
         def ext_der(ext: x509.ExtensionType, critical: bool) -> bytes:
             # The library stays the authority on each extension value's DER.
             value = ext.public_bytes()

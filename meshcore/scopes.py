@@ -11,8 +11,8 @@ its parent.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .errors import InvalidInput
 
@@ -29,7 +29,7 @@ class Scope:
     def __str__(self) -> str:
         return f"{self.resource}:{self.action}"
 
-    def within(self, other: "Scope") -> bool:
+    def within(self, other: Scope) -> bool:
         """True when every action this scope allows is also allowed by ``other``."""
         return _segment_within(self.resource, other.resource) and _segment_within(
             self.action, other.action

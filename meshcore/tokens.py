@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidToken
 
-__all__ = ["EnrollmentToken", "parse_token", "new_token", "token_hash", "hash_matches"]
+__all__ = ["EnrollmentToken", "hash_matches", "new_token", "parse_token", "token_hash"]
 
 PREFIX = "idm1."
 _ID = re.compile(r"^[A-Za-z0-9_-]{8,32}\Z")

@@ -17,26 +17,26 @@ from . import PROTOCOL
 from .base import REQUEST_CONFIG, Answer, Request
 
 __all__ = [
-    "ErrorBody",
-    "EnrollRequest",
-    "EnrollResponse",
-    "NodeInfo",
-    "TokenCreateRequest",
-    "TokenCreated",
-    "TokenInfo",
-    "RenewRequest",
-    "PolicyApply",
-    "AgentIssueRequest",
     "AgentInfo",
+    "AgentIssueRequest",
     "AgentIssued",
     "AgentRevokeRequest",
     "AgentsEnded",
     "AuditEntry",
+    "EnrollRequest",
+    "EnrollResponse",
+    "ErrorBody",
+    "FlowBatch",
     "FlowRecord",
     "FlowReport",
-    "FlowBatch",
+    "NodeInfo",
+    "PolicyApply",
     "PolicyInfo",
+    "RenewRequest",
     "RenewResponse",
+    "TokenCreateRequest",
+    "TokenCreated",
+    "TokenInfo",
 ]
 
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +41,7 @@ from meshcore.identity import build_csr, key_pem
 from meshcore.wire.api import AgentIssued
 from meshd.files import write_private
 
-__all__ = ["AgentSupervisor", "LocalAgent", "AgentNetwork"]
+__all__ = ["AgentNetwork", "AgentSupervisor", "LocalAgent"]
 
 log = logging.getLogger("meshd.agents.supervisor")
 WATCH_INTERVAL = 0.2
@@ -193,7 +193,7 @@ class AgentSupervisor:
         """End agents whose processes are all gone, or whose identity expired (own clock)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for agent in list(self.local.values()):
                 if agent.ended or not agent.moved:
                     continue

@@ -116,7 +116,7 @@ class NflogSocket:
         self._sock.send(struct.pack("=IHHII", 16 + len(body), _MSG_CONFIG, _NLM_F_REQUEST | _NLM_F_ACK, self._seq, 0)
                         + body)
         answer = self._sock.recv(4096)
-        length, kind = struct.unpack_from("=IH", answer, 0)
+        _length, kind = struct.unpack_from("=IH", answer, 0)
         if kind == _NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", answer, 16)
             if code:

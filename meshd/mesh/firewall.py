@@ -29,7 +29,7 @@ from meshcore.errors import IdmeshError
 from meshcore.policy import FilterRule, NodeFilter
 from meshd.kernel.nft import Nft, NftTable
 
-__all__ = ["TABLE", "render_table", "render_element_changes", "NftFirewall", "ElementChanges"]
+__all__ = ["TABLE", "ElementChanges", "NftFirewall", "render_element_changes", "render_table"]
 
 TABLE = "idmesh"
 log = logging.getLogger("meshd.mesh.firewall")

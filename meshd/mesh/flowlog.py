@@ -17,7 +17,7 @@ import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from meshcore.errors import IdmeshError
@@ -25,7 +25,7 @@ from meshcore.wire.api import FlowBatch, FlowReport
 from meshd.kernel.nflog import LoggedPacket, NflogSocket
 from meshd.mesh.firewall import FLOW_GROUP
 
-__all__ = ["FlowLog", "BUFFER"]
+__all__ = ["BUFFER", "FlowLog"]
 
 log = logging.getLogger("meshd.mesh.flowlog")
 BUFFER = 2000
@@ -59,7 +59,7 @@ class FlowLog:
         self._thread.start()
 
     def _record(self, packets: list[LoggedPacket]) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for p in packets:
             try:
                 who: Mapping[str, Any] = self._whois(p.source)

@@ -9,7 +9,7 @@ latest netmap.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from meshcore.wire.local import PeerStatus, Status
@@ -133,7 +133,7 @@ def gauges(node: Node) -> list[Gauge]:
                     {}, float(node.agentnet.spoofed())))
     state = _device(plane)
     if state is not None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         names = {n.wireguard_public_key: name for name, n in (view.nodes.items() if view else ())}
         out.append(("idmesh_peers", "WireGuard peers configured", {}, float(len(state.peers))))
         for p in state.peers:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from idmesh.metrics import Metrics, serve_metrics
@@ -156,7 +156,7 @@ class Daemon:
         while True:
             await asyncio.sleep(0.25)
             self.mesh.write_snapshot()
-            self.mesh.expire(datetime.now(timezone.utc))
+            self.mesh.expire(datetime.now(UTC))
 
     async def _discover(self) -> None:
         report = await self._endpoint_report()

@@ -21,7 +21,7 @@ from meshcore.wire.api import EnrollRequest, EnrollResponse
 from meshd.node.state import NodeRecord, StateDir
 from meshd.wg.model import generate_private_key, public_key_of
 
-__all__ = ["enroll", "default_node_name"]
+__all__ = ["default_node_name", "enroll"]
 
 
 def default_node_name() -> str:

@@ -15,7 +15,7 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 from cryptography import x509
@@ -39,7 +39,7 @@ from meshcore.wire.stream import (
 )
 from meshd.node.state import StateDir, write_private
 
-__all__ = ["ControllerSession", "Backoff"]
+__all__ = ["Backoff", "ControllerSession"]
 
 log = logging.getLogger("meshd.node.session")
 
@@ -167,7 +167,7 @@ class ControllerSession:
                 cert = x509.load_pem_x509_certificate(self.state.node_cert.read_bytes())
                 start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
                 due = start + (end - start) * 2 / 3
-                if datetime.now(timezone.utc) >= due:
+                if datetime.now(UTC) >= due:
                     await self.renew()
             except (httpx.HTTPError, IdmeshError, OSError, ValueError) as exc:
                 log.warning("certificate renewal failed: %s; will retry", _describe(exc))

@@ -28,7 +28,7 @@ from meshcore.errors import InvalidInput, NotFound, PermissionDenied
 from meshd.files import write_private
 from meshd.wg.model import generate_private_key
 
-__all__ = ["StateDir", "NodeRecord", "write_private"]
+__all__ = ["NodeRecord", "StateDir", "write_private"]
 
 
 class NodeRecord(BaseModel):

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from meshcore.errors import IdmeshError, InvalidInput, NotFound
@@ -39,7 +39,7 @@ log = logging.getLogger("meshd")
 SNAPSHOT_EVERY = 5.0
 
 
-def _read_cached(path: Path, model: type[Netmap] | type[PolicyDoc]) -> Netmap | PolicyDoc | None:
+def _read_cached(path: Path, model: type[Netmap | PolicyDoc]) -> Netmap | PolicyDoc | None:
     try:
         return model.model_validate_json(path.read_text())
     except (OSError, ValueError):
@@ -117,7 +117,7 @@ class MeshView:
         self._changed()
 
     def on_agents(self, update: AgentUpdate) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         nodes = self.view.nodes if self.view else {}
         if update.full:
             self.book.replace_all(update.certificates, nodes, now)
@@ -142,7 +142,7 @@ class MeshView:
         """An agent born here is honored at once, before the controller's stream echoes it."""
         if self.view is None:
             return
-        held = self.book.admit(issued.certificate, self.view.nodes, datetime.now(timezone.utc))
+        held = self.book.admit(issued.certificate, self.view.nodes, datetime.now(UTC))
         if self.plane:
             self.plane.agents_changed([held.identity.id])
 

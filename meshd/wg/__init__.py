@@ -48,10 +48,10 @@ __all__ = [
     "WireGuardGo",
     "diff_device",
     "diff_peers",
-    "peer_changes",
     "generate_private_key",
     "kernel_wireguard_available",
     "open_device",
+    "peer_changes",
     "public_key_of",
 ]
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +233,9 @@ def revoke_and_time(mesh: Mesh, agent_id: str, address: str, observer: Node) -> 
 def audited(mesh: Mesh, action: str, target: str = "%") -> tuple[float, str]:
     """The newest audit row of ``action`` (target LIKE ``target``): its time (Unix seconds) and target."""
     import sqlite3
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     with sqlite3.connect(f"file:{mesh.tmp / 'ctl' / 'controller.db'}?mode=ro", uri=True) as store:
         at, found = store.execute("SELECT at, target FROM audit WHERE action = ? AND target LIKE ? "
                                   "ORDER BY id DESC LIMIT 1", (action, target)).fetchone()
-    return datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp(), str(found)
+    return datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp(), str(found)

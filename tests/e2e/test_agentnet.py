@@ -410,9 +410,13 @@ def test_agents_come_and_go_without_disturbing_each_other(mesh: Mesh) -> None:
     # (and never runs its command); nothing of it survives, outside the cgroup least of all.
     for attempt in range(5):
         agents.call("add", agent_id="a5", ipv4="100.64.0.5", ipv6="fd00:1::5")
-        racer = agents.call("spawn", agent_id="a5", argv=["sleep", "300"], wait=False)["pid"]
+        racer: int = agents.call("spawn", agent_id="a5", argv=["sleep", "300"], wait=False)["pid"]
         agents.call("remove", agent_id="a5")
-        wait_until(lambda pid=racer: not _alive(pid), 5, f"the racing spawn #{attempt} to be gone")
+
+        def gone(pid: int = racer) -> bool:
+            return not _alive(pid)
+
+        wait_until(gone, 5, f"the racing spawn #{attempt} to be gone")
         assert not (mesh.cgroup_tree / "a5").exists()
 
     agents.call("remove", agent_id="a1")

@@ -76,7 +76,7 @@ def local_agents(node: Node) -> list[dict[str, object]]:
 
 def test_an_agent_reaches_db_with_its_own_address_and_only_where_its_scope_allows(
         lab: tuple[Mesh, Node, Node]) -> None:
-    mesh, agents, db = lab
+    _mesh, agents, db = lab
     seen = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", check=True).stdout.strip()
     seen = seen.replace("::ffff:", "")  # the server listens dual-stack
     assert seen.startswith("hello 100.64.") and seen != f"hello {agents.addresses[0]}"  # not the node's address
@@ -110,13 +110,13 @@ def test_the_receiving_node_knows_who_is_connecting(lab: tuple[Mesh, Node, Node]
 
 
 def test_exit_codes_and_signals_are_the_commands_own(lab: tuple[Mesh, Node, Node]) -> None:
-    mesh, agents, db = lab
+    _mesh, agents, _db = lab
     assert run_agent(agents, sys.executable, "-c", "import sys; sys.exit(42)").returncode == 42
     proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
                               "nikita@acme.com", "--scope", "db:read", "--", sys.executable, "-c",
-                              "import signal,sys,time\n"
+                              ("import signal,sys,time\n"
                               "signal.signal(signal.SIGTERM, lambda *a: sys.exit(17))\n"
-                              "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+                              "print('up', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
     subprocess.run(["kill", "-TERM", str(_child_of(proc.pid))], check=True)
     assert proc.wait(20) == 17
@@ -129,7 +129,7 @@ def _child_of(pid: int) -> int:
 
 
 def test_a_missing_delegation_is_a_clear_refusal(lab: tuple[Mesh, Node, Node]) -> None:
-    mesh, agents, db = lab
+    _mesh, agents, _db = lab
     refused = run_agent(agents, "true", principal="li@acme.com")
     assert refused.returncode == 5
     assert refused.stderr.strip() == "meshctl: error: no delegation lets any node mint agents for li@acme.com"

@@ -64,7 +64,7 @@ def test_the_future_controller_really_sends_what_this_version_does_not_know(
 
 
 def test_nodes_enroll_connect_and_enforce_the_policy(lab: tuple[Mesh, Node, Node]) -> None:
-    mesh, agents, db = lab
+    _mesh, agents, db = lab
     status = agents.status()
     assert status["controller"]["connected"] and status["controller"]["protocol"] == 3
     assert status["policy"]["version"] == db.status()["policy"]["version"] == 1
@@ -74,7 +74,7 @@ def test_nodes_enroll_connect_and_enforce_the_policy(lab: tuple[Mesh, Node, Node
 
 
 def test_an_unknown_message_type_is_skipped_and_the_stream_stays_up(lab: tuple[Mesh, Node, Node]) -> None:
-    mesh, agents, _ = lab
+    _mesh, agents, _ = lab
     log = agents.log.read_text()
     assert "sends 'hologram' messages, which this meshd does not know: skipped" in log
     assert log.count("connected to controller") == 1, log  # never dropped and reconnected

@@ -43,7 +43,7 @@ def reaches(src: Node, dst: Node, port: int) -> bool:
 
 
 def test_default_deny_lets_nothing_cross_but_tunnels_are_up(cast: tuple[Mesh, dict[str, Node]]) -> None:
-    mesh, n = cast
+    _mesh, n = cast
     assert all(p["latest_handshake"] for p in n["laptop"].status()["peers"])  # WireGuard itself works
     assert not reaches(n["laptop"], n["db"], 5432)
     assert not ping(n["laptop"].host, n["db"].addresses[0])

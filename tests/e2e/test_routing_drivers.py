@@ -230,7 +230,11 @@ def test_applying_the_same_plan_again_sends_nothing(ns: Namespace) -> None:
                                text=True, start_new_session=True)
     assert monitor.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in monitor.stdout or ()], daemon=True).start()
+    def pump() -> None:
+        for line in monitor.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     seen: list[str] = []
 
     def wait_for(marker: str, timeout: float) -> bool:

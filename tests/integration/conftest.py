@@ -32,7 +32,7 @@ def free_port() -> int:
 def cli(*args: str, env: dict[str, str] | None = None, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run one of the installed commands (mesh-controller, meshd, meshctl)."""
     prog, *rest = args
-    proc = subprocess.run([str(BIN / prog), *rest], capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([str(BIN / prog), *rest], check=False, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -62,9 +62,9 @@ class Controller:
                 raise AssertionError(f"controller exited: {self.log.read_text()}")
             try:
                 ctx = ssl.create_default_context(cafile=str(self.data / "ca.crt"))
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
-                    with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
-                        return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    return
             except OSError:
                 time.sleep(0.05)
         raise AssertionError("controller did not start listening in 20 s")

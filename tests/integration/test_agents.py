@@ -7,7 +7,7 @@ import json
 import sqlite3
 import ssl
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -66,7 +66,7 @@ def test_a_delegated_agent_gets_a_certificate_with_its_claims(node: Node) -> Non
     assert resp.status_code == 200, resp.text
     body = resp.json()
     ident = verify_leaf(x509.load_pem_x509_certificate(body["certificate"].encode()), node.ca,
-                        datetime.now(timezone.utc))
+                        datetime.now(UTC))
     assert str(ident.spiffe_id) == f"spiffe://acme.mesh/agent/{body['agent']['id']}"
     assert ident.claims.principal == "nikita@acme.com" and ident.claims.node == "agents-1"
     assert [str(s) for s in ident.claims.scopes] == ["db:read", "web:deploy"]

@@ -6,6 +6,7 @@ import base64
 import json
 import sqlite3
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,16 +18,16 @@ from meshcore.tokens import EnrollmentToken, parse_token
 from .conftest import Controller, cli, free_port
 
 
-def one_line_error(proc: object, prog: str, code: int) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr)  # type: ignore[attr-defined]
-    err = proc.stderr.strip()  # type: ignore[attr-defined]
+def one_line_error(proc: subprocess.CompletedProcess[str], prog: str, code: int) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    err: str = proc.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith(f"{prog}: error: "), err
     return err
 
 
 def nodes(controller: Controller) -> list[dict[str, object]]:
-    return json.loads(cli("meshctl", "nodes", "list", "--json", env=controller.env, check=True).stdout)
+    return list(json.loads(cli("meshctl", "nodes", "list", "--json", env=controller.env, check=True).stdout))
 
 
 def reencode(token: EnrollmentToken) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+from datetime import UTC
 from pathlib import Path
 
 from cryptography import x509
@@ -31,9 +32,9 @@ def test_a_tagged_node_enrolls_and_holds_its_keys_and_certificate(controller: Co
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     cert = x509.load_pem_x509_certificate((state / "node.crt").read_bytes())
     ca = x509.load_pem_x509_certificate((state / "ca.crt").read_bytes())
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    ident = verify_leaf(cert, ca, datetime.now(timezone.utc))
+    ident = verify_leaf(cert, ca, datetime.now(UTC))
     assert ident.claims.tags == ("db",)
     assert list(ident.claims.addresses) == record["addresses"]
 

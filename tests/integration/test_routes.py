@@ -43,7 +43,7 @@ def offer(routes: list[str], key: str | None = KEY, port: int | None = 51821) ->
 def test_an_offer_reaches_every_node_and_is_listed_with_the_rules_that_use_it(mesh: Mesh) -> None:
     gw, other = mesh.enroll("gw"), mesh.enroll("other")
     stream = mesh.stream(other)
-    v = full_version(stream)
+    full_version(stream)
     answer = gw.post_endpoints(offer(["10.20.0.0/16", "0.0.0.0/0", "10.20.0.0/16"]))
     assert answer.status_code == 200, answer.text
     peer = PeerNode.model_validate(answer.json())

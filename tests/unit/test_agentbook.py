@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshcore.errors import InvalidCertificate
 from meshcore.identity import Claims, SpiffeId, build_leaf, cert_pem, new_ca
-from meshcore.wire.stream import PeerNode
 from meshcore.scopes import parse_scopes
+from meshcore.wire.stream import PeerNode
 from meshd.agents.book import AgentBook
 
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 CA = new_ca("acme.mesh", ed25519.Ed25519PrivateKey.generate(), NOW)
 NODES = {
     "agents-1": PeerNode(name="agents-1", wireguard_public_key="k" * 43 + "=", addresses=("100.64.0.65", "fd00:0:0:1::1"),

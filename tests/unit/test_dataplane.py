@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcore.addressing import MeshPrefixes
-from meshcore.wire.stream import PeerNode
 from meshcore.policy import AgentIdentity, Identities, NodeFilter, compile_node_filter, load_policy
 from meshcore.scopes import parse_scopes
-from meshd.mesh.dataplane import DataPlane, node_identity
+from meshcore.wire.stream import PeerNode
 from meshd.kernel.netconf import FakeNetConf
+from meshd.mesh.dataplane import DataPlane, node_identity
 from meshd.wg import FakeWireGuard, generate_private_key
 
 PREFIXES = MeshPrefixes(ipaddress.IPv4Network("100.64.0.0/10"), ipaddress.IPv6Network("fd00:1::/48"))
@@ -95,9 +95,9 @@ def test_incremental_updates_equal_a_fresh_compile(events: list[Any]) -> None:
             dp.nodes_changed([f"n{ev[1]}"])
             dp.agents_changed(gone)
         elif ev[0] == "agent" and f"n{ev[2]}" in nodes:
-            a = agent(ev[1], ev[2], ev[3])
-            agents[a.id] = a
-            dp.agents_changed([a.id])
+            born = agent(ev[1], ev[2], ev[3])
+            agents[born.id] = born
+            dp.agents_changed([born.id])
         elif ev[0] == "agent-gone":
             agents.pop(f"a{ev[1]}-{ev[2]}", None)
             dp.agents_changed([f"a{ev[1]}-{ev[2]}"])
@@ -126,7 +126,7 @@ def test_an_endpoint_move_is_one_wireguard_operation_and_no_compile() -> None:
 
 
 def test_a_new_policy_recompiles_and_a_new_agent_only_adds_elements() -> None:
-    dp, device, firewall = plane()
+    dp, _device, firewall = plane()
     nodes = {"n0": peer(0, ("db",)), "n1": peer(1, ("web",))}
     dp.apply(dp.take(POLICY, nodes, {}, {}, ()))
     rules = firewall.installed.rules_hash if firewall.installed else None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from meshcore.netmap import NodeView
 from meshcore.wire.stream import Netmap, PeerNode
-from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_link, desired_peers
 from meshd.kernel.netconf import LinkConfig
+from meshd.mesh.peers import KEEPALIVE, choose_endpoint, desired_link, desired_peers
 from meshd.wg import PeerConfig, generate_private_key, public_key_of
 
 PRIVATE = generate_private_key()

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from meshcore.wire.stream import PeerNode, RouteOffer
 from meshcore.policy import AgentIdentity, Identities, NodeIdentity, load_policy
 from meshcore.scopes import parse_scope
+from meshcore.wire.stream import PeerNode, RouteOffer
 from meshd.kernel.netconf import FakeNetConf
 from meshd.routes.firewall import RouteFirewall
 from meshd.routes.plan import BYPASS_MARK, PRIO_AGENT
-from meshd.routes.tables import FakePolicyRouting
 from meshd.routes.routing import LINGER, RETRY_EVERY, STALE_AFTER, Routing, advertised, side_ifname
+from meshd.routes.tables import FakePolicyRouting
 from meshd.wg import generate_private_key, public_key_of
 from meshd.wg.fake import FakeWireGuard
 from meshd.wg.uapi import key_to_hex
@@ -157,7 +157,8 @@ def test_a_quiet_gateway_hands_its_identities_to_the_next_and_takes_them_back() 
     rig.routing.apply(POLICY, _ids(SRE), NODES)
     for _ in range(3):
         rig.clock.now += 1
-        rig.hear("exit-a"), rig.hear("exit-b")
+        rig.hear("exit-a")
+        rig.hear("exit-b")
         assert rig.routing.poll() is False
     assert rig.via() == {"agent:sre 0.0.0.0/0": "exit-a"}
     rig.clock.now += STALE_AFTER - 0.5
@@ -182,6 +183,7 @@ def test_a_down_gateway_is_retried_with_a_fresh_peer() -> None:
     rig.clock.now += STALE_AFTER + 1
     rig.routing.poll()
     key = NODES["exit-a"].routing.route_key
+    assert key is not None
     assert device.server.touched[key] >= 3  # added, then removed and added again: a new session
     touched = device.server.touched[key]
     rig.clock.now += 1
@@ -222,7 +224,8 @@ def test_advertising_an_exit_node_offers_both_families() -> None:
 def test_a_fresh_peer_counting_from_zero_is_not_taken_for_a_sign_of_life() -> None:
     rig = Rig(marks={"sre": 0x00200000})
     rig.routing.apply(POLICY, _ids(SRE), NODES)
-    rig.hear("exit-a"), rig.hear("exit-b")
+    rig.hear("exit-a")
+    rig.hear("exit-b")
     rig.routing.poll()
     for _ in range(int(2 * (STALE_AFTER + RETRY_EVERY))):  # exit-a silent, retried more than once
         rig.clock.now += 0.5
@@ -251,7 +254,8 @@ def test_a_node_joining_is_one_peer_operation_on_the_gateway_interface() -> None
 def test_a_restarted_wireguard_go_gets_its_link_and_routes_back_at_the_next_poll() -> None:
     rig = Rig(marks={"sre": 0x00200000})
     rig.routing.apply(POLICY, _ids(SRE), NODES)
-    rig.hear("exit-a"), rig.hear("exit-b")
+    rig.hear("exit-a")
+    rig.hear("exit-b")
     rig.routing.poll()
     plans = len(rig.tables.applied)
     rig.netconf.links["wg0r1"].up = False  # what a re-created interface looks like

@@ -16,8 +16,7 @@ from typing import Any, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from meshcore.wire import MIN_PROTOCOL, PROTOCOL, negotiate
-from meshcore.wire import api, local, stream
+from meshcore.wire import MIN_PROTOCOL, PROTOCOL, api, local, negotiate, stream
 from meshcore.wire.base import Answer, Request
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -39,7 +38,7 @@ NETMAP = {"version": 7, "domain": "acme.mesh", "prefixes": ["100.64.0.0/10", "fd
 DELTA = {"base": 7, "version": 8, "upsert": [NODE], "remove": ["old-1"]}
 AGENTS = {"full": False, "certificates": ["-----BEGIN CERTIFICATE-----\n"], "revoked": ["a1"]}
 
-SAMPLES: dict[type[BaseModel], dict[str, Any]] = {
+SAMPLES: dict[type[BaseModel], Any] = {
     api.ErrorBody: {"error": "no such node"},
     api.EnrollRequest: {"token": "idm1.x", "csr": "-----BEGIN CERTIFICATE REQUEST-----", "wireguard_public_key": KEY,
                         "name": "db-1"},
