@@ -14,5 +14,5 @@ and ``context`` use no concern (``tests/unit/test_controller_layers.py``
 holds the package to this). Outside the package it may import ``meshcore``
 (the pure model it shares with the nodes) and the shared plumbing package
 ``idmesh`` (logs, metrics, client, paths, cli helpers) — never ``meshd``,
-``deploy`` or the ``meshctl`` command (``idmesh.meshctl``).
+``deploy`` or the ``meshctl`` command.
 """

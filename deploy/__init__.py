@@ -22,6 +22,8 @@ Modules: ``inventory`` (the YAML file, validated with file:line errors),
 ``units`` (rendering meshd.service for a host), ``artifacts`` (wheels),
 ``remote`` (the stdlib helper run on each host), ``ssh`` (the asyncssh side),
 ``runner`` (orchestration), ``cli`` (``add_parser``/``run`` for meshctl).
+It may import :mod:`meshcore` and the shared plumbing :mod:`idmesh`; the
+``meshctl`` command imports it, never the other way round.
 """
 
 __all__: list[str] = []

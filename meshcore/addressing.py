@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .errors import Exhausted, InvalidInput
 
-__all__ = ["CGNAT", "MeshPrefixes", "NodeBlock", "random_ula48"]
+__all__ = ["CGNAT", "MeshPrefixes", "NodeBlock", "parse_address", "parse_network", "random_ula48"]
 
 CGNAT = IPv4Network("100.64.0.0/10")
 
@@ -106,3 +106,25 @@ class MeshPrefixes:
         else:
             return None
         return int(index) if index < self.capacity else None
+
+
+def parse_network(text: str, what: str, family: int | None = None) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A prefix without host bits (of ``family`` if given), or InvalidInput naming ``what``."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{what} {text!r} is not a prefix without host bits") from exc
+    if family is not None and net.version != family:
+        raise InvalidInput(f"{what} {text!r} is not an IPv{family} prefix")
+    return net
+
+
+def parse_address(text: str, what: str, family: int) -> str:
+    """An address of ``family`` in canonical text, or InvalidInput naming ``what``."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{what} {text!r} is not an address") from exc
+    if address.version != family:
+        raise InvalidInput(f"{what} {text!r} is not an IPv{family} address")
+    return str(address)

@@ -19,11 +19,11 @@ proportional to the change (copy-on-write of the touched index buckets).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..addressing import parse_address
 from ..errors import InvalidInput
 from ..scopes import Scope
 from .cowmap import DELETE, CowMap
@@ -37,16 +37,6 @@ def _checked(check: object, value: object) -> str:
         return check(value)  # type: ignore[operator, no-any-return]
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
-
-
-def _address(text: str, version: int, whose: str) -> str:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError as exc:
-        raise InvalidInput(f"{whose}: invalid address {text!r}") from exc
-    if ip.version != version:
-        raise InvalidInput(f"{whose}: {text!r} is not an IPv{version} address")
-    return str(ip)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +58,8 @@ class NodeIdentity:
             _checked(lambda v: check_label("tag", v), tag)
         if self.owner is not None and self.tags:
             raise InvalidInput(f"node {self.name}: a node is either owned or tagged, not both")
-        object.__setattr__(self, "ipv4", _address(self.ipv4, 4, f"node {self.name}"))
-        object.__setattr__(self, "ipv6", _address(self.ipv6, 6, f"node {self.name}"))
+        object.__setattr__(self, "ipv4", parse_address(self.ipv4, f"node {self.name}: address", 4))
+        object.__setattr__(self, "ipv6", parse_address(self.ipv6, f"node {self.name}: address", 6))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,8 +83,8 @@ class AgentIdentity:
         if not self.scopes:
             raise InvalidInput(f"agent {self.id}: an agent holds at least one scope")
         object.__setattr__(self, "scopes", tuple(sorted(set(self.scopes))))
-        object.__setattr__(self, "ipv4", _address(self.ipv4, 4, f"agent {self.id}"))
-        object.__setattr__(self, "ipv6", _address(self.ipv6, 6, f"agent {self.id}"))
+        object.__setattr__(self, "ipv4", parse_address(self.ipv4, f"agent {self.id}: address", 4))
+        object.__setattr__(self, "ipv6", parse_address(self.ipv6, f"agent {self.id}: address", 6))
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,11 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshcore.addressing import parse_address, parse_network
 from meshcore.errors import InvalidInput
 from meshcore.names import check_ifname
 from meshd.kernel.nft import Nft, NftTable
-from meshd.routes.plan import GATEWAY_MARK, parse_address, parse_network
+from meshd.routes.plan import GATEWAY_MARK
 
 __all__ = ["TABLE", "RouteFirewall", "RouteFirewallConfig", "render_element_changes", "render_table"]
 

@@ -50,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from meshcore.addressing import parse_address, parse_network
 from meshcore.errors import InvalidInput
 from meshcore.names import check_ifname
 
@@ -144,28 +145,6 @@ class TableRoute:
 class RoutingPlan:
     rules: frozenset[Rule] = frozenset()
     routes: frozenset[TableRoute] = frozenset()
-
-
-def parse_network(text: str, what: str, family: int | None = None) -> Network:
-    """A prefix without host bits (of ``family`` if given), or InvalidInput naming ``what``."""
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{what} {text!r} is not a prefix without host bits") from exc
-    if family is not None and net.version != family:
-        raise InvalidInput(f"{what} {text!r} is not an IPv{family} prefix")
-    return net
-
-
-def parse_address(text: str, what: str, family: int) -> str:
-    """An address of ``family`` in canonical text, or InvalidInput naming ``what``."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError as exc:
-        raise InvalidInput(f"{what} {text!r} is not an address") from exc
-    if address.version != family:
-        raise InvalidInput(f"{what} {text!r} is not an IPv{family} address")
-    return str(address)
 
 
 def _inside(net: Network, others: Iterable[Network]) -> bool:
