@@ -17,10 +17,11 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from meshcore.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from meshcore.errors import Conflict, InvalidInput, InvalidToken, NotFound, PermissionDenied
+from meshcore.grants import Grant, read_grant
 from meshcore.identity import Claims, Identity, cert_pem, load_csr
 from meshcore.policy import NodeIdentity, check_delegation
-from meshcore.scopes import parse_scopes, scopes_within
+from meshcore.scopes import Scope, parse_scopes, scopes_within
 from meshcore.wire.api import AgentInfo, AgentIssued, AgentIssueRequest, AgentsEnded
 from meshcore.wire.stream import AgentUpdate
 
@@ -28,22 +29,32 @@ from .certificates import record_certificate, sign_timed
 from .context import Context
 from .nodes import existing_node
 from .policies import in_force
-from .store import AgentRow, Tx
+from .rows import AgentRow, NodeRow
+from .store import Tx
 
-__all__ = ["agent_update_full", "end_agent", "issue_agent", "list_agents", "revoke_principal"]
+__all__ = ["agent_update_full", "announce_ended", "end_agent", "end_subtrees_locked", "issue_agent", "list_agents",
+           "revoke_principal"]
 
 
 def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: datetime) -> AgentIssued:
     """Sign an agent identity for the calling node, if a delegation (or its parent) allows it.
 
     The addresses must lie in the node's block, outside the node's own and
-    those of its live agents.
+    those of its live agents. With a grant, the principal's own signed
+    approval counts too (:func:`_use_grant`), and a delegation that
+    ``requires_grant`` for these scopes is satisfied; a sub-agent carries
+    its parent's grant (its authorization is its parent's).
     """
     node_name = caller.spiffe_id.name
     public_key = load_csr(req.csr)
     scopes = parse_scopes(req.scopes)
     ttl = timedelta(seconds=req.ttl_seconds)
     policy = in_force(ctx)
+    try:
+        grant = read_grant(req.grant, ctx.ca.cert, now) if req.grant is not None else None
+    except InvalidToken as exc:
+        _refused(ctx, caller, req, now, str(exc))
+        raise PermissionDenied(str(exc)) from exc
     try:
         with ctx.store.transaction() as tx:
             row = existing_node(tx, node_name)
@@ -62,8 +73,12 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
                 raise PermissionDenied("no policy is applied, so no delegation lets anyone mint agents")
             node = NodeIdentity(name=row.name, owner=row.owner, tags=frozenset(row.tags),
                                 ipv4=str(block.node_v4), ipv6=str(block.node_v6))
+            grant_id = grant_signer = None
             if req.parent is None:
-                check_delegation(policy, req.principal, node, scopes, ttl)
+                if grant is not None:
+                    _use_grant(tx, grant, row, req.principal, scopes, ttl, now)
+                    grant_id, grant_signer = grant.id, grant.signer.serial_hex
+                check_delegation(policy, req.principal, node, scopes, ttl, granted=grant is not None)
                 not_after = now + ttl
             else:
                 parent = tx.agent(req.parent)
@@ -75,27 +90,43 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
                     raise PermissionDenied(f"sub-agent scopes {', '.join(req.scopes)} exceed its parent's "
                                            f"{', '.join(parent.scopes)}")
                 not_after = min(now + ttl, parent.not_after)
+                grant_id, grant_signer = parent.grant_id, parent.grant_signer
             agent_id = "a" + secrets.token_hex(8)
             sid = ctx.settings.spiffe_id("agent", agent_id)
             claims = Claims(kind="agent", node=node_name, principal=req.principal, scopes=scopes,
-                            parent=req.parent, addresses=(req.ipv4, req.ipv6), name=req.name)
+                            parent=req.parent, addresses=(req.ipv4, req.ipv6), name=req.name, grant=grant_id,
+                            grant_signer=grant_signer)
             cert = sign_timed(ctx, public_key, sid, claims, now, not_after - now)
             serial = record_certificate(tx, cert, sid, node_name, now)
             pem = cert_pem(cert)
             agent = AgentRow(agent_id, req.name, node_name, req.principal, [str(x) for x in scopes], req.parent,
-                             req.ipv4, req.ipv6, serial, pem, now, cert.not_valid_after_utc)
+                             req.ipv4, req.ipv6, serial, pem, now, cert.not_valid_after_utc, grant_id=grant_id,
+                             grant_signer=grant_signer)
             tx.insert_agent(agent)
             tx.audit(now, str(caller.spiffe_id), "agent.issued", str(sid), principal=req.principal,
                      scopes=agent.scopes, parent=req.parent, name=req.name, addresses=[req.ipv4, req.ipv6],
-                     serial=serial, not_after=cert.not_valid_after_utc)
+                     serial=serial, not_after=cert.not_valid_after_utc, grant=grant_id,
+                     authorized_by=authorized_by(agent))
     except PermissionDenied as exc:
-        with ctx.store.transaction() as tx:
-            tx.audit(now, str(caller.spiffe_id), "agent.refused", None, principal=req.principal,
-                     scopes=req.scopes, parent=req.parent, reason=str(exc))
+        _refused(ctx, caller, req, now, str(exc))
         raise
     ctx.metrics.identities_issued.labels("agent").inc()
     ctx.hub.publish_agents(AgentUpdate(certificates=(pem,)))
     return AgentIssued(agent=_agent_info(ctx, agent, now), certificate=pem)
+
+
+def _refused(ctx: Context, caller: Identity, req: AgentIssueRequest, now: datetime, reason: str) -> None:
+    """A refusal is audited in a transaction of its own: the refused one left nothing behind."""
+    with ctx.store.transaction() as tx:
+        tx.audit(now, str(caller.spiffe_id), "agent.refused", None, principal=req.principal, scopes=req.scopes,
+                 parent=req.parent, grant=req.grant is not None, reason=reason)
+
+
+def authorized_by(row: AgentRow) -> str:
+    """Who authorized an agent, in the words whois and the audit log use."""
+    if row.grant_id:
+        return f"{row.principal} (grant {row.grant_id})"
+    return f"node {row.node} (delegation)"
 
 
 def end_agent(ctx: Context, actor: Identity, agent_id: str, now: datetime) -> AgentsEnded:
@@ -132,31 +163,80 @@ def agent_update_full(ctx: Context, now: datetime) -> AgentUpdate:
 
 def _end_subtrees(ctx: Context, actor: Identity, now: datetime, roots_of: Callable[[Tx], list[str]]) -> AgentsEnded:
     """End the agents ``roots_of`` picks and every live descendant, in one transaction."""
-    is_admin = actor.spiffe_id.kind == "admin"
-    reason = "revoked" if is_admin else "retired"
+    revoked = actor.spiffe_id.kind == "admin"
     with ctx.store.transaction() as tx:
-        roots = roots_of(tx)
-        ended: list[str] = []
-        todo = list(roots)
-        while todo:
-            current = todo.pop()
-            if current in ended:
-                continue
-            ended.append(current)
-            todo += tx.agent_children(current)
-        for ended_id in ended:
-            why = reason if ended_id in roots else f"{reason} (parent {'revoked' if is_admin else 'ended'})"
-            tx.end_agent(ended_id, now, why)
-            tx.audit(now, str(actor.spiffe_id), f"agent.{reason}", str(ctx.settings.spiffe_id("agent", ended_id)),
-                     reason=why)
-    if ended:
-        ctx.metrics.identities_ended.labels(reason).inc(len(ended))
-        ctx.hub.publish_agents(AgentUpdate(revoked=tuple(ended)))
+        ended = end_subtrees_locked(ctx, tx, str(actor.spiffe_id), roots_of(tx), now, revoked=revoked)
+    announce_ended(ctx, ended, revoked=revoked)
     return AgentsEnded(ended=ended)
+
+
+def end_subtrees_locked(ctx: Context, tx: Tx, actor: str, roots: list[str], now: datetime, *, revoked: bool,
+                        why: str | None = None) -> list[str]:
+    """End ``roots`` and every live descendant inside ``tx`` (audited); :func:`announce_ended` after the commit.
+
+    ``revoked``: taken away (by the admin, or with the grant it was born
+    from); else retired (its own node says it ended). ``why`` says more.
+    """
+    reason = "revoked" if revoked else "retired"
+    ended: list[str] = []
+    todo = list(roots)
+    while todo:
+        current = todo.pop()
+        if current in ended:
+            continue
+        ended.append(current)
+        todo += tx.agent_children(current)
+    for ended_id in ended:
+        text = why or reason if ended_id in roots else f"{reason} (parent {'revoked' if revoked else 'ended'})"
+        tx.end_agent(ended_id, now, text)
+        tx.audit(now, actor, f"agent.{reason}", str(ctx.settings.spiffe_id("agent", ended_id)), reason=text)
+    return ended
+
+
+def announce_ended(ctx: Context, ended: list[str], *, revoked: bool) -> None:
+    """After the commit: every connected node stops honouring them at once."""
+    if ended:
+        ctx.metrics.identities_ended.labels("revoked" if revoked else "retired").inc(len(ended))
+        ctx.hub.publish_agents(AgentUpdate(revoked=tuple(ended)))
+
+
+def _use_grant(tx: Tx, grant: Grant, node: NodeRow, principal: str, scopes: tuple[Scope, ...],
+              ttl: timedelta, now: datetime) -> None:
+    """Count one use of ``grant`` for an agent of ``node``, or PermissionDenied saying what does not fit.
+
+    ``grant`` is what :func:`meshcore.grants.read_grant` checked (signature,
+    signer certificate, expiry); this checks the controller's own record of
+    it (:mod:`controller.grants`).
+    """
+    row = tx.grant(grant.id)
+    if row is None:
+        raise PermissionDenied(f"grant {grant.id} is not registered (meshctl grant create registers it)")
+    if (row.principal, row.signer, row.node, row.scopes) != (grant.principal, grant.signer.serial_hex,
+                                                             str(grant.node), [str(s) for s in grant.scopes]):
+        raise PermissionDenied(f"grant {grant.id} does not match the grant registered under its id")
+    state = row.state(now)
+    if state != "live":
+        raise PermissionDenied(f"grant {grant.id} is {state}" + (f" ({row.uses} of {row.uses_allowed} used)"
+                                                                  if state == "used up" else ""))
+    if tx.certificate_revoked(row.signer) is not False:
+        raise PermissionDenied(f"grant {grant.id} was signed by a principal certificate that is revoked "
+                               f"({grant.principal} logged out)")
+    if not grant.node.matches(node.name, set(node.tags)):
+        raise PermissionDenied(f"grant {grant.id} is for {grant.node}, not node {node.name}")
+    if principal != grant.principal:
+        raise PermissionDenied(f"grant {grant.id} speaks for {grant.principal}, not {principal}")
+    if not scopes_within(scopes, grant.scopes):
+        raise PermissionDenied(f"scopes {', '.join(str(s) for s in scopes)} exceed grant {grant.id}'s "
+                               f"{', '.join(str(s) for s in grant.scopes)}")
+    if now + ttl > row.not_after:
+        raise PermissionDenied(f"the agent would outlive grant {grant.id}, which ends at "
+                               f"{row.not_after.isoformat(timespec='seconds')}")
+    tx.use_grant(grant.id)
 
 
 def _agent_info(ctx: Context, row: AgentRow, now: datetime) -> AgentInfo:
     state = (row.end_reason or "ended").split(" ")[0] if row.ended_at else ("live" if row.live(now) else "expired")
     return AgentInfo(id=row.id, name=row.name, spiffe_id=str(ctx.settings.spiffe_id("agent", row.id)),
                      node=row.node, principal=row.principal, scopes=row.scopes, parent=row.parent,
-                     addresses=[row.ipv4, row.ipv6], issued_at=row.issued_at, expires=row.not_after, state=state)
+                     addresses=[row.ipv4, row.ipv6], issued_at=row.issued_at, expires=row.not_after, state=state,
+                     authorized_by=authorized_by(row), grant=row.grant_id)

@@ -38,9 +38,18 @@ from meshcore.wire.api import (
     EnrollResponse,
     FlowBatch,
     FlowRecord,
+    GrantInfo,
+    GrantRegister,
+    GrantRevokeRequest,
+    GrantsRevoked,
+    LoginApprove,
+    LoginPoll,
+    LoginStart,
+    LoginStarted,
     NodeInfo,
     PolicyApply,
     PolicyInfo,
+    PrincipalInfo,
     RenewRequest,
     RenewResponse,
     RouteInfo,
@@ -50,7 +59,7 @@ from meshcore.wire.api import (
 )
 from meshcore.wire.stream import EndpointReport, PeerNode
 
-from . import agents, auth, enrollment, flows, nodes, policies, routes, stream, tokens
+from . import agents, auth, enrollment, flows, grants, logins, nodes, policies, routes, stream, tokens
 from . import audit as audit_log  # the names audit and endpoints are routes below
 from . import endpoints as node_reports
 from .context import Context
@@ -116,9 +125,20 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
         auth.require_admin_or_node(ident)
         return ident
 
+    def user(ident: Annotated[Identity, Depends(caller)]) -> Identity:
+        auth.require(ident, "user")
+        return ident
+
+    def admin_or_user(ident: Annotated[Identity, Depends(caller)]) -> Identity:
+        if ident.spiffe_id.kind != "user":
+            auth.require(ident, "admin")
+        return ident
+
     Admin = Annotated[Identity, Depends(admin)]
     Node = Annotated[Identity, Depends(node)]
     AdminOrNode = Annotated[Identity, Depends(admin_or_node)]
+    User = Annotated[Identity, Depends(user)]
+    AdminOrUser = Annotated[Identity, Depends(admin_or_user)]
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
@@ -209,6 +229,44 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
     async def endpoints(report: EndpointReport, request: Request, who: Node) -> PeerNode:
         observed = request.client.host if request.client else None
         return node_reports.report_endpoints(ctx, who, report, observed, _now())
+
+    # -- principals (SPEC §6) -----------------------------------------------------------------------------
+    @app.post("/v1/login/approve", response_model=PrincipalInfo)
+    async def approve_login(req: LoginApprove, request: Request, who: Admin) -> PrincipalInfo:
+        source = request.client.host if request.client else "unknown"
+        return logins.approve_login(ctx, who, req, source, _now())
+
+    @app.post("/v1/login", response_model=LoginStarted)
+    async def start_login(req: LoginStart, who: Node) -> LoginStarted:
+        return await logins.start_login(ctx, who, req, _now())
+
+    @app.post("/v1/login/{login_id}", response_model=LoginPoll)
+    async def poll_login(login_id: str, who: Node) -> LoginPoll:
+        return await logins.poll_login(ctx, who, login_id, _now())
+
+    @app.get("/v1/whoami", response_model=PrincipalInfo)
+    async def whoami(who: User) -> PrincipalInfo:
+        return logins.whoami(ctx, who)
+
+    @app.post("/v1/logout", response_model=GrantsRevoked)
+    async def logout(who: User) -> GrantsRevoked:
+        return logins.logout(ctx, who, _now())
+
+    @app.post("/v1/grants", response_model=GrantInfo)
+    async def register_grant(req: GrantRegister, who: User) -> GrantInfo:
+        return grants.register_grant(ctx, who, req, _now())
+
+    @app.get("/v1/grants", response_model=list[GrantInfo])
+    async def list_grants(who: AdminOrUser, principal: str | None = None) -> list[GrantInfo]:
+        return grants.list_grants(ctx, who, _now(), principal)
+
+    @app.post("/v1/grants/revoke", response_model=GrantsRevoked)
+    async def revoke_principal_grants(req: GrantRevokeRequest, who: Admin) -> GrantsRevoked:
+        return grants.revoke_principal_grants(ctx, who, req.principal, _now())
+
+    @app.delete("/v1/grants/{grant_id}", response_model=GrantsRevoked)
+    async def revoke_grant(grant_id: str, who: AdminOrUser) -> GrantsRevoked:
+        return grants.revoke_grant(ctx, who, grant_id, _now())
 
     @app.get("/v1/netmap")
     async def netmap(who: Node, request: Request, since: int | None = None) -> StreamingResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from idmesh.cli import duration, env_path, parser, print_json, run
 from idmesh.logs import setup_logging
@@ -51,8 +52,11 @@ def _main(argv: Sequence[str] | None) -> int:
                      help="serve Prometheus metrics here, e.g. 127.0.0.1:9464 (env IDMESH_METRICS; default off)")
     srv.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
                      help="largest request body accepted; larger ones get HTTP 413 (default %(default)s)")
+    _oidc_parser(sub, p.formatter_class)
     args = p.parse_args(argv)
 
+    if args.command == "oidc":
+        return _oidc(args)
     if args.command == "init":
         from .authority import default_url, init_data_dir
 
@@ -73,6 +77,84 @@ def _main(argv: Sequence[str] | None) -> int:
 
     setup_logging()
     serve(args.data, args.listen, args.max_body, args.metrics)
+    return 0
+
+
+def _oidc_parser(sub: Any, formatter: Any) -> None:
+    oidc = sub.add_parser("oidc", help="the organisation's OpenID Connect provider, for meshctl login",
+                          description="People log in with 'meshctl login'. Without a provider (the default) an "
+                          "administrator approves each login ('meshctl login approve CODE --principal P'); with "
+                          "one, the controller runs the provider's device flow and trusts its verified ID tokens.",
+                          formatter_class=formatter).add_subparsers(dest="action", required=True, metavar="ACTION")
+    data = {"type": lambda s: env_path("", s), "default": env_path("IDMESH_DATA", DEFAULT_DATA),
+            "help": "data directory (env IDMESH_DATA; default %(default)s)"}
+    st = oidc.add_parser("set", help="trust an OpenID provider (audited)",
+                         description="Check that ISSUER's discovery document offers the device flow, then store the "
+                         "configuration. The running controller uses it for the next login. The client secret is "
+                         "read from its file at each use and never stored.",
+                         epilog="example:\n  mesh-controller oidc set --issuer https://idp.acme.com --client-id idmesh "
+                         "\\\n      --client-secret-file /etc/idmesh/oidc-secret", formatter_class=formatter)
+    st.add_argument("--data", **data)
+    st.add_argument("--issuer", required=True, metavar="URL", help="the provider's issuer, https://...")
+    st.add_argument("--client-id", required=True, metavar="ID")
+    st.add_argument("--client-secret-file", metavar="FILE", help="the client secret (absent: a public client)")
+    st.add_argument("--ca-file", metavar="FILE", help="CA bundle for the provider's TLS (default: the system's)")
+    st.add_argument("--principal-claim", default="email", metavar="CLAIM",
+                    help="the ID token claim naming the principal (default %(default)s; <claim>_verified must be "
+                    "true where the provider sends one, and always for email)")
+    st.add_argument("--no-check", action="store_true", help="store it without fetching the discovery document")
+    for action, text in (("show", "print the provider in use (never the secret)"),
+                         ("clear", "go back to administrator approval (audited)")):
+        a = oidc.add_parser(action, help=text)
+        a.add_argument("--data", **data)
+        a.add_argument("--json", action="store_true")
+
+
+def _oidc(args: Any) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .context import Context
+    from .logins import clear_oidc, oidc_config, set_oidc
+    from .oidc import OidcConfig, OidcProvider
+
+    ctx = Context.open(args.data)
+    now = datetime.now(UTC)
+    actor = f"mesh-controller oidc {args.action} (local)"
+    try:
+        if args.action == "set":
+            absolute = {name: str(Path(value).resolve()) if value else None
+                        for name, value in (("client_secret_file", args.client_secret_file), ("ca_file", args.ca_file))}
+            config = OidcConfig(args.issuer, args.client_id, principal_claim=args.principal_claim, **absolute)
+            if not args.no_check:
+                config.secret()  # the file must be readable now
+
+                async def probe() -> None:
+                    provider = OidcProvider(config)
+                    try:
+                        await provider.metadata()
+                    finally:
+                        await provider.close()
+
+                asyncio.run(probe())
+            set_oidc(ctx, actor, config, now)
+            print(f"logins now go through {config.issuer} (client {config.client_id}, principal claim "
+                  f"{config.principal_claim})")
+        elif args.action == "clear":
+            print("logins now need an administrator's approval" if clear_oidc(ctx, actor, now)
+                  else "no identity provider was set; logins need an administrator's approval")
+        else:
+            with ctx.store.transaction() as tx:
+                config = oidc_config(tx)
+            if args.json:
+                print_json(None if config is None else {k: v for k, v in vars(config).items()})
+            elif config is None:
+                print("no identity provider: an administrator approves each login (meshctl login approve)")
+            else:
+                for key, value in vars(config).items():
+                    print(f"{key.replace('_', ' '):<20} {value if value is not None else '-'}")
+    finally:
+        ctx.store.close()
     return 0
 
 

@@ -11,6 +11,7 @@ store is all there is, and this module imports no concern.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,6 +24,7 @@ from meshcore.policy import Policy
 
 from .authority import DataDir, load_authority
 from .netmap import NetmapHub
+from .oidc import OidcProvider
 from .ratelimit import FailureLimiter
 from .store import Store, Tx
 
@@ -58,6 +60,9 @@ class Context:
 
     ``parsed_policy`` is the policy in force as (hash, parsed), kept by
     :func:`controller.policies.in_force`; nothing else writes it.
+    ``provider`` is the identity provider as (its configuration, the
+    client), kept by :func:`controller.logins.identity_provider`;
+    ``approvals`` wakes a device waiting on a login the moment it is approved.
     """
 
     store: Store
@@ -67,6 +72,8 @@ class Context:
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     metrics: Metrics = field(default_factory=Metrics)
     parsed_policy: tuple[str, Policy] | None = None
+    provider: tuple[str, OidcProvider] | None = None
+    approvals: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @classmethod
     def open(cls, data: Path) -> Context:

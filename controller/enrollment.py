@@ -24,7 +24,7 @@ from .certificates import record_certificate, sign_timed
 from .context import Context
 from .netmap import peer_node
 from .nodes import existing_node, node_info
-from .store import NodeRow, TokenRow
+from .rows import NodeRow, TokenRow
 
 __all__ = ["enroll", "renew"]
 

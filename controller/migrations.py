@@ -111,4 +111,46 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE nodes ADD COLUMN routing TEXT NOT NULL DEFAULT '{}';
     """,
+    # 7: principals (SPEC §6) — logins in progress, grants a principal signed, and how each agent was authorized.
+    # Principal certificates go into `certificates` like every other (kind 'user', node = the device).
+    """
+    CREATE TABLE logins (
+        id TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        local_user TEXT,
+        mode TEXT NOT NULL,
+        code_hash BLOB,
+        device_code TEXT,
+        csr TEXT NOT NULL,
+        ttl_seconds INTEGER NOT NULL,
+        interval INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        next_poll_at TEXT NOT NULL,
+        state TEXT NOT NULL,
+        principal TEXT,
+        approved_by TEXT,
+        serial TEXT,
+        certificate TEXT
+    );
+    CREATE INDEX logins_code ON logins(code_hash);
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        principal TEXT NOT NULL,
+        signer TEXT NOT NULL,
+        node TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        uses_allowed INTEGER,
+        uses INTEGER NOT NULL DEFAULT 0,
+        revoked_at TEXT,
+        revoked_by TEXT
+    );
+    CREATE INDEX grants_principal ON grants(principal);
+    CREATE INDEX grants_signer ON grants(signer);
+    ALTER TABLE agents ADD COLUMN grant_id TEXT;
+    ALTER TABLE agents ADD COLUMN grant_signer TEXT;
+    CREATE INDEX agents_grant ON agents(grant_id);
+    """,
 ]

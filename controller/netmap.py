@@ -24,7 +24,8 @@ from meshcore.addressing import MeshPrefixes
 from meshcore.wire import PROTOCOL
 from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, RouteOffer, StreamMessage
 
-from .store import NodeRow, PolicyRow, Tx
+from .rows import NodeRow, PolicyRow
+from .store import Tx
 
 __all__ = ["KEEPALIVE", "NetmapHub", "Outgoing", "Subscription", "peer_node", "policy_doc"]
 

@@ -14,7 +14,8 @@ from meshcore.errors import NotFound
 from meshcore.wire.api import NodeInfo
 
 from .context import Context, Settings
-from .store import NodeRow, Tx
+from .rows import NodeRow
+from .store import Tx
 
 __all__ = ["existing_node", "list_nodes", "node_info", "remove_node"]
 

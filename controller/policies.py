@@ -20,7 +20,7 @@ from meshcore.wire.api import PolicyApply, PolicyInfo
 
 from .context import Context
 from .netmap import policy_doc
-from .store import PolicyRow
+from .rows import PolicyRow
 
 __all__ = ["apply_policy", "in_force", "policy_history", "show_policy"]
 

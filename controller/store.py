@@ -17,7 +17,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from typing import Any
 from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
 
 from .migrations import MIGRATIONS
+from .rows import AgentRow, AuditRow, GrantRow, LoginRow, NodeRow, PolicyRow, TokenRow
 
-__all__ = ["AgentRow", "AuditRow", "NodeRow", "PolicyRow", "Store", "TokenRow", "Tx", "from_iso", "iso"]
+__all__ = ["Store", "Tx", "from_iso", "iso"]
 
 
 def iso(moment: datetime) -> str:
@@ -36,76 +36,6 @@ def iso(moment: datetime) -> str:
 
 def from_iso(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    id: str
-    hash: bytes
-    tags: list[str]
-    owner: str | None
-    reusable: bool
-    created_at: datetime
-    expires_at: datetime
-    uses: int
-    created_by: str
-
-
-@dataclass(frozen=True)
-class NodeRow:
-    name: str
-    block_index: int
-    wg_public_key: str
-    owner: str | None
-    tags: list[str]
-    cert_serial: str
-    cert_not_after: datetime
-    enrolled_at: datetime
-    token_id: str | None
-    endpoints: tuple[str, ...] = ()
-    routing: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PolicyRow:
-    version: int
-    hash: str
-    filename: str
-    text: str
-    applied_by: str
-    applied_at: datetime
-
-
-@dataclass(frozen=True)
-class AgentRow:
-    id: str
-    name: str
-    node: str
-    principal: str
-    scopes: list[str]
-    parent: str | None
-    ipv4: str
-    ipv6: str
-    serial: str
-    certificate: str
-    issued_at: datetime
-    not_after: datetime
-    ended_at: datetime | None = None
-    end_reason: str | None = None
-
-    def live(self, now: datetime) -> bool:
-        return self.ended_at is None and now < self.not_after
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    target: str | None
-    source: str | None
-    detail: dict[str, Any]
 
 
 class Tx:
@@ -212,6 +142,10 @@ class Tx:
         r = self._c.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)).fetchone()
         return None if r is None else r[0] is not None
 
+    def revoke_certificate(self, serial: str, at: datetime) -> bool:
+        return self._c.execute("UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
+                               (iso(at), serial)).rowcount > 0
+
     def revoke_certificates_of_node(self, node: str, at: datetime) -> int:
         return self._c.execute(
             "UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (iso(at), node)
@@ -238,9 +172,9 @@ class Tx:
     # agents ---------------------------------------------------------------
     def insert_agent(self, row: AgentRow) -> None:
         self._c.execute(
-            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
             (row.id, row.name, row.node, row.principal, json.dumps(row.scopes), row.parent, row.ipv4, row.ipv6,
-             row.serial, row.certificate, iso(row.issued_at), iso(row.not_after)),
+             row.serial, row.certificate, iso(row.issued_at), iso(row.not_after), row.grant_id, row.grant_signer),
         )
 
     def agent(self, agent_id: str) -> AgentRow | None:
@@ -256,11 +190,68 @@ class Tx:
         return [r[0] for r in self._c.execute("SELECT id FROM agents WHERE parent = ? AND ended_at IS NULL",
                                               (agent_id,))]
 
+    def agents_of_grant(self, grant_id: str) -> list[str]:
+        """The live root agents born from a grant (their sub-agents carry it too, and end with them)."""
+        return [r[0] for r in self._c.execute(
+            "SELECT id FROM agents WHERE grant_id = ? AND parent IS NULL AND ended_at IS NULL", (grant_id,))]
+
     def end_agent(self, agent_id: str, at: datetime, reason: str) -> None:
         self._c.execute("UPDATE agents SET ended_at = ?, end_reason = ? WHERE id = ? AND ended_at IS NULL",
                         (iso(at), reason, agent_id))
         self._c.execute("UPDATE certificates SET revoked_at = ? WHERE serial = "
                         "(SELECT serial FROM agents WHERE id = ?) AND revoked_at IS NULL", (iso(at), agent_id))
+
+    # logins ---------------------------------------------------------------
+    def insert_login(self, row: LoginRow) -> None:
+        self._c.execute(
+            "INSERT INTO logins VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.node, row.local_user, row.mode, row.code_hash, row.device_code, row.csr, row.ttl_seconds,
+             row.interval, iso(row.created_at), iso(row.expires_at), iso(row.next_poll_at), row.state,
+             row.principal, row.approved_by, row.serial, row.certificate))
+
+    def login(self, login_id: str) -> LoginRow | None:
+        r = self._c.execute("SELECT * FROM logins WHERE id = ?", (login_id,)).fetchone()
+        return None if r is None else _login_row(r)
+
+    def pending_login_by_code(self, code_hash: bytes, now: datetime) -> LoginRow | None:
+        r = self._c.execute("SELECT * FROM logins WHERE code_hash = ? AND state = 'pending' AND expires_at > ?",
+                            (code_hash, iso(now))).fetchone()
+        return None if r is None else _login_row(r)
+
+    def pending_logins(self, node: str, now: datetime) -> int:
+        return int(self._c.execute("SELECT count(*) FROM logins WHERE node = ? AND state = 'pending' AND "
+                                   "expires_at > ?", (node, iso(now))).fetchone()[0])
+
+    def update_login(self, login_id: str, **fields: Any) -> None:
+        """Set the given columns (datetimes stored as times) of one login."""
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        values = [iso(v) if isinstance(v, datetime) else v for v in fields.values()]
+        self._c.execute(f"UPDATE logins SET {columns} WHERE id = ?", [*values, login_id])
+
+    # grants ---------------------------------------------------------------
+    def insert_grant(self, row: GrantRow) -> None:
+        try:
+            self._c.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)",
+                            (row.id, row.principal, row.signer, row.node, json.dumps(row.scopes), iso(row.issued_at),
+                             iso(row.not_after), row.uses_allowed))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"grant {row.id} is already registered") from exc
+
+    def grant(self, grant_id: str) -> GrantRow | None:
+        r = self._c.execute("SELECT * FROM grants WHERE id = ?", (grant_id,)).fetchone()
+        return None if r is None else _grant_row(r)
+
+    def grants(self, principal: str | None = None, signer: str | None = None) -> list[GrantRow]:
+        where, args = _equal(principal=principal, signer=signer)
+        return [_grant_row(r) for r in self._c.execute(f"SELECT * FROM grants WHERE 1=1{where} ORDER BY issued_at",
+                                                       args)]
+
+    def use_grant(self, grant_id: str) -> None:
+        self._c.execute("UPDATE grants SET uses = uses + 1 WHERE id = ?", (grant_id,))
+
+    def revoke_grant(self, grant_id: str, at: datetime, by: str) -> bool:
+        return self._c.execute("UPDATE grants SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL",
+                               (iso(at), by, grant_id)).rowcount > 0
 
     # flows ----------------------------------------------------------------
     def insert_flows(self, node: str, records: list[tuple[datetime, str, str | None, str]]) -> None:
@@ -326,7 +317,17 @@ def _node_row(r: tuple[Any, ...]) -> NodeRow:
 
 def _agent_row(r: tuple[Any, ...]) -> AgentRow:
     return AgentRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], r[9], from_iso(r[10]),
-                    from_iso(r[11]), from_iso(r[12]) if r[12] else None, r[13])
+                    from_iso(r[11]), from_iso(r[12]) if r[12] else None, r[13], r[14], r[15])
+
+
+def _login_row(r: tuple[Any, ...]) -> LoginRow:
+    return LoginRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] is not None else None, r[5], r[6], r[7], r[8],
+                    from_iso(r[9]), from_iso(r[10]), from_iso(r[11]), r[12], r[13], r[14], r[15], r[16])
+
+
+def _grant_row(r: tuple[Any, ...]) -> GrantRow:
+    return GrantRow(r[0], r[1], r[2], r[3], json.loads(r[4]), from_iso(r[5]), from_iso(r[6]), r[7], r[8],
+                    from_iso(r[9]) if r[9] else None, r[10])
 
 
 class Store:

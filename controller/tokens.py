@@ -14,7 +14,7 @@ from meshcore.tokens import new_token, token_hash
 from meshcore.wire.api import TokenCreated, TokenCreateRequest, TokenInfo
 
 from .context import Context
-from .store import TokenRow
+from .rows import TokenRow
 
 __all__ = ["create_token", "delete_token", "list_tokens"]
 

@@ -6,7 +6,7 @@ beside it), so several nodes can live on one machine.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_ADMIN", "DEFAULT_DATA", "DEFAULT_INTERFACE", "DEFAULT_SOCKET", "DEFAULT_STATE"]
+__all__ = ["DEFAULT_ADMIN", "DEFAULT_DATA", "DEFAULT_INTERFACE", "DEFAULT_SOCKET", "DEFAULT_STATE", "DEFAULT_USER_STATE"]
 
 DEFAULT_DATA = "/var/lib/idmesh"
 """The controller's data directory (``--data``, ``IDMESH_DATA``)."""
@@ -22,3 +22,6 @@ DEFAULT_SOCKET = "/run/meshd/meshd.sock"
 
 DEFAULT_INTERFACE = "idmesh0"
 """The mesh's WireGuard interface (``--interface``, ``IDMESH_INTERFACE``)."""
+
+DEFAULT_USER_STATE = "~/.config/idmesh"
+"""A person's own state (``meshctl login``: principal key and certificate), ``IDMESH_USER_STATE``."""

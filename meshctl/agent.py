@@ -39,7 +39,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                            description=_RUN_DESCRIPTION, formatter_class=HelpFormatter,
                            epilog="example:\n  meshctl agent run --principal nikita@acme.com --scope db:read --ttl 15m "
                            "-- python agent.py")
-    run.add_argument("--principal", required=True, help="the person the agent acts for")
+    run.add_argument("--principal", help="the person the agent acts for (default: the grant's)")
+    run.add_argument("--grant", default=os.environ.get("IDMESH_GRANT"), metavar="GRANT|@FILE",
+                     help="the principal's signed grant (meshctl grant create), or @FILE holding it (env "
+                     "IDMESH_GRANT). Without one, only root and users meshd maps to the principal may start agents "
+                     "for it, and only where its delegation needs no grant")
     run.add_argument("--scope", action="append", required=True, dest="scopes", metavar="SCOPE",
                      help="resource:action, repeatable (e.g. --scope db:read --scope web:*)")
     run.add_argument("--ttl", type=duration, default="15m", metavar="DURATION", help="lifetime (default 15m)")
@@ -68,6 +72,10 @@ def _run(args: argparse.Namespace) -> NoReturn:
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
         raise InvalidInput("no command to run: meshctl agent run --principal P --scope S -- CMD [ARG]...")
+    grant = _grant(args.grant)
+    principal = args.principal or (_grant_principal(grant) if grant else None)
+    if principal is None:
+        raise InvalidInput("name the principal (--principal P) or present their grant (--grant)")
     uid = gid = None
     if args.user:
         try:
@@ -75,8 +83,8 @@ def _run(args: argparse.Namespace) -> NoReturn:
         except KeyError as exc:
             raise NotFound(f"no user {args.user!r}") from exc
         uid, gid = pw.pw_uid, pw.pw_gid
-    body = {"principal": args.principal, "scopes": args.scopes, "ttl_seconds": int(args.ttl.total_seconds()),
-            "name": args.name or Path(command[0]).name, "uid": uid, "gid": gid}
+    body = {"principal": principal, "scopes": args.scopes, "ttl_seconds": int(args.ttl.total_seconds()),
+            "name": args.name or Path(command[0]).name, "uid": uid, "gid": gid, "grant": grant}
     # meshd moves *this* process into the agent's cgroup; exec keeps it there, so the
     # command's signals and exit code are its own, and the identity ends when it does.
     born = meshd(args).request("POST", "/v1/agents", body)
@@ -96,6 +104,30 @@ def _run(args: argparse.Namespace) -> NoReturn:
         raise NotFound(f"cannot run {command[0]!r}: {exc.strerror}") from exc
 
 
+def _grant(given: str | None) -> str | None:
+    """The grant line: given as it is, or read from ``@FILE``."""
+    if not given:
+        return None
+    if given.startswith("@"):
+        try:
+            return Path(given[1:]).read_text().strip()
+        except OSError as exc:
+            raise NotFound(f"cannot read the grant {given[1:]}: {exc.strerror or exc}") from exc
+    return given.strip()
+
+
+def _grant_principal(grant: str) -> str:
+    """Whom a grant speaks for, read from its claims (the controller checks its signature, not this)."""
+    import base64
+    import json
+
+    try:
+        payload = grant.split(".")[1]
+        return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput("not a grant (expected the one line printed by 'meshctl grant create')") from exc
+
+
 def _list(args: argparse.Namespace) -> int:
     if args.mesh:
         with controller(args) as api:
@@ -112,8 +144,9 @@ def _list(args: argparse.Namespace) -> int:
 def _table(agents: list[dict[str, Any]]) -> None:
     now = datetime.now(UTC)
     table([[a["id"], a["name"], a["node"], a["principal"], " ".join(a["scopes"]), a.get("parent") or "-",
-            " ".join(a["addresses"]), remaining(datetime.fromisoformat(a["expires"]), now)] for a in agents],
-          ["ID", "NAME", "NODE", "PRINCIPAL", "SCOPES", "PARENT", "ADDRESSES", "EXPIRES IN"])
+            " ".join(a["addresses"]), remaining(datetime.fromisoformat(a["expires"]), now),
+            "grant " + a["grant"] if a.get("grant") else "delegation"] for a in agents],
+          ["ID", "NAME", "NODE", "PRINCIPAL", "SCOPES", "PARENT", "ADDRESSES", "EXPIRES IN", "AUTHORIZED BY"])
 
 
 def _revoke(args: argparse.Namespace) -> int:

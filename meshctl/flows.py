@@ -38,6 +38,13 @@ def _flows(args: argparse.Namespace) -> int:
         print_json(flows)
         return 0
     table([[when(f.at), f.verdict, f.agent and f"agent {f.agent}" or f"node {f.source_node or f.source}",
-            f.principal or "-", " ".join(f.scopes) or "-", f"{f.node}:{f.port or ''}/{f.protocol}", f.rule]
-           for f in flows], ["WHEN", "VERDICT", "FROM", "PRINCIPAL", "SCOPES", "TO", "RULE"])
+            f.principal or "-", " ".join(f.scopes) or "-", _how(f.authorized_by), f"{f.node}:{f.port or ''}/{f.protocol}",
+            f.rule] for f in flows], ["WHEN", "VERDICT", "FROM", "PRINCIPAL", "SCOPES", "AUTHORIZED", "TO", "RULE"])
     return 0
+
+
+def _how(authorized_by: str | None) -> str:
+    """``grant g...`` or ``delegation``, short enough for a column (the JSON has the whole sentence)."""
+    if not authorized_by:
+        return "-"
+    return authorized_by.split("(", 1)[-1].rstrip(")") if "(" in authorized_by else authorized_by

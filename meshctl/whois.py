@@ -31,6 +31,8 @@ def _whois(args: argparse.Namespace) -> int:
         print(f"  scopes  {' '.join(info['scopes'])}")
         print(f"  parent  {info['parent'] or '-'}")
         print(f"  expires {info['expires']}")
+        if info.get("authorized_by"):
+            print(f"  authorized by {info['authorized_by']}")
     else:
         print(f"node {info['node']} ({info['principal'] or ','.join('tag:' + t for t in info.get('tags', []))})")
     return 0

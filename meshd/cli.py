@@ -62,6 +62,11 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="offer to be an exit node (0.0.0.0/0 and ::/0; env IDMESH_ADVERTISE_EXIT_NODE=1)")
     rn.add_argument("--gateway-port", type=int, metavar="PORT",
                     help="UDP port of the gateway interface when offering routes (default: listen port + 1)")
+    rn.add_argument("--principal-map", action="append", metavar="UID=PRINCIPAL",
+                    default=[m for m in os.environ.get("IDMESH_PRINCIPAL_MAP", "").split(",") if m.strip()],
+                    help="let the local user UID start agents for PRINCIPAL without a grant (repeatable; env "
+                    "IDMESH_PRINCIPAL_MAP, comma-separated). Without it only root may, or anyone with the "
+                    "principal's grant")
     rn.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = p.parse_args(argv)
 
@@ -78,11 +83,13 @@ def _main(argv: Sequence[str] | None) -> int:
             offered = advertised(args.advertise_routes.split(","), args.advertise_exit_node)
         except ValueError as exc:
             raise InvalidInput(f"--advertise-routes: {exc}") from exc
+        principal_map = _principal_map(args.principal_map)
         settings = Settings(
             state=args.state, interface=args.interface, socket=args.socket, listen_port=args.listen_port,
             discovery=not args.no_discovery, wireguard=args.wireguard, metrics=args.metrics,
             flow_log=not args.no_flow_log, advertise=offered,
-            gateway_port=args.gateway_port or (args.listen_port + 1 if args.listen_port else 51821))
+            gateway_port=args.gateway_port or (args.listen_port + 1 if args.listen_port else 51821),
+            principal_map=principal_map)
         asyncio.run(Daemon(settings).run())
         return 0
 
@@ -100,6 +107,24 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"  valid to   {node.cert_not_after.isoformat(timespec='seconds')}")
         print(f"  state      {args.state}")
     return 0
+
+
+def _principal_map(entries: list[str]) -> tuple[tuple[int, str], ...]:
+    """``--principal-map 1000=nikita@acme.com`` (a uid or a user name), each one checked."""
+    import pwd
+    import re
+
+    out = []
+    for entry in entries:
+        who, sep, principal = entry.strip().partition("=")
+        if not sep or not re.fullmatch(r"[^\s@]+@[^\s@]+", principal):
+            raise InvalidInput(f"--principal-map {entry!r}: expected UID=PRINCIPAL, e.g. 1000=nikita@acme.com")
+        try:
+            uid = int(who) if who.isdigit() else pwd.getpwnam(who).pw_uid
+        except KeyError as exc:
+            raise InvalidInput(f"--principal-map {entry!r}: no local user {who!r}") from exc
+        out.append((uid, principal))
+    return tuple(out)
 
 
 def main() -> None:

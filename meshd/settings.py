@@ -40,3 +40,6 @@ class Settings:
     """Prefixes offered to route for the mesh (canonical; an exit node offers 0.0.0.0/0 and ::/0)."""
     gateway_port: int = 51821
     """The gateway interface's UDP port, used only when something is advertised."""
+    principal_map: tuple[tuple[int, str], ...] = ()
+    """(uid, principal): local users who may start agents for that principal without a grant (root may for
+    anyone)."""

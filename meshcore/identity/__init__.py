@@ -31,7 +31,7 @@ from .authority import (
     trust_domain_of,
 )
 from .pem import build_csr, cert_pem, key_pem, load_certificate, load_csr
-from .svid import CLAIMS_OID, IDMESH_ARC, NODE_NAME, Claims, Identity, Kind, PublicKey, SigningKey, SpiffeId
+from .svid import CLAIMS_OID, IDMESH_ARC, NODE_NAME, Claims, Identity, Kind, PublicKey, SigningKey, SpiffeId, user_path
 from .verify import verify_leaf
 
 __all__ = [
@@ -57,5 +57,6 @@ __all__ = [
     "new_ca",
     "new_serial",
     "trust_domain_of",
+    "user_path",
     "verify_leaf",
 ]

@@ -29,11 +29,21 @@ __all__ = [
     "FlowBatch",
     "FlowRecord",
     "FlowReport",
+    "GrantInfo",
+    "GrantRegister",
+    "GrantRevokeRequest",
+    "GrantsRevoked",
+    "LoginApprove",
+    "LoginPoll",
+    "LoginStart",
+    "LoginStarted",
     "NodeInfo",
     "PolicyApply",
     "PolicyInfo",
+    "PrincipalInfo",
     "RenewRequest",
     "RenewResponse",
+    "RouteInfo",
     "TokenCreateRequest",
     "TokenCreated",
     "TokenInfo",
@@ -129,6 +139,8 @@ class AgentIssueRequest(Request):
     parent: str | None = Field(default=None, pattern=_AGENT_NAME, description="the agent this one is started from")
     ipv4: str = Field(max_length=64, description="chosen by the node from its block")
     ipv6: str = Field(max_length=64)
+    grant: str | None = Field(default=None, max_length=16 * 1024,
+                              description="the principal's signed grant (meshcore.grants); None: the node's word")
 
 
 class AgentInfo(Answer):
@@ -143,6 +155,9 @@ class AgentInfo(Answer):
     issued_at: datetime
     expires: datetime
     state: str = Field(description="live, revoked, retired (its process ended) or expired")
+    authorized_by: str = Field(default="", description="who authorized it: 'nikita@acme.com (grant g...)' "
+                               "or 'node agents-1 (delegation)'")
+    grant: str | None = Field(default=None, description="the grant it was born from; None: a delegation")
 
 
 class AgentIssued(Answer):
@@ -181,6 +196,8 @@ class FlowRecord(Answer):
     principal: str | None = Field(default=None, max_length=320)
     agent: str | None = Field(default=None, max_length=128)
     scopes: list[str] = Field(default_factory=list, max_length=64)
+    authorized_by: str | None = Field(default=None, max_length=400,
+                                      description="for an agent: its grant's principal, or its node's delegation")
     destination: str = Field(max_length=64)
     protocol: str = Field(max_length=16)
     port: int | None = Field(default=None, ge=0, le=65535)
@@ -216,3 +233,84 @@ class TokenInfo(Answer):
 
 class TokenCreated(TokenInfo):
     token: str = Field(description="the token line; shown once, stored only hashed")
+
+
+# -- principals: login, principal certificates, grants (SPEC §6) -------------------------------------------------
+
+class LoginStart(Request):
+    """A node starts a person's login on their behalf (``meshctl login``, through meshd)."""
+
+    csr: str = Field(max_length=8192, description="PEM CSR over the person's Ed25519 key, made on the device")
+    ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400,
+                             description="the principal certificate's lifetime asked for")
+    user: str | None = Field(default=None, max_length=64, description="the local account on the device")
+    uid: int | None = Field(default=None, ge=0, description="its uid, as the node's kernel reported it")
+
+
+class LoginStarted(Answer):
+    """What the person must do (RFC 8628's device authorization answer, or an administrator's approval)."""
+
+    id: str = Field(description="the login, for polling; secret to the device")
+    mode: str = Field(description="'oidc': the organisation's identity provider; 'approval': an administrator "
+                      "runs meshctl login approve CODE --principal P")
+    user_code: str
+    verification_uri: str | None = None
+    verification_uri_complete: str | None = None
+    expires_in: int = Field(description="seconds the code stays valid")
+    interval: int = Field(description="seconds between polls")
+
+
+class LoginPoll(Answer):
+    """One poll of a login: still pending, or done with the principal certificate."""
+
+    status: str = Field(description="'pending', 'slow_down' (poll less often: interval grew) or 'done'")
+    interval: int
+    principal: str | None = None
+    certificate: str | None = Field(default=None, description="PEM principal certificate (user X509-SVID)")
+    not_after: datetime | None = None
+
+
+class LoginApprove(Request):
+    """An administrator approves a pending login (the embedded mode, without an identity provider)."""
+
+    code: str = Field(max_length=32)
+    principal: str = Field(pattern=_PRINCIPAL, max_length=320)
+
+
+class PrincipalInfo(Answer):
+    """A principal certificate as the controller knows it (``meshctl whoami``)."""
+
+    principal: str
+    spiffe_id: str
+    device: str | None = Field(description="the node the person logged in on")
+    serial: str
+    issued_at: datetime
+    not_after: datetime
+
+
+class GrantRegister(Request):
+    """A principal registers a grant it signed, so that it can be listed, counted and revoked."""
+
+    grant: str = Field(max_length=16 * 1024)
+
+
+class GrantInfo(Answer):
+    id: str
+    principal: str
+    node: str = Field(description="NODE or tag:TAG: where agents may be born from it")
+    scopes: list[str]
+    issued_at: datetime
+    expires: datetime
+    uses: int | None = Field(description="agents it may start; None: any number until it expires")
+    used: int
+    signer: str = Field(description="serial of the principal certificate that signed it")
+    state: str = Field(description="live, used up, expired or revoked")
+
+
+class GrantRevokeRequest(Request):
+    principal: str = Field(pattern=_PRINCIPAL, max_length=320, description="revoke every grant of this principal")
+
+
+class GrantsRevoked(Answer):
+    grants: list[str] = Field(description="the grants revoked")
+    agents: list[str] = Field(description="live agents born from them, revoked with them")

@@ -19,7 +19,10 @@ from .base import Request
 __all__ = [
     "AgentRunAnswer",
     "AgentRunRequest",
+    "ControllerContact",
     "ControllerLink",
+    "LoginAnswer",
+    "LoginRequest",
     "PeerStatus",
     "PolicyInForce",
     "SelfStatus",
@@ -37,6 +40,32 @@ class AgentRunRequest(Request):
     name: str | None = Field(default=None, max_length=128)
     uid: int | None = Field(default=None, ge=0, description="owner of the agent's key files (for --user)")
     gid: int | None = Field(default=None, ge=0)
+    grant: str | None = Field(default=None, max_length=16 * 1024,
+                              description="the principal's grant (meshctl grant create); without one only root "
+                              "and the uids meshd maps to the principal may ask")
+
+
+class LoginRequest(Request):
+    """``POST /v1/login``: start a login for the calling user (``meshctl login``); the key was made by meshctl."""
+
+    csr: str = Field(max_length=8192)
+    ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400)
+
+
+class ControllerContact(TypedDict):
+    """How a principal reaches the controller itself (grants, logout): its URL, trust domain and CA (PEM)."""
+
+    url: str
+    domain: str
+    ca: str
+
+
+class LoginAnswer(TypedDict):
+    """The login started: ``login`` is a :class:`meshcore.wire.api.LoginStarted` as JSON."""
+
+    login: dict[str, Any]
+    controller: ControllerContact
+    device: str
 
 
 class AgentRunAnswer(TypedDict):
@@ -64,6 +93,8 @@ class Whois(TypedDict):
     tags: NotRequired[list[str]]
     """The node's tags (nodes only)."""
     addresses: list[str]
+    authorized_by: NotRequired[str]
+    """Who authorized an agent: ``nikita@acme.com (grant g...)`` or ``node agents-1 (delegation)``."""
 
 
 class SelfStatus(TypedDict):

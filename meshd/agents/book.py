@@ -37,6 +37,13 @@ class HeldAgent:
     identity: AgentIdentity
     not_after: datetime
     serial: str
+    grant: str | None = None
+    """The grant it was born from (its principal authorized it); None: the node's word, under a delegation."""
+
+    @property
+    def authorized_by(self) -> str:
+        a = self.identity
+        return f"{a.principal} (grant {self.grant})" if self.grant else f"node {a.node} (delegation)"
 
 
 class IdentityView(Mapping[str, AgentIdentity]):
@@ -87,8 +94,9 @@ class AgentBook:
                 raise InvalidCertificate(f"{ident.spiffe_id}: address {address} is outside node {c.node}'s agent pool")
         held = HeldAgent(
             AgentIdentity(id=agent_id, name=c.name or agent_id, principal=c.principal, scopes=c.scopes,
-                          node=c.node, parent=c.parent, ipv4=c.addresses[0], ipv6=c.addresses[1]),
-            ident.not_after, ident.serial_hex)
+                          node=c.node, parent=c.parent, ipv4=c.addresses[0], ipv6=c.addresses[1],
+                          authorized=c.authorized),
+            ident.not_after, ident.serial_hex, c.grant)
         self.drop([agent_id])
         for address in c.addresses:
             previous = self._by_address.get(address)

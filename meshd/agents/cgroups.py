@@ -88,6 +88,8 @@ class Cgroup2:
     """``directory`` relative to :data:`NFT_CGROUP_BASE`: what an nft element starts with."""
     agent_level: int
     """Depth of an agent's cgroup below the hierarchy root: the ``level`` of ``socket cgroupv2``."""
+    tree: str = ""
+    """``directory`` as ``/proc/<pid>/cgroup`` names it: its path below the hierarchy root, from ``/``."""
     mounted: bool = False
     """True when cgroup2 was mounted by :func:`locate_cgroup2` (inside ``ip netns exec``)."""
 
@@ -115,7 +117,7 @@ def locate_cgroup2(root: Path, parent: str, *, mount: bool = True) -> Cgroup2:
     here = root
     while here.parent != here and _is_cgroup2(here.parent):
         depth, here = depth + 1, here.parent
-    return Cgroup2(root / parent, str(relative), depth + 2, mounted)
+    return Cgroup2(root / parent, str(relative), depth + 2, "/" + str((root / parent).relative_to(here)), mounted)
 
 
 class AgentCgroups(Protocol):

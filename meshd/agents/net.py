@@ -136,6 +136,7 @@ class AgentNet:
         self._own_conntrack: ConntrackFlusher | None = None
         self._slots: dict[str, AgentSlot] = {}
         self._nft_prefix = ""
+        self._tree = ""
         self._started = False
         self._lock = threading.Lock()
 
@@ -166,6 +167,7 @@ class AgentNet:
                                           f"{exc.strerror}") from exc
                 where = self._cgroups.prepare()
                 self._nft_prefix = where.nft_prefix
+                self._tree = where.tree
                 t = self.table
                 self.table = AgentTable(t.node, t.ifname, t.block4, t.block6, t.field, where.agent_level)
                 self._nft.run(render_table(self.table), f"the agent table of node {self.node}")
@@ -252,6 +254,18 @@ class AgentNet:
         with self._lock:
             self._slot(agent_id)
             self._cgroups.move(agent_id, pid)
+
+    def agent_of_cgroup(self, path: str) -> str | None:
+        """The agent whose cgroup is exactly ``path`` (as ``/proc/<pid>/cgroup`` says it), or None.
+
+        The whole path is compared, not its last component: a cgroup of the
+        same name elsewhere in the hierarchy is nobody's agent.
+        """
+        with self._lock:
+            if not self._started or not self._tree:
+                return None
+            inside, sep, leaf = path.rstrip("/").partition(self._tree + "/")
+            return leaf if sep and not inside and "/" not in leaf and leaf in self._slots else None
 
     def populated(self, agent_id: str) -> bool:
         """Whether any process is left in the agent's cgroup (``cgroup.events``; poll it or watch it with inotify)."""

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
@@ -55,6 +56,8 @@ class AgentNetwork(Protocol):
     def move(self, pid: int, agent_id: str) -> None: ...
 
     def populated(self, agent_id: str) -> bool: ...
+
+    def agent_of_cgroup(self, path: str) -> str | None: ...
 
     def remove(self, agent_id: str) -> None: ...
 
@@ -111,8 +114,15 @@ class AgentSupervisor:
         raise Exhausted(f"all {self.block.agent_capacity} agent addresses of {self.block.v4} are in use")
 
     async def create(self, pid: int, principal: str, scopes: list[str], ttl: timedelta, name: str | None,
-                     user: tuple[int, int] | None = None) -> LocalAgent:
-        """Make process ``pid`` an agent; a caller already inside an agent makes a sub-agent of it."""
+                     user: tuple[int, int] | None = None, grant: str | None = None,
+                     exited: Callable[[], bool] = lambda: False) -> LocalAgent:
+        """Make process ``pid`` an agent; a caller already inside an agent makes a sub-agent of it.
+
+        ``exited`` says whether the process that asked is gone (a pidfd's
+        answer): checked after it was moved into the agent's cgroup, because
+        a pid number whose process died may already be a stranger's, who
+        must not be given the identity.
+        """
         parent = self.agent_of_pid(pid)
         t0 = time.perf_counter()
         async with self._lock:
@@ -120,7 +130,8 @@ class AgentSupervisor:
             ipv4, ipv6 = (str(a) for a in self.block.agent_address(slot))
             key = ed25519.Ed25519PrivateKey.generate()
             body = {"csr": build_csr(key), "name": name or "agent", "principal": principal, "scopes": scopes,
-                    "ttl_seconds": int(ttl.total_seconds()), "parent": parent, "ipv4": ipv4, "ipv6": ipv6}
+                    "ttl_seconds": int(ttl.total_seconds()), "parent": parent, "ipv4": ipv4, "ipv6": ipv6,
+                    "grant": grant}
             t1 = time.perf_counter()
             issued = AgentIssued.model_validate(await self.controller.call("POST", "/v1/agents", body))
             t2 = time.perf_counter()
@@ -139,6 +150,8 @@ class AgentSupervisor:
             await asyncio.to_thread(self.net.add, agent_id, ipv4, ipv6)
             self._on_change(issued)  # the node honors its own agent at once, before the controller echoes it
             await asyncio.to_thread(self.net.move, pid, agent_id)
+            if exited():
+                raise InvalidInput(f"the process that asked for agent {agent_id} exited before it became one")
             agent.moved = True
         except (IdmeshError, OSError) as exc:
             await self.end(agent_id, "failed to start")
@@ -153,15 +166,15 @@ class AgentSupervisor:
         return agent
 
     def agent_of_pid(self, pid: int) -> str | None:
-        """The local agent whose cgroup holds ``pid`` (cgroup v2: the last path component)."""
+        """The local agent whose cgroup holds ``pid``: its whole cgroup v2 path must be the agent's."""
         try:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         except OSError as exc:
             raise NotFound(f"process {pid} is gone") from exc
         for line in lines:
             if line.startswith("0::"):
-                leaf = line[3:].rstrip("/").rsplit("/", 1)[-1]
-                return leaf if leaf in self.local else None
+                agent = self.net.agent_of_cgroup(line[3:])
+                return agent if agent in self.local else None
         return None
 
     async def end(self, agent_id: str, reason: str, tell_controller: bool = True) -> None:

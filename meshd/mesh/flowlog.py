@@ -72,7 +72,8 @@ class FlowLog:
             self.pending.append(FlowReport(
                 at=now, verdict="deny" if denied else "allow", rule=rule, source=p.source,
                 source_node=who.get("node"), principal=who.get("principal"), agent=who.get("agent"),
-                scopes=list(who.get("scopes") or []), destination=p.destination, protocol=p.protocol, port=p.port))
+                scopes=list(who.get("scopes") or []), authorized_by=who.get("authorized_by"),
+                destination=p.destination, protocol=p.protocol, port=p.port))
 
     async def ship_forever(self, every: float = 1.0) -> None:
         while True:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pwd
 import signal
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from idmesh.metrics import Metrics, serve_metrics
-from meshcore.errors import IdmeshError
-from meshcore.wire.api import AgentIssued
-from meshcore.wire.local import AgentRunAnswer, AgentRunRequest
+from meshcore.errors import IdmeshError, NotFound, PermissionDenied
+from meshcore.wire.api import AgentIssued, LoginStart
+from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
 from meshcore.wire.stream import AgentUpdate, EndpointReport, RouteOfferReport
 from meshd.agents.net import AgentNet
 from meshd.agents.supervisor import AgentSupervisor
@@ -36,7 +37,7 @@ from meshd.mesh.flowlog import FlowLog
 from meshd.mesh.underlay import local_endpoints
 from meshd.node import answers
 from meshd.node.converger import Converger
-from meshd.node.localapi import LocalApi
+from meshd.node.localapi import Caller, LocalApi
 from meshd.node.session import ControllerSession
 from meshd.node.state import StateDir
 from meshd.node.view import MeshView
@@ -69,8 +70,8 @@ class Daemon:
             on_full=self.mesh.on_full, on_delta=self.mesh.on_delta, on_policy=self.mesh.on_policy,
             on_agents=self._on_agents, endpoints=self._endpoint_report,
         )
-        self.api = LocalApi(settings.socket, lambda: answers.status(self), self.mesh.whois, self._run_agent,
-                            self._list_agents)
+        self.api = LocalApi(settings.socket, self)
+        self._principals = dict(settings.principal_map)
         self.metrics = Metrics()
         self.metrics.snapshot(lambda: answers.gauges(self))
         # made in run(), once the interface exists
@@ -82,6 +83,7 @@ class Daemon:
         self.flowlog: FlowLog | None = None
         self.discovery: LanDiscovery | None = None
         self._agent_due = 0
+        self._logins: dict[str, int] = {}  # login id -> the uid that started it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -135,12 +137,40 @@ class Daemon:
             self.mesh.admit_local(issued)
         self.converger.wake()
 
-    async def _run_agent(self, pid: int, req: AgentRunRequest) -> AgentRunAnswer:
+    # -- the local API (LocalService) ------------------------------------------------------------------------
+    def status(self) -> Status:
+        return answers.status(self)
+
+    def whois(self, address: str) -> Whois:
+        return self.mesh.whois(address)
+
+    def _may_act_for(self, caller: Caller, req: AgentRunRequest) -> tuple[int, int] | None:
+        """Whether ``caller`` may start an agent for ``req.principal``, and who owns the agent's files.
+
+        With a grant anyone may ask: the controller checks the principal's
+        signature. Without one, only root and the uids mapped to the
+        principal (``--principal-map``) may speak for it. Only root may give
+        the agent's files to another user (``meshctl agent run --user``);
+        anyone else's agent files are their own.
+        """
+        if caller.uid != 0:
+            mapped = self._principals.get(caller.uid)
+            if req.grant is None and mapped != req.principal:
+                raise PermissionDenied(
+                    f"uid {caller.uid} may not start agents for {req.principal} without a grant "
+                    f"({'it is mapped to ' + mapped if mapped else 'it is mapped to no principal'}; "
+                    f"meshd run --principal-map {caller.uid}={req.principal}, or meshctl agent run --grant)")
+            if req.uid is not None and (req.uid, req.gid) != (caller.uid, caller.gid):
+                raise PermissionDenied("only root may give an agent's key files to another user")
+            return caller.uid, caller.gid
+        return (req.uid, req.gid) if req.uid is not None and req.gid is not None else None
+
+    async def run_agent(self, caller: Caller, req: AgentRunRequest) -> AgentRunAnswer:
         if self.supervisor is None or self.converger is None:
             raise IdmeshError("meshd is still starting; try again")
-        user = (req.uid, req.gid) if req.uid is not None and req.gid is not None else None
-        agent = await self.supervisor.create(pid, req.principal, req.scopes, timedelta(seconds=req.ttl_seconds),
-                                             req.name, user)
+        user = self._may_act_for(caller, req)
+        agent = await self.supervisor.create(caller.pid, req.principal, req.scopes, timedelta(seconds=req.ttl_seconds),
+                                             req.name, user, req.grant, caller.exited)
         # The command starts when this returns: let the converger install the agent's routes first,
         # so its first connection already takes its gateway (bounded: a slow apply must not block it).
         if not await self.converger.wait_for(self._agent_due, AGENT_ROUTES_WAIT):
@@ -148,9 +178,33 @@ class Daemon:
         return {"agent": agent.issued.agent.model_dump(mode="json"),
                 "environment": agent.environment(agent.directory / "ca.crt", self.settings.socket)}
 
-    def _list_agents(self) -> list[dict[str, Any]]:
+    def list_agents(self) -> list[dict[str, Any]]:
         local = self.supervisor.local if self.supervisor else {}
         return [a.issued.agent.model_dump(mode="json") for a in local.values()]
+
+    async def start_login(self, caller: Caller, req: LoginRequest) -> LoginAnswer:
+        """A person on this node logs in: the controller is asked on their behalf, with the node's certificate."""
+        try:
+            user = pwd.getpwuid(caller.uid).pw_name
+        except KeyError:
+            user = None
+        body = LoginStart(csr=req.csr, ttl_seconds=req.ttl_seconds, user=user, uid=caller.uid)
+        started = await self.session.call("POST", "/v1/login", body.model_dump())
+        assert isinstance(started, dict)
+        self._logins[str(started["id"])] = caller.uid
+        return {"login": started, "device": self.name,
+                "controller": {"url": self.record.controller, "domain": self.record.domain,
+                               "ca": self.state.ca_cert.read_text()}}
+
+    async def poll_login(self, caller: Caller, login_id: str) -> dict[str, Any]:
+        """One poll of a login, by the user who started it (a login is nobody else's to finish)."""
+        if self._logins.get(login_id) != caller.uid:
+            raise NotFound(f"no login {login_id!r} of uid {caller.uid} on this node")
+        polled = await self.session.call("POST", f"/v1/login/{login_id}")
+        assert isinstance(polled, dict)
+        if polled.get("status") == "done":
+            self._logins.pop(login_id, None)
+        return polled
 
     async def _expire_agents(self) -> None:
         while True:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -25,9 +27,9 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from meshcore.errors import IdmeshError, PermissionDenied
-from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, Status, Whois
+from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
 
-__all__ = ["PEERCRED", "LocalApi", "bind_unix_socket"]
+__all__ = ["PEERCRED", "Caller", "LocalApi", "LocalService", "bind_unix_socket"]
 
 PEERCRED = "idmesh.peercred"
 
@@ -40,22 +42,57 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of a local API connection, as the kernel says (SO_PEERCRED), never the request.
+
+    ``pidfd`` pins the very process that connected (opened while its
+    connection is open, so its pid cannot have been reused yet): a pid
+    number alone could name a stranger once the caller is gone. It is closed
+    with the connection.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    pidfd: int | None
+
+    def exited(self) -> bool:
+        """Whether the process that connected has exited (its pid may now be someone else's)."""
+        if self.pidfd is None:
+            return False
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+
 class _PeerCredProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         try:
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            cred: tuple[int, int, int] | None = (pid, uid, gid)
         except (OSError, AttributeError):
-            cred = None
+            caller = None
+        else:
+            try:
+                pidfd: int | None = os.pidfd_open(pid)
+            except OSError:
+                pidfd = None
+            caller = Caller(pid, uid, gid, pidfd)
+        self._caller = caller
         app = self.app
 
         async def with_cred(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            scope.setdefault("extensions", {})[PEERCRED] = cred
+            scope.setdefault("extensions", {})[PEERCRED] = caller
             await app(scope, receive, send)
 
         self.app = with_cred
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._caller is not None and self._caller.pidfd is not None:
+            os.close(self._caller.pidfd)
 
 
 def bind_unix_socket(path: Path) -> socket.socket:
@@ -82,11 +119,32 @@ def bind_unix_socket(path: Path) -> socket.socket:
         raise PermissionDenied(f"cannot create the local API socket {path}: {exc.strerror or exc}") from exc
 
 
+class LocalService(Protocol):
+    """What the local API answers with (the daemon)."""
+
+    def status(self) -> Status: ...
+
+    def whois(self, address: str) -> Whois: ...
+
+    def list_agents(self) -> list[dict[str, Any]]: ...
+
+    async def run_agent(self, caller: Caller, req: AgentRunRequest) -> AgentRunAnswer: ...
+
+    async def start_login(self, caller: Caller, req: LoginRequest) -> LoginAnswer: ...
+
+    async def poll_login(self, caller: Caller, login_id: str) -> dict[str, Any]: ...
+
+
+def _caller(request: Request) -> Caller:
+    caller = request.scope.get("extensions", {}).get(PEERCRED)
+    if caller is None:
+        raise PermissionDenied("the caller's process could not be identified (SO_PEERCRED)")
+    assert isinstance(caller, Caller)
+    return caller
+
+
 class LocalApi:
-    def __init__(self, path: Path, status: Callable[[], Status],
-                 whois: Callable[[str], Whois],
-                 run_agent: Callable[[int, AgentRunRequest], Awaitable[AgentRunAnswer]],
-                 list_agents: Callable[[], list[dict[str, Any]]]) -> None:
+    def __init__(self, path: Path, node: LocalService) -> None:
         self.path = path
         app = FastAPI(title="meshd local API", docs_url=None, redoc_url=None)
 
@@ -104,22 +162,27 @@ class LocalApi:
         # The answers are TypedDicts for mypy; FastAPI sends them as they are (response_model=None).
         @app.get("/v1/status", response_model=None)
         async def get_status() -> Status:
-            return status()
+            return node.status()
 
         @app.get("/v1/whois", response_model=None)
         async def get_whois(address: str) -> Whois:
-            return whois(address)
+            return node.whois(address)
 
         @app.get("/v1/agents")
         async def get_agents() -> list[dict[str, Any]]:
-            return list_agents()
+            return node.list_agents()
 
         @app.post("/v1/agents", response_model=None)
         async def post_agent(req: AgentRunRequest, request: Request) -> AgentRunAnswer:
-            cred = request.scope.get("extensions", {}).get(PEERCRED)
-            if cred is None:
-                raise PermissionDenied("the caller's process could not be identified (SO_PEERCRED)")
-            return await run_agent(cred[0], req)
+            return await node.run_agent(_caller(request), req)
+
+        @app.post("/v1/login", response_model=None)
+        async def post_login(req: LoginRequest, request: Request) -> LoginAnswer:
+            return await node.start_login(_caller(request), req)
+
+        @app.post("/v1/login/{login_id}", response_model=None)
+        async def poll_login(login_id: str, request: Request) -> dict[str, Any]:
+            return await node.poll_login(_caller(request), login_id)
 
         self.app = app
         config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http=_PeerCredProtocol)

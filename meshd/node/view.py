@@ -189,7 +189,7 @@ class MeshView:
             a = held.identity
             return {"kind": "agent", "node": a.node, "principal": a.principal, "agent": a.id, "name": a.name,
                     "scopes": [str(s) for s in a.scopes], "parent": a.parent, "expires": held.not_after.isoformat(),
-                    "addresses": [a.ipv4, a.ipv6]}
+                    "addresses": [a.ipv4, a.ipv6], "authorized_by": held.authorized_by}
         for node in (self.view.nodes.values() if self.view else ()):
             if canonical in node.addresses:
                 return {"kind": "node", "node": node.name, "principal": node.owner, "agent": None, "scopes": [],
