@@ -202,7 +202,12 @@ class OidcProvider:
         """As the person ``login``: open ``verification`` (a ``verification_uri_complete``, or a bare
         ``user_code``), confirm it, sign in and consent. With ``consent=False`` the person signs in and
         then cancels at the consent page: the device gets ``access_denied``. Raises
-        :class:`~tests.oidc.person.ApprovalError` if the pages do not end as asked."""
+        :class:`~tests.oidc.person.ApprovalError` if the pages do not end as asked, ``ValueError`` for a
+        ``login`` that is not one of ``settings.accounts`` (oidc-provider's development form takes any
+        login, and an account its ``findAccount`` does not know ends in ``server_error`` for the device)."""
+        known = [a.login for a in self.settings.accounts]
+        if login not in known:
+            raise ValueError(f"{login!r} is not a person this provider knows ({', '.join(known)})")
         decision = Decision.APPROVE if consent else Decision.CANCEL_AT_CONSENT
         expected = Outcome.APPROVED if consent else Outcome.DENIED
         outcome = play(verification, issuer=self.issuer, ca=self._ssl, login=login, decision=decision)

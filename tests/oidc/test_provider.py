@@ -115,11 +115,12 @@ def test_full_device_flow_with_the_confidential_client(oidc_provider: OidcProvid
     assert "refresh_token" not in tokens
     token = verified_id_token(oidc_provider, tokens["id_token"], client)
     claims = token.claims
+    assert set(claims) == {"iss", "aud", "sub", "iat", "exp", "email", "email_verified"}  # no nonce, no azp
     assert claims["sub"] == "nikita@acme.com"
     assert claims["email"] == "nikita@acme.com"
     assert claims["email_verified"] is True
     assert claims["aud"] == client.client_id
-    assert claims["exp"] > claims["iat"]
+    assert claims["exp"] - claims["iat"] == 3600
     assert token.header["alg"] == "RS256"
     assert token.header["kid"] in {k["kid"] for k in jwks(oidc_provider)["keys"]}
 
@@ -177,6 +178,11 @@ def test_cancel_at_consent_gives_access_denied(oidc_provider: OidcProvider) -> N
 def test_unknown_user_code_is_refused(oidc_provider: OidcProvider) -> None:
     with pytest.raises(ApprovalError, match="incorrect"):
         oidc_provider.approve("BCDF-GHJK")
+
+
+def test_only_known_people_sign_in(oidc_provider: OidcProvider) -> None:
+    with pytest.raises(ValueError, match="eve@acme.com"):
+        oidc_provider.approve("BCDF-GHJK", login="eve@acme.com")
 
 
 def test_device_code_expires(oidc_provider: OidcProvider) -> None:
