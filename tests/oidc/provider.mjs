@@ -116,6 +116,7 @@ function slowDownMiddleware() {
     const now = Date.now();
     const seen = polls.get(deviceCode);
     if (seen === undefined) {
+      forgetOldPolls();
       const interval = deviceSetting(ctx.oidc.client?.clientId, 'interval');
       polls.set(deviceCode, { last: now, interval, expires: now + 3600_000 });
       return;
@@ -209,7 +210,6 @@ async function rotateKeys(req, res) {
   const key = newSigningKey();
   jwks = { keys: [key, ...(options.retire ? [] : jwks.keys)] };
   install(current.issuer);
-  forgetOldPolls();
   console.error(`rotated signing key: now ${key.kid}; published ${jwks.keys.map((k) => k.kid).join(', ')}`);
   sendJson(res, 200, { kid: key.kid, published: jwks.keys.map((k) => k.kid) });
 }

@@ -145,8 +145,19 @@ def test_pending_before_approval_then_tokens_once(oidc_provider: OidcProvider) -
     assert poll_error(oidc_provider, client, grant["device_code"]) == "authorization_pending"
     oidc_provider.approve(grant["verification_uri_complete"])
     time.sleep(grant["interval"])  # an honest device waits the interval between two polls
-    assert poll(oidc_provider, client, grant["device_code"]).status_code == 200
-    assert poll_error(oidc_provider, client, grant["device_code"]) == "invalid_grant"  # a device code is used once
+    tokens = poll(oidc_provider, client, grant["device_code"])
+    assert tokens.status_code == 200
+    with oidc_provider.http() as http:
+        userinfo = http.get(f"{oidc_provider.issuer}/me",
+                            headers={"authorization": f"Bearer {tokens.json()['access_token']}"})
+    assert userinfo.json() == {"sub": "nikita@acme.com", "email": "nikita@acme.com", "email_verified": True}
+    # A device code is good for one token response; polling it again is taken as a replay and revokes
+    # the whole grant, the access token just issued included.
+    assert poll_error(oidc_provider, client, grant["device_code"]) == "invalid_grant"
+    with oidc_provider.http() as http:
+        revoked = http.get(f"{oidc_provider.issuer}/me",
+                           headers={"authorization": f"Bearer {tokens.json()['access_token']}"})
+    assert revoked.status_code == 401
 
 
 def test_polling_too_fast_gets_slow_down(oidc_provider: OidcProvider) -> None:
