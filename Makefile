@@ -7,13 +7,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv openssl wireguard-go wireguard-tools nftables iproute2 iputils-ping iperf3 procps kmod \
 	openssh-server systemd
+# The test OpenID provider (tests/oidc, panva's oidc-provider) runs on Node.js >= 20. The machine image has
+# Node.js 20 and npm (NodeSource's nodejs package); only where there is no node at all are Debian's taken
+# (Debian 12's nodejs is 18: too old for oidc-provider 9, the oidc tests then say so).
+OIDC_NODE_MODULES := tests/oidc/node_modules/.stamp
 
 .PHONY: deps venv test unit demo bench lint clean
 
-deps: .deps-stamp
+deps: .deps-stamp $(OIDC_NODE_MODULES)
 .deps-stamp:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null
+	touch $@
+
+# Exactly the versions of tests/oidc/package-lock.json (npm ci), never newer ones.
+$(OIDC_NODE_MODULES): tests/oidc/package.json tests/oidc/package-lock.json | .deps-stamp
+	command -v node >/dev/null && command -v npm >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -41,4 +52,4 @@ bench: venv
 	$(PY) bench/bench_enroll.py
 
 clean:
-	rm -rf $(VENV) .deps-stamp
+	rm -rf $(VENV) .deps-stamp tests/oidc/node_modules

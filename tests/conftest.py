@@ -1,0 +1,3 @@
+"""Fixtures every tier may use: ``oidc_provider`` (a real OpenID provider, tests/oidc)."""
+
+pytest_plugins = ["tests.oidc.fixture"]
