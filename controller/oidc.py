@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
@@ -42,9 +42,11 @@ __all__ = ["LEEWAY", "DeviceAuthorization", "OidcConfig", "OidcProvider", "Token
 LEEWAY = 60
 """Seconds of clock difference tolerated on ``exp`` and ``iat``."""
 METADATA_TTL = 3600.0
-JWKS_MIN_REFETCH = 10.0
-"""A token naming an unknown key refetches the JWKS at most this often (a flood of bad tokens cannot make the
-controller hammer the provider)."""
+JWKS_WINDOW = 10.0
+JWKS_REFETCHES = 3
+"""A token naming a key not in the cached JWKS refetches it, at most once for that key id and
+:data:`JWKS_REFETCHES` times in all per :data:`JWKS_WINDOW` seconds: a rotation is picked up at once, and a flood
+of made-up key ids cannot make the controller hammer the provider."""
 _ALGORITHMS = ("RS256", "ES256", "PS256", "Ed25519", "EdDSA")
 _DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
@@ -109,7 +111,9 @@ class TokenPoll:
 class OidcProvider:
     """One identity provider, as :class:`OidcConfig` names it. Safe to share between requests."""
 
-    def __init__(self, config: OidcConfig, clock: Any = time.monotonic) -> None:
+    def __init__(self, config: OidcConfig, clock: Any = time.monotonic,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``transport`` replaces the network (unit tests of the token checks); ``clock`` the cache's time."""
         self.config = config
         verify: ssl.SSLContext | bool = True
         if config.ca_file:
@@ -117,10 +121,12 @@ class OidcProvider:
                 verify = ssl.create_default_context(cafile=config.ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise Unavailable(f"cannot load --ca-file {config.ca_file}: {exc}") from exc
-        self._http = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(10.0), trust_env=False)
+        self._http = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(10.0), trust_env=False,
+                                       transport=transport)
         self._clock = clock
         self._metadata: tuple[float, dict[str, Any]] | None = None
-        self._jwks: tuple[float, KeySet] | None = None
+        self._jwks: KeySet | None = None
+        self._refetches: list[tuple[float, str]] = []  # (when, for which kid) in the current window
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -153,15 +159,21 @@ class OidcProvider:
             self._metadata = (now, doc)
         return self._metadata[1]
 
-    async def _keys(self, refresh: bool = False) -> KeySet:
+    async def _keys(self, unknown_kid: str | None = None) -> KeySet:
+        """The cached JWKS; fetched again when a token names ``unknown_kid`` (within :data:`JWKS_REFETCHES`)."""
         now = self._clock()
-        if self._jwks is None or (refresh and now - self._jwks[0] >= JWKS_MIN_REFETCH):
+        if self._jwks is not None and unknown_kid is not None:
+            self._refetches = [(t, k) for t, k in self._refetches if now - t < JWKS_WINDOW]
+            if len(self._refetches) >= JWKS_REFETCHES or any(k == unknown_kid for _, k in self._refetches):
+                return self._jwks
+            self._refetches.append((now, unknown_kid))
+        if self._jwks is None or unknown_kid is not None:
             doc = await self._get_json(str((await self.metadata())["jwks_uri"]), "JWKS")
             try:
-                self._jwks = (now, KeySet.import_key_set(doc))  # type: ignore[arg-type]
+                self._jwks = KeySet.import_key_set(doc)  # type: ignore[arg-type]
             except (JoseError, ValueError, KeyError, TypeError) as exc:
                 raise Unavailable(f"the identity provider's JWKS is malformed: {exc}") from exc
-        return self._jwks[1]
+        return self._jwks
 
     # -- the device flow ------------------------------------------------------------------------------------
     def _auth(self) -> tuple[dict[str, str], httpx.BasicAuth | None]:
@@ -219,7 +231,8 @@ class OidcProvider:
             try:
                 token = jwt.decode(id_token, await self._keys(), algorithms=allowed)
             except InvalidKeyIdError:  # a key we have not seen: the provider may have rotated
-                token = jwt.decode(id_token, await self._keys(refresh=True), algorithms=allowed)
+                kid = str(jws.extract_compact(id_token.encode()).headers().get("kid"))
+                token = jwt.decode(id_token, await self._keys(unknown_kid=kid), algorithms=allowed)
         except JoseError as exc:
             raise InvalidToken(f"ID token refused: its signature does not verify with {self.config.issuer}'s "
                                f"keys ({exc.error})") from exc

@@ -95,3 +95,42 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         yield c
     finally:
         c.stop(signal.SIGKILL)
+
+
+class Device:
+    """An enrolled node, speaking to the controller with its own certificate as meshd does (login, agents)."""
+
+    def __init__(self, controller: Controller, state: Path) -> None:
+        import json
+
+        import httpx
+
+        from idmesh.client import client_ssl_context
+
+        self.controller = controller
+        self.state = state
+        self.record = json.loads((state / "node.json").read_text())
+        self.name: str = self.record["name"]
+        ctx = client_ssl_context((state / "ca.crt").read_text(), cert_file=state / "node.crt",
+                                 key_file=state / "node.key")
+        self.http = httpx.Client(base_url=controller.url, verify=ctx, trust_env=False, timeout=30)
+
+    def login(self, key: object | None = None, ttl: int = 3600) -> tuple[object, dict[str, object]]:
+        """Start a login for a fresh key (or ``key``): (the key, the controller's LoginStarted)."""
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from meshcore.identity import build_csr
+
+        key = key or ed25519.Ed25519PrivateKey.generate()
+        resp = self.http.post("/v1/login", json={"csr": build_csr(key), "ttl_seconds": ttl})  # type: ignore[arg-type]
+        assert resp.status_code == 200, resp.text
+        return key, resp.json()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def enroll_device(controller: Controller, state: Path, name: str, *token_flags: str) -> Device:
+    token = controller.token(*(token_flags or ("--tag", "agents")))
+    cli("meshd", "enroll", token, "--name", name, "--state", str(state), check=True)
+    return Device(controller, state)

@@ -78,7 +78,22 @@ SAMPLES: dict[type[BaseModel], Any] = {
     stream.StreamMessage: {"type": "delta", "delta": DELTA},
     stream.EndpointReport: {"listen_port": 51820, "endpoints": ["198.51.100.10:51820"], "routing": NODE["routing"]},
     local.AgentRunRequest: {"principal": "nikita@acme.com", "scopes": ["db:read"], "ttl_seconds": 900,
-                            "name": "bot", "uid": None, "gid": None},
+                            "name": "bot", "uid": None, "gid": None, "grant": "a.b.c"},
+    local.LoginRequest: {"csr": "pem", "ttl_seconds": 3600},
+    api.LoginStart: {"csr": "pem", "ttl_seconds": 3600, "user": "nikita", "uid": 1000},
+    api.LoginStarted: {"id": "l1", "mode": "oidc", "user_code": "WDJB-MJHT", "verification_uri": "https://idp/device",
+                       "verification_uri_complete": "https://idp/device?user_code=WDJB-MJHT", "expires_in": 600,
+                       "interval": 5},
+    api.LoginPoll: {"status": "done", "interval": 5, "principal": "nikita@acme.com", "certificate": "pem",
+                    "not_after": NOW},
+    api.LoginApprove: {"code": "WDJB-MJHT", "principal": "nikita@acme.com"},
+    api.PrincipalInfo: {"principal": "nikita@acme.com", "spiffe_id": "spiffe://acme.mesh/user/acme.com/nikita",
+                        "device": "laptop", "serial": "ab", "issued_at": NOW, "not_after": NOW},
+    api.GrantRegister: {"grant": "a.b.c"},
+    api.GrantInfo: {"id": "g1", "principal": "nikita@acme.com", "node": "tag:agents", "scopes": ["db:write"],
+                    "issued_at": NOW, "expires": NOW, "uses": 1, "used": 0, "signer": "ab", "state": "live"},
+    api.GrantRevokeRequest: {"principal": "nikita@acme.com"},
+    api.GrantsRevoked: {"grants": ["g1"], "agents": ["a1"]},
 }
 
 
