@@ -62,7 +62,7 @@ from .compile import (
     compile_node_filter,
     identity_delta,
 )
-from .delegations import check_delegation, node_named
+from .delegations import check_delegation, grant_needed_for, node_named, within_grant
 from .evaluate import (
     Decision,
     PolicyTestFailure,
@@ -74,7 +74,7 @@ from .evaluate import (
     explain_address,
     run_tests,
 )
-from .fields import ALL_PORTS, Destination, NodeSpec, PortRange, Protocol
+from .fields import ALL_PORTS, Authorized, Destination, NodeSpec, PortRange, Protocol
 from .identities import Actor, AgentIdentity, Identities, NodeIdentity
 from .load import load_policy, validate_policy
 from .model import Acl, Delegation, FlowSource, Policy, PolicyTest, Route, Selector, Service
@@ -97,6 +97,7 @@ __all__ = [
     "Actor",
     "AddressSet",
     "AgentIdentity",
+    "Authorized",
     "Change",
     "Decision",
     "Delegation",
@@ -134,6 +135,7 @@ __all__ = [
     "explain",
     "explain_address",
     "explain_route",
+    "grant_needed_for",
     "identity_delta",
     "load_policy",
     "node_named",
@@ -144,4 +146,5 @@ __all__ = [
     "scopes_overlap",
     "set_name",
     "validate_policy",
+    "within_grant",
 ]
