@@ -146,14 +146,14 @@ def _only_authorization(source: SourceClass, actor: Actor) -> bool:
             and source.matches(dataclasses.replace(actor, authorized=source.authorized)))
 
 
-_STARTED = {"grant": "started with its principal's grant", "delegation": "started on its node's word (a delegation)"}
+_STARTED = {"grant": "started with its principal's grant", "delegation": "started on its node's word, by a delegation"}
 
 
 def _authorization_hint(policy: Policy, index: int, actor: Actor) -> str:
     selector = policy.acls[index].source
     wanted = selector.authorized or "delegation"
     have = _STARTED[actor.authorized] if actor.authorized else "authorized by neither"
-    fix = "; start it with one: meshctl agent run --grant" if wanted == "grant" else ""
+    fix = "; start it with a grant: meshctl agent run --grant" if wanted == "grant" else ""
     return (f"{_rule_label(policy, index)} would allow this agent had it been {_STARTED[wanted]}, "
             f"but it was {have} (from {selector.text()}){fix}")
 
