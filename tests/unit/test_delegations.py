@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from meshcore.policy import (
     check_delegation,
     grant_needed_for,
     load_policy,
+    run_tests,
     validate_policy,
     within_grant,
 )
@@ -196,3 +199,16 @@ MIN = timedelta(minutes=1)
 def test_within_grant_says_what_lies_outside_the_grant(scopes: list[str], ttl: timedelta, grant: list[str],
                                                        left: timedelta, problem: str | None) -> None:
     assert within_grant(parse_scopes(scopes), ttl, parse_scopes(grant), left) == problem
+
+
+def test_the_seed_example_lets_agents_read_on_the_nodes_word_and_write_with_a_grant() -> None:
+    text = (Path(__file__).resolve().parents[2] / "examples" / "policy.yaml").read_text()
+    seed = load_policy(text, "examples/policy.yaml")
+    assert run_tests(seed) == []
+    ask_seed = partial(check_delegation, seed, "nikita@acme.com", AGENTS, ttl=timedelta(minutes=15))
+    assert ask_seed(parse_scopes(["db:read"])) is seed.delegations[0]
+    assert ask_seed(parse_scopes(["db:write"]), granted=True) is seed.delegations[0]
+    with pytest.raises(PermissionDenied, match=r"^scope db:write needs a grant from nikita@acme.com "
+                       r"\(delegations\[0\] at examples/policy.yaml:8:5 requires_grant\); ask them for one: "
+                       r"meshctl grant create --node agents-1 --scope db:write$"):
+        ask_seed(parse_scopes(["db:write"]))
