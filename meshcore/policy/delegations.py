@@ -63,6 +63,10 @@ def grant_needed_for(delegation: Delegation, scopes: Sequence[Scope]) -> tuple[S
     return tuple(s for s in scopes if any(scopes_overlap(s, pattern) for pattern in rule))
 
 
+def _needs_grant(delegation: Delegation, scopes: Sequence[Scope]) -> bool:
+    return delegation.requires_grant is True or bool(grant_needed_for(delegation, scopes))
+
+
 def check_delegation(policy: Policy, principal: str, node: NodeIdentity, scopes: Sequence[Scope],
                      ttl: timedelta, *, granted: bool = False) -> Delegation:
     """The delegation that grants the request, or PermissionDenied naming what is missing.
@@ -94,7 +98,7 @@ def check_delegation(policy: Policy, principal: str, node: NodeIdentity, scopes:
         raise PermissionDenied(f"lifetime {format_duration(ttl)} exceeds the delegation's max_ttl "
                                f"{format_duration(longest)} for {principal} on node {node.name}")
     for _, d in in_time:
-        if granted or not grant_needed_for(d, scopes):
+        if granted or not _needs_grant(d, scopes):
             return d
     index, first = in_time[0]
     raise PermissionDenied(_grant_needed(policy, index, grant_needed_for(first, scopes), principal, node, scopes))
@@ -104,11 +108,14 @@ def _grant_needed(policy: Policy, index: int, needing: Sequence[Scope], principa
                   scopes: Sequence[Scope]) -> str:
     where = policy.where("delegations", index)
     label = f"delegations[{index}]" + (f" at {where}" if where else "")
-    noun = "scope" if len(needing) == 1 else "scopes"
-    verb = "needs" if len(needing) == 1 else "need"
-    flags = " ".join(f"--scope {s}" for s in scopes)
-    return (f"{noun} {', '.join(str(s) for s in needing)} {verb} a grant from {principal} ({label} requires_grant); "
-            f"ask them for one: meshctl grant create --node {node.name} {flags}")
+    if not needing:  # requires_grant: true and a request without scopes
+        what = "an agent needs"
+    elif len(needing) == 1:
+        what = f"scope {needing[0]} needs"
+    else:
+        what = f"scopes {', '.join(str(s) for s in needing)} need"
+    command = " ".join([f"meshctl grant create --node {node.name}", *(f"--scope {s}" for s in scopes)])
+    return f"{what} a grant from {principal} ({label} requires_grant); ask them for one: {command}"
 
 
 def within_grant(scopes: Sequence[Scope], ttl: timedelta, grant_scopes: Sequence[Scope],

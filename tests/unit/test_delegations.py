@@ -170,6 +170,12 @@ delegations:
         "scope db:write needs a grant from nikita@acme.com (delegations[0] at policy.yaml:2:5 requires_grant)")
 
 
+def test_requires_grant_true_holds_even_for_a_request_without_scopes() -> None:
+    assert refusal("li@acme.com") == ("an agent needs a grant from li@acme.com (delegations[1] at policy.yaml:7:5 "
+                                      "requires_grant); ask them for one: meshctl grant create --node agents-1")
+    assert ask("bob@acme.com") is GRANTED.delegations[2]
+
+
 def test_a_policy_not_loaded_from_text_names_the_delegation_without_a_location() -> None:
     policy = validate_policy({"delegations": [{"principal": "nikita@acme.com", "nodes": ["tag:agents"],
                                                "scopes": ["db:write"], "max_ttl": "1h", "requires_grant": True}]})
