@@ -5,7 +5,9 @@ A scope has exactly two segments. Each segment is a name
 that position: ``web:*`` covers ``web:read`` and ``web:deploy``; ``*:*`` covers
 everything. Attenuation is the rule that a delegated identity never holds more
 than the one it came from: every scope of a child must be *within* some scope of
-its parent.
+its parent. Two scopes *overlap* when some concrete ``resource:action`` lies
+within both: ``db:*`` and ``db:write`` do, ``db:*`` and ``*:read`` do (in
+``db:read``), ``db:read`` and ``db:write`` do not.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidInput
 
-__all__ = ["Scope", "parse_scope", "parse_scopes", "scope_within", "scopes_within"]
+__all__ = ["Scope", "parse_scope", "parse_scopes", "scope_within", "scopes_overlap", "scopes_within"]
 
 _SEGMENT = re.compile(r"^(\*|[a-z0-9][a-z0-9._-]{0,62})\Z")
 
@@ -62,3 +64,12 @@ def scopes_within(children: Iterable[Scope], parents: Iterable[Scope]) -> bool:
     """The attenuation check: every child scope lies within some parent scope."""
     parent_list = list(parents)
     return all(scope_within(c, parent_list) for c in children)
+
+
+def _segments_overlap(a: str, b: str) -> bool:
+    return a == b or a == "*" or b == "*"
+
+
+def scopes_overlap(wanted: Scope, held: Scope) -> bool:
+    """True when some concrete ``resource:action`` lies within both (each segment equal, or ``*`` on either side)."""
+    return _segments_overlap(wanted.resource, held.resource) and _segments_overlap(wanted.action, held.action)

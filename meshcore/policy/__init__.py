@@ -30,14 +30,30 @@ matter. We chose this, as Tailscale and Headscale do, because
   Nikita's own devices" is two allows, no deny).
 
 **Selectors** (``from``) AND their fields: ``principal``, ``group``,
-``owner``, ``tag``, ``node``, ``agent``, ``scope`` and ``via: direct |
-agent | any`` (default ``any``). ``direct`` is a node's own address — a
-person's device or a tagged server acting without an agent; a node acting
-directly acts as its owner, and a tagged node has no principal. An agent
-acts with its own principal and scopes, from the node it runs on (whose
-name, owner and tags selectors also see). Scope wildcards: see
-:mod:`.sources`. Fields that contradict or hide each other are errors:
-see :mod:`.checks`.
+``owner``, ``tag``, ``node``, ``agent``, ``scope``, ``authorized: grant |
+delegation`` and ``via: direct | agent | any`` (default ``any``).
+``direct`` is a node's own address — a person's device or a tagged server
+acting without an agent; a node acting directly acts as its owner, and a
+tagged node has no principal. An agent acts with its own principal and
+scopes, from the node it runs on (whose name, owner and tags selectors
+also see). ``scope``, ``agent`` and ``authorized`` match agents only, so
+they imply ``via: agent``. ``authorized: grant`` matches the agents born
+from their principal's verified grant, ``authorized: delegation`` those
+born on their node's word; without ``authorized`` a selector matches
+agents either way (and its text and set name are what they always were).
+In a test's or ``explain``'s ``from`` an agent is ``delegation``-authorized
+unless it says ``authorized: grant``. Scope wildcards: see :mod:`.sources`.
+Fields that contradict or hide each other are errors: see :mod:`.checks`.
+
+**Delegations** say which nodes may start agents for a principal, with
+which scopes, for how long — and ``requires_grant``, when the node's word
+is not enough: ``false`` (the default) never, ``true`` always, or a list of
+scope patterns: a birth needs the principal's grant when ANY scope it asks
+for *overlaps* a listed pattern (some concrete ``resource:action`` lies
+within both), so with ``["db:write"]`` a request for ``db:write`` or
+``db:*`` needs one and ``db:read`` does not. A pattern that overlaps none
+of the delegation's own scopes is an error. A birth is allowed when one
+delegation covers it whole: see :func:`check_delegation`.
 
 **Destinations** (``to``): service names, ``tag:NAME[:PORT]``,
 ``node:NAME[:PORT]``; a port is ``5432``, ``8000-8100`` or ``*``, and no
@@ -62,7 +78,7 @@ from .compile import (
     compile_node_filter,
     identity_delta,
 )
-from .delegations import check_delegation, node_named
+from .delegations import check_delegation, grant_needed_for, node_named, within_grant
 from .evaluate import (
     Decision,
     PolicyTestFailure,
@@ -74,7 +90,7 @@ from .evaluate import (
     explain_address,
     run_tests,
 )
-from .fields import ALL_PORTS, Destination, NodeSpec, PortRange, Protocol
+from .fields import ALL_PORTS, Authorized, Destination, NodeSpec, PortRange, Protocol
 from .identities import Actor, AgentIdentity, Identities, NodeIdentity
 from .load import load_policy, validate_policy
 from .model import Acl, Delegation, FlowSource, Policy, PolicyTest, Route, Selector, Service
@@ -97,6 +113,7 @@ __all__ = [
     "Actor",
     "AddressSet",
     "AgentIdentity",
+    "Authorized",
     "Change",
     "Decision",
     "Delegation",
@@ -134,6 +151,7 @@ __all__ = [
     "explain",
     "explain_address",
     "explain_route",
+    "grant_needed_for",
     "identity_delta",
     "load_policy",
     "node_named",
@@ -144,4 +162,5 @@ __all__ = [
     "scopes_overlap",
     "set_name",
     "validate_policy",
+    "within_grant",
 ]

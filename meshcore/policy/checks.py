@@ -5,14 +5,17 @@ warning (STYLE.md, "reject the meaningless early"): the author believed that
 field did something, and whatever they believed is not what the mesh will
 do. Two kinds are caught:
 
-* *never matches* — fields contradict (``via: direct`` with a ``scope``: a
-  device acting without an agent holds no scope), so the rule allows nothing;
+* *never matches* — fields contradict (``via: direct`` with a ``scope`` or
+  ``authorized``: a device acting without an agent holds no scope and was
+  authorized by nobody), so the rule allows nothing;
 * *never matters* — a wildcard or a broader field hides another (``scope:
   "*:*"`` with ``via: agent``, ``principal`` already in the named ``group``,
-  port ``8050`` next to ``8000-8100``), so the field is dead text.
+  port ``8050`` next to ``8000-8100``, a ``requires_grant`` pattern outside
+  the delegation's scopes), so the field is dead text.
 
-One redundancy is allowed on purpose: ``via: agent`` next to ``scope`` or
-``agent``, because SPEC.md's own example writes it and it reads well.
+One redundancy is allowed on purpose: ``via: agent`` next to ``scope``,
+``agent`` or ``authorized``, because SPEC.md's own example writes it and it
+reads well.
 
 Facts these checks rely on: a node is owned by a principal or tagged, never
 both; a node acting directly acts as its owner (a tagged node has no
@@ -25,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..problems import Path, Problem
-from ..scopes import Scope
+from ..scopes import Scope, scopes_overlap
 from .fields import ALL_PORTS, Destination, PortRange
 
 if TYPE_CHECKING:
@@ -152,14 +155,32 @@ def _known(names: Iterable[str]) -> str:
 
 def _delegation_problems(delegation: Delegation, at: Path) -> list[Problem]:
     out = _duplicates(delegation.nodes, at + ("nodes",))
-    scopes = delegation.scopes
+    out += _hidden_scopes(delegation.scopes, at + ("scopes",))
+    patterns = delegation.requires_grant
+    if isinstance(patterns, bool):
+        return out
+    if not patterns:
+        out.append(Problem(at + ("requires_grant",), "an empty list never requires a grant: write false, "
+                           "or leave requires_grant out"))
+    out += _hidden_scopes(patterns, at + ("requires_grant",), "pattern")
+    held = ", ".join(str(s) for s in delegation.scopes)
+    for k, pattern in enumerate(patterns):
+        if not any(scopes_overlap(pattern, s) for s in delegation.scopes):
+            out.append(Problem(at + ("requires_grant", k), f"pattern {pattern} never matters: no scope this "
+                               f"delegation grants ({held}) overlaps it, so no request it covers can need it"))
+    return out
+
+
+def _hidden_scopes(scopes: Sequence[Scope], at: Path, what: str = "scope") -> list[Problem]:
+    """A scope within another listed one never matters (a duplicate: reported at its second occurrence)."""
+    out = []
     for k, scope in enumerate(scopes):
         for m, other in enumerate(scopes):
             if m == k or not scope.within(other) or (scope == other and m > k):
                 continue
-            message = f"scope {scope} is listed twice" if scope == other else (
-                f"scope {scope} never matters: {other} already covers it")
-            out.append(Problem(at + ("scopes", k), message))
+            message = f"{what} {scope} is listed twice" if scope == other else (
+                f"{what} {scope} never matters: {other} already covers it")
+            out.append(Problem(at + (k,), message))
             break
     return out
 
@@ -167,7 +188,7 @@ def _delegation_problems(delegation: Delegation, at: Path) -> list[Problem]:
 def selector_problems(selector: Selector, groups: Mapping[str, Sequence[str]], at: Path) -> list[Problem]:
     """Unknown groups, and fields that contradict or hide each other (module docstring)."""
     s = selector
-    given = {k for k in ("principal", "group", "owner", "tag", "node", "via", "agent", "scope")
+    given = {k for k in ("principal", "group", "owner", "tag", "node", "via", "agent", "scope", "authorized")
              if getattr(s, k) is not None}
     if not given:
         return [Problem(at, "an empty selector matches everyone: write {via: any} if that is meant")]
@@ -178,17 +199,18 @@ def selector_problems(selector: Selector, groups: Mapping[str, Sequence[str]], a
             members = frozenset(groups[s.group])
         else:
             out.append(Problem(at + ("group",), f"unknown group {s.group!r}" + _known(groups)))
-    agent_fields = [f for f in ("agent", "scope") if f in given]
+    agent_fields = [f for f in ("agent", "scope", "authorized") if f in given]
     if s.via == "direct":
         for f in agent_fields:
-            what = "scopes" if f == "scope" else "agent names"
-            out.append(Problem(at + (f,), f"{f} can never match with via: direct: only agents have {what}, "
+            what = _AGENT_ONLY[f]
+            out.append(Problem(at + (f,), f"{f} can never match with via: direct: only agents {what}, "
                                "and via: direct selects devices acting without an agent"))
     elif s.via == "any" and agent_fields:
         out.append(Problem(at + ("via",), f"via: any never matters: {agent_fields[0]} only matches agents "
                            "(write via: agent, or leave via out)"))
-    elif s.scope == _ANY_SCOPE and (s.via == "agent" or s.agent is not None):
-        because = "via: agent" if s.via == "agent" else "agent"
+    elif s.scope == _ANY_SCOPE and (s.via == "agent" or s.agent is not None or s.authorized is not None):
+        because = ("via: agent" if s.via == "agent" else "agent" if s.agent is not None
+                   else f"authorized: {s.authorized}")
         out.append(Problem(at + ("scope",), f'scope "*:*" never matters: every agent holds a scope, '
                            f"so it adds nothing to {because}"))
     if s.principal is not None and members is not None:
@@ -204,6 +226,13 @@ def selector_problems(selector: Selector, groups: Mapping[str, Sequence[str]], a
     if s.via == "direct":
         out += _direct_problems(s, members, at)
     return out
+
+
+_AGENT_ONLY = {
+    "agent": "have agent names",
+    "scope": "have scopes",
+    "authorized": "are authorized by a grant or a delegation",
+}
 
 
 def _direct_problems(s: Selector, members: frozenset[str] | None, at: Path) -> list[Problem]:
@@ -235,8 +264,8 @@ def _direct_problems(s: Selector, members: frozenset[str] | None, at: Path) -> l
 def flow_source_problems(source: FlowSource, groups: Mapping[str, Sequence[str]], at: Path) -> list[Problem]:
     """A test's ``from`` must describe an identity that can exist."""
     s = source
-    given = [k for k in ("principal", "group", "owner", "tag", "node", "via", "agent", "scope", "scopes")
-             if getattr(s, k) is not None]
+    given = [k for k in ("principal", "group", "owner", "tag", "node", "via", "agent", "scope", "scopes",
+                         "authorized") if getattr(s, k) is not None]
     if not given:
         return [Problem(at, "describe the source: give a principal, group, owner, tag, node, agent or scope")]
     out: list[Problem] = []
@@ -254,6 +283,9 @@ def flow_source_problems(source: FlowSource, groups: Mapping[str, Sequence[str]]
             if getattr(s, f) is not None:
                 out.append(Problem(at + (f,), f"acting directly (via: direct) an identity has no {f}: "
                                    "only agents do"))
+        if s.authorized is not None:
+            out.append(Problem(at + ("authorized",), "acting directly (via: direct) an identity is not "
+                               "authorized by a grant or a delegation: only agents are"))
         for f in ("principal", "group"):
             if getattr(s, f) is not None and s.tag is not None:
                 out.append(Problem(at + (f,), "a tagged node acting directly has no principal"

@@ -12,6 +12,7 @@ every flow; the unit tests check that on generated meshes.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .identities import Actor, NodeIdentity
 from .model import FlowSource, Policy
 from .plan import plan_policy
 from .routes import Gateway, RouteDecision, explain_route
+from .sources import SourceClass
 
 __all__ = [
     "Decision",
@@ -74,7 +76,9 @@ class Decision:
 
     ``rule_index`` is the lowest-numbered acl that allows the flow (None:
     denied); ``also`` the other acls that allow it too. ``hints`` explain a
-    denial: rules that match the source but not the destination, or the
+    denial: first rules that would allow the flow but for how the agent was
+    authorized (``authorized: grant``, and an agent started on its node's
+    word), then rules that match the source but not the destination, or the
     other way round.
     """
 
@@ -125,13 +129,33 @@ def decide(
         first = allowing[0]
         return Decision(True, first, f"{_rule_label(policy, first)}: {policy.acls[first].text()}", flow,
                         also=tuple(allowing[1:]))
-    hints = [f"{_rule_label(policy, i)} matches the source but not this destination, protocol or port"
-             for i in sorted(matching - covering)]
+    authorization = {i for i in covering - matching if _only_authorization(plan.sources[plan.acl_sources[i]], source)}
+    hints = [_authorization_hint(policy, i, source) for i in sorted(authorization)]
+    hints += [f"{_rule_label(policy, i)} matches the source but not this destination, protocol or port"
+              for i in sorted(matching - covering)]
     hints += [f"{_rule_label(policy, i)} covers this destination but not the source "
-              f"(from {policy.acls[i].source.text()})" for i in sorted(covering - matching)]
+              f"(from {policy.acls[i].source.text()})" for i in sorted(covering - matching - authorization)]
     if len(hints) > MAX_HINTS:
         hints = hints[:MAX_HINTS] + [f"and {len(hints) - MAX_HINTS} more rules like these"]
     return Decision(False, None, DEFAULT_DENY, flow, hints=tuple(hints))
+
+
+def _only_authorization(source: SourceClass, actor: Actor) -> bool:
+    """The rule's selector misses this agent only for how it was authorized (grant or delegation)."""
+    return (source.authorized is not None and actor.via == "agent" and actor.authorized != source.authorized
+            and source.matches(dataclasses.replace(actor, authorized=source.authorized)))
+
+
+_STARTED = {"grant": "started with its principal's grant", "delegation": "started on its node's word, by a delegation"}
+
+
+def _authorization_hint(policy: Policy, index: int, actor: Actor) -> str:
+    selector = policy.acls[index].source
+    wanted = selector.authorized or "delegation"
+    have = _STARTED[actor.authorized] if actor.authorized else "authorized by neither"
+    fix = "; start it with a grant: meshctl agent run --grant" if wanted == "grant" else ""
+    return (f"{_rule_label(policy, index)} would allow this agent had it been {_STARTED[wanted]}, "
+            f"but it was {have} (from {selector.text()}){fix}")
 
 
 def actor_for(source: FlowSource) -> Actor:
@@ -144,7 +168,7 @@ def actor_for(source: FlowSource) -> Actor:
                      tags=tags, groups=groups)
     return Actor(key="hypothetical", via="agent", principal=source.principal, node=source.node,
                  owner=source.owner, tags=tags, agent=source.agent, scopes=tuple(sorted(set(source.all_scopes))),
-                 groups=groups)
+                 groups=groups, authorized=source.effective_authorized)
 
 
 def decide_flow(policy: Policy, source: FlowSource, to: Destination, protocol: Protocol = "tcp") -> Decision:
@@ -198,7 +222,9 @@ def explain(policy: Policy, source: str | Mapping[str, Any], to: str, protocol: 
 
     ``source`` describes one identity like a test's ``from``: a mapping, a
     YAML flow mapping ``{principal: nikita@acme.com, via: agent, scope:
-    db:read}``, or ``principal=nikita@acme.com,via=agent,scope=db:read``.
+    db:read}``, or ``principal=nikita@acme.com,via=agent,scope=db:read``
+    (add ``authorized=grant`` for an agent started with its principal's
+    grant; an agent is ``delegation``-authorized unless it says so).
     ``to`` is ``db:5432``, ``tag:monitoring:9100`` or ``node:NAME:PORT``.
     """
     flow_source = _parse_source(source, policy.groups)

@@ -23,13 +23,16 @@ from ..scopes import Scope, parse_scope
 
 __all__ = [
     "ALL_PORTS",
+    "AUTHORIZATIONS",
     "PROTOCOLS",
+    "Authorized",
     "Destination",
     "NodeSpec",
     "PortRange",
     "Prefix",
     "Protocol",
     "check_agent_name",
+    "check_authorized",
     "check_label",
     "check_principal",
     "merge_ports",
@@ -44,6 +47,11 @@ __all__ = [
 
 Protocol = Literal["tcp", "udp", "icmp"]
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+
+Authorized = Literal["grant", "delegation"]
+"""How an agent came to exist: ``grant`` — its principal's own signed grant, verified by the
+controller; ``delegation`` — a delegation, on its node's word alone."""
+AUTHORIZATIONS: tuple[Authorized, ...] = get_args(Authorized)
 
 # The same shapes the controller accepts (meshcore.wire, meshcore.identity):
 # a name in the policy must be one a node, tag or agent can actually carry.
@@ -154,6 +162,14 @@ def check_agent_name(value: object) -> str:
     if not _AGENT_NAME.match(text):
         raise ValueError(f"invalid agent name {text!r}: use letters, digits, '.', '_' and '-' (at most 128)")
     return text
+
+
+def check_authorized(value: object) -> Authorized:
+    """``grant`` or ``delegation`` (an agent's ``authorized``)."""
+    for known in AUTHORIZATIONS:
+        if value == known:
+            return known
+    raise ValueError(f"expected grant or delegation, got {value!r}")
 
 
 def parse_scope_value(value: object) -> Scope:

@@ -7,9 +7,10 @@ addresses, one IPv4 and one IPv6. Policy rules match *actors*: an
 
 * a node acting directly (``via="direct"``): its principal is its owner (a
   tagged node has none), it has no scopes;
-* an agent (``via="agent"``): its own principal and scopes, and the name,
-  owner and tags of the node it runs on (so ``{tag: agents, principal: P}``
-  means P's agents on nodes tagged ``agents``).
+* an agent (``via="agent"``): its own principal, scopes and how it was
+  authorized (``grant`` or ``delegation``), and the name, owner and tags of
+  the node it runs on (so ``{tag: agents, principal: P}`` means P's agents
+  on nodes tagged ``agents``).
 
 :class:`Identities` holds a mesh's nodes and agents with an index over their
 actors, so a selector's members are found without scanning everyone, and
@@ -27,7 +28,7 @@ from ..addressing import parse_address
 from ..errors import InvalidInput
 from ..scopes import Scope
 from .cowmap import DELETE, CowMap
-from .fields import check_agent_name, check_label, check_principal
+from .fields import AUTHORIZATIONS, Authorized, check_agent_name, check_label, check_principal
 
 __all__ = ["Actor", "AgentIdentity", "Identities", "IndexKey", "NodeIdentity"]
 
@@ -64,7 +65,13 @@ class NodeIdentity:
 
 @dataclass(frozen=True, kw_only=True)
 class AgentIdentity:
-    """An agent: ``id`` is unique in the mesh, ``name`` is what rules call it."""
+    """An agent: ``id`` is unique in the mesh, ``name`` is what rules call it.
+
+    ``authorized`` is how it came to exist, as its certificate says:
+    ``grant`` when the controller verified its principal's signed grant,
+    ``delegation`` (the default) when a delegation let its node start it on
+    the node's word alone. Selectors match it with ``authorized:``.
+    """
 
     id: str
     name: str
@@ -74,12 +81,15 @@ class AgentIdentity:
     parent: str | None = None
     ipv4: str
     ipv6: str
+    authorized: Authorized = "delegation"
 
     def __post_init__(self) -> None:
         _checked(check_agent_name, self.id)
         _checked(check_agent_name, self.name)
         _checked(check_principal, self.principal)
         _checked(lambda v: check_label("node", v), self.node)
+        if self.authorized not in AUTHORIZATIONS:
+            raise InvalidInput(f"agent {self.id}: authorized must be grant or delegation, not {self.authorized!r}")
         if not self.scopes:
             raise InvalidInput(f"agent {self.id}: an agent holds at least one scope")
         object.__setattr__(self, "scopes", tuple(sorted(set(self.scopes))))
@@ -95,7 +105,8 @@ class Actor:
     hypothetical actor (a policy test's ``from``) has key ``hypothetical``
     and no addresses. ``groups`` is for hypothetical actors only: "some
     member of these groups" when no principal is named (a real actor's
-    groups follow from its principal).
+    groups follow from its principal). ``authorized`` is an agent's
+    (``grant`` or ``delegation``) and None for a node acting directly.
     """
 
     key: str
@@ -109,6 +120,7 @@ class Actor:
     ipv4: str | None = None
     ipv6: str | None = None
     groups: frozenset[str] = frozenset()
+    authorized: Authorized | None = None
 
     @classmethod
     def of_node(cls, node: NodeIdentity) -> Actor:
@@ -138,10 +150,16 @@ class Actor:
             scopes=agent.scopes,
             ipv4=agent.ipv4,
             ipv6=agent.ipv6,
+            authorized=agent.authorized,
         )
 
     def index_keys(self) -> Iterator[IndexKey]:
-        """The buckets of :class:`Identities` this actor belongs to."""
+        """The buckets of :class:`Identities` this actor belongs to.
+
+        ``authorized`` has no bucket: it only ever narrows (each value would
+        be a bucket of a large share of all agents, copied on every birth),
+        so selectors naming it are matched field by field.
+        """
         yield ("via", self.via)
         for name, value in (("principal", self.principal), ("node", self.node), ("owner", self.owner),
                             ("agent", self.agent)):

@@ -12,7 +12,8 @@ Sections and what a missing one means:
 * ``services``: name -> nodes (``tag:``/``node:``), ports, protocol (tcp by default).
 * ``acls``: allow rules, ``from`` a selector ``to`` destinations. Missing: nothing is allowed.
 * ``tests``: flows with an expected verdict, run by ``policy check`` and before every apply.
-* ``delegations``: who may mint agents for whom (:mod:`.delegations`).
+* ``delegations``: who may mint agents for whom, and which scopes need the principal's grant
+  (:mod:`.delegations`).
 * ``routes``: which gateway carries whose traffic to a prefix (:mod:`.routes`).
 """
 
@@ -28,6 +29,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     PrivateAttr,
+    TypeAdapter,
     field_validator,
     model_validator,
 )
@@ -36,12 +38,14 @@ from ..durations import format_duration
 from ..problems import ProblemsFound
 from ..scopes import Scope
 from .fields import (
+    Authorized,
     Destination,
     NodeSpec,
     PortRange,
     Prefix,
     Protocol,
     check_agent_name,
+    check_authorized,
     check_label,
     check_principal,
     parse_destination,
@@ -91,6 +95,7 @@ _Tag = Annotated[str | None, _optional(lambda v: check_label("tag", v))]
 _Node = Annotated[str | None, _optional(lambda v: check_label("node", v))]
 _ScopeOpt = Annotated[Scope | None, _optional(parse_scope_value), PlainSerializer(lambda s: None if s is None else str(s))]
 _ScopeItem = Annotated[Scope, PlainValidator(parse_scope_value), PlainSerializer(str)]
+_AuthorizedOpt = Annotated[Authorized | None, _optional(check_authorized)]
 _PrincipalItem = Annotated[str, PlainValidator(check_principal)]
 _GroupKey = Annotated[str, PlainValidator(lambda v: check_label("group", v))]
 _ServiceKey = Annotated[str, PlainValidator(lambda v: check_label("service", v))]
@@ -117,8 +122,11 @@ class Selector(_Model):
 
     ``via`` says how the identity acts: ``direct`` is a node's own address (a
     person's device, or a tagged server, acting without an agent), ``agent``
-    is an agent's address, ``any`` (the default) is both. ``scope`` and
-    ``agent`` only ever match agents, so they imply ``via: agent``.
+    is an agent's address, ``any`` (the default) is both. ``scope``,
+    ``agent`` and ``authorized`` only ever match agents, so they imply
+    ``via: agent``. ``authorized: grant`` matches agents born from their
+    principal's verified grant, ``authorized: delegation`` agents born on
+    their node's word (a delegation that did not require a grant).
     """
 
     principal: _Principal = None
@@ -129,11 +137,12 @@ class Selector(_Model):
     via: Via | None = None
     agent: _Agent = None
     scope: _ScopeOpt = None
+    authorized: _AuthorizedOpt = None
 
     @property
     def effective_via(self) -> Via:
-        """The ``via`` the selector means, with ``scope``/``agent`` implying agents."""
-        if self.scope is not None or self.agent is not None:
+        """The ``via`` the selector means, with ``scope``/``agent``/``authorized`` implying agents."""
+        if self.scope is not None or self.agent is not None or self.authorized is not None:
             return "agent"
         return self.via or "any"
 
@@ -158,6 +167,8 @@ class Selector(_Model):
             parts.append(f"via: {self.effective_via}")
         if self.agent is not None:
             parts.append(f"agent: {self.agent}")
+        if self.authorized is not None:  # only when set, so the texts (and set names) of older selectors stay
+            parts.append(f"authorized: {self.authorized}")
         if self.scope is not None:
             parts.append(f'scope: "{self.scope}"')
         return "{" + ", ".join(parts) + "}"
@@ -184,13 +195,46 @@ class Acl(_Model):
         return f"from {self.source.text()} to [{', '.join(str(d) for d in self.to)}]{proto}"
 
 
+_SCOPE_LIST: TypeAdapter[tuple[Scope, ...]] = TypeAdapter(tuple[_ScopeItem, ...])
+
+
+def _requires_grant(value: object) -> bool | tuple[Scope, ...]:
+    """``true``, ``false`` or a list of scope patterns (each checked where it is written)."""
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        raise ValueError("a value is required here: true, false or a list of scopes (or remove the key)")
+    if isinstance(value, str):
+        raise ValueError(f'expected true, false or a list of scopes: for one scope write ["{value}"]')  # noqa: TRY004
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected true, false or a list of scopes, got {value!r}")  # noqa: TRY004
+    # A ValidationError raised here keeps its item locations (requires_grant[1]), below this field's.
+    return _SCOPE_LIST.validate_python(value)
+
+
+def _requires_grant_data(value: bool | tuple[Scope, ...]) -> bool | list[str]:
+    return value if isinstance(value, bool) else [str(s) for s in value]
+
+
+_RequiresGrant = Annotated[
+    bool | tuple[Scope, ...], PlainValidator(_requires_grant), PlainSerializer(_requires_grant_data)
+]
+
+
 class Delegation(_Model):
-    """Which nodes may mint agents for ``principal``, with which scopes, for how long."""
+    """Which nodes may mint agents for ``principal``, with which scopes, for how long.
+
+    ``requires_grant`` says which requests need the principal's own signed
+    grant rather than the node's word: ``false`` (the default) none, ``true``
+    all, a list of scope patterns those asking for a scope that overlaps one
+    of them (:mod:`.delegations`).
+    """
 
     principal: _PrincipalItem
     nodes: tuple[_DelegateNodes, ...] = Field(min_length=1)
     scopes: tuple[_ScopeItem, ...] = Field(min_length=1)
     max_ttl: _Duration
+    requires_grant: _RequiresGrant = False
 
 
 def _one_or_many(value: object) -> object:
@@ -224,8 +268,10 @@ class Route(_Model):
 class FlowSource(_Model):
     """A test's ``from``: one hypothetical identity, not a pattern.
 
-    ``via`` is ``agent`` when ``scope``/``scopes``/``agent`` is given, else
-    ``direct``. Acting directly, a node's principal is its owner, so
+    ``via`` is ``agent`` when ``scope``/``scopes``/``agent``/``authorized``
+    is given, else ``direct``. An agent is ``authorized: delegation`` unless
+    it says ``authorized: grant``, as every agent a node starts on its own
+    word is. Acting directly, a node's principal is its owner, so
     ``principal`` alone describes a device that person owns. Groups follow
     from the principal and the policy's ``groups``; ``group`` instead of a
     principal describes "some member of that group": rules naming the group
@@ -241,12 +287,18 @@ class FlowSource(_Model):
     agent: _Agent = None
     scope: _ScopeOpt = None
     scopes: tuple[_ScopeItem, ...] | None = None
+    authorized: _AuthorizedOpt = None
 
     @property
     def effective_via(self) -> Literal["direct", "agent"]:
         if self.via is not None:
             return self.via
-        return "agent" if self.scope or self.scopes or self.agent else "direct"
+        return "agent" if self.scope or self.scopes or self.agent or self.authorized else "direct"
+
+    @property
+    def effective_authorized(self) -> Authorized:
+        """An agent described without ``authorized`` is one born on its node's word: ``delegation``."""
+        return self.authorized or "delegation"
 
     @property
     def all_scopes(self) -> tuple[Scope, ...]:
@@ -258,6 +310,8 @@ class FlowSource(_Model):
         parts.append(f"via: {self.effective_via}")
         if self.agent is not None:
             parts.append(f"agent: {self.agent}")
+        if self.authorized is not None:
+            parts.append(f"authorized: {self.authorized}")
         scopes = self.all_scopes
         if len(scopes) == 1:
             parts.append(f'scope: "{scopes[0]}"')

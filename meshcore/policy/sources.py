@@ -14,6 +14,12 @@ side. So ``scope: "db:*"`` (any db action) matches an agent holding
 ``db:read``, and ``scope: "db:read"`` matches an agent holding ``db:*``
 (it may read, among other things). An agent holding ``*:*`` matches every
 scope selector.
+
+Authorization matching: ``authorized: grant`` matches exactly the agents
+whose identity says they were born from their principal's grant,
+``authorized: delegation`` those born on their node's word; nodes acting
+directly match neither. So rules that tell the two apart get two source
+classes (two sets), and an agent is in the one its certificate names.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ..scopes import Scope
+from ..scopes import Scope, scopes_overlap
+from .fields import Authorized
 from .identities import Actor, Identities
 from .model import Selector
 
@@ -33,15 +40,6 @@ __all__ = ["SourceClass", "resolve", "scopes_overlap", "set_name", "source_class
 def set_name(selector_text: str) -> str:
     """``src_`` and 12 hex digits of SHA-256: short enough for any nftables set name."""
     return "src_" + hashlib.sha256(selector_text.encode()).hexdigest()[:12]
-
-
-def _segments_overlap(a: str, b: str) -> bool:
-    return a == b or a == "*" or b == "*"
-
-
-def scopes_overlap(wanted: Scope, held: Scope) -> bool:
-    """True when some concrete ``resource:action`` lies within both (module docstring)."""
-    return _segments_overlap(wanted.resource, held.resource) and _segments_overlap(wanted.action, held.action)
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,7 @@ class SourceClass:
     node: str | None = None
     agent: str | None = None
     scope: Scope | None = None
+    authorized: Authorized | None = None
 
     def matches(self, actor: Actor) -> bool:
         """Every given field must hold (AND); a missing field matches anything."""
@@ -71,6 +70,7 @@ class SourceClass:
             and (self.node is None or actor.node == self.node)
             and (self.agent is None or actor.agent == self.agent)
             and (self.scope is None or any(scopes_overlap(self.scope, s) for s in actor.scopes))
+            and (self.authorized is None or actor.authorized == self.authorized)
         )
 
 
@@ -88,6 +88,7 @@ def source_class(selector: Selector, groups: Mapping[str, Sequence[str]]) -> Sou
         node=selector.node,
         agent=selector.agent,
         scope=selector.scope,
+        authorized=selector.authorized,
     )
 
 
@@ -98,6 +99,8 @@ def resolve(source: SourceClass, identities: Identities) -> tuple[frozenset[str]
     names (a group is the union of its members' buckets, a scope the union
     of the agents holding its resource, or ``*``); only those are matched
     field by field. So a narrow selector costs its members, not the mesh.
+    (``authorized`` has no bucket: it narrows the candidates of the other
+    fields, or of ``via: agent``.)
     """
     candidates: Mapping[str, Actor] | None = None
     for bucket_key in _bucket_keys(source):
@@ -129,8 +132,11 @@ def _one_lookup(source: SourceClass) -> bool:
     That is a selector with one field (``via`` implied by ``scope``/``agent``
     does not count), whose bucket or union of buckets is its meaning — except
     a fully concrete scope: the agents holding ``db:*`` or ``db:write`` are
-    candidates for ``db:read``, and only the first overlaps it.
+    candidates for ``db:read``, and only the first overlaps it. ``authorized``
+    is never looked up (no bucket), so a selector naming it is always matched.
     """
+    if source.authorized is not None:
+        return False
     fields = [f for f in (source.principal, source.members, source.owner, source.tag, source.node, source.agent,
                           source.scope) if f is not None]
     implied = source.scope is not None or source.agent is not None

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcore.addressing import MeshPrefixes
-from meshcore.policy import AgentIdentity, Identities, NodeFilter, compile_node_filter, load_policy
+from meshcore.policy import AgentIdentity, Authorized, Identities, NodeFilter, compile_node_filter, load_policy
 from meshcore.scopes import parse_scopes
 from meshcore.wire.stream import PeerNode
 from meshd.kernel.netconf import FakeNetConf
@@ -28,6 +28,10 @@ acls:
   - from: {tag: ops}
     to: ["tag:db"]
     protocol: [tcp, icmp]
+  - from: {principal: nikita@acme.com, authorized: grant}
+    to: ["tag:db:5433"]
+  - from: {authorized: delegation, scope: "web:*"}
+    to: ["tag:db:8080"]
 """, "p.yaml")
 TAGS = [("db",), ("ops",), ("web",), ()]
 
@@ -53,10 +57,10 @@ def peer(i: int, tags: tuple[str, ...], generation: int = 0, port: int = 51820) 
                     endpoints=(f"198.51.100.{i + 10}:{port}",), tags=tags)
 
 
-def agent(i: int, node: int, scopes: tuple[str, ...]) -> AgentIdentity:
+def agent(i: int, node: int, scopes: tuple[str, ...], authorized: Authorized = "delegation") -> AgentIdentity:
     v4, v6 = PREFIXES.block(node).agent_address(i)
     return AgentIdentity(id=f"a{i}-{node}", name="x", principal="nikita@acme.com", scopes=parse_scopes(scopes),
-                         node=f"n{node}", ipv4=str(v4), ipv6=str(v6))
+                         node=f"n{node}", ipv4=str(v4), ipv6=str(v6), authorized=authorized)
 
 
 def plane() -> tuple[DataPlane, FakeWireGuard, RecordingFirewall]:
@@ -70,7 +74,8 @@ def plane() -> tuple[DataPlane, FakeWireGuard, RecordingFirewall]:
 event = st.one_of(
     st.tuples(st.just("node"), st.integers(1, 6), st.sampled_from(TAGS), st.integers(0, 1), st.integers(1, 3)),
     st.tuples(st.just("gone"), st.integers(1, 6)),
-    st.tuples(st.just("agent"), st.integers(0, 3), st.integers(1, 6), st.sampled_from([("db:read",), ("web:*",)])),
+    st.tuples(st.just("agent"), st.integers(0, 3), st.integers(1, 6), st.sampled_from([("db:read",), ("web:*",)]),
+              st.sampled_from(["grant", "delegation"])),  # the same id re-born otherwise authorized moves sets
     st.tuples(st.just("agent-gone"), st.integers(0, 3), st.integers(1, 6)),
 )
 
@@ -95,7 +100,7 @@ def test_incremental_updates_equal_a_fresh_compile(events: list[Any]) -> None:
             dp.nodes_changed([f"n{ev[1]}"])
             dp.agents_changed(gone)
         elif ev[0] == "agent" and f"n{ev[2]}" in nodes:
-            born = agent(ev[1], ev[2], ev[3])
+            born = agent(ev[1], ev[2], ev[3], ev[4])
             agents[born.id] = born
             dp.agents_changed([born.id])
         elif ev[0] == "agent-gone":

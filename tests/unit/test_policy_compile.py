@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from typing import Any
 
@@ -13,6 +14,7 @@ from meshcore.errors import InvalidInput, PolicyError
 from meshcore.policy import (
     AddressSet,
     AgentIdentity,
+    Authorized,
     Identities,
     NodeIdentity,
     Policy,
@@ -45,9 +47,10 @@ def node(name: str, i: int, owner: str | None = None, tags: tuple[str, ...] = ()
     return NodeIdentity(name=name, owner=owner, tags=frozenset(tags), ipv4=f"100.64.{i}.1", ipv6=f"fd00::{i:x}:1")
 
 
-def agent(agent_id: str, principal: str, scopes: list[str], on: str, i: int, slot: int) -> AgentIdentity:
+def agent(agent_id: str, principal: str, scopes: list[str], on: str, i: int, slot: int,
+          authorized: Authorized = "delegation") -> AgentIdentity:
     return AgentIdentity(id=agent_id, name=agent_id, principal=principal, scopes=parse_scopes(scopes), node=on,
-                         ipv4=f"100.64.{i}.{slot}", ipv6=f"fd00::{i:x}:{slot:x}")
+                         ipv4=f"100.64.{i}.{slot}", ipv6=f"fd00::{i:x}:{slot:x}", authorized=authorized)
 
 
 MESH = Identities.build(
@@ -172,6 +175,66 @@ def test_scope_selector_set_holds_exactly_the_agents_whose_scopes_overlap() -> N
     assert sets[set_name('{via: agent, scope: "db:read"}')].v4 == {"100.64.1.2"}
 
 
+AUTHORIZED = textwrap.dedent("""\
+    services:
+      db-admin: {nodes: [tag:db], ports: [5433]}
+    acls:
+      - from: {principal: nikita@acme.com, via: agent, authorized: grant, scope: "db:write"}
+        to: [db-admin]
+      - from: {principal: nikita@acme.com, authorized: delegation}
+        to: ["tag:db:8080"]
+      - from: {authorized: grant}
+        to: ["tag:db:9000"]
+    """)
+GRANT_SETS = {
+    "writer": set_name('{principal: nikita@acme.com, via: agent, authorized: grant, scope: "db:write"}'),
+    "node-word": set_name("{principal: nikita@acme.com, via: agent, authorized: delegation}"),
+    "any-grant": set_name("{via: agent, authorized: grant}"),
+}
+
+
+def _granted_mesh() -> Identities:
+    return MESH.with_agent(agent("g1", "nikita@acme.com", ["db:write"], "agents-1", 1, 3, "grant")).with_agent(
+        agent("d1", "nikita@acme.com", ["db:write"], "agents-1", 1, 4))
+
+
+def test_agents_authorized_differently_fall_into_different_sets() -> None:
+    node_filter = compile_node_filter(load_policy(AUTHORIZED, "p.yaml"), _granted_mesh(), "db-1")
+    assert set(node_filter.sets) == set(GRANT_SETS.values())
+    members = {k: node_filter.sets[n].v4 for k, n in GRANT_SETS.items()}
+    assert members == {"writer": {"100.64.1.3"}, "node-word": {"100.64.1.2", "100.64.1.4"},
+                       "any-grant": {"100.64.1.3"}}
+    assert node_filter.allows("100.64.1.3", "tcp", 5433) and not node_filter.allows("100.64.1.4", "tcp", 5433)
+    assert not node_filter.allows("100.64.1.1", "tcp", 8080)  # the node itself is authorized by neither
+
+
+def test_a_selector_without_authorized_keeps_its_text_and_set_name() -> None:
+    policy = load_policy(POLICY, "p.yaml")
+    assert policy.acls[0].source.text() == '{principal: nikita@acme.com, via: agent, scope: "db:read"}'
+    assert set_name(policy.acls[0].source.text()) == "src_" + hashlib.sha256(
+        b'{principal: nikita@acme.com, via: agent, scope: "db:read"}').hexdigest()[:12]
+    # and such a selector matches agents however they were authorized
+    granted = MESH.with_agent(agent("g1", "nikita@acme.com", ["db:read"], "agents-1", 1, 3, "grant"))
+    assert compile_node_filter(policy, granted, "db-1").allows("100.64.1.3", "tcp", 5432)
+
+
+def test_identity_delta_puts_an_agent_into_the_set_of_its_authorization() -> None:
+    policy = load_policy(AUTHORIZED, "p.yaml")
+    node_filter = compile_node_filter(policy, MESH, "db-1")
+    for authorized, sets in (("grant", {"writer", "any-grant"}), ("delegation", {"node-word"})):
+        newcomer = agent("n1", "nikita@acme.com", ["db:write"], "agents-1", 1, 9, authorized)  # type: ignore[arg-type]
+        delta = identity_delta(node_filter, MESH.actor_of(newcomer), "add")
+        assert set(delta.add) == {GRANT_SETS[k] for k in sets}
+        assert apply_delta(node_filter, delta) == compile_node_filter(policy, MESH.with_agent(newcomer), "db-1")
+        mesh_delta = compile_mesh(policy, MESH).identity_delta(MESH.actor_of(newcomer), "add")
+        assert set(mesh_delta["db-1"].add) == {GRANT_SETS[k] for k in sets}
+
+
+def test_an_agent_must_be_authorized_by_grant_or_delegation() -> None:
+    with pytest.raises(InvalidInput, match="authorized must be grant or delegation"):
+        agent("x", "a@b.c", ["db:read"], "agents-1", 1, 9, "node")  # type: ignore[arg-type]
+
+
 # --- identities ----------------------------------------------------------------------------------
 
 
@@ -228,16 +291,17 @@ _selector = st.fixed_dictionaries({}, optional={
     "agent": st.sampled_from(["bot", "helper"]),
     "scope": st.sampled_from(SCOPES),
     "via": st.sampled_from(["direct", "agent", "any"]),
+    "authorized": st.sampled_from(["grant", "delegation"]),
 })
 
 
 def _repair(sel: dict[str, Any]) -> dict[str, Any]:
     """Drop fields that contradict or hide each other, as a person fixing the check's errors would."""
     sel = dict(sel)
-    if "scope" in sel or "agent" in sel:
+    if "scope" in sel or "agent" in sel or "authorized" in sel:
         if sel.get("via") in ("direct", "any"):
             del sel["via"]
-        if sel.get("scope") == "*:*" and (sel.get("via") == "agent" or "agent" in sel):
+        if sel.get("scope") == "*:*" and (sel.get("via") == "agent" or "agent" in sel or "authorized" in sel):
             del sel["scope"]
     if "principal" in sel and "group" in sel:
         del sel["group"]
@@ -287,7 +351,8 @@ def _identities(draw: st.DrawFn) -> Identities:
         agents.append(AgentIdentity(
             id=f"a{k}", name=draw(st.sampled_from(["bot", "helper"])), principal=draw(st.sampled_from(PRINCIPALS)),
             scopes=parse_scopes(draw(st.lists(st.sampled_from(SCOPES), min_size=1, max_size=2))), node=NODES[on],
-            ipv4=f"100.64.{on}.{k + 2}", ipv6=f"fd00::{on:x}:{k + 2:x}"))
+            ipv4=f"100.64.{on}.{k + 2}", ipv6=f"fd00::{on:x}:{k + 2:x}",
+            authorized=draw(st.sampled_from(["grant", "delegation"]))))
     return Identities.build(nodes, agents)
 
 

@@ -292,3 +292,79 @@ def test_explain_icmp_needs_no_port() -> None:
 
 def test_scope_type_is_reused_from_meshcore_scopes() -> None:
     assert seed().acls[0].source.scope == Scope("db", "read")
+
+
+# --- authorized: grant | delegation --------------------------------------------------------------
+
+GRANTS = SEED + """\
+  - from: {principal: nikita@acme.com, via: agent, authorized: grant, scope: "db:write"}
+    to: [db-admin]
+  - from: {principal: li@acme.com, authorized: delegation}
+    to: [db]
+"""
+
+
+def granted(tests: str = "") -> Policy:
+    return load_policy(GRANTS + textwrap.dedent(tests), "policy.yaml")
+
+
+def test_an_agent_is_authorized_by_delegation_unless_it_says_grant() -> None:
+    policy = granted()
+    assert explain(policy, "principal=nikita@acme.com,scope=db:write,authorized=grant", "db-admin:5433").allowed
+    assert not explain(policy, "principal=nikita@acme.com,scope=db:write,authorized=delegation", "db-admin:5433").allowed
+    assert not explain(policy, "principal=nikita@acme.com,scope=db:write", "db-admin:5433").allowed
+    assert explain(policy, "principal=li@acme.com,scope=x:y", "db:5432").allowed
+    assert not explain(policy, {"principal": "li@acme.com", "scope": "x:y", "authorized": "grant"}, "db:5432").allowed
+
+
+def test_a_selector_without_authorized_matches_agents_either_way() -> None:
+    for how in ("grant", "delegation"):
+        assert explain(granted(), f"principal=nikita@acme.com,scope=db:read,authorized={how}", "db:5432").allowed
+
+
+def test_a_node_acting_directly_matches_no_authorized_selector() -> None:
+    assert not decide(granted(), device("li@acme.com"), DB, 5432).allowed  # acls[4] is about li's agents only
+    assert decide(granted(), device("nikita@acme.com"), DB, 5433).rule_index == 1  # directly, not by acls[3]
+
+
+def test_a_denial_only_for_the_want_of_a_grant_says_so_first() -> None:
+    decision = explain(granted(), "principal=nikita@acme.com,via=agent,scope=db:write", "db-admin:5433")
+    assert not decision.allowed
+    assert decision.hints[0] == (
+        "acls[3] at policy.yaml:13:5 would allow this agent had it been started with its principal's grant, but "
+        "it was started on its node's word, by a delegation (from {principal: nikita@acme.com, via: agent, "
+        'authorized: grant, scope: "db:write"}); start it with a grant: meshctl agent run --grant')
+    assert not any("acls[3]" in h for h in decision.hints[1:])
+
+
+def test_the_hint_works_the_other_way_round_and_not_when_something_else_is_missing() -> None:
+    other_way = explain(granted(), "principal=li@acme.com,scope=x:y,authorized=grant", "db:5432")
+    assert other_way.hints[0].startswith("acls[4] at policy.yaml:15:5 would allow this agent had it been started "
+                                         "on its node's word, by a delegation, but it was started with its "
+                                         "principal's grant")
+    wrong_scope = explain(granted(), "principal=nikita@acme.com,scope=db:read,authorized=delegation", "db-admin:5433")
+    assert not any("would allow this agent" in h for h in wrong_scope.hints)
+    assert any(h.startswith("acls[3] at policy.yaml:13:5 covers this destination but not the source") for h in
+               wrong_scope.hints)
+
+
+def test_policy_tests_describe_grant_authorized_agents() -> None:
+    policy = granted("""\
+        tests:
+          - from: {principal: nikita@acme.com, authorized: grant, scope: "db:write"}
+            to: db-admin:5433
+            expect: allow
+          - from: {principal: nikita@acme.com, scope: "db:write"}
+            to: db-admin:5433
+            expect: allow
+        """)
+    (failure,) = run_tests(policy)
+    assert failure.index == 1 and "would allow this agent had it been started with its principal's grant" in str(
+        failure)
+
+
+def test_explain_refuses_authorized_on_a_device_and_unknown_values() -> None:
+    with pytest.raises(InvalidInput, match="^--from: authorized: acting directly"):
+        explain(granted(), "principal=nikita@acme.com,via=direct,authorized=grant", "db:5432")
+    with pytest.raises(InvalidInput, match="^--from: authorized: expected grant or delegation, got 'yes'$"):
+        explain(granted(), "principal=nikita@acme.com,scope=db:read,authorized=yes", "db:5432")

@@ -7,11 +7,17 @@ feature). Format::
       ...
     nodes:               # addresses are assigned from the position unless given
       - {name: db-1, tags: [db]}
-    agents:
+    agents:              # authorized: grant | delegation (the default), as the certificate says
       - {id: a1, name: reader, principal: nikita@acme.com, scopes: ["db:read"], node: agents-1}
     expected:            # every node; a rule per (source set, protocol)
       db-1:
         - {from: '{principal: ...}', protocol: tcp, ports: "5432", members: [agent:a1]}
+    requests:            # optional: agent births the delegations decide (check_delegation)
+      - {principal: nikita@acme.com, node: agents-1, scopes: ["db:write"], ttl: 15m, expect: grant}
+
+A request's ``expect`` is ``allow`` (the node's word is enough), ``grant``
+(refused without a verified grant, for that reason alone, and allowed with
+one) or ``deny`` (refused either way).
 
 Members are named by identity (``node:NAME``/``agent:ID``) rather than by
 address, so the files read as policy, not as numbers. On a mismatch the
@@ -26,11 +32,15 @@ from typing import Any
 import pytest
 import yaml
 
+from meshcore.durations import parse_duration
+from meshcore.errors import PermissionDenied
 from meshcore.policy import (
     AgentIdentity,
     Identities,
     NodeFilter,
     NodeIdentity,
+    Policy,
+    check_delegation,
     compile_mesh,
     compile_node_filter,
     load_policy,
@@ -68,6 +78,7 @@ def _identities(doc: dict[str, Any]) -> Identities:
             parent=spec.get("parent"),
             ipv4=spec.get("ipv4", f"100.64.{block}.{slot}"),
             ipv6=spec.get("ipv6", f"fd00:0:0:{block:x}::{slot:x}"),
+            authorized=spec.get("authorized", "delegation"),
         ))
     return Identities.build(nodes, agents)
 
@@ -107,7 +118,7 @@ def test_golden_directory_holds_scenarios() -> None:
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_golden_file_compiles_to_its_expected_filters(path: Path) -> None:
     doc = yaml.safe_load(path.read_text())
-    assert set(doc) <= {"policy", "nodes", "agents", "expected"}, f"{path.name}: unknown sections"
+    assert set(doc) <= {"policy", "nodes", "agents", "expected", "requests"}, f"{path.name}: unknown sections"
     policy = load_policy(doc["policy"], f"{path.name}#policy")
     failures = run_tests(policy)
     assert not failures, "\n".join(str(f) for f in failures)
@@ -125,3 +136,24 @@ def test_golden_file_compiles_to_its_expected_filters(path: Path) -> None:
 
     for name in identities.nodes:
         assert compile_node_filter(policy, identities, name) == mesh.filters[name], name
+
+    for request in doc.get("requests") or ():
+        assert _verdict(policy, identities, request) == request["expect"], f"{path.name}: {request}"
+
+
+def _verdict(policy: Policy, identities: Identities, request: dict[str, Any]) -> str:
+    """``allow``, ``grant`` or ``deny`` for one agent birth (see the module docstring)."""
+    args = (policy, request["principal"], identities.node(request["node"]), parse_scopes(request["scopes"]),
+            parse_duration(request["ttl"]))
+    try:
+        check_delegation(*args)
+        return "allow"
+    except PermissionDenied as refused:
+        without = str(refused)
+    try:
+        check_delegation(*args, granted=True)
+    except PermissionDenied as refused:
+        assert str(refused) == without, "a grant must not change a refusal for another reason"
+        return "deny"
+    assert f"a grant from {request['principal']}" in without, without
+    return "grant"

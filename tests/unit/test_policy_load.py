@@ -118,7 +118,7 @@ def test_unknown_top_level_section_lists_the_known_ones() -> None:
 def test_unknown_key_in_selector_points_at_the_key() -> None:
     found = only_problem("acls:\n  - from: {principal: a@b.c, scpoe: 'db:read'}\n    to: [tag:db]\n")
     assert found == ("policy.yaml:2:30: acls[0].from.scpoe: unknown key 'scpoe' "
-                     "(expected principal, group, owner, tag, node, via, agent, scope)")
+                     "(expected principal, group, owner, tag, node, via, agent, scope, authorized)")
 
 
 def test_missing_key_is_reported_at_its_mapping() -> None:
@@ -337,6 +337,121 @@ def test_delegation_duration_and_nodes_are_checked() -> None:
          "or tag:NAME or node:NAME"),
         "policy.yaml:5:14: delegations[0].max_ttl: invalid duration '1y': use forms like 90s, 15m, 1h30m, 7d",
     ]
+
+
+# --- requires_grant ------------------------------------------------------------------------------
+
+DELEGATION = """\
+delegations:
+  - principal: a@b.c
+    nodes: [tag:agents]
+    scopes: ["db:read", "db:write", "web:*"]
+    max_ttl: 1h
+    requires_grant: {}
+"""
+
+
+@pytest.mark.parametrize(("value", "loaded"), [
+    ("true", True),
+    ("false", False),
+    ('["db:write"]', (Scope("db", "write"),)),
+    ('["db:*"]', (Scope("db", "*"),)),  # overlaps db:read and db:write: every db request needs a grant
+    ('["*:*", ]', (Scope("*", "*"),)),
+    ('["web:deploy", "db:write"]', (Scope("db", "write"), Scope("web", "deploy"))),
+])
+def test_requires_grant_is_true_false_or_a_list_of_scope_patterns(value: str, loaded: object) -> None:
+    policy = load_policy(DELEGATION.format(value), "policy.yaml")
+    got = policy.delegations[0].requires_grant
+    assert (sorted(got) if isinstance(got, tuple) else got) == (sorted(loaded) if isinstance(loaded, tuple)
+                                                                 else loaded)
+    assert validate_policy(policy.to_data()) == policy
+
+
+def test_requires_grant_defaults_to_the_nodes_word() -> None:
+    policy = load_policy(DELEGATION.replace("    requires_grant: {}\n", ""), "policy.yaml")
+    assert policy.delegations[0].requires_grant is False
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ('["db:write", "DB"]', ("policy.yaml:6:34: delegations[0].requires_grant[1]: invalid scope 'DB': expected "
+     "resource:action, each a lower-case name or '*'")),
+    ('"db:write"', ('policy.yaml:6:21: delegations[0].requires_grant: expected true, false or a list of scopes: '
+     'for one scope write ["db:write"]')),
+    ("3", "policy.yaml:6:21: delegations[0].requires_grant: expected true, false or a list of scopes, got 3"),
+    ("~", ("policy.yaml:6:21: delegations[0].requires_grant: a value is required here: true, false or a list of "
+     "scopes (or remove the key)")),
+    ("[]", ("policy.yaml:6:21: delegations[0].requires_grant: an empty list never requires a grant: write false, "
+     "or leave requires_grant out")),
+    ('["billing:*"]', ("policy.yaml:6:22: delegations[0].requires_grant[0]: pattern billing:* never matters: no "
+     "scope this delegation grants (db:read, db:write, web:*) overlaps it, so no request it covers can need it")),
+    ('["db:admin"]', ("policy.yaml:6:22: delegations[0].requires_grant[0]: pattern db:admin never matters: no "
+     "scope this delegation grants (db:read, db:write, web:*) overlaps it, so no request it covers can need it")),
+    ('["db:*", "db:write"]', ("policy.yaml:6:30: delegations[0].requires_grant[1]: pattern db:write never "
+     "matters: db:* already covers it")),
+    ('["db:write", "db:write"]', ("policy.yaml:6:34: delegations[0].requires_grant[1]: pattern db:write is "
+     "listed twice")),
+])
+def test_requires_grant_patterns_are_checked_where_they_are_written(value: str, problem: str) -> None:
+    assert only_problem(DELEGATION.format(value)) == problem
+
+
+# --- authorized ----------------------------------------------------------------------------------
+
+
+def test_authorized_selects_agents_and_implies_via_agent() -> None:
+    policy = load_policy("acls:\n  - from: {principal: a@b.c, authorized: grant}\n    to: [tag:db]\n"
+                         "  - from: {authorized: delegation, via: agent, scope: 'db:read'}\n    to: [tag:db]\n", "p")
+    assert policy.acls[0].source.effective_via == "agent"
+    assert policy.acls[0].source.text() == "{principal: a@b.c, via: agent, authorized: grant}"
+    assert policy.acls[1].source.text() == '{via: agent, authorized: delegation, scope: "db:read"}'
+
+
+def test_authorized_with_via_direct_can_never_match() -> None:
+    found = only_problem("acls:\n  - from: {principal: a@b.c, via: direct, authorized: grant}\n    to: [tag:db]\n")
+    assert found == (
+        "policy.yaml:2:55: acls[0].from.authorized: authorized can never match with via: direct: only agents "
+        "are authorized by a grant or a delegation, and via: direct selects devices acting without an agent"
+    )
+
+
+def test_via_any_with_authorized_never_matters() -> None:
+    found = only_problem("acls:\n  - from: {via: any, authorized: grant}\n    to: [tag:db]\n")
+    assert found == ("policy.yaml:2:17: acls[0].from.via: via: any never matters: authorized only matches agents "
+                     "(write via: agent, or leave via out)")
+
+
+def test_wildcard_scope_with_authorized_never_matters() -> None:
+    found = only_problem("acls:\n  - from: {authorized: grant, scope: '*:*'}\n    to: [tag:db]\n")
+    assert found == ('policy.yaml:2:38: acls[0].from.scope: scope "*:*" never matters: every agent holds a '
+                     "scope, so it adds nothing to authorized: grant")
+
+
+@pytest.mark.parametrize("value", ["yes", "granted", "~", "[grant]"])
+def test_authorized_is_grant_or_delegation(value: str) -> None:
+    found = only_problem(f"acls:\n  - from: {{authorized: {value}}}\n    to: [tag:db]\n")
+    assert found.startswith("policy.yaml:2:24: acls[0].from.authorized: ")
+    assert "expected grant or delegation" in found or "a value is required" in found
+
+
+def test_a_route_selector_may_name_authorized_too() -> None:
+    policy = load_policy("routes:\n  - from: {authorized: grant, principal: a@b.c}\n    to: 0.0.0.0/0\n"
+                         "    via: node:exit\n", "p")
+    assert policy.routes[0].source.authorized == "grant"
+
+
+def test_test_agent_acting_directly_is_not_authorized_by_anyone() -> None:
+    text = "tests:\n  - from: {principal: a@b.c, via: direct, authorized: grant}\n    to: tag:db:22\n" \
+        "    expect: deny\n"
+    assert only_problem(text) == ("policy.yaml:2:55: tests[0].from.authorized: acting directly (via: direct) an "
+                                  "identity is not authorized by a grant or a delegation: only agents are")
+
+
+def test_test_from_authorized_describes_an_agent() -> None:
+    text = "tests:\n  - from: {principal: a@b.c, authorized: grant, scope: 'db:write'}\n    to: tag:db:22\n" \
+        "    expect: deny\n"
+    source = load_policy(text, "p").tests[0].source
+    assert source.effective_via == "agent" and source.effective_authorized == "grant"
+    assert source.text() == '{principal: a@b.c, via: agent, authorized: grant, scope: "db:write"}'
 
 
 def test_duplicates_are_reported_at_the_second_occurrence() -> None:

@@ -10,6 +10,7 @@ from meshcore.policy import (
     Identities,
     NodeIdentity,
     compile_node_routes,
+    explain_address,
     explain_route,
     load_policy,
     offer_users,
@@ -115,6 +116,22 @@ def test_each_gateway_grants_exactly_the_sources_whose_routes_list_it_backups_in
     g2 = compile_node_routes(P, IDS, "gw-2", GATEWAYS)
     assert g2.grants4 == {("100.64.1.3", "10.20.0.0/16")}
     assert compile_node_routes(P, IDS, "gw-x", GATEWAYS).grants4 == frozenset()
+
+
+def test_a_route_can_carry_only_grant_authorized_agents() -> None:
+    policy = load_policy("routes:\n  - from: {principal: li@acme.com, authorized: grant}\n    to: 0.0.0.0/0\n"
+                         "    via: node:exit-a\n", "policy.yaml")
+    granted = AgentIdentity(id="sre-g", name="sre-g", principal="li@acme.com", scopes=(parse_scope("ops:run"),),
+                            node="host", ipv4="100.64.1.9", ipv6="fd00::1:9", authorized="grant")
+    ids = IDS.with_agent(granted)
+    assert [c.gateways for c in routes_of(policy, ids.actors["agent:sre-g"], GATEWAYS)] == [("exit-a",)]
+    assert routes_of(policy, ids.actors["agent:sre-1"], GATEWAYS) == ()  # li's agent on the node's word
+    assert compile_node_routes(policy, ids, "exit-a", GATEWAYS).grants4 == {("100.64.1.9", "0.0.0.0/0")}
+    assert str(explain_address(policy, "principal=li@acme.com,scope=ops:run,authorized=grant", "192.0.2.1")) == (
+        "route: {principal: li@acme.com, via: agent, authorized: grant, scope: \"ops:run\"} via node:exit-a: "
+        "routes[0] at policy.yaml:2:5: from {principal: li@acme.com, via: agent, authorized: grant} to [0.0.0.0/0] "
+        "via [node:exit-a]")
+    assert explain_address(policy, "principal=li@acme.com,scope=ops:run", "192.0.2.1").choice is None
 
 
 def test_no_routes_section_compiles_to_nothing() -> None:
