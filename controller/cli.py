@@ -123,9 +123,11 @@ def _oidc(args: Any) -> int:
     actor = f"mesh-controller oidc {args.action} (local)"
     try:
         if args.action == "set":
-            absolute = {name: str(Path(value).resolve()) if value else None
-                        for name, value in (("client_secret_file", args.client_secret_file), ("ca_file", args.ca_file))}
-            config = OidcConfig(args.issuer, args.client_id, principal_claim=args.principal_claim, **absolute)
+            def absolute(value: str | None) -> str | None:
+                return str(Path(value).resolve()) if value else None
+
+            config = OidcConfig(args.issuer, args.client_id, absolute(args.client_secret_file), absolute(args.ca_file),
+                                args.principal_claim)
             if not args.no_check:
                 config.secret()  # the file must be readable now
 
@@ -145,13 +147,13 @@ def _oidc(args: Any) -> int:
                   else "no identity provider was set; logins need an administrator's approval")
         else:
             with ctx.store.transaction() as tx:
-                config = oidc_config(tx)
+                shown = oidc_config(tx)
             if args.json:
-                print_json(None if config is None else {k: v for k, v in vars(config).items()})
-            elif config is None:
+                print_json(None if shown is None else dict(vars(shown)))
+            elif shown is None:
                 print("no identity provider: an administrator approves each login (meshctl login approve)")
             else:
-                for key, value in vars(config).items():
+                for key, value in vars(shown).items():
                     print(f"{key.replace('_', ' '):<20} {value if value is not None else '-'}")
     finally:
         ctx.store.close()

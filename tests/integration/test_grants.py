@@ -112,6 +112,7 @@ def test_the_nodes_word_reads_but_only_nikitas_grant_writes(lab: Lab) -> None:
     ("beyond delegation", "no delegation grants nikita@acme.com the scope(s) ops:root"),
 ])
 def test_a_grant_that_does_not_fit_is_refused_saying_what_does_not(lab: Lab, case: str, reason: str) -> None:
+    ask: dict[str, Any]
     if case == "other node":
         grant, ask = lab.grant("--node", "agents-2", "--scope", "db:write"), {}
     elif case == "used up":
@@ -134,7 +135,7 @@ def test_a_grant_that_does_not_fit_is_refused_saying_what_does_not(lab: Lab, cas
         ask = {}
     else:
         grant, ask = lab.grant("--node", "agents-1", "--scope", "ops:root"), {"scopes": ("ops:root",)}
-    refused = lab.ask(grant=grant, **ask)  # type: ignore[arg-type]
+    refused = lab.ask(grant=grant, **ask)
     assert refused.status_code == 403, refused.text
     assert reason in refused.json()["error"]
     rows = json.loads(cli("meshctl", "audit", "--action", "agent.refused", "--json", env=lab.env, check=True).stdout)

@@ -167,7 +167,7 @@ def test_polling_faster_than_the_interval_is_told_to_slow_down(controller: Contr
     _, login = device.login()
     first, second = poll(device, login), poll(device, login)
     assert first.json()["status"] == "pending"
-    assert second.json() == {**second.json(), "status": "slow_down", "interval": int(login["interval"]) + 5}
+    assert second.json() == {**second.json(), "status": "slow_down", "interval": int(str(login["interval"])) + 5}
 
 
 def test_a_provider_that_rotated_its_keys_is_still_trusted(controller: Controller, device: Device,

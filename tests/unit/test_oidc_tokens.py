@@ -28,7 +28,7 @@ class Idp:
     """The provider's discovery document and JWKS, and how often each was fetched."""
 
     def __init__(self) -> None:
-        self.keys = [KEY]
+        self.keys: list[Any] = [KEY]
         self.fetched: list[str] = []
 
     def handle(self, request: httpx.Request) -> httpx.Response:
