@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshcore.addressing import NodeBlock
-from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound
+from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound, PermissionDenied
 from meshcore.identity import build_csr, key_pem
 from meshcore.wire.api import AgentIssued
 from meshd.files import write_private
@@ -96,7 +96,7 @@ class Controller(Protocol):
 class AgentSupervisor:
     def __init__(self, directory: Path, ca_cert: Path, blocks: list[str], net: AgentNetwork, controller: Controller,
                  socket: Path, on_change: Any) -> None:
-        self.directory = directory  # one directory per agent below it: its key, certificate and the CA
+        self.directory = directory  # one directory per agent below it: its key, certificate and the CA (see prepare)
         self.ca_cert = ca_cert
         self.block = NodeBlock(0, IPv4Network(blocks[0]), IPv6Network(blocks[1]))
         self.net = net
@@ -105,6 +105,22 @@ class AgentSupervisor:
         self.local: dict[str, LocalAgent] = {}
         self._on_change = on_change  # called with the AgentIssued of a new agent, or None after an end
         self._lock = asyncio.Lock()
+
+    def prepare(self) -> None:
+        """Make the agents' directory, and remove what a crashed run left in it.
+
+        It lives beside the local API socket (a runtime directory: agent keys
+        never outlive a reboot), mode 0711: an agent's own directory (0700,
+        its user's) can be reached by the agent's processes, which may not
+        be root, but nobody can list whose agents there are.
+        """
+        try:
+            self.directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o711)
+            for stale in self.directory.iterdir():
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError as exc:
+            raise PermissionDenied(f"cannot prepare the agents' directory {self.directory}: {exc.strerror or exc}") from exc
 
     def _free_slot(self) -> int:
         used = {a.slot for a in self.local.values()}
@@ -140,7 +156,7 @@ class AgentSupervisor:
             agent = LocalAgent(agent_id, slot, issued, directory, issued.agent.expires)
             self.local[agent_id] = agent
         try:
-            directory.mkdir(mode=0o700, parents=True)
+            directory.mkdir(mode=0o700)
             write_private(directory / "agent.key", key_pem(key), durable=False)
             write_private(directory / "agent.crt", issued.certificate, 0o644, durable=False)
             shutil.copyfile(self.ca_cert, directory / "ca.crt")

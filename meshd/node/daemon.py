@@ -233,9 +233,9 @@ class Daemon:
         agentnet = self.agentnet = AgentNet(self.name, s.interface, blocks[0], blocks[1],
                                             cgroup_parent=f"idmesh-{s.interface}")
         await asyncio.to_thread(agentnet.start)
-        self.supervisor = AgentSupervisor(self.state.path / "agents", self.state.ca_cert, blocks, agentnet,
-                                          self.session, s.socket,
-                                          self._local_agent_changed)
+        self.supervisor = AgentSupervisor(s.socket.parent / f"agents-{s.interface}", self.state.ca_cert, blocks,
+                                          agentnet, self.session, s.socket, self._local_agent_changed)
+        self.supervisor.prepare()
         self.plane.routing = self.routing = Routing(
             self.name, s.interface, self.record.addresses, self._route_private, self.offer,
             self.record.mesh_prefixes, mark_mask=agentnet.table.field.mask,

@@ -17,7 +17,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,12 +276,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def start_oidc_provider(workdir: Path, settings: ProviderSettings | None = None, *, port: int = 0,
-                        ready_timeout: float = 30.0) -> Iterator[OidcProvider]:
-    """Run oidc-provider on 127.0.0.1 (``port`` 0: any free port) for the ``with`` block. ``workdir`` gets
-    the PKI, the settings file and ``provider.log`` (the Node process's stderr)."""
+                        ready_timeout: float = 30.0, host: str = "127.0.0.1",
+                        prefix: Sequence[str] = ()) -> Iterator[OidcProvider]:
+    """Run oidc-provider on ``host`` (``port`` 0: any free port) for the ``with`` block. ``workdir`` gets
+    the PKI, the settings file and ``provider.log`` (the Node process's stderr). ``prefix`` runs it through
+    another command, e.g. ``ip netns exec NS`` for a provider inside a test's network namespace (its
+    certificate is then for ``host``; a person must then play from inside that namespace too)."""
     settings = settings or default_settings()
     workdir.mkdir(parents=True, exist_ok=True)
-    pki = make_loopback_pki(workdir / "tls")
+    pki = make_loopback_pki(workdir / "tls", host=host)
     admin_token = secrets.token_urlsafe(24)
     config = workdir / "harness.json"
     config.touch(mode=0o600)
@@ -291,8 +294,8 @@ def start_oidc_provider(workdir: Path, settings: ProviderSettings | None = None,
     started = time.monotonic()
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
-            [node, str(PROVIDER_JS), "--config", str(config), "--cert", str(pki.cert_file),
-             "--key", str(pki.key_file), "--port", str(port), "--exit-on-stdin-close"],
+            [*prefix, node, str(PROVIDER_JS), "--config", str(config), "--cert", str(pki.cert_file),
+             "--key", str(pki.key_file), "--port", str(port), "--host", host, "--exit-on-stdin-close"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=HERE,
         )
     try:

@@ -169,3 +169,26 @@ def play(verification: str, *, issuer: str, ca: ssl.SSLContext, login: str, deci
             else:
                 raise ApprovalError(f"unexpected page while approving {verification!r}: {page.summary()}")
         raise ApprovalError(f"still not done after {_MAX_PAGES} pages: {page.summary()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.oidc.person approve|deny URL --issuer I --ca CA [--login L]``: the person, as a
+    process, for a provider inside a test's network namespace (run it there with ``ip netns exec``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.oidc.person")
+    p.add_argument("decision", choices=["approve", "deny"])
+    p.add_argument("verification")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--ca", required=True)
+    p.add_argument("--login", default="nikita@acme.com")
+    args = p.parse_args(argv)
+    decision = Decision.APPROVE if args.decision == "approve" else Decision.ABORT_AT_CONFIRM
+    outcome = play(args.verification, issuer=args.issuer, ca=ssl.create_default_context(cafile=args.ca),
+                   login=args.login, decision=decision)
+    print(outcome.value)
+    return 0 if outcome is (Outcome.APPROVED if decision is Decision.APPROVE else Outcome.DENIED) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -251,7 +251,7 @@ class Rig:
 @pytest.fixture
 def rig(log: list[str]) -> Rig:
     """An AgentNet for node h1 on a hybrid host (cgroup2 at /sys/fs/cgroup/unified), on fakes."""
-    cg = FakeCgroups(log, Cgroup2(Path("/sys/fs/cgroup/unified/idmesh-h1"), "unified/idmesh-h1", 2))
+    cg = FakeCgroups(log, Cgroup2(Path("/sys/fs/cgroup/unified/idmesh-h1"), "unified/idmesh-h1", 2, "/idmesh-h1"))
     nft = FakeNft(log)
     forgotten: list[tuple[int, int]] = []
 
@@ -448,3 +448,25 @@ def test_libnftables_dry_run_accepts_the_table_and_maps_errors() -> None:
     with pytest.raises(Unavailable, match="closed"):
         nft("list tables\n")
 
+
+
+def test_a_process_is_an_agents_only_if_its_whole_cgroup_path_is_the_agents(rig: Rig) -> None:
+    rig.net.start()
+    rig.net.add("a1", "100.64.0.2", "fd00:1::2")
+    assert rig.net.agent_of_cgroup("/idmesh-h1/a1") == "a1"
+    assert rig.net.agent_of_cgroup("/idmesh-h1/a1/") == "a1"
+    for elsewhere in ("/user.slice/a1", "/a1", "/idmesh-h2/a1", "/idmesh-h1/a1/nested", "/x/idmesh-h1/a1",
+                      "/idmesh-h1/a2", "/idmesh-h1"):
+        assert rig.net.agent_of_cgroup(elsewhere) is None, elsewhere
+
+
+def test_the_cgroup_tree_names_the_node_directory_as_proc_pid_cgroup_does(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshd.agents.cgroups as cgroups
+
+    (tmp_path / "cgroup.controllers").write_text("")
+    (tmp_path / "system.slice").mkdir()
+    (tmp_path / "system.slice" / "cgroup.controllers").write_text("")
+    monkeypatch.setattr(cgroups, "NFT_CGROUP_BASE", tmp_path)  # a hierarchy of our own, as meshd.service sees one
+    where = locate_cgroup2(tmp_path / "system.slice", "idmesh-h1", mount=False)
+    assert where.tree == "/system.slice/idmesh-h1" and where.agent_level == 3
