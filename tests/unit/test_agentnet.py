@@ -462,7 +462,7 @@ def test_a_process_is_an_agents_only_if_its_whole_cgroup_path_is_the_agents(rig:
 
 def test_the_cgroup_tree_names_the_node_directory_as_proc_pid_cgroup_does(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import meshd.agents.cgroups as cgroups
+    from meshd.agents import cgroups
 
     (tmp_path / "cgroup.controllers").write_text("")
     (tmp_path / "system.slice").mkdir()
