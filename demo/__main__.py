@@ -7,7 +7,8 @@ real wireguard-go and nftables. The demo applies the seed policy of
 SPEC.md §4, starts agents, prints an access matrix measured with real TCP
 connections (identity x service, with the rule that decided), and revokes
 an agent while it is connecting, timing how long the mesh takes to stop
-honoring it. Then identity-based routes: exit-eu offers to be an exit node
+honoring it. Nikita logs in (an administrator approves her code) and signs
+a grant; only an agent born from it may write. Then identity-based routes: exit-eu offers to be an exit node
 to an "internet" namespace (203.0.113.0/24), and the policy's ``routes``
 sends the sre group's agents — only them — through it. Everything is removed on exit and on Ctrl-C; ``--keep``
 leaves the mesh up and prints how to explore and tear it down.
@@ -60,38 +61,71 @@ def show(result: subprocess.CompletedProcess[str], prefix: str = "  ") -> None:
         print(prefix + out.replace("\n", "\n" + prefix), flush=True)
 
 
-def agent_argv(node: Node, principal: str, scopes: list[str], name: str, *command: str) -> list[str]:
+def agent_argv(node: Node, principal: str, scopes: list[str], name: str, *command: str,
+               grant: str | None = None) -> list[str]:
     argv = [cmd("meshctl"), "agent", "run", "--socket", str(node.socket), "--principal", principal, "--ttl", "10m",
-            "--name", name, "--quiet"]
+            "--name", name, "--quiet", *(["--grant", grant] if grant else [])]
     for scope in scopes:
         argv += ["--scope", scope]
     return [*argv, "--", *command]
 
 
-def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
-    rows = [  # label, node, agent (principal, scopes) or None for the node itself, explain --from
+def login_and_grant(mesh: Mesh, laptop: Node, work: Path) -> str:
+    """Nikita logs in on her laptop (an administrator approves the code) and signs a grant for writes."""
+    env = {**os.environ, "IDMESH_USER_STATE": str(work / "nikita"), "IDMESH_SOCKET": str(laptop.socket)}
+    login = laptop.host.popen([cmd("meshctl"), "login"], env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert login.stderr is not None and login.stdout is not None
+    code = ""
+    for line in login.stderr:
+        print("  | " + line.rstrip())
+        if "meshctl login approve" in line:
+            code = line.split("approve", 1)[1].split()[0]
+            break
+    approved = mesh.admin("login", "approve", code, "--principal", "nikita@acme.com")
+    print(f"  the administrator: meshctl login approve {code} --principal nikita@acme.com")
+    show(approved, "    ")
+    login.wait(30)
+    print("  | " + login.stdout.read().strip())
+    grant = laptop.host.run([cmd("meshctl"), "grant", "create", "--node", "agents", "--scope", "db:write", "--ttl",
+                             "1h", "--uses", "4"], env=env).stdout.strip()
+    print("  nikita: meshctl grant create --node agents --scope db:write --ttl 1h --uses 4")
+    print(f"    {grant[:40]}...{grant[-12:]} ({len(grant)} bytes: a JWS signed by her key, her certificate inside)")
+    return grant
+
+
+def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node, grant: str) -> None:
+    rows = [  # label, node, agent (principal, scopes, grant) or None for the node itself, explain --from
         ("laptop (nikita@acme.com, direct)", nodes["laptop"], None, "principal=nikita@acme.com,via=direct"),
-        ("agent nikita@acme.com db:read", nodes["agents"], ("nikita@acme.com", ["db:read"]),
+        ("agent nikita db:read", nodes["agents"], ("nikita@acme.com", ["db:read"], None),
          "principal=nikita@acme.com,via=agent,scope=db:read"),
-        ("agent nikita@acme.com db:write", nodes["agents"], ("nikita@acme.com", ["db:write"]),
+        ("agent nikita db:write, node's word", nodes["agents"], ("nikita@acme.com", ["db:write"], None),
          "principal=nikita@acme.com,via=agent,scope=db:write"),
+        ("agent nikita db:write, her grant", nodes["agents"], ("nikita@acme.com", ["db:write"], grant),
+         "principal=nikita@acme.com,via=agent,scope=db:write,authorized=grant"),
         ("node agents (tag:agents, direct)", nodes["agents"], None, "tag=agents"),
         ("node exit-eu (tag:exit, direct)", nodes["exit-eu"], None, "tag=exit"),
     ]
     services = [("db", 5432), ("db-admin", 5433)]
-    print(f"  {'identity':34} " + "".join(f"{s + ':' + str(p):34}" for s, p in services))
+    print(f"  {'identity':36} " + "".join(f"{s + ':' + str(p):34}" for s, p in services))
     for label, node, agent, source in rows:
         cells = []
         for service, port in services:
             probe = [sys.executable, "-c", PROBE, db.addresses[0], str(port)]
-            argv = agent_argv(node, agent[0], agent[1], "probe", *probe) if agent else probe
-            measured = node.host.run(argv, check=False, timeout=30).stdout.strip() or "error"
+            argv = agent_argv(node, agent[0], agent[1], "probe", *probe, grant=agent[2]) if agent else probe
+            done = node.host.run(argv, check=False, timeout=30)
+            if done.returncode == 5 and "needs a grant" in done.stderr:
+                cells.append("no agent: needs nikita's grant")
+                continue
+            if done.returncode != 0 and not done.stdout.strip():
+                print(f"  {label}: {done.stderr.strip()}")
+            measured = done.stdout.strip() or "error"
             explained = json.loads(mesh.admin("policy", "explain", "--from", source, "--to", f"{service}:{port}",
                                               "--json").stdout)
             rule = explained["rule"].split(" at ")[0] if explained["verdict"] == "allow" else "default deny"
             expected = "allowed" if explained["verdict"] == "allow" else "denied"
             cells.append(f"{measured} ({rule})" + ("" if measured == expected else " MISMATCH with explain"))
-        print(f"  {label:34} " + "".join(f"{c:34}" for c in cells), flush=True)
+        print(f"  {label:36} " + "".join(f"{c:34}" for c in cells), flush=True)
 
 
 def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
@@ -172,13 +206,15 @@ def main() -> None:
         db = nodes["db"]
         for port in (5432, 5433):
             tcp_server(db.host, "::", port)
-        say("4. access matrix: real TCP connections to db (verdict measured, rule from 'policy explain')")
-        matrix(mesh, nodes, db)
-        say("5. revocation, live: an agent keeps connecting to db; we revoke it")
+        say("4. nikita logs in on her laptop and signs a grant: writes need her own word (requires_grant)")
+        grant = login_and_grant(mesh, nodes["laptop"], work)
+        say("5. access matrix: real TCP connections to db (verdict measured, rule from 'policy explain')")
+        matrix(mesh, nodes, db, grant)
+        say("6. revocation, live: an agent keeps connecting to db; we revoke it")
         revocation(mesh, nodes, db)
-        say("6. identity-based routes: exit-eu offers an exit; the policy's routes say whose traffic uses it")
+        say("7. identity-based routes: exit-eu offers an exit; the policy's routes say whose traffic uses it")
         routes(mesh, nodes, internet)
-        say("7. this node's view: meshctl status on the agents host")
+        say("8. this node's view: meshctl status on the agents host")
         show(nodes["agents"].host.run([cmd("meshctl"), "status", "--socket", str(nodes["agents"].socket)]))
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         if args.keep:
