@@ -72,8 +72,9 @@ def _login(args: argparse.Namespace) -> int:
     login, contact = answer["login"], answer["controller"]
     code = login["user_code"]
     if login["mode"] == "oidc":
-        where = login.get("verification_uri_complete") or login["verification_uri"]
-        print(f"To log in, open {where}\nand confirm the code {code}.", file=sys.stderr)
+        complete = login.get("verification_uri_complete")
+        print(f"To log in, open {complete or login['verification_uri']}\nand confirm the code {code}"
+              + (f" (or open {login['verification_uri']} and enter it)." if complete else "."), file=sys.stderr)
     else:
         print(f"Ask an administrator of {contact['domain']} to approve this login:\n"
               f"  meshctl login approve {code} --principal <you@example.com>", file=sys.stderr)

@@ -61,7 +61,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                              "(or --file), and name the rule.",
                              epilog=_EXPLAIN_EPILOG, formatter_class=HelpFormatter)
     explain.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                         help="key=value,... or a YAML mapping: principal, group, tag, node, owner, agent, scope, via")
+                         help="key=value,... or a YAML mapping: principal, group, tag, node, owner, agent, scope, via, "
+                         "authorized (grant | delegation)")
     explain.add_argument("--to", dest="dest", required=True, metavar="DEST",
                          help="SERVICE[:PORT], tag:T[:PORT], node:N[:PORT], or an IP address off the mesh: the route "
                          "(gateway) the identity gets there")

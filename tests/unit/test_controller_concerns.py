@@ -83,3 +83,35 @@ def test_the_policy_in_force_is_parsed_once_per_version(ctx: Context) -> None:
     assert first is not None and policies.in_force(ctx) is first
     policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY + "# v2\n"), NOW)
     assert policies.in_force(ctx) is not first
+
+
+def _admin(ctx: Context, data: Path) -> Identity:
+    import json
+
+    cert = x509.load_pem_x509_certificate(json.loads((data / "admin.conf").read_text())["certificate"].encode())
+    return auth.authenticate(ctx, cert.public_bytes(serialization.Encoding.DER), NOW)
+
+
+def test_an_approval_code_expires_after_ten_minutes_and_works_once(ctx: Context, tmp_path: Path) -> None:
+    import asyncio
+
+    from controller import logins
+    from meshcore.wire.api import LoginApprove, LoginStart
+
+    token = create_token(ctx, ADMIN, TokenCreateRequest(owner="nikita@acme.com", ttl_seconds=3600), NOW).token
+    laptop = enroll(ctx, token, "laptop", NOW)
+    admin = _admin(ctx, tmp_path / "data")
+    started = asyncio.run(logins.start_login(ctx, laptop, LoginStart(csr=build_csr(ed25519.Ed25519PrivateKey.generate())),
+                                             NOW))
+    late = NOW + logins.APPROVAL_TTL
+    with pytest.raises(InvalidToken, match="no login is waiting for code"):
+        logins.approve_login(ctx, admin, LoginApprove(code=started.user_code, principal="nikita@acme.com"), "a", late)
+    with pytest.raises(InvalidToken, match="the login code expired"):
+        asyncio.run(logins.poll_login(ctx, laptop, started.id, late))
+    again = asyncio.run(logins.start_login(ctx, laptop, LoginStart(csr=build_csr(ed25519.Ed25519PrivateKey.generate())),
+                                           NOW))
+    first = logins.approve_login(ctx, admin, LoginApprove(code=again.user_code, principal="nikita@acme.com"), "a", NOW)
+    assert first.principal == "nikita@acme.com" and first.device == "laptop"
+    with pytest.raises(InvalidToken, match="already used"):
+        logins.approve_login(ctx, admin, LoginApprove(code=again.user_code, principal="li@acme.com"), "a", NOW)
+    assert asyncio.run(logins.poll_login(ctx, laptop, again.id, NOW)).principal == "nikita@acme.com"
