@@ -57,7 +57,7 @@ from meshcore.wire.api import (
     TokenCreateRequest,
     TokenInfo,
 )
-from meshcore.wire.stream import EndpointReport, PeerNode
+from meshcore.wire.stream import EndpointReport, PeerNode, ProbeAsk
 
 from . import agents, auth, enrollment, flows, grants, logins, nodes, policies, routes, stream, tokens
 from . import audit as audit_log  # the names audit and endpoints are routes below
@@ -267,6 +267,10 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
     @app.delete("/v1/grants/{grant_id}", response_model=GrantsRevoked)
     async def revoke_grant(grant_id: str, who: AdminOrUser) -> GrantsRevoked:
         return grants.revoke_grant(ctx, who, grant_id, _now())
+
+    @app.post("/v1/probe")
+    async def probe(req: ProbeAsk, who: Node) -> dict[str, bool]:
+        return {"sent": stream.ask_probe(ctx, who.spiffe_id.name, req.peer)}
 
     @app.get("/v1/netmap")
     async def netmap(who: Node, request: Request, since: int | None = None) -> StreamingResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from idmesh.cli import duration, env_path, parser, print_json, run
@@ -52,6 +53,14 @@ def _main(argv: Sequence[str] | None) -> int:
                      help="serve Prometheus metrics here, e.g. 127.0.0.1:9464 (env IDMESH_METRICS; default off)")
     srv.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
                      help="largest request body accepted; larger ones get HTTP 413 (default %(default)s)")
+    srv.add_argument("--stun-listen", metavar="HOST:PORT", default="",
+                     help="STUN for nodes behind NAT, on UDP PORT and PORT+1 (default: the --listen host, 3478)")
+    srv.add_argument("--no-stun", action="store_true", help="no STUN server")
+    srv.add_argument("--relay", metavar="turn:HOST:PORT",
+                     help="a TURN server (coturn with use-auth-secret) for nodes no direct path reaches; each node "
+                     "gets short-lived credentials made with --relay-secret-file's secret")
+    srv.add_argument("--relay-secret-file", type=Path, metavar="FILE",
+                     help="the TURN server's static-auth-secret (0600; never logged)")
     _oidc_parser(sub, p.formatter_class)
     args = p.parse_args(argv)
 
@@ -73,10 +82,11 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"next: mesh-controller serve --data {args.data}")
         return 0
 
-    from .server import serve
+    from .server import NatOptions, serve
 
     setup_logging()
-    serve(args.data, args.listen, args.max_body, args.metrics)
+    nat = NatOptions(None if args.no_stun else args.stun_listen, args.relay, args.relay_secret_file)
+    serve(args.data, args.listen, args.max_body, args.metrics, nat=nat)
     return 0
 
 
@@ -112,7 +122,6 @@ def _oidc_parser(sub: Any, formatter: Any) -> None:
 
 def _oidc(args: Any) -> int:
     import asyncio
-    from pathlib import Path
 
     from .context import Context
     from .logins import clear_oidc, oidc_config, set_oidc

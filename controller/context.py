@@ -28,7 +28,7 @@ from .oidc import OidcProvider
 from .ratelimit import FailureLimiter
 from .store import Store, Tx
 
-__all__ = ["Context", "Settings"]
+__all__ = ["Context", "NatSettings", "Settings"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,19 @@ class Settings:
         return cls(meta["domain"], meta["url"], prefixes, timedelta(seconds=int(meta["node_cert_ttl"])))
 
 
+@dataclass(frozen=True)
+class NatSettings:
+    """How ``mesh-controller serve`` helps nodes behind NAT: its STUN addresses and the TURN relay, if any."""
+
+    stun: tuple[str, ...] = ()
+    """ip:port of the STUN server, as nodes reach it (two ports: see controller.stun)."""
+    relay: str | None = None
+    """host:port of the TURN server (UDP); None: no relay."""
+    relay_secret: bytes | None = field(default=None, repr=False)
+    """Its ``static-auth-secret``: read from ``--relay-secret-file``, never stored or logged."""
+    credential_ttl: timedelta = timedelta(hours=12)
+
+
 @dataclass(eq=False)
 class Context:
     """The controller's state: durable (store, CA, settings) and in memory (the rest).
@@ -73,6 +86,7 @@ class Context:
     metrics: Metrics = field(default_factory=Metrics)
     parsed_policy: tuple[str, Policy] | None = None
     provider: tuple[str, OidcProvider] | None = None
+    nat: NatSettings = field(default_factory=NatSettings)
     approvals: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @classmethod

@@ -38,11 +38,13 @@ def report_endpoints(ctx: Context, ident: Identity, report: EndpointReport, obse
         candidates.append(_endpoint(_join(observed, report.listen_port), prefixes))
     endpoints = tuple(dict.fromkeys(c for c in candidates if c))
     routing = _route_offer(report.routing, prefixes).model_dump(mode="json", exclude_none=True)
+    reach = _reach(report, prefixes)
     with ctx.store.transaction() as tx:
         row = existing_node(tx, name)
-        if row.endpoints == endpoints and row.routing == routing:
+        if row.endpoints == endpoints and row.routing == routing and row.reach == reach:
             return peer_node(row, prefixes)
         tx.set_node_endpoints(name, endpoints)
+        tx.set_node_reach(name, reach)
         if row.routing.get("routes", []) != routing.get("routes", []):
             tx.audit(now, str(ident.spiffe_id), "node.routes", str(ident.spiffe_id),
                      routes=list(routing.get("routes", [])))
@@ -52,6 +54,25 @@ def report_endpoints(ctx: Context, ident: Identity, report: EndpointReport, obse
     peer = peer_node(row, prefixes)
     ctx.hub.publish(version, upsert=(peer,))
     return peer
+
+
+_NAT_KINDS = ("none", "independent", "varies", "unknown")
+
+
+def _reach(report: EndpointReport, prefixes: MeshPrefixes) -> dict[str, object]:
+    """A node's NAT report, its addresses made canonical (a loopback or overlay one is dropped, as an endpoint)."""
+    reach = report.reach
+    if reach.nat not in _NAT_KINDS:
+        raise InvalidInput(f"unknown NAT behaviour {reach.nat!r}: expected one of {', '.join(_NAT_KINDS)}")
+    if (reach.probe_ufrag is None) != (reach.probe_pwd is None):
+        raise InvalidInput("probe credentials come as a pair (ufrag and pwd)")
+    for text in (reach.probe_ufrag, reach.probe_pwd):
+        if text is not None and (len(text) < 4 or not text.isascii() or not text.isalnum()):
+            raise InvalidInput("probe credentials must be 4 or more ASCII letters and digits")
+    reflexive = tuple(dict.fromkeys(c for c in (_endpoint(e, prefixes) for e in reach.reflexive) if c))
+    relay = _endpoint(reach.relay, prefixes) if reach.relay else None
+    out = reach.model_copy(update={"reflexive": reflexive, "relay": relay})
+    return out.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
 
 def _join(host: str, port: int) -> str:

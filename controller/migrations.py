@@ -153,4 +153,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN grant_signer TEXT;
     CREATE INDEX agents_grant ON agents(grant_id);
     """,
+    # 8: nodes behind NAT (SPEC §7) — reflexive and relayed addresses, NAT behaviour, probe credentials (JSON)
+    """
+    ALTER TABLE nodes ADD COLUMN reach TEXT NOT NULL DEFAULT '{}';
+    """,
 ]

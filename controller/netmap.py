@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 
 from meshcore.addressing import MeshPrefixes
 from meshcore.wire import PROTOCOL
-from meshcore.wire.stream import AgentUpdate, Netmap, NetmapDelta, PeerNode, PolicyDoc, RouteOffer, StreamMessage
+from meshcore.wire.stream import (
+    AgentUpdate,
+    Netmap,
+    NetmapDelta,
+    PeerNode,
+    PolicyDoc,
+    Reachability,
+    RouteOffer,
+    StreamMessage,
+)
 
 from .rows import NodeRow, PolicyRow
 from .store import Tx
@@ -127,6 +136,15 @@ class NetmapHub:
         never dropped for a slow reader: they are what 'within a second' is about."""
         self._to_everyone(Outgoing.of(StreamMessage(type="agents", agents=update)))
 
+    def send_to(self, node: str, message: StreamMessage) -> bool:
+        """Queue ``message`` for ``node``'s open streams only (a call-me-maybe); False when it has none."""
+        subs = [s for s in self._subscribers if s.node == node and not s.closed]
+        outgoing = Outgoing.of(message)
+        for sub in subs:
+            if sub.queue.qsize() < QUEUE_LIMIT:
+                sub.queue.put_nowait(outgoing)
+        return bool(subs)
+
     def _to_everyone(self, message: Outgoing) -> None:
         """Queue ``message`` for every subscriber, however far behind (never a resync)."""
         for sub in list(self._subscribers):
@@ -155,7 +173,7 @@ def peer_node(row: NodeRow, prefixes: MeshPrefixes) -> PeerNode:
     return PeerNode(name=row.name, wireguard_public_key=row.wg_public_key,
                     addresses=(str(block.node_v4), str(block.node_v6)), blocks=(str(block.v4), str(block.v6)),
                     endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags),
-                    routing=RouteOffer.model_validate(row.routing))
+                    routing=RouteOffer.model_validate(row.routing), reach=Reachability.model_validate(row.reach))
 
 
 def policy_doc(row: PolicyRow | None) -> PolicyDoc | None:

@@ -35,6 +35,7 @@ class NodeRow:
     token_id: str | None
     endpoints: tuple[str, ...] = ()
     routing: dict[str, Any] = field(default_factory=dict)
+    reach: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

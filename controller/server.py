@@ -14,8 +14,10 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 import uvloop
@@ -27,8 +29,9 @@ from meshcore.errors import InvalidInput, Unavailable
 from . import gauges
 from .api import TLS_EXTENSION, create_app
 from .authority import DataDir
-from .context import Context
+from .context import Context, NatSettings
 from .middleware import DEFAULT_MAX_BODY
+from .stun import start_stun
 
 __all__ = ["parse_listen", "serve", "server_ssl_context"]
 
@@ -64,11 +67,60 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+@dataclass(frozen=True)
+class NatOptions:
+    """``serve``'s NAT help: STUN (on by default) and a TURN relay (``--relay``)."""
+
+    stun_listen: str | None = ""
+    """HOST:PORT for STUN; "" (default): the API's host, port 3478; None: no STUN (``--no-stun``)."""
+    relay: str | None = None
+    """``turn:HOST:PORT`` of a TURN server sharing ``relay_secret_file``'s secret (coturn ``use-auth-secret``)."""
+    relay_secret_file: Path | None = None
+
+
+def _nat_settings(options: NatOptions, api_host: str, url: str) -> tuple[NatSettings, tuple[str, int] | None]:
+    """What nodes are told (the advertised STUN address, the relay and its secret), and where STUN binds."""
+    stun_bind = None
+    advertised: tuple[str, ...] = ()
+    if options.stun_listen is not None:
+        host, port = parse_listen(options.stun_listen) if options.stun_listen else (api_host, 3478)
+        stun_bind = (host, port)
+        public = host if host not in ("0.0.0.0", "::") else (urlsplit(url).hostname or host)
+        advertised = (f"{public}:{port}", f"{public}:{port + 1}")
+    relay = secret = None
+    if options.relay is not None:
+        scheme, _, rest = options.relay.partition(":")
+        if scheme != "turn" or not rest:
+            raise InvalidInput(f"--relay {options.relay!r}: expected turn:HOST:PORT")
+        relay_host, relay_port = parse_listen(rest)
+        relay = f"{relay_host}:{relay_port}"
+        if options.relay_secret_file is None:
+            raise InvalidInput("--relay needs --relay-secret-file (coturn's static-auth-secret)")
+        try:
+            secret = options.relay_secret_file.read_text().strip().encode()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read --relay-secret-file {options.relay_secret_file}: "
+                               f"{exc.strerror or exc}") from exc
+        if not secret:
+            raise InvalidInput(f"--relay-secret-file {options.relay_secret_file} is empty")
+    return NatSettings(stun=advertised, relay=relay, relay_secret=secret), stun_bind
+
+
+async def _serve_all(server: uvicorn.Server, sock: socket.socket, stun_bind: tuple[str, int] | None) -> None:
+    transports = await start_stun(*stun_bind) if stun_bind else []
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        for transport, _ in transports:
+            transport.close()
+
+
 def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None,
-          middleware: Sequence[Callable[[Any], Any]] = ()) -> None:
+          middleware: Sequence[Callable[[Any], Any]] = (), nat: NatOptions | None = None) -> None:
     """Serve the API until SIGTERM; ``middleware`` wraps it in more ASGI layers (the last one outermost)."""
     host, port = parse_listen(listen)
     ctx = Context.open(data)
+    ctx.nat, stun_bind = _nat_settings(nat or NatOptions(), host, ctx.settings.url)
     if metrics:
         gauges.watch(ctx)
         serve_metrics(ctx.metrics, metrics)
@@ -99,7 +151,7 @@ def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: st
     try:
         # uvloop: its TLS and transports are C, about a third of the CPU per enrollment.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve(sockets=[sock]))
+            runner.run(_serve_all(server, sock, stun_bind))
     finally:
         ctx.store.close()
 

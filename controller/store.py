@@ -122,6 +122,9 @@ class Tx:
     def set_node_routing(self, name: str, routing: dict[str, Any]) -> None:
         self._c.execute("UPDATE nodes SET routing = ? WHERE name = ?", (json.dumps(routing, sort_keys=True), name))
 
+    def set_node_reach(self, name: str, reach: dict[str, Any]) -> None:
+        self._c.execute("UPDATE nodes SET reach = ? WHERE name = ?", (json.dumps(reach, sort_keys=True), name))
+
     def set_node_certificate(self, name: str, serial: str, not_after: datetime) -> None:
         self._c.execute("UPDATE nodes SET cert_serial = ?, cert_not_after = ? WHERE name = ?",
                         (serial, iso(not_after), name))
@@ -312,7 +315,7 @@ def _equal(**columns: str | None) -> tuple[str, list[str]]:
 
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
     return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8],
-                   tuple(json.loads(r[9])), json.loads(r[10]))
+                   tuple(json.loads(r[9])), json.loads(r[10]), json.loads(r[11]))
 
 
 def _agent_row(r: tuple[Any, ...]) -> AgentRow:

@@ -14,15 +14,16 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-from meshcore.errors import Outdated
+from meshcore.errors import NotFound, Outdated
+from meshcore.turn import turn_credentials
 from meshcore.wire import MIN_PROTOCOL, PROTOCOL, negotiate
-from meshcore.wire.stream import NetmapDelta, StreamMessage
+from meshcore.wire.stream import NatConfig, NetmapDelta, ProbeRequest, RelayCredentials, StreamMessage
 
 from .agents import agent_update_full
 from .context import Context
 from .netmap import KEEPALIVE, Outgoing, Subscription
 
-__all__ = ["KEEPALIVE_SECONDS", "agree", "open_stream"]
+__all__ = ["KEEPALIVE_SECONDS", "agree", "ask_probe", "nat_config", "open_stream"]
 
 # A keepalive line this often keeps NATs open and lets a node notice a dead
 # controller within KEEPALIVE + its read timeout.
@@ -49,22 +50,36 @@ def open_stream(ctx: Context, node: str, since: int | None, clock: Callable[[], 
     """
     sub = ctx.hub.subscribe(node, protocol)
     backlog = ctx.hub.since(since) if since is not None else None
-    first = _everything(ctx, backlog, clock())
+    first = _everything(ctx, backlog, clock(), node)
     return _lines(ctx, sub, first, clock)
 
 
-def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datetime) -> list[Outgoing]:
-    """What a node needs to be whole: policy first, then the map, then the agents."""
+def nat_config(ctx: Context, node: str, now: datetime) -> NatConfig:
+    """The STUN servers, and TURN credentials made for ``node`` alone (SPEC §7)."""
+    nat = ctx.nat
+    relay = None
+    if nat.relay is not None and nat.relay_secret is not None:
+        username, password = turn_credentials(nat.relay_secret, node, now, nat.credential_ttl)
+        relay = RelayCredentials(server=nat.relay, username=username, password=password,
+                                 expires=int((now + nat.credential_ttl).timestamp()))
+    return NatConfig(stun=nat.stun, relay=relay)
+
+
+def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datetime, node: str) -> list[Outgoing]:
+    """What a node needs to be whole: policy first, then the map, then the agents (and its NAT help)."""
     hub = ctx.hub
     out = [Outgoing.of(StreamMessage(type="policy", policy=hub.policy))] if hub.policy else []
     out += ([Outgoing.of(StreamMessage(type="delta", delta=d)) for d in deltas] if deltas is not None
             else [Outgoing.of(StreamMessage(type="full", full=hub.full()))])
     out.append(Outgoing.of(StreamMessage(type="agents", agents=agent_update_full(ctx, now))))
+    if ctx.nat.stun or ctx.nat.relay:
+        out.append(Outgoing.of(StreamMessage(type="nat", nat=nat_config(ctx, node, now))))
     return out
 
 
 async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
                  clock: Callable[[], datetime]) -> AsyncIterator[bytes]:
+    refresh_at = clock() + ctx.nat.credential_ttl / 2
     try:
         for message in first:
             yield message.line
@@ -73,15 +88,29 @@ async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
                 while not sub.queue.empty():
                     sub.queue.get_nowait()
                 sub.resync = False
-                for message in _everything(ctx, None, clock()):
+                for message in _everything(ctx, None, clock(), sub.node):
                     yield message.line
                 continue
             try:
                 message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
             except TimeoutError:
                 message = KEEPALIVE
+                now = clock()
+                if ctx.nat.relay is not None and now >= refresh_at:  # fresh credentials before the old expire
+                    message = Outgoing.of(StreamMessage(type="nat", nat=nat_config(ctx, sub.node, now)))
+                    refresh_at = now + ctx.nat.credential_ttl / 2
             if sub.closed:
                 break
             yield message.line
     finally:
         ctx.hub.unsubscribe(sub)
+
+
+def ask_probe(ctx: Context, caller: str, peer: str) -> bool:
+    """Call me maybe: ``caller`` is probing ``peer``'s candidates; tell ``peer`` to probe back at once.
+
+    False when ``peer`` has no open stream (it will probe when it connects).
+    """
+    if peer == caller or peer not in ctx.hub.nodes:
+        raise NotFound(f"no node named {peer!r} to probe")
+    return ctx.hub.send_to(peer, StreamMessage(type="probe", probe=ProbeRequest(peer=caller)))

@@ -28,13 +28,18 @@ Protocol versions:
 * 3 (2026-12-01): tolerant readers (unknown fields and message types are
   ignored); the stream's version handshake; meshd's local API answers are
   typed (:mod:`.local`).
+* 4 (2026-12-01): nodes behind NAT — ``PeerNode.reach`` and
+  ``EndpointReport.reach`` (reflexive and relayed addresses, NAT behaviour,
+  probe credentials); stream messages ``nat`` (STUN servers, TURN
+  credentials, for the receiving node only) and ``probe`` (call me maybe);
+  ``POST /v1/probe``.
 """
 
 from __future__ import annotations
 
 __all__ = ["MIN_PROTOCOL", "PROTOCOL", "PROTOCOL_HEADER", "SUPPORTED_HEADER", "negotiate"]
 
-PROTOCOL = 3
+PROTOCOL = 4
 """The version this code speaks."""
 MIN_PROTOCOL = 2
 """The oldest node version a controller of this code serves (2 sends nothing 2 cannot read)."""

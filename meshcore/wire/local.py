@@ -130,6 +130,12 @@ class PeerStatus(TypedDict):
     name: str
     addresses: list[str]
     endpoint: str | None
+    """Where WireGuard reaches it now (for a relayed peer: the local relay socket)."""
+    path: str
+    """``direct``, ``relay`` or ``none`` (no path found by probes: the controller's candidate is tried)."""
+    last_probe: str
+    nat: str
+    """What the peer reported of its NAT: none, independent, varies (symmetric) or unknown."""
     latest_handshake: str | None
     rx_bytes: int
     tx_bytes: int

@@ -23,16 +23,22 @@ __all__ = [
     "MESSAGE_TYPES",
     "AgentUpdate",
     "EndpointReport",
+    "NatConfig",
     "Netmap",
     "NetmapDelta",
     "PeerNode",
     "PolicyDoc",
+    "ProbeAsk",
+    "ProbeRequest",
+    "Reachability",
+    "ReachabilityReport",
+    "RelayCredentials",
     "RouteOffer",
     "RouteOfferReport",
     "StreamMessage",
 ]
 
-MESSAGE_TYPES = ("full", "delta", "keepalive", "policy", "agents")
+MESSAGE_TYPES = ("full", "delta", "keepalive", "policy", "agents", "nat", "probe")
 """The message types of this protocol version; each names the field of :class:`StreamMessage` it sets."""
 
 
@@ -55,6 +61,26 @@ class RouteOffer(Answer):
         default=None, ge=1, le=65535, description="UDP port of the gateway interface; None = offers nothing")
 
 
+class Reachability(Answer):
+    """How a node behind NAT can be reached, besides its host ``endpoints`` (SPEC §7).
+
+    ``probe_ufrag``/``probe_pwd`` are the node's short-term probe credentials
+    (as ICE's): a probe to it is a STUN Binding request whose USERNAME is
+    ``<its ufrag>:<sender's ufrag>`` and whose MESSAGE-INTEGRITY is keyed with
+    its pwd, so an answer proves the node itself answered, from that address.
+    """
+
+    reflexive: tuple[str, ...] = Field(default=(), max_length=8,
+                                       description="ip:port the node's NAT maps its WireGuard port to (STUN)")
+    relay: str | None = Field(default=None, max_length=64,
+                              description="its relayed ip:port at the TURN server; None: no relay")
+    nat: str = Field(default="unknown", max_length=16,
+                     description="'none' (no NAT seen), 'independent' (same mapping for every destination: "
+                     "hole punching works), 'varies' (symmetric: only the relay works), 'unknown'")
+    probe_ufrag: str | None = Field(default=None, max_length=64)
+    probe_pwd: str | None = Field(default=None, max_length=128)
+
+
 class PeerNode(Answer):
     """One node as the others see it."""
 
@@ -68,6 +94,7 @@ class PeerNode(Answer):
     owner: str | None = Field(default=None, description="owning principal; None for a tagged node")
     tags: tuple[str, ...] = ()
     routing: RouteOffer = Field(default_factory=RouteOffer, description="routes offered; its route tunnel key")
+    reach: Reachability = Field(default_factory=Reachability, description="NAT: reflexive and relayed addresses")
 
 
 class Netmap(Answer):
@@ -124,10 +151,48 @@ class StreamMessage(Answer):
     delta: NetmapDelta | None = None
     policy: PolicyDoc | None = None
     agents: AgentUpdate | None = None
+    nat: NatConfig | None = None
+    probe: ProbeRequest | None = None
+
+
+class RelayCredentials(Answer):
+    """Short-lived TURN REST credentials (``use-auth-secret``) for this node alone."""
+
+    server: str = Field(description="host:port of the TURN server (UDP)")
+    username: str = Field(description="<expiry unix time>:<node name>")
+    password: str = Field(description="base64(HMAC-SHA1(secret, username))")
+    expires: int = Field(description="unix time; the controller sends fresh ones before")
+
+
+class NatConfig(Answer):
+    """What a node needs to find its way out of a NAT (message type ``nat``, sent to this node only).
+
+    Sent on connect and again before the relay credentials expire.
+    """
+
+    stun: tuple[str, ...] = Field(default=(), description="ip:port of STUN servers; two ports of one server "
+                                  "tell whether the node's NAT maps by destination")
+    relay: RelayCredentials | None = None
+
+
+class ProbeRequest(Answer):
+    """Call me maybe (message type ``probe``): ``peer`` is probing this node's candidates now; probe its.
+
+    Both ends probing at once is what opens two NATs to each other (hole
+    punching). A probe request for a peer the node does not have is ignored.
+    """
+
+    peer: str
 
 
 class RouteOfferReport(RouteOffer):
     """A :class:`RouteOffer` as a node reports it: strict, like every request."""
+
+    model_config = REQUEST_CONFIG
+
+
+class ReachabilityReport(Reachability):
+    """A :class:`Reachability` as a node reports it: strict, like every request."""
 
     model_config = REQUEST_CONFIG
 
@@ -139,3 +204,11 @@ class EndpointReport(Request):
     endpoints: tuple[str, ...] = Field(default=(), max_length=32, description="local underlay ip:port candidates")
     routing: RouteOfferReport = Field(default_factory=RouteOfferReport,
                                       description="what the node offers as a gateway")
+    reach: ReachabilityReport = Field(default_factory=ReachabilityReport,
+                                      description="reflexive and relayed addresses, NAT behaviour, probe credentials")
+
+
+class ProbeAsk(Request):
+    """``POST /v1/probe``: tell ``peer`` to probe the asking node now (call me maybe)."""
+
+    peer: str = Field(max_length=63)

@@ -18,6 +18,7 @@ from meshd.agents.supervisor import AgentSupervisor
 from meshd.mesh.dataplane import DataPlane
 from meshd.mesh.firewall import NftFirewall
 from meshd.mesh.flowlog import FlowLog
+from meshd.nat.traversal import Traversal
 from meshd.node.session import ControllerSession
 from meshd.node.state import NodeRecord
 from meshd.node.view import MeshView
@@ -44,6 +45,7 @@ class Node(Protocol):
     supervisor: AgentSupervisor | None
     flowlog: FlowLog | None
     routing: Routing | None
+    nat: Traversal
 
 
 def _device(plane: DataPlane | None) -> DeviceState | None:
@@ -62,6 +64,7 @@ def status(node: Node) -> Status:
         if name == record.name:
             continue
         ps = by_key.get(peer.wireguard_public_key)
+        way = node.nat.status(peer.wireguard_public_key)
         peers.append({
             "name": name,
             "addresses": list(peer.addresses),
@@ -71,6 +74,9 @@ def status(node: Node) -> Status:
             "tx_bytes": ps.tx_bytes if ps else 0,
             "tags": list(peer.tags),
             "owner": peer.owner,
+            "path": way["path"],
+            "last_probe": way["last_probe"],
+            "nat": peer.reach.nat,
         })
     nf = plane.filter if plane else None
     doc = mesh.policy_doc
@@ -131,6 +137,10 @@ def gauges(node: Node) -> list[Gauge]:
     if node.agentnet is not None:
         out.append(("idmesh_spoofed_packets", "Packets dropped for sending with an agent address not theirs",
                     {}, float(node.agentnet.spoofed())))
+    for kind, count in node.nat.paths().items():
+        out.append(("idmesh_peers_by_path", "Peers by the way this node reaches them", {"path": kind}, float(count)))
+    out.append(("idmesh_nat_probes_dropped", "STUN and probes dropped: strangers, malformed, unknown peers", {},
+                float(node.nat.dropped)))
     state = _device(plane)
     if state is not None:
         now = datetime.now(UTC)

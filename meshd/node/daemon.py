@@ -35,6 +35,7 @@ from meshd.mesh.discovery import LanDiscovery, start_discovery
 from meshd.mesh.firewall import NftFirewall
 from meshd.mesh.flowlog import FlowLog
 from meshd.mesh.underlay import local_endpoints
+from meshd.nat.traversal import Traversal
 from meshd.node import answers
 from meshd.node.converger import Converger
 from meshd.node.localapi import Caller, LocalApi
@@ -63,15 +64,23 @@ class Daemon:
         self.offer = RouteOfferReport(routes=settings.advertise, route_key=public_key_of(route_private),
                                 gateway_port=settings.gateway_port if settings.advertise else None)
         self._route_private = route_private
-        self.mesh = MeshView(self.state, self._wake)
+        self.mesh = MeshView(self.state, self._wake, self._peers_changed)
+        self._host_endpoints: list[str] = []
+        self.nat = Traversal(settings.listen_port, lambda: [e.rsplit(":", 1)[0] for e in self._host_endpoints],
+                             report_changed=lambda: self.session.report_endpoints(),
+                             path_changed=self.mesh.discovered,
+                             ask_probe=lambda peer: self.session.call("POST", "/v1/probe", {"peer": peer}),
+                             relay_factory=None)
         self.firewall = NftFirewall(settings.interface, flow_log=settings.flow_log)
         self.session = ControllerSession(
             self.state, self.record.controller, version=lambda: self.mesh.version,
             on_full=self.mesh.on_full, on_delta=self.mesh.on_delta, on_policy=self.mesh.on_policy,
             on_agents=self._on_agents, endpoints=self._endpoint_report,
+            on_nat=self.nat.set_config, on_probe=lambda probe: self.nat.probe_requested(probe.peer),
         )
         self.api = LocalApi(settings.socket, self)
         self._principals = dict(settings.principal_map)
+        self._peers_changed()  # the cached netmap's peers, until the controller answers
         self.metrics = Metrics()
         self.metrics.snapshot(lambda: answers.gauges(self))
         # made in run(), once the interface exists
@@ -104,8 +113,14 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _peers_changed(self) -> None:
+        view = self.mesh.view
+        if view is not None:
+            self.nat.set_peers(view.nodes, self.name)
+
     def _take(self) -> Work:
-        found = self.discovery.found if self.discovery else {}
+        # NAT traversal's paths win over LAN discovery's, which win over the controller's first candidate
+        found = {**(self.discovery.found if self.discovery else {}), **self.nat.endpoints()}
         return self.mesh.take(found, tuple(self.record.mesh_prefixes))
 
     def _device_restarted(self) -> None:
@@ -122,7 +137,9 @@ class Daemon:
         # pyroute2's synchronous API runs an event loop of its own: keep it off ours.
         found = await asyncio.to_thread(local_endpoints, self.settings.listen_port, self.settings.interface,
                                         self.record.mesh_prefixes)
-        return EndpointReport(listen_port=self.settings.listen_port, endpoints=found, routing=self.offer)
+        self._host_endpoints = list(found)
+        return EndpointReport(listen_port=self.settings.listen_port, endpoints=found, routing=self.offer,
+                              reach=self.nat.reach())
 
     def _mesh_endpoints(self) -> dict[str, str]:
         """Where the mesh tunnel reaches each peer now (learnt from authenticated packets), by public key."""
@@ -269,6 +286,7 @@ class Daemon:
                     tg.create_task(self._expire_agents(), name="agent-expiry"),
                     tg.create_task(self.supervisor.watch(), name="agent-watch"),
                     tg.create_task(watch_gateways(self.routing), name="gateways"),
+                    tg.create_task(self.nat.run(), name="nat"),
                 ]
                 if s.discovery:
                     tasks.append(tg.create_task(self._discover(), name="discovery"))

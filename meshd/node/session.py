@@ -32,9 +32,11 @@ from meshcore.wire.stream import (
     MESSAGE_TYPES,
     AgentUpdate,
     EndpointReport,
+    NatConfig,
     Netmap,
     NetmapDelta,
     PolicyDoc,
+    ProbeRequest,
     StreamMessage,
 )
 from meshd.node.state import StateDir, write_private
@@ -67,7 +69,9 @@ class ControllerSession:
     def __init__(self, state: StateDir, url: str, version: Callable[[], int | None],
                  on_full: Callable[[Netmap], None], on_delta: Callable[[NetmapDelta], None],
                  on_policy: Callable[[PolicyDoc], None], on_agents: Callable[[AgentUpdate], None],
-                 endpoints: Callable[[], Awaitable[EndpointReport]]) -> None:
+                 endpoints: Callable[[], Awaitable[EndpointReport]],
+                 on_nat: Callable[[NatConfig], None] = lambda _: None,
+                 on_probe: Callable[[ProbeRequest], None] = lambda _: None) -> None:
         self.state = state
         self.url = url.rstrip("/")
         self._version = version
@@ -76,6 +80,8 @@ class ControllerSession:
         self._on_policy = on_policy
         self._on_agents = on_agents
         self._endpoints = endpoints
+        self._on_nat = on_nat
+        self._on_probe = on_probe
         self.connected = False
         self.protocol: int | None = None  # what the controller agreed to speak on the stream
         self.last_error: str | None = None
@@ -135,6 +141,10 @@ class ControllerSession:
             self._on_policy(message.policy)
         elif message.type == "agents" and message.agents is not None:
             self._on_agents(message.agents)
+        elif message.type == "nat" and message.nat is not None:
+            self._on_nat(message.nat)
+        elif message.type == "probe" and message.probe is not None:
+            self._on_probe(message.probe)
         elif message.type not in MESSAGE_TYPES and message.type not in skipped:
             skipped.add(message.type)
             log.info("controller %s sends %r messages, which this meshd does not know: skipped", self.url,

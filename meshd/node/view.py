@@ -57,7 +57,8 @@ def _parse_policy(doc: PolicyDoc | None) -> Policy | None:
 
 
 class MeshView:
-    def __init__(self, state: StateDir, changed: Callable[[], None]) -> None:
+    def __init__(self, state: StateDir, changed: Callable[[], None],
+                 peers_changed: Callable[[], None] = lambda: None) -> None:
         self._netmap_file = state.path / "netmap.json"
         self._policy_file = state.path / "policy.json"
         cached = _read_cached(self._netmap_file, Netmap)
@@ -70,6 +71,7 @@ class MeshView:
         self.plane: DataPlane | None = None
         self._taken: NodeView | None = None
         self._changed = changed
+        self._peers_changed = peers_changed  # NAT traversal re-reads the peers' candidates
         self._snapshot_due = False
         self._snapshot_at = 0.0
 
@@ -80,6 +82,7 @@ class MeshView:
     # -- the controller's stream --------------------------------------------------------------------
     def _netmap_changed(self) -> None:
         self._snapshot_due = True
+        self._peers_changed()
         self._changed()
 
     def on_full(self, netmap: Netmap) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from meshcore.wire import PROTOCOL
 from tests.compat.future_controller import FIELD
 from tests.e2e.mesh import Mesh, Node, cmd, ping, tcp_server, wait_until
 from tests.e2e.netns import Network
@@ -66,7 +67,7 @@ def test_the_future_controller_really_sends_what_this_version_does_not_know(
 def test_nodes_enroll_connect_and_enforce_the_policy(lab: tuple[Mesh, Node, Node]) -> None:
     _mesh, agents, db = lab
     status = agents.status()
-    assert status["controller"]["connected"] and status["controller"]["protocol"] == 3
+    assert status["controller"]["connected"] and status["controller"]["protocol"] == PROTOCOL
     assert status["policy"]["version"] == db.status()["policy"]["version"] == 1
     assert db.status()["policy"]["rules"] > 0  # db compiled the policy's rules for its ingress
     assert ping(agents.host, db.addresses[0])

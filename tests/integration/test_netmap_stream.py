@@ -295,7 +295,7 @@ def test_a_dual_stack_controller_sees_an_ipv4_node_as_ipv4(controller: Controlle
         mesh.close()
 
 
-@pytest.mark.parametrize(("announced", "agreed"), [(None, "2"), ("2", "2"), ("3", "3"), ("40", "3")])
+@pytest.mark.parametrize(("announced", "agreed"), [(None, "2"), ("2", "2"), ("3", "3"), ("40", str(PROTOCOL))])
 def test_the_stream_opens_in_the_protocol_both_speak(mesh: Mesh, announced: str | None, agreed: str) -> None:
     node = mesh.enroll("db-1")
     headers = {PROTOCOL_HEADER: announced} if announced else {}

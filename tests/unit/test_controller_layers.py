@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "controller"
-PLUMBING = {"store", "rows", "migrations", "authority", "netmap", "ratelimit", "middleware", "oidc"}
+PLUMBING = {"store", "rows", "migrations", "authority", "netmap", "ratelimit", "middleware", "oidc", "stun"}
 CONCERNS = {"auth", "tokens", "enrollment", "nodes", "endpoints", "policies", "routes", "agents", "flows", "audit",
             "gauges", "stream", "certificates", "logins", "grants"}
 TOP = {"api", "server", "cli"}

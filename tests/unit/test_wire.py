@@ -21,9 +21,14 @@ from meshcore.wire.base import Answer, Request
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 KEY = "A" * 43 + "="
+REACH = {"reflexive": ["203.0.113.7:40001"], "relay": "203.0.113.1:49160", "nat": "independent",
+         "probe_ufrag": "u1", "probe_pwd": "p" * 22}
 NODE = {"name": "db-1", "wireguard_public_key": KEY, "addresses": ["100.64.0.1", "fd00:1::1"],
         "blocks": ["100.64.0.0/26", "fd00:1::/64"], "endpoints": ["198.51.100.10:51820"], "owner": None,
-        "tags": ["db"], "routing": {"routes": ["10.20.0.0/16"], "route_key": KEY, "gateway_port": 51821}}
+        "tags": ["db"], "routing": {"routes": ["10.20.0.0/16"], "route_key": KEY, "gateway_port": 51821},
+        "reach": REACH}
+NAT = {"stun": ["203.0.113.1:3478", "203.0.113.1:3479"],
+       "relay": {"server": "203.0.113.1:3478", "username": "1800000000:db-1", "password": "x", "expires": 1800000000}}
 NODE_INFO = {"name": "db-1", "spiffe_id": "spiffe://acme.mesh/node/db-1", "owner": None, "tags": ["db"],
              "addresses": ["100.64.0.1", "fd00:1::1"], "blocks": ["100.64.0.0/26", "fd00:1::/64"],
              "wireguard_public_key": KEY, "enrolled_at": NOW, "cert_not_after": NOW}
@@ -76,7 +81,14 @@ SAMPLES: dict[type[BaseModel], Any] = {
     stream.PolicyDoc: POLICY_DOC,
     stream.AgentUpdate: AGENTS,
     stream.StreamMessage: {"type": "delta", "delta": DELTA},
-    stream.EndpointReport: {"listen_port": 51820, "endpoints": ["198.51.100.10:51820"], "routing": NODE["routing"]},
+    stream.EndpointReport: {"listen_port": 51820, "endpoints": ["198.51.100.10:51820"], "routing": NODE["routing"],
+                            "reach": REACH},
+    stream.Reachability: REACH,
+    stream.ReachabilityReport: REACH,
+    stream.RelayCredentials: NAT["relay"],
+    stream.NatConfig: NAT,
+    stream.ProbeRequest: {"peer": "db-2"},
+    stream.ProbeAsk: {"peer": "db-2"},
     local.AgentRunRequest: {"principal": "nikita@acme.com", "scopes": ["db:read"], "ttl_seconds": 900,
                             "name": "bot", "uid": None, "gid": None, "grant": "a.b.c"},
     local.LoginRequest: {"csr": "pem", "ttl_seconds": 3600},

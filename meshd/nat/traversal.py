@@ -1,0 +1,448 @@
+"""NAT traversal for one node: its reflexive address, probes to and from peers, the relay, each peer's path.
+
+The data plane stays WireGuard's: this module only decides which endpoint
+WireGuard is told for each peer (:meth:`Traversal.endpoints`), and the data
+plane sets it over UAPI as it sets any endpoint. What it does, on the
+WireGuard port (:mod:`.wgport`) so every mapping is WireGuard's own:
+
+* **STUN** to the controller's two STUN ports, every :data:`STUN_EVERY`
+  seconds: the reflexive address, and whether the NAT maps by destination
+  (``nat: varies``: a symmetric NAT, only the relay will do);
+* **probes** (ICE-like connectivity checks): STUN Binding requests to each
+  candidate of a peer (its host endpoints, the address the controller saw,
+  its reflexive address), with USERNAME ``<its ufrag>:<ours>`` and
+  MESSAGE-INTEGRITY keyed with its pwd, both from the netmap. A peer's
+  answer, integrity-checked with its pwd, proves that candidate reaches it.
+  A request that reaches us is answered the same way and probed back at
+  once from where it came (a peer-reflexive candidate). Probes to a peer
+  start when it appears, when its candidates change, when it asks (call me
+  maybe, over the controller) and when its direct path goes quiet; we ask
+  it to probe back at the same time, which is what opens two NATs to each
+  other. A chosen direct path is heartbeat-probed every
+  :data:`HEARTBEAT` seconds;
+* **the relay** (:mod:`.relay`): a peer with no direct path after
+  :data:`.paths.RELAY_AFTER` seconds is reached through the TURN server,
+  and moves back as soon as a probe is answered (WireGuard roams; TCP
+  connections inside the tunnel do not notice).
+
+STUN and probes from strangers, malformed ones, and probe requests for
+peers this node does not have are dropped and counted; nothing else
+happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import socket
+import string
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aioice import stun
+
+from meshcore.errors import IdmeshError
+from meshcore.wire.stream import NatConfig, PeerNode, ReachabilityReport
+from meshd.nat.paths import Choice, PeerPaths
+from meshd.nat.wgport import WireGuardPort
+
+__all__ = ["HEARTBEAT", "STUN_EVERY", "RelayLike", "Traversal"]
+
+log = logging.getLogger("meshd.nat")
+STUN_EVERY = 20.0
+HEARTBEAT = 2.0
+PROBE_EVERY = 0.2
+"""While a peer is being probed, each of its candidates gets a probe this often (Nebula retries every 100 ms)."""
+PROBE_FOR = 10.0
+"""How long a round of probing lasts; then every :data:`RETRY_EVERY` seconds again, until a probe is answered."""
+RETRY_EVERY = 10.0
+_ALPHABET = string.ascii_letters + string.digits
+
+
+class RelayLike(Protocol):
+    """What the traversal needs of the TURN relay (:class:`meshd.nat.relay.Relay`)."""
+
+    async def start(self) -> tuple[str, int]: ...
+
+    async def open(self, peer_key: str, peer_relayed: tuple[str, int]) -> str: ...
+
+    async def close_peer(self, peer_key: str) -> None: ...
+
+    async def refresh_credentials(self, username: str, password: str) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+RelayFactory = Callable[[tuple[str, int], str, str, int], RelayLike]
+
+
+def _ipv4_endpoint(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if not sep or not port.isdigit() or ip.version != 4:
+        return None
+    return str(ip), int(port)
+
+
+def _resolve(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    return (str(infos[0][4][0]), int(port)) if infos else None
+
+
+@dataclass
+class _Peer:
+    name: str
+    key: str
+    ufrag: str | None
+    pwd: str | None
+    candidates: tuple[tuple[str, int], ...]
+    relayed: tuple[str, int] | None
+    paths: PeerPaths = field(default_factory=PeerPaths)
+    extra: set[tuple[str, int]] = field(default_factory=set)  # peer-reflexive: where its probes came from
+    round_until: float = 0.0
+    next_round: float = 0.0
+    last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
+    asked_at: float = -1e9
+    choice: Choice = field(default_factory=lambda: Choice("none", None))
+
+
+class Traversal:
+    def __init__(self, listen_port: int, host_addresses: Callable[[], list[str]],
+                 report_changed: Callable[[], Awaitable[object]], path_changed: Callable[[str], None],
+                 ask_probe: Callable[[str], Awaitable[object]], relay_factory: RelayFactory | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.listen_port = listen_port
+        self._hosts = host_addresses
+        self._report_changed = report_changed
+        self._path_changed = path_changed
+        self._ask_probe = ask_probe
+        self._relay_factory = relay_factory
+        self._clock = clock
+        self.ufrag = "".join(secrets.choice(_ALPHABET) for _ in range(8))
+        self.pwd = "".join(secrets.choice(_ALPHABET) for _ in range(24))
+        self.port = WireGuardPort(listen_port, self._on_stun)
+        self.enabled = False
+        self.reflexive: tuple[str, ...] = ()
+        self.nat = "unknown"
+        self.relayed: str | None = None
+        self.dropped = 0
+        self._config = NatConfig()
+        self._relay: RelayLike | None = None
+        self._peers: dict[str, _Peer] = {}  # by WireGuard public key
+        self._by_ufrag: dict[str, str] = {}
+        self._stun_waiting: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
+        self._probes: dict[bytes, tuple[str, tuple[str, int], float]] = {}  # tid -> (peer key, candidate, sent)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- what the node reports, and tells its data plane ------------------------------------------------
+    def reach(self) -> ReachabilityReport:
+        return ReachabilityReport(reflexive=self.reflexive, relay=self.relayed, nat=self.nat,
+                                  probe_ufrag=self.ufrag if self.enabled else None,
+                                  probe_pwd=self.pwd if self.enabled else None)
+
+    def endpoints(self) -> dict[str, str]:
+        """WireGuard endpoints by peer public key, where a path was found (others keep the data plane's choice)."""
+        return {key: p.choice.endpoint for key, p in self._peers.items() if p.choice.endpoint}
+
+    def status(self, key: str) -> dict[str, str]:
+        peer = self._peers.get(key)
+        if peer is None:
+            return {"path": "none", "last_probe": "never"}
+        return {"path": peer.choice.kind, "last_probe": peer.paths.last_probe}
+
+    def paths(self) -> dict[str, int]:
+        """How many peers go which way (metrics)."""
+        out = {"direct": 0, "relay": 0, "none": 0}
+        for p in self._peers.values():
+            out[p.choice.kind] += 1
+        return out
+
+    # -- what the controller says -------------------------------------------------------------------------
+    def set_config(self, config: NatConfig) -> None:
+        old = self._config
+        self._config = config
+        if config.relay is not None and old.relay is not None and self._relay is not None \
+                and config.relay.username != old.relay.username:
+            self._spawn(self._relay.refresh_credentials(config.relay.username, config.relay.password))
+        self._wake.set()
+
+    def set_peers(self, nodes: Mapping[str, PeerNode], self_name: str) -> None:
+        """The netmap's nodes, after any change: new peers and changed candidates start a probing round."""
+        now = self._clock()
+        seen = set()
+        for name, node in nodes.items():
+            if name == self_name:
+                continue
+            key = node.wireguard_public_key
+            seen.add(key)
+            candidates = tuple(dict.fromkeys(c for c in (_ipv4_endpoint(e) for e in (*node.endpoints,
+                                                                                    *node.reach.reflexive)) if c))
+            relayed = _ipv4_endpoint(node.reach.relay) if node.reach.relay else None
+            old = self._peers.get(key)
+            if old is not None and (old.candidates, old.ufrag, old.relayed) == (candidates, node.reach.probe_ufrag,
+                                                                              relayed):
+                continue
+            peer = _Peer(name, key, node.reach.probe_ufrag, node.reach.probe_pwd, candidates, relayed)
+            if old is not None:
+                peer.paths, peer.extra, peer.choice = old.paths, old.extra, old.choice
+                self._by_ufrag.pop(old.ufrag or "", None)
+            if peer.ufrag:
+                self._by_ufrag[peer.ufrag] = key
+            self._peers[key] = peer
+            self._start_round(peer, now)
+        for key in set(self._peers) - seen:
+            gone = self._peers.pop(key)
+            self._by_ufrag.pop(gone.ufrag or "", None)
+            if gone.paths.relay_endpoint is not None and self._relay is not None:
+                self._spawn(self._relay.close_peer(key))
+        self._wake.set()
+
+    def probe_requested(self, peer_name: str) -> None:
+        """Call me maybe: the peer probes us now; probe it back at once (a peer we do not have is ignored)."""
+        peer = next((p for p in self._peers.values() if p.name == peer_name), None)
+        if peer is None:
+            log.info("a probe request for %s, which is not a peer of this node: ignored", peer_name)
+            self.dropped += 1
+            return
+        peer.asked_at = self._clock()  # it asked us: no need to ask it back
+        self._start_round(peer, self._clock())
+        self._wake.set()
+
+    # -- probing ----------------------------------------------------------------------------------------------
+    def _start_round(self, peer: _Peer, now: float) -> None:
+        if peer.ufrag is None or peer.pwd is None:
+            return  # an older meshd: it cannot answer probes; the data plane's own choice stands
+        peer.round_until = now + PROBE_FOR
+        peer.paths.start(now)
+
+    def _probe(self, peer: _Peer, candidate: tuple[str, int], now: float) -> None:
+        assert peer.ufrag is not None and peer.pwd is not None
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        request.attributes["USERNAME"] = f"{peer.ufrag}:{self.ufrag}"
+        request.attributes["PRIORITY"] = 1
+        request.add_message_integrity(peer.pwd.encode())
+        request.add_fingerprint()
+        self._probes[request.transaction_id] = (peer.key, candidate, now)
+        peer.last_sent[candidate] = now
+        self.port.send(bytes(request), candidate)
+
+    def _tick(self, now: float) -> None:
+        """Send what is due — rounds of probes, heartbeats on chosen paths — and re-decide every peer's path."""
+        for peer in self._peers.values():
+            if peer.ufrag is None:
+                continue
+            direct = peer.paths.direct(now)
+            if now >= peer.round_until and direct is None and now >= peer.next_round:
+                peer.next_round = now + RETRY_EVERY  # nothing answers: a new round now and then
+                self._start_round(peer, now)
+            targets: list[tuple[str, int]] = []
+            every = PROBE_EVERY
+            if now < peer.round_until:  # a round: every candidate, often; and ask the peer to probe back
+                targets = [*peer.candidates, *peer.extra]
+                if now - peer.asked_at >= RETRY_EVERY:
+                    peer.asked_at = now
+                    self._spawn(self._ask(peer.name))
+            elif direct is not None and (chosen := _ipv4_endpoint(direct)) is not None:
+                targets, every = [chosen], HEARTBEAT
+            for candidate in targets:
+                if now - peer.last_sent.get(candidate, -1e9) >= every:
+                    self._probe(peer, candidate, now)
+            self._decide(peer, now)
+        for tid in [tid for tid, (_, _, sent) in self._probes.items() if now - sent > 5.0]:
+            del self._probes[tid]
+
+    def _decide(self, peer: _Peer, now: float) -> None:
+        relay_possible = self._relay is not None and self.relayed is not None and peer.relayed is not None
+        choice = peer.paths.choose(now, relay_possible)
+        if choice.kind == "relay" and choice.endpoint is None and peer.relayed is not None:
+            self._spawn(self._open_relay(peer))
+            return
+        if choice != peer.choice:
+            log.info("peer %s: %s%s", peer.name, choice.kind, f" via {choice.endpoint}" if choice.endpoint else "")
+            peer.choice = choice
+            self._path_changed(peer.key)
+
+    async def _open_relay(self, peer: _Peer) -> None:
+        if self._relay is None or peer.relayed is None or peer.paths.relay_endpoint is not None:
+            return
+        peer.paths.relay_endpoint = "opening"
+        try:
+            peer.paths.relay_endpoint = await self._relay.open(peer.key, peer.relayed)
+        except IdmeshError as exc:
+            peer.paths.relay_endpoint = None
+            log.warning("relay to %s: %s", peer.name, exc)
+            return
+        self._decide(peer, self._clock())
+
+    async def _ask(self, name: str) -> None:
+        try:
+            await self._ask_probe(name)
+        except IdmeshError as exc:
+            log.debug("could not ask %s to probe back: %s", name, exc)
+
+    # -- what arrives on the WireGuard port ---------------------------------------------------------------------
+    def _on_stun(self, payload: bytes, source: tuple[str, int]) -> None:
+        try:
+            message = stun.parse_message(payload)
+        except (ValueError, KeyError, IndexError, TypeError):
+            self.dropped += 1
+            return
+        tid = message.transaction_id
+        if message.message_class == stun.Class.RESPONSE:
+            waiting = self._stun_waiting.pop(tid, None)
+            if waiting is not None and not waiting.done() and "XOR-MAPPED-ADDRESS" in message.attributes:
+                ip, port = message.attributes["XOR-MAPPED-ADDRESS"]
+                waiting.set_result((str(ip), int(port)))
+                return
+            probe = self._probes.pop(tid, None)
+            if probe is not None:
+                self._answered(message, probe, source)
+                return
+        elif message.message_class == stun.Class.REQUEST and message.message_method == stun.Method.BINDING:
+            self._asked(message, source)
+            return
+        self.dropped += 1
+
+    def _answered(self, message: stun.Message, probe: tuple[str, tuple[str, int], float],
+                  source: tuple[str, int]) -> None:
+        key, candidate, sent = probe
+        peer = self._peers.get(key)
+        if peer is None or peer.pwd is None or not message.check_message_integrity(peer.pwd.encode()) \
+                or source != candidate:
+            self.dropped += 1
+            return
+        now = self._clock()
+        peer.paths.answer(f"{candidate[0]}:{candidate[1]}", now, now - sent)
+        self._decide(peer, now)
+
+    def _asked(self, message: stun.Message, source: tuple[str, int]) -> None:
+        username = str(message.attributes.get("USERNAME", ""))
+        mine, _, theirs = username.partition(":")
+        key = self._by_ufrag.get(theirs)
+        if mine != self.ufrag or key is None or not message.check_message_integrity(self.pwd.encode()):
+            self.dropped += 1
+            log.debug("a probe from %s:%d that is not a peer's: dropped", *source)
+            return
+        answer = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                              transaction_id=message.transaction_id)
+        answer.attributes["XOR-MAPPED-ADDRESS"] = source
+        answer.add_message_integrity(self.pwd.encode())
+        answer.add_fingerprint()
+        self.port.send(bytes(answer), source)
+        peer = self._peers[key]
+        if source not in peer.candidates and source not in peer.extra:
+            peer.extra.add(source)  # where it really comes from (its NAT's mapping toward us): probe it back
+        if peer.paths.direct(self._clock()) is None:
+            self._start_round(peer, self._clock())
+            self._wake.set()
+
+    # -- STUN: our own reflexive address ---------------------------------------------------------------------------
+    async def _binding(self, server: tuple[str, int]) -> tuple[str, int] | None:
+        for _ in range(3):
+            request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+            waiting: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+            self._stun_waiting[request.transaction_id] = waiting
+            self.port.send(bytes(request), server)
+            try:
+                return await asyncio.wait_for(waiting, 1.0)
+            except TimeoutError:
+                self._stun_waiting.pop(request.transaction_id, None)
+        return None
+
+    async def _discover(self) -> None:
+        servers = [s for s in (_resolve(t) for t in self._config.stun) if s]
+        mapped = [m for m in [await self._binding(s) for s in servers] if m]
+        hosts = set(self._hosts())
+        reflexive: tuple[str, ...] = ()
+        if not mapped:
+            nat = "unknown"
+        elif all(m[0] in hosts and m[1] == self.listen_port for m in mapped):
+            nat = "none"
+        else:
+            nat = "independent" if len(set(mapped)) == 1 else "varies"
+            reflexive = tuple(dict.fromkeys(f"{ip}:{port}" for ip, port in mapped))
+        if (nat, reflexive) != (self.nat, self.reflexive):
+            log.info("NAT: %s%s", nat, f", reflexive {' '.join(reflexive)}" if reflexive else "")
+            self.nat, self.reflexive = nat, reflexive
+            await self._report()
+
+    async def _report(self) -> None:
+        try:
+            await self._report_changed()
+        except IdmeshError as exc:
+            log.warning("could not report the new NAT mapping: %s", exc)
+
+    async def _keep_relay(self) -> None:
+        relay = self._config.relay
+        if relay is None or self._relay is not None or self._relay_factory is None:
+            return
+        server = _resolve(relay.server)
+        if server is None:
+            log.warning("relay %s: cannot resolve it", relay.server)
+            return
+        self._relay = self._relay_factory(server, relay.username, relay.password, self.listen_port)
+        try:
+            ip, port = await self._relay.start()
+        except IdmeshError as exc:
+            log.warning("relay %s: %s", relay.server, exc)
+            self._relay = None
+            return
+        self.relayed = f"{ip}:{port}"
+        log.info("relay %s: relayed address %s", relay.server, self.relayed)
+        await self._report()
+
+    # -- lifetime ----------------------------------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> None:
+        try:
+            self.port.open()
+        except IdmeshError as exc:
+            log.warning("NAT traversal is off: %s", exc)
+            await asyncio.Event().wait()  # nothing to do, ever; cancelled at shutdown
+        self.enabled = True
+        await self._report()
+        next_stun = 0.0
+        try:
+            while True:
+                now = self._clock()
+                if now >= next_stun and self._config.stun:
+                    next_stun = now + STUN_EVERY
+                    self._spawn(self._discover())
+                await self._keep_relay()
+                self._tick(now)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), PROBE_EVERY)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._relay is not None:
+            try:
+                await self._relay.stop()
+            except IdmeshError as exc:
+                log.warning("relay: %s", exc)
+            self._relay = None
+        self.port.close()
