@@ -35,9 +35,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"policy version {pol.get('version', 0)}, {pol.get('rules', 0)} rule(s), ruleset "
           f"{(pol.get('ruleset') or '-')[:16]}; agents: {agents.get('local', 0)} here, "
           f"{agents.get('honored', 0)} honored")
-    table([[p["name"], " ".join(p["addresses"]), p["endpoint"] or "-", ago(p["latest_handshake"]),
-            str(p["rx_bytes"]), str(p["tx_bytes"])] for p in status["peers"]],
-          ["PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"])
+    table([[p["name"], " ".join(p["addresses"]), p.get("path", "-"), p["endpoint"] or "-", ago(p["latest_handshake"]),
+            str(p["rx_bytes"]), str(p["tx_bytes"]), p.get("last_probe", "-")] for p in status["peers"]],
+          ["PEER", "ADDRESSES", "PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX", "LAST PROBE"])
     _routing(status.get("routing") or {})
     return 0
 

@@ -291,7 +291,7 @@ DENY_WRITE_EXECUTE = ("import ctypes,os,sys\n"
                       "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"
                       "    sys.exit('PR_SET_MDWE: ' + os.strerror(ctypes.get_errno()))\n"
                       "os.execv(sys.argv[1], sys.argv[1:])\n")
-CAP_NUMBERS = {"chown": 0, "dac_override": 1, "kill": 5, "net_admin": 12}
+CAP_NUMBERS = {"chown": 0, "dac_override": 1, "kill": 5, "net_admin": 12, "net_raw": 13}
 
 
 def unit_capabilities() -> list[str]:

@@ -120,8 +120,8 @@ def test_the_stream_carries_live_agents_and_revocations(node: Node, controller: 
     agent = node.ask().json()["agent"]
     with node.http.stream("GET", "/v1/netmap", timeout=httpx.Timeout(10.0)) as stream:
         lines = stream.iter_lines()
-        first = [json.loads(next(lines)) for _ in range(3)]
-        assert [m["type"] for m in first] == ["policy", "full", "agents"]
+        first = [json.loads(next(lines)) for _ in range(4)]
+        assert [m["type"] for m in first] == ["policy", "full", "agents", "nat"]  # nat: STUN is on by default
         assert first[2]["agents"]["full"] is True and len(first[2]["agents"]["certificates"]) == 1
         cli("meshctl", "agent", "revoke", agent["id"], env=controller.env, check=True)
         update = json.loads(next(lines))

@@ -105,7 +105,8 @@ def test_meshd_unit_hardening_and_defaults(monkeypatch: pytest.MonkeyPatch) -> N
                        "PrivateTmp": "yes", "Restart": "on-failure", "Delegate": "yes", "StateDirectory": "meshd",
                        "AmbientCapabilities": "", "DevicePolicy": "closed", "DeviceAllow": "/dev/net/tun rw"}.items():
         assert one(unit, key) == value, key
-    assert set(one(unit, "CapabilityBoundingSet").split()) == {"CAP_NET_ADMIN", "CAP_CHOWN", "CAP_DAC_OVERRIDE"}
+    assert set(one(unit, "CapabilityBoundingSet").split()) == {"CAP_NET_ADMIN", "CAP_CHOWN", "CAP_DAC_OVERRIDE",
+                                                              "CAP_NET_RAW"}
     assert "meshd" in one(unit, "RuntimeDirectory").split()
     env = dict(e.split("=", 1) for e in unit["Environment"])
     assert env["IDMESH_STATE"] == DEFAULT_STATE == f"/var/lib/{one(unit, 'StateDirectory')}"

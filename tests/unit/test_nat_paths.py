@@ -111,7 +111,7 @@ def test_a_probe_answered_sets_a_direct_path_and_asks_the_peer_to_probe_back() -
     now = [0.0]
 
     async def body() -> None:
-        net, a, b, changed, asked = pair(lambda: now[0])
+        _net, a, b, changed, asked = pair(lambda: now[0])
         a._tick(now[0])
         await asyncio.sleep(0)
         assert a.endpoints() == {KEY["b"]: "198.51.100.2:51820"}
@@ -129,7 +129,7 @@ def test_a_quiet_direct_path_is_dropped_after_trust_seconds() -> None:
     now = [0.0]
 
     async def body() -> None:
-        net, a, b, _, _ = pair(lambda: now[0])
+        net, a, _b, _, _ = pair(lambda: now[0])
         a._tick(now[0])
         assert a.status(KEY["b"])["path"] == "direct"
         net.blocked.add((("198.51.100.1", 51820), ("198.51.100.2", 51820)))  # the NAT closed
@@ -194,14 +194,15 @@ def test_an_answer_from_another_address_than_probed_proves_nothing() -> None:
 def test_with_no_answer_the_peer_goes_through_the_relay_only_when_both_have_one(relay: bool) -> None:
     now = [0.0]
 
+    opened: list[tuple[str, tuple[str, int]]] = []
+
     class FakeRelay:
-        opened: list[tuple[str, tuple[str, int]]] = []
 
         async def start(self) -> tuple[str, int]:
             return ("203.0.113.1", 49152)
 
         async def open(self, peer_key: str, peer_relayed: tuple[str, int]) -> str:
-            self.opened.append((peer_key, peer_relayed))
+            opened.append((peer_key, peer_relayed))
             return "127.0.0.1:40001"
 
         async def close_peer(self, peer_key: str) -> None: ...
@@ -214,7 +215,7 @@ def test_with_no_answer_the_peer_goes_through_the_relay_only_when_both_have_one(
         net, a, b, _, _ = pair(lambda: now[0])
         net.nodes.clear()  # nothing gets through directly
         if relay:
-            a._relay, a.relayed = FakeRelay(), "203.0.113.1:49152"  # type: ignore[assignment]
+            a._relay, a.relayed = FakeRelay(), "203.0.113.1:49152"
         nodes = {"a": peer("a", a, ("198.51.100.1:51820",)),
                  "b": peer("b", b, ("198.51.100.2:51820",)).model_copy(
                      update={"reach": Reachability(probe_ufrag=b.ufrag, probe_pwd=b.pwd, relay="203.0.113.1:49153")})}
@@ -226,6 +227,6 @@ def test_with_no_answer_the_peer_goes_through_the_relay_only_when_both_have_one(
         assert a.status(KEY["b"])["path"] == ("relay" if relay else "none")
         assert a.endpoints() == ({KEY["b"]: "127.0.0.1:40001"} if relay else {})
         if relay:
-            assert FakeRelay.opened == [(KEY["b"], ("203.0.113.1", 49153))]
+            assert opened == [(KEY["b"], ("203.0.113.1", 49153))]
 
     run(body())
