@@ -12,10 +12,13 @@ import json
 import select
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,11 +71,12 @@ class Relayed:
                          + [f"--- coturn\n{self.turn.logs()}"])
 
 
-@pytest.fixture
-def relayed(nat_lab: LabFactory, tmp_path: Path) -> Iterator[Relayed]:
+@contextmanager
+def relayed_pair(nat_lab: LabFactory, tmp_path: Path, coturn_extra: Sequence[str] = (),
+                 **options: Any) -> Iterator[Relayed]:
     """Two hosts behind symmetric NATs, WireGuard between them through their relays and coturn."""
     lab = nat_lab(homes=2, nat="symmetric")
-    turn = Coturn(lab.public, tmp_path / "coturn")
+    turn = Coturn(lab.public, tmp_path / "coturn", extra=coturn_extra)
     turn.start()
     sides = []
     for home, name, overlay in ((lab.homes[0], "a", "100.64.1.1"), (lab.homes[1], "b", "100.64.2.1")):
@@ -82,7 +86,7 @@ def relayed(nat_lab: LabFactory, tmp_path: Path) -> Iterator[Relayed]:
     pair = Relayed(lab, turn, *sides)
     try:
         for side in sides:
-            side.relayed = side.relay.start(turn.server, *pair.credentials(side.name), WG_PORT)
+            side.relayed = side.relay.start(turn.server, *pair.credentials(side.name), WG_PORT, **options)
             assert side.relayed[0] == turn.address
         pair.a.apply(pair.b, pair.a.relay.open(pair.b.public_key, pair.b.relayed))
         pair.b.apply(pair.a, pair.b.relay.open(pair.a.public_key, pair.a.relayed))
@@ -92,6 +96,12 @@ def relayed(nat_lab: LabFactory, tmp_path: Path) -> Iterator[Relayed]:
             side.relay.close()
             side.wg.close()
         turn.stop()
+
+
+@pytest.fixture
+def relayed(nat_lab: LabFactory, tmp_path: Path) -> Iterator[Relayed]:
+    with relayed_pair(nat_lab, tmp_path) as pair:
+        yield pair
 
 
 def sniff(host: Host, seconds: float) -> subprocess.Popen[str]:
@@ -198,3 +208,22 @@ def test_a_turn_server_that_does_not_answer_is_unavailable_in_bounded_time(
                                                 "cannot allocate as 1:a: no answer in 1.5 s"}
     finally:
         node.close()
+
+
+def test_an_idle_peer_keeps_its_permission_and_the_nat_mapping_to_the_server(
+        nat_lab: LabFactory, tmp_path: Path) -> None:
+    """With permissions that last 4 s at coturn and NAT mappings that the routers forget after 3 s unanswered
+    (kept short for the test), a tunnel idle for 8 s still works: the relay rebinds its channels (which refreshes
+    the permissions) and keeps its mapping warm with Binding indications."""
+    options = {"keepalive": 0.5, "rebind_every": 1.0}
+    with relayed_pair(nat_lab, tmp_path, ["permission-lifetime=4", "channel-lifetime=6"], **options) as pair:
+        for router in pair.lab.routers:
+            router.run(["sysctl", "-q", "-w", "net.netfilter.nf_conntrack_udp_timeout=3",
+                        "net.netfilter.nf_conntrack_udp_timeout_stream=3"])
+        assert wait_until(lambda: ping(pair.a.host, pair.b.overlay), 20, "a ping through the relay",
+                          on_fail=pair.logs)
+        time.sleep(8)  # idle on purpose: longer than a permission and a mapping live
+        assert ping(pair.a.host, pair.b.overlay, count=2), pair.logs()
+        assert ping(pair.b.host, pair.a.overlay, count=2), pair.logs()
+        assert all(side.relay.state()["lost"] == 0 for side in (pair.a, pair.b))
+    assert "CHANNEL_BIND processed, success" in pair.turn.logs(400)
