@@ -243,9 +243,9 @@ class Relay:
         """
         remote = _check_address(peer_relayed, f"peer {peer_key}'s relayed address")
         current = self._require_started()
-        peer = self._peers.get(peer_key)
         for allocation in self._live():
             await self._bind(allocation, remote)
+        peer = self._peers.get(peer_key)  # looked up after the awaits: another open() may have made it meanwhile
         if peer is None:
             peer = _Peer(peer_key, remote, current)
             loop = asyncio.get_running_loop()
