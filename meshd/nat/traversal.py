@@ -72,12 +72,13 @@ class RelayLike(Protocol):
 
     async def close_peer(self, peer_key: str) -> None: ...
 
-    async def refresh_credentials(self, username: str, password: str) -> None: ...
+    async def refresh_credentials(self, username: str, password: str) -> tuple[str, int]: ...
 
     async def stop(self) -> None: ...
 
 
-RelayFactory = Callable[[tuple[str, int], str, str, int], RelayLike]
+RelayFactory = Callable[[tuple[str, int], str, str, int, Callable[[tuple[str, int]], None]], RelayLike]
+"""(server, username, password, WireGuard port, on_relayed) -> a relay; ``on_relayed`` says its new address."""
 
 
 def _ipv4_endpoint(text: str) -> tuple[str, int] | None:
@@ -141,6 +142,7 @@ class Traversal:
         self.dropped = 0
         self._config = NatConfig()
         self._relay: RelayLike | None = None
+        self._relay_retry = 0.0
         self._peers: dict[str, _Peer] = {}  # by WireGuard public key
         self._by_ufrag: dict[str, str] = {}
         self._stun_waiting: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
@@ -177,8 +179,23 @@ class Traversal:
         self._config = config
         if config.relay is not None and old.relay is not None and self._relay is not None \
                 and config.relay.username != old.relay.username:
-            self._spawn(self._relay.refresh_credentials(config.relay.username, config.relay.password))
+            self._spawn(self._refresh(config.relay.username, config.relay.password))
         self._wake.set()
+
+    async def _refresh(self, username: str, password: str) -> None:
+        assert self._relay is not None
+        try:
+            self._relayed(await self._relay.refresh_credentials(username, password))
+        except IdmeshError as exc:
+            log.warning("relay: new credentials refused, the old allocation goes on: %s", exc)
+
+    def _relayed(self, address: tuple[str, int]) -> None:
+        """The relay's address changed (new credentials, or an allocation made again): peers must hear of it."""
+        relayed = f"{address[0]}:{address[1]}"
+        if relayed != self.relayed:
+            self.relayed = relayed
+            log.info("relay: relayed address %s", relayed)
+            self._spawn(self._report())
 
     def set_peers(self, nodes: Mapping[str, PeerNode], self_name: str) -> None:
         """The netmap's nodes, after any change: new peers and changed candidates start a probing round."""
@@ -394,16 +411,17 @@ class Traversal:
         if server is None:
             log.warning("relay %s: cannot resolve it", relay.server)
             return
-        self._relay = self._relay_factory(server, relay.username, relay.password, self.listen_port)
-        try:
-            ip, port = await self._relay.start()
-        except IdmeshError as exc:
-            log.warning("relay %s: %s", relay.server, exc)
-            self._relay = None
+        if self._clock() < self._relay_retry:
             return
-        self.relayed = f"{ip}:{port}"
-        log.info("relay %s: relayed address %s", relay.server, self.relayed)
-        await self._report()
+        self._relay = self._relay_factory(server, relay.username, relay.password, self.listen_port, self._relayed)
+        try:
+            address = await self._relay.start()
+        except IdmeshError as exc:
+            log.warning("relay %s: %s; trying again in %.0f s", relay.server, exc, RETRY_EVERY * 3)
+            self._relay = None
+            self._relay_retry = self._clock() + RETRY_EVERY * 3
+            return
+        self._relayed(address)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -426,7 +444,8 @@ class Traversal:
                 if now >= next_stun and self._config.stun:
                     next_stun = now + STUN_EVERY
                     self._spawn(self._discover())
-                await self._keep_relay()
+                if self._relay is None:
+                    await self._keep_relay()
                 self._tick(now)
                 self._wake.clear()
                 try:

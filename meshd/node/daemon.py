@@ -35,6 +35,7 @@ from meshd.mesh.discovery import LanDiscovery, start_discovery
 from meshd.mesh.firewall import NftFirewall
 from meshd.mesh.flowlog import FlowLog
 from meshd.mesh.underlay import local_endpoints
+from meshd.nat.relay import Relay
 from meshd.nat.traversal import Traversal
 from meshd.node import answers
 from meshd.node.converger import Converger
@@ -70,7 +71,8 @@ class Daemon:
                              report_changed=lambda: self.session.report_endpoints(),
                              path_changed=self.mesh.discovered,
                              ask_probe=lambda peer: self.session.call("POST", "/v1/probe", {"peer": peer}),
-                             relay_factory=None)
+                             relay_factory=lambda server, user, password, port, on_relayed: Relay(
+                                 server, user, password, port, on_relayed=on_relayed))
         self.firewall = NftFirewall(settings.interface, flow_log=settings.flow_log)
         self.session = ControllerSession(
             self.state, self.record.controller, version=lambda: self.mesh.version,

@@ -18,6 +18,7 @@ from types import FrameType
 
 import pytest
 
+from tests.e2e.natlab import NatKind, NatLab
 from tests.e2e.netns import Network, reap_stale
 from tests.prerequisites import require
 
@@ -86,5 +87,26 @@ def network() -> Iterator[Callable[..., Network]]:
         try:
             net.close()
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # keep closing the others
+            errors.append(str(exc))
+    assert not errors, "; ".join(errors)
+
+
+@pytest.fixture
+def nat_lab() -> Iterator[Callable[..., NatLab]]:
+    """``nat_lab(homes=2, nat="eim")`` builds a :class:`NatLab`; all of them are torn down (and checked empty)."""
+    made: list[NatLab] = []
+
+    def build(homes: int = 2, *, hosts_per_home: int = 1, nat: NatKind | list[NatKind] = "eim") -> NatLab:
+        lab = NatLab(homes, hosts_per_home=hosts_per_home, nat=nat)
+        made.append(lab)
+        lab.build()
+        return lab
+
+    yield build
+    errors = []
+    for lab in reversed(made):
+        try:
+            lab.close()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
     assert not errors, "; ".join(errors)

@@ -207,7 +207,8 @@ def test_with_no_answer_the_peer_goes_through_the_relay_only_when_both_have_one(
 
         async def close_peer(self, peer_key: str) -> None: ...
 
-        async def refresh_credentials(self, username: str, password: str) -> None: ...
+        async def refresh_credentials(self, username: str, password: str) -> tuple[str, int]:
+            return ("203.0.113.1", 49152)
 
         async def stop(self) -> None: ...
 
