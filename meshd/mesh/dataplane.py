@@ -64,7 +64,7 @@ class Work:
     nodes: dict[str, PeerNode | None] = field(default_factory=dict)  # changed: new value, or None = removed
     full_agents: list[AgentIdentity] | None = None
     agents: dict[str, AgentIdentity | None] = field(default_factory=dict)
-    discovered: dict[str, str] = field(default_factory=dict)
+    discovered: dict[str, str | None] = field(default_factory=dict)
     prefixes: tuple[str, ...] = ()
 
 
@@ -108,7 +108,7 @@ class DataPlane:
         self._agents_reset = True
 
     def take(self, policy: Policy, nodes: Mapping[str, PeerNode], agents: Mapping[str, AgentIdentity],
-             discovered: Mapping[str, str], prefixes: tuple[str, ...]) -> Work:
+             discovered: Mapping[str, str | None], prefixes: tuple[str, ...]) -> Work:
         work = Work(policy=policy, discovered=dict(discovered), prefixes=prefixes)
         if self._full or self._ids is None:
             work.full_nodes = dict(nodes)

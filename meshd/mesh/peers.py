@@ -21,27 +21,30 @@ __all__ = ["KEEPALIVE", "choose_endpoint", "desired_link", "desired_peers", "pee
 KEEPALIVE = 25
 
 
-def choose_endpoint(peer: PeerNode, discovered: Mapping[str, str]) -> str | None:
-    """A peer found on the local link first, then what the controller says.
+def choose_endpoint(peer: PeerNode, discovered: Mapping[str, str | None]) -> str | None:
+    """What discovery found (LAN announcements, NAT traversal's checked paths) first, then what the controller says.
 
-    Discovery only proposes where to send: the key it is filed under comes
-    from the controller-signed netmap, so a fake announcement can at worst
-    point a tunnel at the wrong place, where the handshake fails.
+    A peer discovered as None has no endpoint yet: NAT traversal is still
+    probing it, and a guess would cost a failed handshake (see
+    :meth:`meshd.nat.traversal.Traversal.endpoints`). Discovery only proposes
+    where to send: the key it is filed under comes from the controller-signed
+    netmap, so a fake announcement can at worst point a tunnel at the wrong
+    place, where the handshake fails.
     """
-    local = discovered.get(peer.wireguard_public_key)
-    if local:
-        return local
+    key = peer.wireguard_public_key
+    if key in discovered:
+        return discovered[key]
     return peer.endpoints[0] if peer.endpoints else None
 
 
-def peer_config(peer: PeerNode, discovered: Mapping[str, str]) -> PeerConfig:
+def peer_config(peer: PeerNode, discovered: Mapping[str, str | None]) -> PeerConfig:
     """One node as a WireGuard peer: allowed its whole block, so an agent's birth changes no tunnel."""
     return PeerConfig(public_key=peer.wireguard_public_key, allowed_ips=peer.blocks,
                       endpoint=choose_endpoint(peer, discovered), persistent_keepalive=KEEPALIVE)
 
 
 def desired_peers(nodes: Mapping[str, PeerNode], self_name: str,
-                  discovered: Mapping[str, str]) -> dict[str, PeerConfig]:
+                  discovered: Mapping[str, str | None]) -> dict[str, PeerConfig]:
     """Every node but this one, by name, as a peer of the mesh interface."""
     return {name: peer_config(peer, discovered) for name, peer in sorted(nodes.items()) if name != self_name}
 

@@ -28,7 +28,13 @@ How packets flow, for a relayed peer B of node A::
   on past its credential's expiry as long as it is refreshed; other servers
   need not, so we do not rely on it.
 * A NAT between the node and the server forgets an idle mapping in 30 s to
-  2 min: a Binding indication every ``keepalive`` seconds keeps it.
+  2 min: a Refresh every ``keepalive`` seconds keeps it, and tells whether
+  the server still knows the allocation from our address. When the mapping
+  was lost anyway (the router rebooted, its NAT changed), the server sees a
+  stranger (a new nonce, then 437 Allocation Mismatch; channel bindings get
+  400) and drops our ChannelData: the allocation is given up and a new one
+  made at once, its relayed address told through ``on_relayed``. A binding
+  that fails triggers the same check without waiting for the next one.
 * Errors: every call raises :mod:`meshcore.errors` with one line naming the
   TURN server (refused credentials: :class:`PermissionDenied`; no answer,
   refusal, socket errors: :class:`Unavailable`); what fails in the
@@ -164,9 +170,23 @@ class _Allocation(TurnClientUdpProtocol):
         self.transport.sendto(_CHANNEL.pack(number, len(data)) + data)
         return True
 
-    def keepalive(self) -> None:
-        if not self.lost:
-            self.transport.sendto(bytes(stun.Message(stun.Method.BINDING, stun.Class.INDICATION)))
+    async def known(self) -> bool:
+        """Refresh: False when the server no longer knows this allocation from our address (437), else True.
+
+        A time-out or another error says nothing certain (the server may be
+        restarting); the next check asks again.
+        """
+        if self.lost:
+            return False
+        request = stun.Message(message_method=stun.Method.REFRESH, message_class=stun.Class.REQUEST)
+        request.attributes["LIFETIME"] = self.lifetime
+        try:
+            await self.request_with_retry(request)
+        except stun.TransactionFailed as exc:
+            return exc.response.error_code != 437
+        except (stun.TransactionTimeout, ConnectionError, OSError):
+            return True
+        return True
 
 
 class _PeerSocket(asyncio.DatagramProtocol):
@@ -227,6 +247,7 @@ class Relay:
         self._by_remote: dict[Address, _Peer] = {}
         self._maintenance: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
+        self._checking: asyncio.Lock | None = None
         self.lost_allocations = 0
 
     # -- the API ---------------------------------------------------------------------------------
@@ -393,7 +414,28 @@ class Relay:
         try:
             await asyncio.wait_for(allocation.bind(remote), self._timeout)
         except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
+            if allocation is self._current:
+                self._chore(self._check())  # perhaps the server no longer knows us: see at once
             raise self._error(f"cannot bind a channel to {remote[0]}:{remote[1]}", exc) from exc
+
+    async def _check(self) -> None:
+        """Whether the current allocation is still ours at the server; if not, replace it (one check at a time)."""
+        self._checking = self._checking or asyncio.Lock()
+        async with self._checking:
+            current = self._current
+            if current is None or current.retired:
+                return
+            if not current.lost:
+                try:
+                    known = await asyncio.wait_for(current.known(), self._timeout * 2)
+                except TimeoutError:
+                    log.info("TURN server %s: no answer to a refresh", self.server_name)
+                    return
+                if not known:
+                    current.lost = True
+                    self._lost(current)
+            if current.lost and current is self._current:
+                await self._reallocate()
 
     def _error(self, doing: str, exc: BaseException) -> IdmeshError:
         what = f"TURN server {self.server_name}: {doing}: {_describe(exc)}"
@@ -439,13 +481,9 @@ class Relay:
         last_bind = time.monotonic()
         while True:
             await asyncio.sleep(self._keepalive)
-            for allocation in self._live():
-                allocation.keepalive()
             self._retire_unused()
-            current = self._current
-            if current is not None and current.lost:
-                await self._reallocate()
-            elif time.monotonic() - last_bind >= self._rebind_every:
+            await self._check()
+            if time.monotonic() - last_bind >= self._rebind_every:
                 last_bind = time.monotonic()
                 for allocation in self._live():
                     for remote in list(allocation.channels):
@@ -455,7 +493,7 @@ class Relay:
                             log.warning("%s", exc)
 
     async def _reallocate(self) -> None:
-        """The allocation is gone (its refresh failed): make a new one with the current credentials."""
+        """The allocation is gone (the server forgot it or us): make a new one with the current credentials."""
         try:
             new = await self._allocate(*self._credentials)
         except IdmeshError as exc:
@@ -468,7 +506,12 @@ class Relay:
             self._delete(new)
             log.warning("%s (will try again in %g s)", exc, self._keepalive)
             return
-        self._current = new
+        old, self._current = self._current, new
+        if old is not None:  # the server no longer knows it from here: nothing to delete, only our socket to close
+            old.retired = True
+            if old.refresh_task is not None:
+                old.refresh_task.cancel()
+            old.transport.close()
         for peer in self._peers.values():
             peer.via = new
         log.info("TURN server %s: new allocation %s", self.server_name, new.relayed_address)

@@ -6,8 +6,12 @@ plane sets it over UAPI as it sets any endpoint. What it does, on the
 WireGuard port (:mod:`.wgport`) so every mapping is WireGuard's own:
 
 * **STUN** to the controller's two STUN ports, every :data:`STUN_EVERY`
-  seconds: the reflexive address, and whether the NAT maps by destination
-  (``nat: varies``: a symmetric NAT, only the relay will do);
+  seconds (:data:`STUN_EVERY_RELAYED` while a peer is relayed, so a NAT
+  that changed is seen soon): the reflexive address, and whether the NAT
+  maps by destination (``nat: varies``: a symmetric NAT, only the relay
+  will do). A public address or NAT kind that changed means the router
+  forgot this node (rebooted, reconfigured): the controller stream, whose
+  TCP connection then died silently, is reconnected at once;
 * **probes** (ICE-like connectivity checks): STUN Binding requests to each
   candidate of a peer (its host endpoints, the address the controller saw,
   its reflexive address), with USERNAME ``<its ufrag>:<ours>`` and
@@ -23,7 +27,8 @@ WireGuard port (:mod:`.wgport`) so every mapping is WireGuard's own:
 * **the relay** (:mod:`.relay`): a peer with no direct path after
   :data:`.paths.RELAY_AFTER` seconds is reached through the TURN server,
   and moves back as soon as a probe is answered (WireGuard roams; TCP
-  connections inside the tunnel do not notice).
+  connections inside the tunnel do not notice). A relayed peer's
+  candidates are probed every :data:`PROBE_RELAYED` seconds.
 
 STUN and probes from strangers, malformed ones, and probe requests for
 peers this node does not have are dropped and counted; nothing else
@@ -41,11 +46,13 @@ import string
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aioice import stun
 
 from meshcore.errors import IdmeshError
+from meshcore.turn import turn_expiry
 from meshcore.wire.stream import NatConfig, PeerNode, ReachabilityReport
 from meshd.nat.paths import Choice, PeerPaths
 from meshd.nat.wgport import WireGuardPort
@@ -54,12 +61,16 @@ __all__ = ["HEARTBEAT", "STUN_EVERY", "RelayLike", "Traversal"]
 
 log = logging.getLogger("meshd.nat")
 STUN_EVERY = 20.0
+STUN_EVERY_RELAYED = 2.0
+PROBE_RELAYED = 1.0
 HEARTBEAT = 2.0
 PROBE_EVERY = 0.2
 """While a peer is being probed, each of its candidates gets a probe this often (Nebula retries every 100 ms)."""
 PROBE_FOR = 10.0
 """How long a round of probing lasts; then every :data:`RETRY_EVERY` seconds again, until a probe is answered."""
 RETRY_EVERY = 10.0
+RELAY_RETRY = 2.0
+"""After a relay could not be opened for a peer (the TURN server refused a binding), wait this long."""
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -118,14 +129,17 @@ class _Peer:
     last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
     asked_at: float = -1e9
     choice: Choice = field(default_factory=lambda: Choice("none", None))
+    relay_retry_at: float = 0.0  # after a failed open, not before this
 
 
 class Traversal:
     def __init__(self, listen_port: int, host_addresses: Callable[[], list[str]],
                  report_changed: Callable[[], Awaitable[object]], path_changed: Callable[[str], None],
                  ask_probe: Callable[[str], Awaitable[object]], relay_factory: RelayFactory | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 underlay_changed: Callable[[str], None] = lambda why: None) -> None:
         self.listen_port = listen_port
+        self._underlay_changed = underlay_changed
         self._hosts = host_addresses
         self._report_changed = report_changed
         self._path_changed = path_changed
@@ -143,6 +157,7 @@ class Traversal:
         self._config = NatConfig()
         self._relay: RelayLike | None = None
         self._relay_retry = 0.0
+        self._relay_user = ""  # the credentials the relay uses
         self._peers: dict[str, _Peer] = {}  # by WireGuard public key
         self._by_ufrag: dict[str, str] = {}
         self._stun_waiting: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
@@ -156,9 +171,20 @@ class Traversal:
                                   probe_ufrag=self.ufrag if self.enabled else None,
                                   probe_pwd=self.pwd if self.enabled else None)
 
-    def endpoints(self) -> dict[str, str]:
-        """WireGuard endpoints by peer public key, where a path was found (others keep the data plane's choice)."""
-        return {key: p.choice.endpoint for key, p in self._peers.items() if p.choice.endpoint}
+    def endpoints(self) -> dict[str, str | None]:
+        """WireGuard endpoints by peer public key: the path found, or None while the peer is still being probed.
+
+        None ("no endpoint yet") rather than a guess from the netmap: a
+        handshake sent to an unchecked candidate is dropped by the peer's NAT
+        and WireGuard waits 5 s before the next one, while the first endpoint
+        given after a path is found starts the handshake at once (see
+        :mod:`meshd.wg.diff`). Peers that cannot be probed (their meshd has
+        no probe credentials, or ours cannot send from WireGuard's port) are
+        left out: the data plane's choice holds for them.
+        """
+        if not self.enabled:
+            return {}
+        return {key: p.choice.endpoint or None for key, p in self._peers.items() if p.ufrag}
 
     def status(self, key: str) -> dict[str, str]:
         peer = self._peers.get(key)
@@ -175,17 +201,33 @@ class Traversal:
 
     # -- what the controller says -------------------------------------------------------------------------
     def set_config(self, config: NatConfig) -> None:
-        old = self._config
         self._config = config
-        if config.relay is not None and old.relay is not None and self._relay is not None \
-                and config.relay.username != old.relay.username:
+        if config.relay is not None and self._relay is not None and self._credentials_due(config.relay.username):
             self._spawn(self._refresh(config.relay.username, config.relay.password))
         self._wake.set()
+
+    def _credentials_due(self, offered: str) -> bool:
+        """Move to ``offered`` credentials only once ours have about half of their life left or less.
+
+        (The controller sends new ones at half life; 0.6 leaves room for clocks and rounding.)
+
+        Every stream connection brings fresh ones, and moving means a new
+        allocation and a new relayed address for every peer to learn: after
+        a reconnection that is churn, not safety.
+        """
+        if offered == self._relay_user:
+            return False
+        ours, theirs = turn_expiry(self._relay_user), turn_expiry(offered)
+        if ours is None or theirs is None:
+            return True
+        now = datetime.now(UTC)
+        return ours - now <= (theirs - now) * 0.6
 
     async def _refresh(self, username: str, password: str) -> None:
         assert self._relay is not None
         try:
             self._relayed(await self._relay.refresh_credentials(username, password))
+            self._relay_user = username
         except IdmeshError as exc:
             log.warning("relay: new credentials refused, the old allocation goes on: %s", exc)
 
@@ -196,6 +238,15 @@ class Traversal:
             self.relayed = relayed
             log.info("relay: relayed address %s", relayed)
             self._spawn(self._report())
+
+    def _allocated_again(self, address: tuple[str, int]) -> None:
+        """The TURN server had forgotten our allocation, or our NAT had forgotten us: a new address, and a hint."""
+        self._relayed(address)
+
+        async def look_again() -> None:  # the NAT may have changed too: learn it now, not at the next STUN round
+            if not await self._discover():
+                self._underlay_changed("the TURN server no longer knew this node's address")
+        self._spawn(look_again())
 
     def set_peers(self, nodes: Mapping[str, PeerNode], self_name: str) -> None:
         """The netmap's nodes, after any change: new peers and changed candidates start a probing round."""
@@ -217,6 +268,9 @@ class Traversal:
             if old is not None:
                 peer.paths, peer.extra, peer.choice = old.paths, old.extra, old.choice
                 self._by_ufrag.pop(old.ufrag or "", None)
+                if old.relayed != relayed and peer.paths.relay_endpoint not in (None, "opening"):
+                    # its relay moved (a new allocation): the same local socket, bound to the new address
+                    self._spawn(self._open_relay(peer, again=True))
             if peer.ufrag:
                 self._by_ufrag[peer.ufrag] = key
             self._peers[key] = peer
@@ -275,6 +329,8 @@ class Traversal:
                     self._spawn(self._ask(peer.name))
             elif direct is not None and (chosen := _ipv4_endpoint(direct)) is not None:
                 targets, every = [chosen], HEARTBEAT
+            elif peer.choice.kind == "relay":  # a direct path may open any time: look for it often
+                targets, every = [*peer.candidates, *peer.extra], PROBE_RELAYED
             for candidate in targets:
                 if now - peer.last_sent.get(candidate, -1e9) >= every:
                     self._probe(peer, candidate, now)
@@ -286,22 +342,25 @@ class Traversal:
         relay_possible = self._relay is not None and self.relayed is not None and peer.relayed is not None
         choice = peer.paths.choose(now, relay_possible)
         if choice.kind == "relay" and choice.endpoint is None and peer.relayed is not None:
-            self._spawn(self._open_relay(peer))
+            if now >= peer.relay_retry_at:
+                self._spawn(self._open_relay(peer))
             return
         if choice != peer.choice:
             log.info("peer %s: %s%s", peer.name, choice.kind, f" via {choice.endpoint}" if choice.endpoint else "")
             peer.choice = choice
             self._path_changed(peer.key)
 
-    async def _open_relay(self, peer: _Peer) -> None:
-        if self._relay is None or peer.relayed is None or peer.paths.relay_endpoint is not None:
+    async def _open_relay(self, peer: _Peer, again: bool = False) -> None:
+        """Relay ``peer`` (``again``: it is relayed already, and its relayed address changed)."""
+        if self._relay is None or peer.relayed is None or (peer.paths.relay_endpoint is not None and not again):
             return
-        peer.paths.relay_endpoint = "opening"
+        peer.paths.relay_endpoint = peer.paths.relay_endpoint or "opening"
         try:
             peer.paths.relay_endpoint = await self._relay.open(peer.key, peer.relayed)
         except IdmeshError as exc:
-            peer.paths.relay_endpoint = None
-            log.warning("relay to %s: %s", peer.name, exc)
+            peer.paths.relay_endpoint = None  # tried again (the same local socket) on a later tick
+            peer.relay_retry_at = self._clock() + RELAY_RETRY
+            log.warning("relay to %s: %s (again in %g s)", peer.name, exc, RELAY_RETRY)
             return
         self._decide(peer, self._clock())
 
@@ -380,7 +439,8 @@ class Traversal:
                 self._stun_waiting.pop(request.transaction_id, None)
         return None
 
-    async def _discover(self) -> None:
+    async def _discover(self) -> bool:
+        """Learn our reflexive addresses and NAT kind; True if the public address changed (and that was said)."""
         servers = [s for s in (_resolve(t) for t in self._config.stun) if s]
         mapped = [m for m in [await self._binding(s) for s in servers] if m]
         hosts = set(self._hosts())
@@ -392,10 +452,19 @@ class Traversal:
         else:
             nat = "independent" if len(set(mapped)) == 1 else "varies"
             reflexive = tuple(dict.fromkeys(f"{ip}:{port}" for ip, port in mapped))
+        ips, known_ips = {r.rsplit(":", 1)[0] for r in reflexive}, {r.rsplit(":", 1)[0] for r in self.reflexive}
+        if nat == self.nat == "varies" and ips == known_ips:
+            return False  # a symmetric NAT picks new ports every time: nothing learnt
+        moved = False
         if (nat, reflexive) != (self.nat, self.reflexive):
             log.info("NAT: %s%s", nat, f", reflexive {' '.join(reflexive)}" if reflexive else "")
+            moved = bool(known_ips and ips) and (ips != known_ips or nat != self.nat or nat == "independent")
             self.nat, self.reflexive = nat, reflexive
-            await self._report()
+            if moved:
+                self._underlay_changed("this node's public address changed")  # the stream reconnects and reports
+            else:
+                await self._report()
+        return moved
 
     async def _report(self) -> None:
         try:
@@ -413,7 +482,9 @@ class Traversal:
             return
         if self._clock() < self._relay_retry:
             return
-        self._relay = self._relay_factory(server, relay.username, relay.password, self.listen_port, self._relayed)
+        self._relay = self._relay_factory(server, relay.username, relay.password, self.listen_port,
+                                          self._allocated_again)
+        self._relay_user = relay.username
         try:
             address = await self._relay.start()
         except IdmeshError as exc:
@@ -442,7 +513,8 @@ class Traversal:
             while True:
                 now = self._clock()
                 if now >= next_stun and self._config.stun:
-                    next_stun = now + STUN_EVERY
+                    relayed = any(p.choice.kind == "relay" for p in self._peers.values())
+                    next_stun = now + (STUN_EVERY_RELAYED if relayed else STUN_EVERY)
                     self._spawn(self._discover())
                 if self._relay is None:
                     await self._keep_relay()

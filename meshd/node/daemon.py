@@ -72,7 +72,8 @@ class Daemon:
                              path_changed=self.mesh.discovered,
                              ask_probe=lambda peer: self.session.call("POST", "/v1/probe", {"peer": peer}),
                              relay_factory=lambda server, user, password, port, on_relayed: Relay(
-                                 server, user, password, port, on_relayed=on_relayed))
+                                 server, user, password, port, on_relayed=on_relayed),
+                             underlay_changed=lambda why: self.session.reconnect(why))
         self.firewall = NftFirewall(settings.interface, flow_log=settings.flow_log)
         self.session = ControllerSession(
             self.state, self.record.controller, version=lambda: self.mesh.version,
@@ -121,8 +122,11 @@ class Daemon:
             self.nat.set_peers(view.nodes, self.name)
 
     def _take(self) -> Work:
-        # NAT traversal's paths win over LAN discovery's, which win over the controller's first candidate
-        found = {**(self.discovery.found if self.discovery else {}), **self.nat.endpoints()}
+        # NAT traversal's paths win over LAN discovery's, which win over the controller's first candidate;
+        # a peer the traversal is still probing gets LAN discovery's endpoint or none, never an unchecked guess
+        paths = self.nat.endpoints()
+        found = {**paths, **(self.discovery.found if self.discovery else {}),
+                 **{key: endpoint for key, endpoint in paths.items() if endpoint}}
         return self.mesh.take(found, tuple(self.record.mesh_prefixes))
 
     def _device_restarted(self) -> None:

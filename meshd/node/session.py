@@ -88,6 +88,8 @@ class ControllerSession:
         self._ca = state.ca_cert.read_text()
         self._ssl = self._context()
         self._calls: httpx.AsyncClient | None = None
+        self._streaming: asyncio.Future[None] | None = None
+        self._reconnecting: str | None = None
 
     def _context(self) -> ssl.SSLContext:
         return client_ssl_context(self._ca, cert_file=self.state.node_cert, key_file=self.state.node_key)
@@ -97,17 +99,34 @@ class ControllerSession:
         return httpx.AsyncClient(base_url=self.url, verify=self._ssl, timeout=timeout, trust_env=False,
                                  headers={PROTOCOL_HEADER: str(PROTOCOL)})
 
+    def reconnect(self, why: str) -> None:
+        """Drop the stream and connect again now: the underlay changed (a NAT forgot this node, say).
+
+        The stream's TCP connection then usually died silently: the
+        controller's writes are dropped by a NAT with no mapping for them,
+        and this end, which only reads, would notice after READ_TIMEOUT.
+        """
+        if self._streaming is not None and not self._streaming.done() and self.connected:
+            self._reconnecting = why
+            self._streaming.cancel()
+
     async def run(self) -> None:
         """Stay connected forever; every failure is logged once and retried."""
         backoff = Backoff()
         while True:
+            delay: float | None = None
+            self._streaming = asyncio.ensure_future(self._stream(backoff))
             try:
-                await self._stream(backoff)
+                await self._streaming
                 self.last_error = "the controller closed the stream"
             except (httpx.HTTPError, IdmeshError, ValueError, ResyncNeeded) as exc:
                 self.last_error = _describe(exc)
+            except asyncio.CancelledError:
+                if self._reconnecting is None or not self._streaming.cancelled():
+                    raise  # meshd is stopping
+                self.last_error, self._reconnecting, delay = self._reconnecting, None, 0.0
             self.connected = False
-            delay = backoff.next()
+            delay = backoff.next() if delay is None else delay
             log.warning("controller %s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
             await asyncio.sleep(delay)
 

@@ -157,7 +157,7 @@ class MeshView:
                 self._changed()
 
     # -- for the converger ------------------------------------------------------------------------------
-    def take(self, found: dict[str, str], prefixes: tuple[str, ...]) -> Work:
+    def take(self, found: dict[str, str | None], prefixes: tuple[str, ...]) -> Work:
         """The data plane's work for one pass, snapshotted on the event loop."""
         assert self.plane is not None
         view = self._taken = self.view

@@ -118,7 +118,7 @@ def test_a_probe_answered_sets_a_direct_path_and_asks_the_peer_to_probe_back() -
         assert changed == [KEY["b"]] and asked == ["b"]
         assert a.status(KEY["b"])["path"] == "direct" and "answered by 198.51.100.2:51820" in a.status(KEY["b"])[
             "last_probe"]
-        assert b.endpoints() == {}  # b answered; its own probes find a's path on its next tick
+        assert b.endpoints() == {KEY["a"]: None}  # b answered; its own probes find a's path on its next tick
         b._tick(now[0])
         assert b.endpoints() == {KEY["a"]: "198.51.100.1:51820"}
 
@@ -136,7 +136,7 @@ def test_a_quiet_direct_path_is_dropped_after_trust_seconds() -> None:
         for step in range(1, 40):
             now[0] = step * 0.2
             a._tick(now[0])
-        assert a.status(KEY["b"])["path"] == "none" and a.endpoints() == {}
+        assert a.status(KEY["b"])["path"] == "none" and a.endpoints() == {KEY["b"]: None}
 
     run(body())
 
@@ -158,7 +158,7 @@ def test_probes_from_strangers_or_with_a_wrong_key_are_dropped_and_unanswered() 
         a._on_stun(bytes(stranger), ("203.0.113.66", 4444))
         unsolicited = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE)
         a._on_stun(bytes(unsolicited), ("203.0.113.66", 4444))
-        assert a.dropped == 4 and len(net.sent) == before and a.endpoints() == {}
+        assert a.dropped == 4 and len(net.sent) == before and a.endpoints() == {KEY["b"]: None}
 
     run(body())
 
@@ -185,7 +185,7 @@ def test_an_answer_from_another_address_than_probed_proves_nothing() -> None:
                               transaction_id=request.transaction_id)
         answer.add_message_integrity(b.pwd.encode())
         a._on_stun(bytes(answer), ("203.0.113.99", 51820))  # right key, wrong address: a reflection
-        assert a.endpoints() == {} and a.dropped == 1
+        assert a.endpoints() == {KEY["b"]: None} and a.dropped == 1
 
     run(body())
 
@@ -226,7 +226,7 @@ def test_with_no_answer_the_peer_goes_through_the_relay_only_when_both_have_one(
             a._tick(now[0])
             await asyncio.sleep(0)
         assert a.status(KEY["b"])["path"] == ("relay" if relay else "none")
-        assert a.endpoints() == ({KEY["b"]: "127.0.0.1:40001"} if relay else {})
+        assert a.endpoints() == {KEY["b"]: "127.0.0.1:40001" if relay else None}
         if relay:
             assert opened == [(KEY["b"], ("203.0.113.1", 49153))]
 

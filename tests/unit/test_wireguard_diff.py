@@ -103,6 +103,23 @@ def test_without_memory_the_device_is_the_reference() -> None:
     assert diff_peers(current, [peer(A, 1)]) == []  # no opinion on the endpoint: keep it
 
 
+def test_a_peer_that_gets_its_first_endpoint_before_any_handshake_is_created_again() -> None:
+    """WireGuard waits 5 s after a handshake it could not send; a re-created peer sends its first at once."""
+    blocks = ("100.64.1.0/26", "fd00:0:0:1::/64")
+    never = [PeerState(A, None, None, 0, 0, blocks, 25)]
+    assert diff_peers(never, [peer(A, 1, "198.51.100.11:51820", 25)]) == [
+        RemovePeer(A), AddPeer(peer(A, 1, "198.51.100.11:51820", 25))]
+    roamed_in = [PeerState(A, None, datetime.now(UTC), 0, 0, blocks, 25)]  # a session: update, keep it
+    assert diff_peers(roamed_in, [peer(A, 1, "198.51.100.11:51820", 25)]) == [UpdatePeer(A, "198.51.100.11:51820")]
+    dev = FakeWireGuard()
+    dev.apply(config(peer(A, 1, keepalive=25), peer(B, 2, "198.51.100.12:51820")))
+    assert dev.update_peers([peer(A, 1, "198.51.100.11:51820", 25)], [])
+    assert dev.last_ops == [RemovePeer(A), AddPeer(peer(A, 1, "198.51.100.11:51820", 25))]
+    assert dev.update_peers([peer(A, 1, "198.51.100.99:51820", 25)], [])  # later moves are updates
+    assert dev.last_ops == [UpdatePeer(A, endpoint="198.51.100.99:51820")]
+    assert dev.state().peer(A).endpoint == "198.51.100.99:51820"  # type: ignore[union-attr]
+
+
 def test_a_prefix_moving_between_peers_converges() -> None:
     dev = FakeWireGuard()
     dev.apply(config(PeerConfig(A, ("100.64.1.0/26", "100.64.7.0/26")), PeerConfig(B, ("100.64.2.0/26",))))
