@@ -249,6 +249,7 @@ class Relay:
         self._chores: set[asyncio.Task[None]] = set()
         self._checking: asyncio.Lock | None = None
         self.lost_allocations = 0
+        self.bytes_sent = self.bytes_received = 0  # WireGuard bytes to and from relayed peers, since start
 
     # -- the API ---------------------------------------------------------------------------------
     @property
@@ -362,6 +363,7 @@ class Relay:
         if peer.via.send_to(peer.remote, data):
             peer.counters.to_peer_packets += 1
             peer.counters.to_peer_bytes += len(data)
+            self.bytes_sent += len(data)
         else:
             peer.counters.dropped += 1
 
@@ -372,6 +374,7 @@ class Relay:
         peer.transport.sendto(data)
         peer.counters.from_peer_packets += 1
         peer.counters.from_peer_bytes += len(data)
+        self.bytes_received += len(data)
         if peer.old_remotes and remote == peer.remote:  # it sends from its new address: the old ones are dead
             for old in peer.old_remotes:
                 if self._by_remote.get(old) is peer:

@@ -87,6 +87,9 @@ class RelayLike(Protocol):
 
     async def stop(self) -> None: ...
 
+    bytes_sent: int
+    bytes_received: int
+
 
 RelayFactory = Callable[[tuple[str, int], str, str, int, Callable[[tuple[str, int]], None]], RelayLike]
 """(server, username, password, WireGuard port, on_relayed) -> a relay; ``on_relayed`` says its new address."""
@@ -191,6 +194,10 @@ class Traversal:
         if peer is None:
             return {"path": "none", "last_probe": "never"}
         return {"path": peer.choice.kind, "last_probe": peer.paths.last_probe}
+
+    def relay_bytes(self) -> tuple[int, int]:
+        """WireGuard bytes (sent, received) through the relay since it started (metrics)."""
+        return (self._relay.bytes_sent, self._relay.bytes_received) if self._relay is not None else (0, 0)
 
     def paths(self) -> dict[str, int]:
         """How many peers go which way (metrics)."""
@@ -446,6 +453,8 @@ class Traversal:
         hosts = set(self._hosts())
         reflexive: tuple[str, ...] = ()
         if not mapped:
+            if self.nat != "unknown":
+                return False  # no STUN answer (the controller restarts?) says nothing about the NAT: keep what we know
             nat = "unknown"
         elif all(m[0] in hosts and m[1] == self.listen_port for m in mapped):
             nat = "none"
@@ -508,13 +517,13 @@ class Traversal:
             await asyncio.Event().wait()  # nothing to do, ever; cancelled at shutdown
         self.enabled = True
         await self._report()
-        next_stun = 0.0
+        last_stun = -1e9
         try:
             while True:
                 now = self._clock()
-                if now >= next_stun and self._config.stun:
-                    relayed = any(p.choice.kind == "relay" for p in self._peers.values())
-                    next_stun = now + (STUN_EVERY_RELAYED if relayed else STUN_EVERY)
+                relayed = any(p.choice.kind == "relay" for p in self._peers.values())
+                if now - last_stun >= (STUN_EVERY_RELAYED if relayed else STUN_EVERY) and self._config.stun:
+                    last_stun = now
                     self._spawn(self._discover())
                 if self._relay is None:
                     await self._keep_relay()

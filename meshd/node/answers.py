@@ -141,6 +141,10 @@ def gauges(node: Node) -> list[Gauge]:
         out.append(("idmesh_peers_by_path", "Peers by the way this node reaches them", {"path": kind}, float(count)))
     out.append(("idmesh_nat_probes_dropped", "STUN and probes dropped: strangers, malformed, unknown peers", {},
                 float(node.nat.dropped)))
+    sent, received = node.nat.relay_bytes()
+    for direction, count in (("sent", sent), ("received", received)):
+        out.append(("idmesh_relay_bytes", "WireGuard bytes through the TURN relay", {"direction": direction},
+                    float(count)))
     state = _device(plane)
     if state is not None:
         now = datetime.now(UTC)

@@ -185,9 +185,15 @@ class ControllerSession:
         return resp.json()
 
     async def report_endpoints(self) -> None:
-        """Tell the controller where we are now (e.g. after an address change)."""
-        async with self._client() as http:
-            await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
+        """Tell the controller where we are now (e.g. after an address change); Unavailable when it cannot be reached.
+
+        (The stream reports again when it reconnects, so a report lost here is only late.)
+        """
+        try:
+            async with self._client() as http:
+                await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
 
     async def renew_when_due(self, check_every: float = 60.0) -> None:
         """Renew the node certificate once two thirds of its life have passed."""

@@ -88,6 +88,13 @@ def path_is(node: Node, kind: str, endpoint_prefix: str = "") -> bool:
     return bool(found["path"] == kind and (found["endpoint"] or "").startswith(endpoint_prefix))
 
 
+def metric(node: Node, line_start: str) -> float:
+    scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9465/metrics').read().decode())"
+    text = node.host.run([sys.executable, "-c", scrape]).stdout
+    (value,) = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(line_start)]
+    return float(value)
+
+
 def both(lab: Lab, kind: str) -> bool:
     return path_is(lab.a, kind) and path_is(lab.b, kind)
 
@@ -111,7 +118,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         a = mesh.enroll(net.homes[0].hosts[0], "a", "--tag", "e2e")
         b = mesh.enroll(net.homes[1].hosts[0], "b", "--tag", "e2e")
         for node in (a, b):
-            mesh.start(node, "--no-discovery")
+            mesh.start(node, "--no-discovery", "--metrics", "127.0.0.1:9465")  # loopback of its own namespace
             tcp_server(node.host, "::", 7000)
             node.host.popen([sys.executable, "-c", ECHO])
         try:
@@ -146,6 +153,11 @@ def test_behind_symmetric_nats_the_relay_carries_them_and_policy_still_decides(l
     assert tcp_hello(lab.a.host, lab.b.addresses[0], 7000) == f"hello ::ffff:{lab.a.addresses[0]}"
     assert tcp_hello(lab.a.host, lab.b.addresses[0], 7002, timeout=2) is None  # no rule: denied over the relay too
     assert peer(lab.a)["nat"] == "varies" and peer(lab.b)["nat"] == "varies"
+    assert metric(lab.a, 'idmesh_peers_by_path{path="relay"}') == 1
+    sent, received = 'idmesh_relay_bytes{direction="sent"}', 'idmesh_relay_bytes{direction="received"}'
+    before = metric(lab.a, sent), metric(lab.b, received)
+    assert lab.a.host.run(["ping", "-c", "3", "-s", "1000", "-W", "2", lab.b.addresses[0]]).returncode == 0
+    assert metric(lab.a, sent) - before[0] >= 3000 and metric(lab.b, received) - before[1] >= 3000
     assert "CHANNEL_BIND processed, success" in lab.coturn.logs(400), lab.coturn.logs()
 
 

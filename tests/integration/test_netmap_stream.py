@@ -310,3 +310,20 @@ def test_a_node_older_than_the_controller_serves_is_told_to_upgrade(mesh: Mesh) 
     assert refused.status_code == 426
     assert refused.json()["error"] == ("node db-1 speaks wire protocol '1'; this controller serves 2 to "
                                        f"{PROTOCOL}: upgrade meshd on db-1")
+
+
+def test_a_probe_request_reaches_only_the_named_peer_and_names_the_caller(mesh: Mesh) -> None:
+    """Call me maybe: the caller comes from its certificate, so no node can make a peer probe a third one."""
+    a, b = mesh.enroll("a"), mesh.enroll("b")
+    stream_b = mesh.stream(b)
+    full_version(stream_b)
+    answer = a.http.post("/v1/probe", json={"peer": "b"})
+    assert answer.status_code == 200 and answer.json() == {"sent": True}, answer.text
+    for line in stream_b._lines:
+        message = StreamMessage.model_validate_json(line) if line.strip() else None
+        if message is not None and message.type == "probe":
+            assert message.probe is not None and message.probe.peer == "a"
+            break
+    unknown = a.http.post("/v1/probe", json={"peer": "nobody"})
+    assert unknown.status_code == 404 and unknown.json()["error"] == "no node named 'nobody' to probe"
+    assert a.http.post("/v1/probe", json={"peer": "b", "as": "c"}).status_code == 422  # no field to speak for another

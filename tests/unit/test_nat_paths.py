@@ -212,6 +212,8 @@ def test_with_no_answer_the_peer_goes_through_the_relay_only_when_both_have_one(
 
         async def stop(self) -> None: ...
 
+        bytes_sent = bytes_received = 0
+
     async def body() -> None:
         net, a, b, _, _ = pair(lambda: now[0])
         net.nodes.clear()  # nothing gets through directly
