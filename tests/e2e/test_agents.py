@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +73,12 @@ def whois(node: Node, address: str) -> dict[str, object] | None:
 def local_agents(node: Node) -> list[dict[str, object]]:
     return list(json.loads(node.host.run([cmd("meshctl"), "agent", "list", "--json", "--socket",
                                           str(node.socket)]).stdout))
+
+
+def named_agent(mesh: Mesh, node: Node, name: str) -> dict[str, Any]:
+    """The node's agent called ``name`` (an earlier test's agent may still be on its way out)."""
+    return dict(wait_until(lambda: [a for a in local_agents(node) if a["name"] == name], 20, f"agent {name}",
+                           mesh.logs)[0])
 
 
 def test_an_agent_reaches_db_with_its_own_address_and_only_where_its_scope_allows(
@@ -167,7 +174,7 @@ def test_revocation_reaches_every_node_and_kills_the_agent(lab: tuple[Mesh, Node
     mesh, agents, db = lab
     proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
                               "nikita@acme.com", "--scope", "db:read", "--name", "victim", "--", "sleep", "120"])
-    agent = wait_until(lambda: local_agents(agents), 20, "the agent", mesh.logs)[0]
+    agent = named_agent(mesh, agents, "victim")
     wait_until(lambda: whois(db, agent["addresses"][0]), 5, "db honors it", mesh.logs)
     t0 = time.monotonic()
     mesh.admin("agent", "revoke", agent["id"])
@@ -180,7 +187,7 @@ def test_a_process_outside_the_agent_cannot_send_with_its_address(lab: tuple[Mes
     mesh, agents, db = lab
     proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
                               "nikita@acme.com", "--scope", "db:read", "--name", "owner", "--", "sleep", "60"])
-    agent = wait_until(lambda: local_agents(agents), 20, "the agent", mesh.logs)[0]
+    agent = named_agent(mesh, agents, "owner")
     spoof = ("import socket,sys\n"
              "s=socket.socket(); s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: root may bind any address\n"
              "s.bind((sys.argv[1], 0)); s.settimeout(2)\n"
@@ -197,7 +204,7 @@ def test_expiry_is_enforced_by_each_node_with_the_controller_down(lab: tuple[Mes
     proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
                               "nikita@acme.com", "--scope", "db:read", "--ttl", "8s", "--name", "brief", "--",
                               "sleep", "120"])
-    agent = wait_until(lambda: local_agents(agents), 20, "the agent", mesh.logs)[0]
+    agent = named_agent(mesh, agents, "brief")
     wait_until(lambda: whois(db, agent["addresses"][0]), 5, "db honors it", mesh.logs)
     mesh.kill_controller()
     try:

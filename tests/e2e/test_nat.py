@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,13 +29,21 @@ import pytest
 from tests.e2e.coturn import Coturn
 from tests.e2e.mesh import Mesh, Node, cmd, ping, tcp_hello, tcp_server, wait_until
 from tests.e2e.natlab import NatKind, NatLab, Router
+from tests.e2e.test_agents import HELLO, run_agent
 
 TURN_PORT = 3480  # the controller's STUN has 3478 and 3479
 POLICY = """\
+delegations:
+  - principal: nikita@acme.com
+    nodes: [tag:e2e]
+    scopes: ["db:read", "db:write"]
+    max_ttl: 1h
 acls:
   - from: {tag: e2e}
     to: ["tag:e2e:7000", "tag:e2e:7001"]
     protocol: [tcp, icmp]
+  - from: {principal: nikita@acme.com, via: agent, scope: "db:read"}
+    to: ["tag:e2e:7003"]
 """
 STREAM = ("import socket,sys,time\n"  # one TCP connection that must live through a path change
           "s=socket.create_connection((sys.argv[1], 7001), timeout=15)\n"
@@ -65,14 +74,17 @@ class Lab:
     a: Node
     b: Node
     coturn: Coturn
+    relay_secret: Path
 
     @property
     def routers(self) -> list[Router]:
         return self.net.routers
 
     def set_nat(self, kind: NatKind) -> None:
+        """Every router to ``kind``; one already there is left alone (a switch flushes its conntrack)."""
         for router in self.routers:
-            router.set_nat(kind)
+            if router.nat != kind:
+                router.set_nat(kind)
 
     def logs(self) -> str:
         return self.mesh.logs() + "\n--- coturn\n" + self.coturn.logs(20)
@@ -99,6 +111,10 @@ def both(lab: Lab, kind: str) -> bool:
     return path_is(lab.a, kind) and path_is(lab.b, kind)
 
 
+def start(mesh: Mesh, node: Node) -> None:
+    mesh.start(node, "--no-discovery", "--metrics", "127.0.0.1:9465")  # loopback of its own namespace
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     from tests.e2e.conftest import require_e2e
@@ -118,11 +134,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         a = mesh.enroll(net.homes[0].hosts[0], "a", "--tag", "e2e")
         b = mesh.enroll(net.homes[1].hosts[0], "b", "--tag", "e2e")
         for node in (a, b):
-            mesh.start(node, "--no-discovery", "--metrics", "127.0.0.1:9465")  # loopback of its own namespace
+            start(mesh, node)
             tcp_server(node.host, "::", 7000)
+            tcp_server(node.host, "::", 7003)
             node.host.popen([sys.executable, "-c", ECHO])
         try:
-            yield Lab(net, mesh, a, b, coturn)
+            yield Lab(net, mesh, a, b, coturn, secret)
         finally:
             for node in (a, b):
                 if node.proc is not None:
@@ -152,6 +169,10 @@ def test_behind_symmetric_nats_the_relay_carries_them_and_policy_still_decides(l
     assert ping(lab.a.host, lab.b.addresses[0]) and ping(lab.b.host, lab.a.addresses[1])
     assert tcp_hello(lab.a.host, lab.b.addresses[0], 7000) == f"hello ::ffff:{lab.a.addresses[0]}"
     assert tcp_hello(lab.a.host, lab.b.addresses[0], 7002, timeout=2) is None  # no rule: denied over the relay too
+    reader = run_agent(lab.a, sys.executable, "-c", HELLO, lab.b.addresses[0], "7003", name="reader")
+    assert reader.returncode == 0 and reader.stdout.startswith("hello ::ffff:100.64."), reader
+    writer = run_agent(lab.a, sys.executable, "-c", HELLO, lab.b.addresses[0], "7003", scopes=("db:write",))
+    assert writer.returncode == 3, writer  # the agent's scope decides on b, over the relay as over any path
     assert peer(lab.a)["nat"] == "varies" and peer(lab.b)["nat"] == "varies"
     assert metric(lab.a, 'idmesh_peers_by_path{path="relay"}') == 1
     sent, received = 'idmesh_relay_bytes{direction="sent"}', 'idmesh_relay_bytes{direction="received"}'
@@ -212,3 +233,30 @@ def test_junk_at_the_wireguard_port_changes_nothing(lab: Lab) -> None:
     assert both(lab, "direct") and peer(lab.a)["endpoint"] == endpoint
     log = lab.a.log.read_text() + lab.b.log.read_text()
     assert "Traceback" not in log, lab.logs()
+
+
+def test_a_relay_that_refuses_the_credentials_is_logged_and_breaks_nothing(lab: Lab) -> None:
+    """The controller's secret and coturn's disagree: a fresh node's credentials are refused."""
+    wait_until(lambda: both(lab, "direct"), 40, "a direct path first", lab.logs)
+    good = lab.relay_secret.read_text()
+    lab.mesh.kill_controller()
+    lab.relay_secret.write_text("not coturn's secret")
+    lab.mesh.start_controller()
+    lab.mesh.stop(lab.a)
+    start(lab.mesh, lab.a)  # credentials from the new secret (a running node keeps its good ones while they last)
+    try:
+        wait_until(lambda: both(lab, "direct"), 40, "a direct path with refused relay credentials", lab.logs)
+        lab.set_nat("symmetric")
+        wait_until(lambda: "the credentials were refused" in lab.a.log.read_text(), 30, "a's refusal logged",
+                   lab.logs)
+        wait_until(lambda: path_is(lab.a, "none"), 20, "no path: neither direct nor relayed", lab.logs)
+        lab.set_nat("eim")
+        wait_until(lambda: both(lab, "direct"), 40, "direct again once the NAT opens", lab.logs)
+        assert ping(lab.a.host, lab.b.addresses[0]) and tcp_hello(lab.b.host, lab.a.addresses[0], 7000) is not None
+        assert lab.a.proc is not None and lab.a.proc.poll() is None
+        assert "Traceback" not in lab.a.log.read_text(), lab.logs()
+    finally:
+        lab.set_nat("eim")
+        lab.mesh.kill_controller()
+        lab.relay_secret.write_text(good)
+        lab.mesh.start_controller()
