@@ -22,21 +22,17 @@ from typing import Any, Self
 
 import httpx
 
-from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable, error_for_status
+from idmesh.local import error_of_answer
+from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable
 
-__all__ = ["AdminCredential", "ControllerClient", "LocalClient", "answer_error", "client_ssl_context", "fetch_ca"]
+__all__ = ["AdminCredential", "ControllerClient", "answer_error", "client_ssl_context", "fetch_ca"]
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 def answer_error(resp: httpx.Response, who: str) -> IdmeshError:
-    """The error an answer of status >= 400 stands for: its ``{"error": "..."}`` line (every idmesh
-    server answers so), or the bare status when a proxy or something else answered instead."""
-    try:
-        message = resp.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        message = f"{who} answered HTTP {resp.status_code}"
-    return error_for_status(resp.status_code, str(message))
+    """The error an answer of status >= 400 stands for (see :func:`idmesh.local.error_of_answer`)."""
+    return error_of_answer(resp.status_code, resp.content, who)
 
 
 def client_ssl_context(ca_pem: str, cert_pem: str | None = None, key_pem: str | None = None,
@@ -152,27 +148,3 @@ def _reason(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text)
-
-
-class LocalClient:
-    """The local meshd's API over its Unix socket."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = socket_path
-
-    def get(self, path: str, params: dict[str, str] | None = None) -> Any:
-        return self.request("GET", path, params=params)
-
-    def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        # No TLS on a Unix socket: verify=False spares loading the system CA bundle (~30 ms).
-        transport = httpx.HTTPTransport(uds=str(self.socket_path), verify=False)
-        try:
-            with httpx.Client(transport=transport, base_url="http://meshd", timeout=httpx.Timeout(30.0)) as http:
-                resp = http.request(method, path, json=body, params=params)
-        except httpx.ConnectError as exc:
-            raise Unavailable(f"meshd is not running or not reachable at {self.socket_path}: {_reason(exc)}") from exc
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"talking to meshd at {self.socket_path} failed: {_reason(exc)}") from exc
-        if resp.status_code >= 400:
-            raise answer_error(resp, "meshd")
-        return resp.json()

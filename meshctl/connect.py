@@ -1,7 +1,9 @@
 """Where a command's answers come from: the controller, as its administrator
 (the admin credential, ``--admin`` on the top-level parser), or this node's
-meshd over its Unix socket (``--socket``). The HTTP clients are imported when a
-command connects, not when the parser is built."""
+meshd over its Unix socket (``--socket``). The clients are imported when a
+command connects, not when the parser is built; meshd's is the standard
+library's (:mod:`idmesh.local`), so the commands that only ask meshd never
+load httpx."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from idmesh.paths import DEFAULT_SOCKET
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from idmesh.client import ControllerClient, LocalClient
+    from idmesh.client import ControllerClient
+    from idmesh.local import LocalClient
 
 __all__ = ["controller", "get_all", "meshd", "socket_option"]
 
@@ -45,6 +48,6 @@ def get_all(api: ControllerClient, path: str, model: type[Model], **query: str |
 
 def meshd(args: argparse.Namespace) -> LocalClient:
     """This node's meshd at ``args.socket``."""
-    from idmesh.client import LocalClient
+    from idmesh.local import LocalClient
 
     return LocalClient(args.socket)

@@ -1,4 +1,9 @@
-"""The node's agent cgroups on cgroup2: ``<root>/idmesh-<node>/<agent>``, one directory per agent.
+"""The node's agent cgroups on cgroup2: ``<root>/idmesh-<node>/agent-<n>``, one directory per agent.
+
+An agent's directory is named after its number (the offset of its address
+in the node's block, as its mark is), not its id: the process that asks to
+become an agent is moved in while the controller is still signing (see
+:meth:`meshd.agents.net.AgentNet.stage`), and cgroup2 cannot rename.
 
 :class:`CgroupTree` is the thin shell over cgroupfs that :class:`meshd.agents.net.AgentNet`
 drives; :class:`AgentCgroups` is the protocol it needs, so unit tests run it
@@ -129,6 +134,14 @@ class AgentCgroups(Protocol):
 
     def create(self, agent_id: str) -> Path: ...
 
+    def path(self, name: str) -> Path:
+        """Where cgroup ``name`` is (made or not)."""
+        ...
+
+    def move_home(self, pid: int, home: str) -> None:
+        """Move ``pid`` into cgroup ``home``, named as ``/proc/<pid>/cgroup`` names it (``/user.slice/x``)."""
+        ...
+
     def move(self, agent_id: str, pid: int) -> None: ...
 
     def populated(self, agent_id: str) -> bool: ...
@@ -189,6 +202,22 @@ class CgroupTree:
         except OSError as exc:
             raise _mapped(exc, f"cannot create cgroup {path} for agent {agent_id}") from exc
         return path
+
+    def path(self, name: str) -> Path:
+        return self._path(name)
+
+    def move_home(self, pid: int, home: str) -> None:
+        where = self._where
+        if where is None or not where.tree or not str(where.directory).endswith(where.tree):
+            raise Unavailable(f"cgroup {self.parent} is not prepared (call start() first)")
+        hierarchy = Path(str(where.directory).removesuffix(where.tree))
+        target = hierarchy / home.lstrip("/") / "cgroup.procs"
+        try:
+            target.write_text(f"{pid}\n")
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise NotFound(f"cannot move pid {pid} back to cgroup {home}: no such process") from exc
+            raise _mapped(exc, f"cannot move pid {pid} back to cgroup {home}") from exc
 
     def exists(self, agent_id: str) -> bool:
         return self._path(agent_id).is_dir()

@@ -135,6 +135,7 @@ class AgentNet:
         self._conntrack = conntrack
         self._own_conntrack: ConntrackFlusher | None = None
         self._slots: dict[str, AgentSlot] = {}
+        self._by_leaf: dict[str, str] = {}  # cgroup name -> agent id
         self._nft_prefix = ""
         self._tree = ""
         self._started = False
@@ -217,8 +218,55 @@ class AgentNet:
             self._nft.run(f"flush set {tb} mesh_ifaces\nadd element {tb} mesh_ifaces {{ {elements} }}\n",
                       f"the mesh interfaces of node {self.node}")
 
-    def add(self, agent_id: str, ipv4: str, ipv6: str) -> AgentSlot:
-        """Create the agent's cgroup and its entries: its processes' mesh traffic leaves from ``ipv4``/``ipv6``."""
+    def stage(self, ipv4: str, pid: int) -> None:
+        """Before an agent has its certificate: the cgroup of the agent that will have ``ipv4``, ``pid`` moved in.
+
+        Moving a process between cgroups waits for an RCU grace period on a
+        cgroup2 mount without ``favordynmods`` (~8 ms here, against 0.2 ms
+        with it), so a birth does it while the controller signs, not after.
+        Nothing marks or translates the cgroup's packets until :meth:`add`
+        names it (the caller sends nothing meanwhile: it waits for meshd's
+        answer); :meth:`unstage` undoes it if the birth fails.
+        """
+        self._require_started()
+        leaf = self._leaf(ipv4)
+        self._check_pid(pid, leaf)
+        self._cgroups.create(leaf)
+        try:
+            self._cgroups.move(leaf, pid)
+        except BaseException:
+            self._cgroups.remove(leaf)
+            raise
+
+    def unstage(self, ipv4: str, pid: int, home: str) -> None:
+        """A birth failed after :meth:`stage`: ``pid`` back in cgroup ``home``, the staged cgroup gone."""
+        leaf = self._leaf(ipv4)
+        try:
+            self._cgroups.move_home(pid, home)
+        except NotFound:
+            pass  # it exited meanwhile
+        self._cgroups.remove(leaf)  # anything still in it (a child it forked) dies with it
+
+    def _leaf(self, ipv4: str) -> str:
+        """An agent's cgroup is named after its number (cgroup2 cannot rename, and the number is known
+        before the certificate names the agent): ``agent-2`` holds 100.64.0.2, mark ``0x00200000``."""
+        t = self.table
+        try:
+            v4 = IPv4Address(ipv4)
+        except ValueError as exc:
+            raise InvalidInput(f"agent address {ipv4!r}: {exc}") from exc
+        if v4 not in t.block4 or v4 in (t.block4.network_address, t.node4, t.block4.broadcast_address):
+            raise InvalidInput(f"{v4} is not an agent address of block {t.block4} (node {t.node4})")
+        return f"agent-{int(v4) - int(t.block4.network_address)}"
+
+    def add(self, agent_id: str, ipv4: str, ipv6: str, done: Callable[[str], None] = lambda step: None,
+            staged: bool = False) -> AgentSlot:
+        """Create the agent's cgroup and its entries: its processes' mesh traffic leaves from ``ipv4``/``ipv6``.
+
+        ``staged``: the cgroup was made by :meth:`stage` (and holds the
+        caller). ``done`` is told when the ``cgroup`` and the ``nft`` step end
+        (a birth's timings).
+        """
         with self._lock:
             self._require_started()
             check_agent_name(agent_id)
@@ -226,18 +274,23 @@ class AgentNet:
                 raise Conflict(f"agent {agent_id} already runs on node {self.node}")
             v4, v6 = self._addresses(agent_id, ipv4, ipv6)
             number = int(v4) - int(self.table.block4.network_address)
-            path = self._cgroups.create(agent_id)
+            leaf = self._leaf(str(v4))
+            path = self._cgroups.path(leaf) if staged else self._cgroups.create(leaf)
+            done("cgroup")
             slot = AgentSlot(agent_id, path, self.table.field.value(number), number, str(v4), str(v6),
-                             f"{self._nft_prefix}/{agent_id}")
+                             f"{self._nft_prefix}/{leaf}")
             try:
                 self._nft.run(render_add(self.table, slot), f"adding agent {agent_id} ({v4}, {v6})")
             except BaseException:
-                try:
-                    self._cgroups.remove(agent_id)
+                try:  # a staged cgroup holds the caller: unstage() gives it back
+                    if not staged:
+                        self._cgroups.remove(leaf)
                 except IdmeshError as exc:
-                    log.warning("agent %s: cgroup not removed after the failed add: %s", agent_id, exc)
+                    log.warning("agent %s: cgroup not cleaned up after the failed add: %s", agent_id, exc)
                 raise
+            done("nft")
             self._slots[agent_id] = slot
+            self._by_leaf[leaf] = agent_id
             log.info("agent %s on node %s: %s, %s, mark %#010x, cgroup %s", agent_id, self.node, v4, v6,
                      slot.mark, path)
             return slot
@@ -249,11 +302,14 @@ class AgentNet:
         move a process before it opens connections (or spawn it with
         :meth:`AgentSlot.command`).
         """
+        self._check_pid(pid, agent_id)
+        with self._lock:
+            self._cgroups.move(self._slot(agent_id).cgroup.name, pid)
+
+    @staticmethod
+    def _check_pid(pid: int, agent_id: str) -> None:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # "0" would move meshd itself
             raise InvalidInput(f"cannot move pid {pid!r} into agent {agent_id}: not a process id")
-        with self._lock:
-            self._slot(agent_id)
-            self._cgroups.move(agent_id, pid)
 
     def agent_of_cgroup(self, path: str) -> str | None:
         """The agent whose cgroup is exactly ``path`` (as ``/proc/<pid>/cgroup`` says it), or None.
@@ -265,13 +321,12 @@ class AgentNet:
             if not self._started or not self._tree:
                 return None
             inside, sep, leaf = path.rstrip("/").partition(self._tree + "/")
-            return leaf if sep and not inside and "/" not in leaf and leaf in self._slots else None
+            return self._by_leaf.get(leaf) if sep and not inside and "/" not in leaf else None
 
     def populated(self, agent_id: str) -> bool:
         """Whether any process is left in the agent's cgroup (``cgroup.events``; poll it or watch it with inotify)."""
         with self._lock:
-            self._slot(agent_id)
-            return self._cgroups.populated(agent_id)
+            return self._cgroups.populated(self._slot(agent_id).cgroup.name)
 
     def remove(self, agent_id: str) -> None:
         """Kill what is left of the agent, forget its connections, delete its entries and its cgroup.
@@ -287,19 +342,21 @@ class AgentNet:
         """
         with self._lock:
             slot = self._slot(agent_id)
+            leaf = slot.cgroup.name
             problems: list[IdmeshError] = []
             try:
-                self._cgroups.kill(agent_id)
+                self._cgroups.kill(leaf)
             except IdmeshError as exc:  # its identity goes anyway; say so at the end
                 problems.append(exc)
             self._forget(slot)
-            gone = not self._cgroups.exists(agent_id)
+            gone = not self._cgroups.exists(leaf)
             self._nft.run(render_remove(self.table, slot, cgroup_gone=gone, others=self._slots.values()),
                       f"removing agent {agent_id}")
             del self._slots[agent_id]
+            self._by_leaf.pop(leaf, None)
             self._forget(slot)
             try:
-                self._cgroups.remove(agent_id)
+                self._cgroups.remove(leaf)
             except IdmeshError as exc:
                 problems.append(exc)
             log.info("agent %s removed from node %s", agent_id, self.node)
@@ -345,6 +402,7 @@ class AgentNet:
             except IdmeshError as exc:
                 problems.append(exc)
         self._slots.clear()
+        self._by_leaf.clear()
         self._started = False
         self._nft.close()
         if self._own_conntrack is not None:

@@ -1,13 +1,16 @@
 """Agents born on this node: identity, address, cgroup, and their end.
 
 ``meshctl agent run`` asks the local API to make the calling process an
-agent. The supervisor then, in order: picks a free address of the node's
-block, makes the agent's Ed25519 key here (it never leaves the node), asks
-the controller for the certificate (which checks the policy's
-delegations), creates the agent's cgroup and the nftables entries that mark
-and source-translate its packets, and moves the caller into the cgroup;
-``meshctl`` then execs the command, which keeps the identity while any of
-its processes lives.
+agent. The supervisor then picks a free address of the node's block, makes
+the agent's Ed25519 key here (it never leaves the node) and asks the
+controller for the certificate (which checks the policy's delegations).
+While the controller signs, the key goes to disk and the caller moves into
+a cgroup of its own (the slow step: see :meth:`AgentNet.stage
+<meshd.agents.net.AgentNet.stage>`); with the certificate, the cgroup takes
+the agent's name and the nftables entries that mark and source-translate
+its packets are added. ``meshctl`` then execs the command, which keeps the
+identity while any of its processes lives. A birth that fails on the way
+puts the caller back in its cgroup and leaves nothing behind.
 
 An agent ends when its cgroup empties (the command exited), when it
 expires (on this node's clock: its processes are killed, an expired
@@ -51,7 +54,12 @@ WATCH_INTERVAL = 0.2
 class AgentNetwork(Protocol):
     """What the supervisor needs from the agent data plane (meshd.agents.net)."""
 
-    def add(self, agent_id: str, ipv4: str, ipv6: str) -> Any: ...
+    def stage(self, ipv4: str, pid: int) -> None: ...
+
+    def unstage(self, ipv4: str, pid: int, home: str) -> None: ...
+
+    def add(self, agent_id: str, ipv4: str, ipv6: str, done: Callable[[str], None] = ...,
+            staged: bool = False) -> Any: ...
 
     def move(self, pid: int, agent_id: str) -> None: ...
 
@@ -89,6 +97,23 @@ class LocalAgent:
         }
 
 
+class _Steps:
+    """How long each step of a birth took, for the ``born ... in N ms (key .., certificate .., ...)`` line."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self._laps: list[tuple[str, float]] = []
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self._laps.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        laps = ", ".join(f"{step} {seconds * 1e3:.1f}" for step, seconds in self._laps)
+        return f"{(self._last - self._start) * 1e3:.1f} ms ({laps})"
+
+
 class Controller(Protocol):
     async def call(self, method: str, path: str, body: object = None) -> object: ...
 
@@ -104,7 +129,9 @@ class AgentSupervisor:
         self.socket = socket
         self.local: dict[str, LocalAgent] = {}
         self._on_change = on_change  # called with the AgentIssued of a new agent, or None after an end
-        self._lock = asyncio.Lock()
+        # slots of births waiting for their certificate, and of ends the controller has not acknowledged
+        self._reserved: set[int] = set()
+        self._last_slot = -1  # the slot handed out last (round robin)
 
     def prepare(self) -> None:
         """Make the agents' directory, and remove what a crashed run left in it.
@@ -122,67 +149,126 @@ class AgentSupervisor:
         except OSError as exc:
             raise PermissionDenied(f"cannot prepare the agents' directory {self.directory}: {exc.strerror or exc}") from exc
 
-    def _free_slot(self) -> int:
-        used = {a.slot for a in self.local.values()}
-        for slot in range(self.block.agent_capacity):
+    def _reserve_slot(self) -> int:
+        """A free address slot, held until the agent is born or its birth fails (no await in between).
+
+        Slots are handed out round robin, the least recently used first: an
+        address just freed is the last to be given again, so a late packet
+        or a remote node's memory of the old agent meets no new one.
+        """
+        used = {a.slot for a in self.local.values()} | self._reserved
+        capacity = self.block.agent_capacity
+        for step in range(1, capacity + 1):
+            slot = (self._last_slot + step) % capacity
             if slot not in used:
+                self._reserved.add(slot)
+                self._last_slot = slot
                 return slot
-        raise Exhausted(f"all {self.block.agent_capacity} agent addresses of {self.block.v4} are in use")
+        raise Exhausted(f"all {capacity} agent addresses of {self.block.v4} are in use")
 
     async def create(self, pid: int, principal: str, scopes: list[str], ttl: timedelta, name: str | None,
                      user: tuple[int, int] | None = None, grant: str | None = None,
                      exited: Callable[[], bool] = lambda: False) -> LocalAgent:
         """Make process ``pid`` an agent; a caller already inside an agent makes a sub-agent of it.
 
+        Births run concurrently: only the address slot is taken in order
+        (synchronously, on the event loop), so twenty callers wait for the
+        controller together, not one after another; each birth's own disk
+        and cgroup work overlaps its controller round trip. The key is made here
+        per agent: Ed25519 generation and the CSR cost ~0.06 ms, so a pool
+        of ready keys would buy nothing.
+
         ``exited`` says whether the process that asked is gone (a pidfd's
         answer): checked after it was moved into the agent's cgroup, because
         a pid number whose process died may already be a stranger's, who
         must not be given the identity.
         """
-        parent = self.agent_of_pid(pid)
-        t0 = time.perf_counter()
-        async with self._lock:
-            slot = self._free_slot()
-            ipv4, ipv6 = (str(a) for a in self.block.agent_address(slot))
+        parent, home = self._cgroup_of(pid)
+        steps = _Steps()
+        slot = self._reserve_slot()
+        ipv4, ipv6 = (str(a) for a in self.block.agent_address(slot))
+        staged = f"pending-{slot}"  # the agent's directory until its certificate names it
+        issued: AgentIssued | None = None
+        staging: asyncio.Future[None] | None = None
+        try:
             key = ed25519.Ed25519PrivateKey.generate()
             body = {"csr": build_csr(key), "name": name or "agent", "principal": principal, "scopes": scopes,
                     "ttl_seconds": int(ttl.total_seconds()), "parent": parent, "ipv4": ipv4, "ipv6": ipv6,
                     "grant": grant}
-            t1 = time.perf_counter()
-            issued = AgentIssued.model_validate(await self.controller.call("POST", "/v1/agents", body))
-            t2 = time.perf_counter()
+            steps.done("key")
+            # While the controller signs: the key and CA on disk, the caller in a cgroup of its own.
+            staging = asyncio.ensure_future(asyncio.to_thread(self._stage, staged, ipv4, key, pid, user))
+            try:
+                issued = AgentIssued.model_validate(await self.controller.call("POST", "/v1/agents", body))
+            finally:
+                await asyncio.wait([staging])
+            steps.done("certificate")
+            staging.result()
             agent_id = issued.agent.id
-            directory = self.directory / agent_id
-            agent = LocalAgent(agent_id, slot, issued, directory, issued.agent.expires)
-            self.local[agent_id] = agent
-        try:
-            directory.mkdir(mode=0o700)
-            write_private(directory / "agent.key", key_pem(key), durable=False)
-            write_private(directory / "agent.crt", issued.certificate, 0o644, durable=False)
-            shutil.copyfile(self.ca_cert, directory / "ca.crt")
-            if user is not None:
-                for path in (directory, *directory.iterdir()):
-                    os.chown(path, *user)
-            await asyncio.to_thread(self.net.add, agent_id, ipv4, ipv6)
-            self._on_change(issued)  # the node honors its own agent at once, before the controller echoes it
-            await asyncio.to_thread(self.net.move, pid, agent_id)
-            if exited():
-                raise InvalidInput(f"the process that asked for agent {agent_id} exited before it became one")
-            agent.moved = True
-        except (IdmeshError, OSError) as exc:
-            await self.end(agent_id, "failed to start")
+            agent = LocalAgent(agent_id, slot, issued, self.directory / agent_id, issued.agent.expires)
+            await asyncio.to_thread(self._set_up, agent, staged, user, steps)
+        except BaseException as exc:
+            await self._unwind(staged, ipv4, pid, home, staging, issued)
+            self._reserved.discard(slot)
             if isinstance(exc, OSError):
-                raise InvalidInput(f"could not set up agent {agent_id}: {exc.strerror or exc}") from exc
+                raise InvalidInput(f"could not set up agent for {principal}: {exc.strerror or exc}") from exc
             raise
-        t3 = time.perf_counter()
-        log.info("agent %s (%s for %s, %s) born at %s/%s%s in %.1f ms (key %.1f, certificate %.1f, data plane %.1f)",
-                 agent_id, issued.agent.name, principal, " ".join(scopes), ipv4, ipv6,
-                 f", sub-agent of {parent}" if parent else "", (t3 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                 (t3 - t2) * 1e3)
+        self.local[agent_id] = agent
+        self._reserved.discard(slot)
+        if exited():
+            await self.end(agent_id, "failed to start")
+            raise InvalidInput(f"the process that asked for agent {agent_id} exited before it became one")
+        agent.moved = True
+        self._on_change(issued)  # the node honors its own agent at once, before the controller echoes it
+        log.info("agent %s (%s for %s, %s) born at %s/%s%s in %s", agent_id, issued.agent.name, principal,
+                 " ".join(scopes), ipv4, ipv6, f", sub-agent of {parent}" if parent else "", steps)
         return agent
+
+    def _stage(self, staged: str, ipv4: str, key: ed25519.Ed25519PrivateKey, pid: int,
+               user: tuple[int, int] | None) -> None:
+        """What needs no certificate: the agent's directory with its key and the CA; the caller's cgroup."""
+        directory = self.directory / staged
+        directory.mkdir(mode=0o700)
+        write_private(directory / "agent.key", key_pem(key), durable=False)
+        shutil.copyfile(self.ca_cert, directory / "ca.crt")
+        if user is not None:
+            for path in (directory, *directory.iterdir()):
+                os.chown(path, *user)
+        self.net.stage(ipv4, pid)
+
+    def _set_up(self, agent: LocalAgent, staged: str, user: tuple[int, int] | None, steps: _Steps) -> None:
+        """The rest, with the certificate: files renamed to the agent's id, its nftables entries."""
+        (self.directory / staged).rename(agent.directory)
+        cert = agent.directory / "agent.crt"
+        write_private(cert, agent.issued.certificate, 0o644, durable=False)
+        if user is not None:
+            os.chown(cert, *user)
+        steps.done("files")
+        a = agent.issued.agent
+        self.net.add(agent.id, a.addresses[0], a.addresses[1], steps.done, staged=True)
+
+    async def _unwind(self, staged: str, ipv4: str, pid: int, home: str, staging: asyncio.Future[None] | None,
+                      issued: AgentIssued | None) -> None:
+        """A birth that failed before the agent was whole: the caller back home, files gone, the controller told."""
+        if staging is not None and staging.done() and staging.exception() is None:
+            try:
+                await asyncio.to_thread(self.net.unstage, ipv4, pid, home)
+            except IdmeshError as exc:
+                log.error("a failed birth at %s left its cgroup: %s", ipv4, exc)
+        for leftover in (self.directory / staged, *([self.directory / issued.agent.id] if issued else [])):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if issued is not None:
+            try:
+                await self.controller.call("DELETE", f"/v1/agents/{issued.agent.id}")
+            except IdmeshError as exc:
+                log.warning("could not tell the controller agent %s never started: %s", issued.agent.id, exc)
 
     def agent_of_pid(self, pid: int) -> str | None:
         """The local agent whose cgroup holds ``pid``: its whole cgroup v2 path must be the agent's."""
+        return self._cgroup_of(pid)[0]
+
+    def _cgroup_of(self, pid: int) -> tuple[str | None, str]:
+        """The local agent ``pid`` belongs to (None: none), and its cgroup v2 path as ``/proc`` names it."""
         try:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         except OSError as exc:
@@ -190,8 +276,8 @@ class AgentSupervisor:
         for line in lines:
             if line.startswith("0::"):
                 agent = self.net.agent_of_cgroup(line[3:])
-                return agent if agent in self.local else None
-        return None
+                return (agent if agent in self.local else None), line[3:]
+        return None, "/"
 
     async def end(self, agent_id: str, reason: str, tell_controller: bool = True) -> None:
         agent = self.local.get(agent_id)
@@ -207,10 +293,13 @@ class AgentSupervisor:
         log.info("agent %s ended: %s", agent_id, reason)
         self._on_change(None)
         if tell_controller:
+            self._reserved.add(agent.slot)  # the controller holds the address until it hears of the end
             try:
                 await self.controller.call("DELETE", f"/v1/agents/{agent_id}")
             except IdmeshError as exc:  # it expires on every node anyway; say so and go on
                 log.warning("could not tell the controller agent %s ended: %s", agent_id, exc)
+            finally:
+                self._reserved.discard(agent.slot)
 
     async def revoked(self, ids: tuple[str, ...] | list[str]) -> None:
         """The controller revoked these: kill what runs, clean up, no need to tell it back."""

@@ -82,7 +82,7 @@ class DataPlane:
         self.firewall = firewall
         self.fwmark = fwmark  # on the tunnel's own packets, so that they bypass identity-based routes
         self.routing: RouteApplier | None = None  # identity-based routes, set by the daemon once agents can be marked
-        self.lock = threading.Lock()  # one apply at a time; status reads the device under it too
+        self.lock = threading.Lock()  # one apply at a time (status does not take it: see meshd.node.answers)
         self.filter: NodeFilter | None = None
         self._ids: Identities | None = None
         self._policy: Policy | None = None

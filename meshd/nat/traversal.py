@@ -202,7 +202,7 @@ class Traversal:
     def paths(self) -> dict[str, int]:
         """How many peers go which way (metrics)."""
         out = {"direct": 0, "relay": 0, "none": 0}
-        for p in self._peers.values():
+        for p in tuple(self._peers.values()):  # a scrape's thread: copied in one step, as the loop may change it
             out[p.choice.kind] += 1
         return out
 

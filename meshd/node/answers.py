@@ -2,9 +2,11 @@
 
 Both are read while the event loop changes the state they read (status on
 the loop, metrics in the metrics server's thread), so each takes one
-reference per subsystem up front and reads the WireGuard device under the
-data plane's lock; a scrape sees a consistent device, if not the very
-latest netmap.
+reference per subsystem up front. Neither waits for the data plane: an
+apply may take seconds at scale, and ``meshctl status`` must answer at once.
+The WireGuard device is read on its own (each driver serialises its own
+conversations), routing reads what its last apply published; a scrape sees
+each piece consistent, if not the very latest netmap.
 """
 
 from __future__ import annotations
@@ -49,10 +51,7 @@ class Node(Protocol):
 
 
 def _device(plane: DataPlane | None) -> DeviceState | None:
-    if plane is None:
-        return None
-    with plane.lock:
-        return plane.device.state()
+    return plane.device.state() if plane is not None else None
 
 
 def status(node: Node) -> Status:

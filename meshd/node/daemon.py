@@ -194,9 +194,10 @@ class Daemon:
         user = self._may_act_for(caller, req)
         agent = await self.supervisor.create(caller.pid, req.principal, req.scopes, timedelta(seconds=req.ttl_seconds),
                                              req.name, user, req.grant, caller.exited)
-        # The command starts when this returns: let the converger install the agent's routes first,
-        # so its first connection already takes its gateway (bounded: a slow apply must not block it).
-        if not await self.converger.wait_for(self._agent_due, AGENT_ROUTES_WAIT):
+        # The command starts when this returns: where the policy routes by identity, let the converger
+        # install the agent's routes first, so its first connection already takes its gateway (bounded: a
+        # slow apply must not block it). Everything else the agent needs here is in place already.
+        if self.mesh.policy.routes and not await self.converger.wait_for(self._agent_due, AGENT_ROUTES_WAIT):
             log.warning("agent %s starts before its routes are installed", agent.issued.agent.id)
         return {"agent": agent.issued.agent.model_dump(mode="json"),
                 "environment": agent.environment(agent.directory / "ca.crt", self.settings.socket)}

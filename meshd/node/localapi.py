@@ -162,7 +162,9 @@ class LocalApi:
         # The answers are TypedDicts for mypy; FastAPI sends them as they are (response_model=None).
         @app.get("/v1/status", response_model=None)
         async def get_status() -> Status:
-            return node.status()
+            # In a worker thread, as a metrics scrape is: reading the WireGuard device may wait for a
+            # device update in progress, and the event loop (births, the stream) must not wait with it.
+            return await asyncio.to_thread(node.status)
 
         @app.get("/v1/whois", response_model=None)
         async def get_whois(address: str) -> Whois:

@@ -309,7 +309,7 @@ class Routing:
 
     # -- choosing gateways ---------------------------------------------------------------------------------------
     def _active(self, choice: RouteChoice, now: float) -> _Tunnel | None:
-        tunnels = [self._tunnels[g] for g in choice.gateways if g in self._tunnels]
+        tunnels = [t for g in choice.gateways if (t := self._tunnels.get(g)) is not None]  # one lookup: status races
         return next((t for t in tunnels if t.up(now)), tunnels[0] if tunnels else None)
 
     def _install(self) -> None:
@@ -379,19 +379,25 @@ class Routing:
             return True
 
     def status(self) -> dict[str, object]:
-        """For ``meshctl status``: the tunnels, whether each gateway is up, and each identity's active routes."""
-        with self._lock:
-            now = self._clock()
-            return {
-                "gateway_interface": self.gateway_ifname,
-                "offered": list(self.offer.routes),
-                "clients": sorted(self._inputs.routes.clients),
-                "tunnels": [{"gateway": t.gateway, "interface": t.ifname, "up": t.up(now)}
-                            for t in sorted(self._tunnels.values(), key=lambda t: t.gateway)],
-                "routes": [{"identity": key, "prefix": c.prefix, "gateways": list(c.gateways),
-                            "via": (a.gateway if (a := self._active(c, now)) else None)}
-                           for key, choices in sorted(self._inputs.routes.senders.items()) for c in choices],
-            }
+        """For ``meshctl status``: the tunnels, whether each gateway is up, and each identity's active routes.
+
+        It does not take the lock: status must answer while an apply runs
+        (which may take seconds at scale). What it reads is replaced whole
+        under the lock (``_inputs``) or copied in one step that no thread
+        can interleave (``tuple`` of a dict's values is a single call under
+        the GIL); it may describe the state just before a running apply.
+        """
+        now, inputs, tunnels = self._clock(), self._inputs, tuple(self._tunnels.values())
+        return {
+            "gateway_interface": self.gateway_ifname,
+            "offered": list(self.offer.routes),
+            "clients": sorted(inputs.routes.clients),
+            "tunnels": [{"gateway": t.gateway, "interface": t.ifname, "up": t.up(now)}
+                        for t in sorted(tunnels, key=lambda t: t.gateway)],
+            "routes": [{"identity": key, "prefix": c.prefix, "gateways": list(c.gateways),
+                        "via": (a.gateway if (a := self._active(c, now)) else None)}
+                       for key, choices in sorted(inputs.routes.senders.items()) for c in choices],
+        }
 
     def close(self) -> None:
         """Remove every rule, route, table entry and interface this module made."""

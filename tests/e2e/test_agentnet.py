@@ -387,7 +387,8 @@ def test_agents_come_and_go_without_disturbing_each_other(mesh: Mesh) -> None:
     second = Client(mesh, H2_V4, 7000, (agents, "a2"))
     assert _seen(srv) == A2_V4 and second.send("hello") == "hello"
     sleeper = agents.call("spawn", agent_id="a2", argv=["sleep", "300"])["pid"]
-    a2_dir = mesh.cgroup_tree / "a2"
+    a2_dir = mesh.cgroup_tree / Path(a2["cgroup"]).name  # the helper sees it in its own mount namespace
+    assert a2_dir.name == "agent-3"  # named after its number, like its chain
     assert str(sleeper) in (a2_dir / "cgroup.procs").read_text().split()  # seen from the host's cgroupfs too
     assert first.send("two") == "two"
     assert agents.call("flows", mark=a2["mark"])["flows"] >= 1
@@ -409,7 +410,7 @@ def test_agents_come_and_go_without_disturbing_each_other(mesh: Mesh) -> None:
     # Spawned and removed at once: the wrapper either joins before the kill (and dies) or cannot join
     # (and never runs its command); nothing of it survives, outside the cgroup least of all.
     for attempt in range(5):
-        agents.call("add", agent_id="a5", ipv4="100.64.0.5", ipv6="fd00:1::5")
+        agents.call("add", agent_id="a5", ipv4="100.64.0.5", ipv6="fd00:1::5")  # cgroup agent-5
         racer: int = agents.call("spawn", agent_id="a5", argv=["sleep", "300"], wait=False)["pid"]
         agents.call("remove", agent_id="a5")
 
@@ -417,10 +418,10 @@ def test_agents_come_and_go_without_disturbing_each_other(mesh: Mesh) -> None:
             return not _alive(pid)
 
         wait_until(gone, 5, f"the racing spawn #{attempt} to be gone")
-        assert not (mesh.cgroup_tree / "a5").exists()
+        assert not (mesh.cgroup_tree / "agent-5").exists()
 
     agents.call("remove", agent_id="a1")
-    assert first.proc.wait(5) == -signal.SIGKILL and not (mesh.cgroup_tree / "a1").exists()
+    assert first.proc.wait(5) == -signal.SIGKILL and not (mesh.cgroup_tree / "agent-2").exists()
     assert agents.call("flows", mark=a1["mark"])["flows"] == 0
     assert agents.call("spoofed")["spoofed"] == 0
     assert "goto agent_" not in mesh.h1.run(["nft", "list", "table", "inet", "idmesh_agents"]).stdout
@@ -432,11 +433,11 @@ def test_close_and_a_crashed_run_leave_nothing_behind(mesh: Mesh) -> None:
     orphan = crashed.call("spawn", agent_id="a1", argv=["sleep", "300"])["pid"]
     os.kill(crashed.proc.pid, signal.SIGKILL)  # meshd dies; its agent and its table live on
     crashed.proc.wait(5)
-    assert _alive(orphan) and (mesh.cgroup_tree / "a1").is_dir()
+    assert _alive(orphan) and (mesh.cgroup_tree / "agent-2").is_dir()
     assert "goto agent_2" in mesh.h1.run(["nft", "list", "table", "inet", "idmesh_agents"]).stdout
 
     agents = mesh.helper()  # start() takes over: the orphan is killed, its cgroup and entries go
-    assert not _alive(orphan) and not (mesh.cgroup_tree / "a1").exists()
+    assert not _alive(orphan) and not (mesh.cgroup_tree / "agent-2").exists()
     assert "goto agent_" not in mesh.h1.run(["nft", "list", "table", "inet", "idmesh_agents"]).stdout
     agents.call("add", agent_id="a1", ipv4=A1_V4, ipv6=A1_V6)
     srv = mesh.server(H2_V4, 7000)

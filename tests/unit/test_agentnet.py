@@ -25,10 +25,10 @@ from meshd.kernel.nft import Libnftables
 from tests.prerequisites import require
 
 T = AgentTable("h1", "idmesh0", IPv4Network("100.64.0.0/26"), IPv6Network("fd00:1::/64"))
-A1 = AgentSlot("a1", Path("/sys/fs/cgroup/idmesh-h1/a1"), 0x00200000, 2, "100.64.0.2", "fd00:1::2",
-               "idmesh-h1/a1")
-A3 = AgentSlot("a3", Path("/sys/fs/cgroup/idmesh-h1/a3"), 0x00300000, 3, "100.64.0.3", "fd00:1::3",
-               "idmesh-h1/a3")
+A1 = AgentSlot("a1", Path("/sys/fs/cgroup/idmesh-h1/agent-2"), 0x00200000, 2, "100.64.0.2", "fd00:1::2",
+               "idmesh-h1/agent-2")
+A3 = AgentSlot("a3", Path("/sys/fs/cgroup/idmesh-h1/agent-3"), 0x00300000, 3, "100.64.0.3", "fd00:1::3",
+               "idmesh-h1/agent-3")
 
 TABLE_TEXT = """\
 add table inet idmesh_agents
@@ -72,7 +72,7 @@ add chain inet idmesh_agents agent_2
 flush chain inet idmesh_agents agent_2
 add rule inet idmesh_agents agent_2 meta mark set meta mark & 0x000fffff | 0x00200000
 add rule inet idmesh_agents agent_2 ct mark set ct mark & 0x000fffff | 0x00200000
-add element inet idmesh_agents agent_cgroups { "idmesh-h1/a1" comment "a1" : goto agent_2 }
+add element inet idmesh_agents agent_cgroups { "idmesh-h1/agent-2" comment "a1" : goto agent_2 }
 add element inet idmesh_agents agent_flows { 0x00200000 comment "a1" : goto agent_2 }
 add element inet idmesh_agents agent_src4 { 0x00200000 : 100.64.0.2 }
 add element inet idmesh_agents agent_src6 { 0x00200000 : fd00:1::2 }
@@ -136,13 +136,13 @@ def test_adding_an_agent_is_its_chain_and_elements_only() -> None:
 
 def test_removing_an_agent_names_only_its_own_entries() -> None:
     assert render_remove(T, A1, others=[A1, A3]) == \
-        'delete element inet idmesh_agents agent_cgroups { "idmesh-h1/a1" }\n' + REMOVE_TAIL
+        'delete element inet idmesh_agents agent_cgroups { "idmesh-h1/agent-2" }\n' + REMOVE_TAIL
 
 
 def test_removing_an_agent_whose_cgroup_vanished_rebuilds_the_cgroup_map_in_the_same_transaction() -> None:
     assert render_remove(T, A1, cgroup_gone=True, others=[A3, A1]) == (
         "flush map inet idmesh_agents agent_cgroups\n"
-        'add element inet idmesh_agents agent_cgroups { "idmesh-h1/a3" comment "a3" : goto agent_3 }\n'
+        'add element inet idmesh_agents agent_cgroups { "idmesh-h1/agent-3" comment "a3" : goto agent_3 }\n'
         + REMOVE_TAIL)
     assert render_remove(T, A1, cgroup_gone=True, others=[A1]) == \
         "flush map inet idmesh_agents agent_cgroups\n" + REMOVE_TAIL
@@ -151,7 +151,7 @@ def test_removing_an_agent_whose_cgroup_vanished_rebuilds_the_cgroup_map_in_the_
 def test_a_slot_command_enters_the_cgroup_before_it_runs() -> None:
     argv = A1.command(["python3", "agent.py", "--flag"])
     assert argv[:3] == ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"']
-    assert argv[3:] == ["/sys/fs/cgroup/idmesh-h1/a1/cgroup.procs", "python3", "agent.py", "--flag"]
+    assert argv[3:] == ["/sys/fs/cgroup/idmesh-h1/agent-2/cgroup.procs", "python3", "agent.py", "--flag"]
 
 
 def test_agent_names() -> None:
@@ -197,6 +197,14 @@ class FakeCgroups:
     def move(self, agent_id: str, pid: int) -> None:
         self.log.append(f"move {pid} {agent_id}")
         self.groups[agent_id].add(pid)
+
+    def path(self, name: str) -> Path:
+        return self.where.directory / name
+
+    def move_home(self, pid: int, home: str) -> None:
+        self.log.append(f"move {pid} home {home}")
+        for members in self.groups.values():
+            members.discard(pid)
 
     def populated(self, agent_id: str) -> bool:
         return bool(self.groups[agent_id])
@@ -272,16 +280,16 @@ def test_start_installs_the_table_with_the_level_cgroupfs_reports(rig: Rig
     net.start()  # idempotent
     assert len(nft.scripts) == 1 and "socket cgroupv2 level 4 vmap" in nft.scripts[0]
     slot = net.add("a1", "100.64.0.2", "fd00:1::2")
-    assert slot.nft_cgroup == "system.slice/meshd.service/idmesh-h1/a1"
+    assert slot.nft_cgroup == "system.slice/meshd.service/idmesh-h1/agent-2"
 
 
 def test_add_move_populated_remove(rig: Rig, log: list[str]) -> None:
     net, nft, forgotten = rig.net, rig.nft, rig.forgotten
     net.start()
     slot = net.add("a1", "100.64.0.2", "fd00:1::2")
-    assert slot == AgentSlot("a1", Path("/sys/fs/cgroup/unified/idmesh-h1/a1"), 0x00200000, 2, "100.64.0.2",
-                             "fd00:1::2", "unified/idmesh-h1/a1")
-    assert nft.scripts[-1] == ADD_TEXT.replace('"idmesh-h1/a1"', '"unified/idmesh-h1/a1"')
+    assert slot == AgentSlot("a1", Path("/sys/fs/cgroup/unified/idmesh-h1/agent-2"), 0x00200000, 2, "100.64.0.2",
+                             "fd00:1::2", "unified/idmesh-h1/agent-2")
+    assert nft.scripts[-1] == ADD_TEXT.replace('"idmesh-h1/agent-2"', '"unified/idmesh-h1/agent-2"')
     assert net.slots == {"a1": slot}
     assert not net.populated("a1")
     net.move(4242, "a1")
@@ -295,9 +303,9 @@ def test_add_move_populated_remove(rig: Rig, log: list[str]) -> None:
     net.remove("a1")
     # processes die while their mark still applies; their flows are forgotten before and after the entries go
     # (late kernel packets of those flows leave as the node, not as spoofs); the directory goes last
-    assert log == ["kill a1", "forget 0x200000",
-                   'nft delete element inet idmesh_agents agent_cgroups { "unified/idmesh-h1/a1" }',
-                   "forget 0x200000", "rmdir a1"]
+    assert log == ["kill agent-2", "forget 0x200000",
+                   'nft delete element inet idmesh_agents agent_cgroups { "unified/idmesh-h1/agent-2" }',
+                   "forget 0x200000", "rmdir agent-2"]
     assert forgotten == [(0x00200000, 0xFFF00000)] * 2
     assert net.slots == {}
     with pytest.raises(NotFound, match="agent a1 does not run on node h1"):
@@ -354,10 +362,10 @@ def test_remove_when_the_cgroup_vanished_rebuilds_the_map(rig: Rig) -> None:
     net.start()
     net.add("a1", "100.64.0.2", "fd00:1::2")
     net.add("a3", "100.64.0.3", "fd00:1::3")
-    del cg.groups["a1"]  # an operator's rmdir
+    del cg.groups["agent-2"]  # an operator's rmdir
     net.remove("a1")
     assert nft.scripts[-1].startswith("flush map inet idmesh_agents agent_cgroups\n"
-                                      'add element inet idmesh_agents agent_cgroups { "unified/idmesh-h1/a3"')
+                                      'add element inet idmesh_agents agent_cgroups { "unified/idmesh-h1/agent-3"')
 
 
 def test_close_kills_then_deletes_the_table_then_the_cgroups(rig: Rig,
@@ -412,7 +420,7 @@ def _need_nft() -> None:
 
 
 CHECK = """
-mount -t tmpfs none /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/idmesh-h1/a1 /sys/fs/cgroup/idmesh-h1/a3 && exec nft -c -f -
+mount -t tmpfs none /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/idmesh-h1/agent-2 /sys/fs/cgroup/idmesh-h1/agent-3 && exec nft -c -f -
 """
 
 
@@ -453,9 +461,9 @@ def test_libnftables_dry_run_accepts_the_table_and_maps_errors() -> None:
 def test_a_process_is_an_agents_only_if_its_whole_cgroup_path_is_the_agents(rig: Rig) -> None:
     rig.net.start()
     rig.net.add("a1", "100.64.0.2", "fd00:1::2")
-    assert rig.net.agent_of_cgroup("/idmesh-h1/a1") == "a1"
-    assert rig.net.agent_of_cgroup("/idmesh-h1/a1/") == "a1"
-    for elsewhere in ("/user.slice/a1", "/a1", "/idmesh-h2/a1", "/idmesh-h1/a1/nested", "/x/idmesh-h1/a1",
+    assert rig.net.agent_of_cgroup("/idmesh-h1/agent-2") == "a1"
+    assert rig.net.agent_of_cgroup("/idmesh-h1/agent-2/") == "a1"
+    for elsewhere in ("/user.slice/a1", "/a1", "/idmesh-h2/a1", "/idmesh-h1/a1/nested", "/x/idmesh-h1/agent-2",
                       "/idmesh-h1/a2", "/idmesh-h1"):
         assert rig.net.agent_of_cgroup(elsewhere) is None, elsewhere
 
@@ -470,3 +478,30 @@ def test_the_cgroup_tree_names_the_node_directory_as_proc_pid_cgroup_does(tmp_pa
     monkeypatch.setattr(cgroups, "NFT_CGROUP_BASE", tmp_path)  # a hierarchy of our own, as meshd.service sees one
     where = locate_cgroup2(tmp_path / "system.slice", "idmesh-h1", mount=False)
     assert where.tree == "/system.slice/idmesh-h1" and where.agent_level == 3
+
+
+def test_a_staged_caller_is_in_its_cgroup_before_the_certificate_and_keeps_it(rig: Rig, log: list[str]) -> None:
+    net, cg = rig.net, rig.cg
+    net.start()
+    log.clear()
+    net.stage("100.64.0.2", 4242)  # while the controller signs
+    assert log == ["create agent-2", "move 4242 agent-2"]  # no nft yet: its packets are the node's
+    slot = net.add("a1", "100.64.0.2", "fd00:1::2", staged=True)
+    assert log[2:] == ["nft add chain inet idmesh_agents agent_2"]
+    assert cg.groups == {"agent-2": {4242}} and slot.cgroup.name == "agent-2" and net.populated("a1")
+    assert net.agent_of_cgroup("/idmesh-h1/agent-2") == "a1"
+    with pytest.raises(InvalidInput, match="100.64.0.1 is not an agent address"):
+        net.stage("100.64.0.1", 4243)  # the node's own
+
+
+def test_a_failed_staged_birth_gives_the_caller_back_and_leaves_nothing(rig: Rig, log: list[str]) -> None:
+    net, cg, nft = rig.net, rig.cg, rig.nft
+    net.start()
+    net.stage("100.64.0.2", 4242)
+    nft.refuse = "agent_src4"
+    with pytest.raises(Unavailable):
+        net.add("a1", "100.64.0.2", "fd00:1::2", staged=True)
+    assert cg.groups == {"agent-2": {4242}} and net.slots == {}  # the caller was not killed with the cgroup
+    log.clear()
+    net.unstage("100.64.0.2", 4242, "/user.slice/session-1.scope")
+    assert log == ["move 4242 home /user.slice/session-1.scope", "rmdir agent-2"] and cg.groups == {}

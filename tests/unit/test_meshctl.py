@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from meshctl.main import build_parser
 
@@ -57,17 +58,52 @@ def test_building_the_parser_loads_nothing_heavy() -> None:
     assert heavy(loaded_by("from meshctl.main import build_parser; build_parser()")) == set()
 
 
-def test_agent_run_loads_only_the_local_client() -> None:
-    # As far as meshctl gets without a meshd: the request to the socket.
-    modules = loaded_by(
-        "from meshcore.errors import Unavailable\n"
-        "from meshctl.main import build_parser\n"
-        "args = build_parser().parse_args(['agent', 'run', '--socket', '/nonexistent/meshd.sock',\n"
-        "                                  '--principal', 'p', '--scope', 's:r', '--', 'true'])\n"
-        "try:\n"
-        "    args.func(args)\n"
-        "except Unavailable:\n"
-        "    pass\n"
-        "else:\n"
-        "    raise SystemExit('meshctl agent run reached meshd at /nonexistent')")
-    assert heavy(modules) == {"httpx"}
+FAKE_MESHD = """\
+import http.server, json, os, socketserver, sys, tempfile, threading
+ANSWERS = {"/v1/agents": {"agent": {"id": "a1", "name": "true", "principal": "p", "scopes": ["s:r"],
+                                    "addresses": ["100.64.0.2", "fd00::2"], "expires": "2026-12-01T00:00:00+00:00"},
+                          "environment": {"IDMESH_AGENT_ID": "a1"}},
+           "/v1/status": {"node": "n"}, "/v1/whois": {"kind": "node"}}
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(ANSWERS[self.path.split("?")[0]]).encode()
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args): pass
+SOCKET = os.path.join(tempfile.mkdtemp(), "meshd.sock")
+server = socketserver.UnixStreamServer(SOCKET, Answer)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+def exec_instead(*argv):  # what would be exec'd: report the modules loaded up to here, instead
+    print(json.dumps(sorted(sys.modules)), flush=True); os._exit(0)
+os.execvpe = exec_instead
+from meshctl.main import build_parser
+def meshctl(command, *rest):  # command: the words before the options, e.g. "agent run"
+    args = build_parser().parse_args([*command.split(), "--socket", SOCKET, *rest])
+    args.func(args)
+"""
+
+
+def test_agent_run_loads_neither_httpx_nor_the_policy_compiler_nor_pydantic() -> None:
+    # The whole command against a meshd that answers, up to the exec of the agent's command.
+    modules = loaded_by(FAKE_MESHD + "meshctl('agent run', '-q', '--principal', 'p', '--scope', 's:r', '--', 'true')")
+    assert heavy(modules) == set()
+    assert "http.client" in modules  # it did talk to the socket
+
+
+def test_status_and_whois_load_nothing_heavy() -> None:
+    modules = loaded_by(FAKE_MESHD + "meshctl('status', '--json')\nmeshctl('whois', '100.64.0.2', '--json')")
+    assert heavy(modules) == set() and "http.client" in modules
+
+
+def test_a_meshd_that_is_not_there_is_one_line() -> None:
+    from idmesh.local import LocalClient
+    from meshcore.errors import Unavailable
+
+    try:
+        LocalClient(Path("/nonexistent/meshd.sock")).get("/v1/status")
+    except Unavailable as exc:
+        assert str(exc) == "meshd is not running or not reachable at /nonexistent/meshd.sock: No such file or directory"
+    else:
+        raise AssertionError("reached a meshd at /nonexistent")

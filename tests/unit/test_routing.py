@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from meshcore.policy import AgentIdentity, Identities, NodeIdentity, load_policy
@@ -263,3 +264,11 @@ def test_a_restarted_wireguard_go_gets_its_link_and_routes_back_at_the_next_poll
     assert rig.routing.poll() is True
     assert rig.netconf.links["wg0r1"].up and len(rig.tables.applied) == plans + 1
     assert rig.routing.poll() is False  # handled once
+
+
+def test_status_answers_while_an_apply_holds_the_routing_lock() -> None:
+    rig = Rig(marks={"sre": 0x00200000})
+    rig.routing.apply(POLICY, _ids(SRE), NODES)
+    with ThreadPoolExecutor(1) as pool, rig.routing._lock:  # an apply in progress, e.g. at 10,000 nodes
+        status: Any = pool.submit(rig.routing.status).result(timeout=5)
+    assert status["routes"][0]["via"] == "exit-a" and len(status["tunnels"]) == 2
