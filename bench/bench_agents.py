@@ -59,6 +59,8 @@ import json, os, sys, time
 from idmesh.local import LocalClient
 client, n, out = LocalClient(sys.argv[1]), int(sys.argv[2]), []
 body = {"principal": "nikita@acme.com", "scopes": ["db:read"], "ttl_seconds": 600, "name": "bench"}
+if sys.argv[3:] == ["--wait"]:  # started with others: begin together, once all are up
+    print("ready", flush=True); sys.stdin.readline()
 for _ in range(n):
     r, w = os.pipe()
     pid = os.fork()
@@ -119,10 +121,16 @@ def birth_steps(node: Node) -> dict[str, float]:
 
 
 def concurrent_births(agents: Node, callers: int, each: int) -> float:
-    """Births per second with ``callers`` asking at once, ``each`` births apiece."""
-    procs = [agents.host.popen([sys.executable, "-c", BIRTHS, str(agents.socket), str(each)],
-                               stdout=subprocess.PIPE, text=True) for _ in range(callers)]
+    """Births per second with ``callers`` asking at once, ``each`` births apiece (timed from when all are up)."""
+    procs = [agents.host.popen([sys.executable, "-c", BIRTHS, str(agents.socket), str(each), "--wait"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(callers)]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     t0 = time.perf_counter()
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     for proc in procs:
         proc.communicate(timeout=600)
         if proc.returncode != 0:

@@ -66,8 +66,7 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
                     raise InvalidInput(f"invalid agent address {address!r}") from exc
                 if not inside or address in (str(block.node_v4), str(block.node_v6)):
                     raise PermissionDenied(f"agent address {address} is not in node {node_name}'s agent pool")
-            taken = {a for other in tx.live_agents(now, node=node_name) for a in (other.ipv4, other.ipv6)}
-            if req.ipv4 in taken or req.ipv6 in taken:
+            if tx.address_held(node_name, req.ipv4, req.ipv6, now):
                 raise Conflict(f"agent address {req.ipv4}/{req.ipv6} is held by a live agent")
             if policy is None:
                 raise PermissionDenied("no policy is applied, so no delegation lets anyone mint agents")

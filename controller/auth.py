@@ -17,23 +17,33 @@ from meshcore.identity import Identity, verify_leaf
 
 from .context import Context
 
-__all__ = ["authenticate", "require", "require_admin_or_node"]
+__all__ = ["VERIFIED_LEAVES", "authenticate", "require", "require_admin_or_node"]
+
+VERIFIED_LEAVES = 4096
+"""Client certificates whose signature and profile were checked, kept by their DER: a node's every call
+presents the same one, and checking its signature again is a quarter of a millisecond. The window is
+checked on each use; revocation and membership are asked of the store on every call."""
 
 
 def authenticate(ctx: Context, cert_der: bytes | None, now: datetime) -> Identity:
     """The identity behind a TLS client certificate, or PermissionDenied."""
     if not cert_der:
         raise PermissionDenied("this call needs a client certificate (admin credential or node certificate)")
-    try:
-        ident = verify_leaf(x509.load_der_x509_certificate(cert_der), ctx.ca.cert, now)
-    except (InvalidCertificate, ValueError) as exc:
-        raise PermissionDenied(f"client certificate refused: {exc}") from exc
+    ident = ctx.verified_leaves.get(cert_der)
+    if ident is None or not ident.not_before <= now <= ident.not_after:
+        try:
+            ident = verify_leaf(x509.load_der_x509_certificate(cert_der), ctx.ca.cert, now)
+        except (InvalidCertificate, ValueError) as exc:
+            raise PermissionDenied(f"client certificate refused: {exc}") from exc
+        if len(ctx.verified_leaves) >= VERIFIED_LEAVES:
+            ctx.verified_leaves.clear()
+        ctx.verified_leaves[cert_der] = ident
     with ctx.store.transaction() as tx:
         revoked = tx.certificate_revoked(ident.serial_hex)
-        node = tx.node(ident.spiffe_id.name) if ident.spiffe_id.kind == "node" else None
+        serial = tx.node_cert_serial(ident.spiffe_id.name) if ident.spiffe_id.kind == "node" else None
     if revoked is None or revoked:
         raise PermissionDenied(f"client certificate of {ident.spiffe_id} has been revoked")
-    if ident.spiffe_id.kind == "node" and (node is None or node.cert_serial != ident.serial_hex):
+    if ident.spiffe_id.kind == "node" and serial != ident.serial_hex:
         raise PermissionDenied(f"{ident.spiffe_id} is no longer a member of this mesh")
     return ident
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from idmesh.metrics import Metrics
 from meshcore.addressing import MeshPrefixes
-from meshcore.identity import CertificateAuthority, Kind, SpiffeId
+from meshcore.identity import CertificateAuthority, Identity, Kind, SpiffeId
 from meshcore.policy import Policy
 
 from .authority import DataDir, load_authority
@@ -88,6 +88,8 @@ class Context:
     provider: tuple[str, OidcProvider] | None = None
     nat: NatSettings = field(default_factory=NatSettings)
     approvals: dict[str, asyncio.Event] = field(default_factory=dict)
+    verified_leaves: dict[bytes, Identity] = field(default_factory=dict)
+    """Client certificates already verified, by DER (:data:`controller.auth.VERIFIED_LEAVES`)."""
 
     @classmethod
     def open(cls, data: Path) -> Context:

@@ -157,4 +157,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE nodes ADD COLUMN reach TEXT NOT NULL DEFAULT '{}';
     """,
+    # 9: a birth asks whether its addresses are held by a live agent of its node: an index of the live ones,
+    # so the question does not read the node's whole history (issue 16)
+    """
+    CREATE INDEX agents_live_ipv4 ON agents(node, ipv4) WHERE ended_at IS NULL;
+    CREATE INDEX agents_live_ipv6 ON agents(node, ipv6) WHERE ended_at IS NULL;
+    """,
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
@@ -39,6 +39,8 @@ class HeldAgent:
     serial: str
     grant: str | None = None
     """The grant it was born from (its principal authorized it); None: the node's word, under a delegation."""
+    pem: str = field(default="", repr=False)
+    """The certificate it was admitted with."""
 
     @property
     def authorized_by(self) -> str:
@@ -68,13 +70,27 @@ class AgentBook:
         self.agents: dict[str, HeldAgent] = {}
         self.identities = IdentityView(self.agents)
         self._by_address: dict[str, str] = {}
+        self._pem_of: dict[str, str] = {}  # the certificate of each held agent -> its id
         self._revoked: set[str] = set()
         # Identities that ended lately, by address: only to name the sender of a flow
         # logged just after its agent exited. Never consulted for honoring anything.
         self._recent: dict[str, HeldAgent] = {}
 
+    def held(self, pem: str, now: datetime) -> HeldAgent | None:
+        """The agent of this very certificate, if it is held and still valid: nothing to verify again.
+
+        Every agent born here arrives twice (its birth, then the controller's
+        echo on the stream), and every node's book sees each certificate once
+        per reconnection: the signature check is most of what admitting costs.
+        """
+        agent_id = self._pem_of.get(pem)
+        held = self.agents.get(agent_id) if agent_id else None
+        return held if held is not None and now < held.not_after else None
+
     def admit(self, pem: str, nodes: Mapping[str, PeerNode], now: datetime) -> HeldAgent:
         """Verify one agent certificate and hold it; raise InvalidCertificate saying why not."""
+        if (same := self.held(pem, now)) is not None:
+            return same
         ident = verify_leaf(load_certificate(pem), self.ca, now)
         c = ident.claims
         agent_id = ident.spiffe_id.name
@@ -96,21 +112,25 @@ class AgentBook:
             AgentIdentity(id=agent_id, name=c.name or agent_id, principal=c.principal, scopes=c.scopes,
                           node=c.node, parent=c.parent, ipv4=c.addresses[0], ipv6=c.addresses[1],
                           authorized=c.authorized),
-            ident.not_after, ident.serial_hex, c.grant)
+            ident.not_after, ident.serial_hex, c.grant, pem)
         self.drop([agent_id])
         for address in c.addresses:
             previous = self._by_address.get(address)
             if previous is not None:  # an address is re-used only after its holder ended
                 self.drop([previous])
         self.agents[agent_id] = held
+        self._pem_of[pem] = agent_id
         for address in c.addresses:
             self._by_address[address] = agent_id
         return held
 
     def admit_all(self, pems: tuple[str, ...], nodes: Mapping[str, PeerNode], now: datetime) -> list[str]:
-        """Admit what verifies; log (never raise for) what does not. Returns the ids admitted."""
+        """Admit what verifies; log (never raise for) what does not. Returns the ids admitted (not those
+        already held with the same certificate: nothing changed for them)."""
         admitted = []
         for pem in pems:
+            if self.held(pem, now) is not None:
+                continue
             try:
                 admitted.append(self.admit(pem, nodes, now).identity.id)
             except IdmeshError as exc:
@@ -119,6 +139,7 @@ class AgentBook:
 
     def replace_all(self, pems: tuple[str, ...], nodes: Mapping[str, PeerNode], now: datetime) -> None:
         self.agents.clear()
+        self._pem_of.clear()
         self._by_address.clear()
         self._revoked.clear()
         self.admit_all(pems, nodes, now)
@@ -131,6 +152,7 @@ class AgentBook:
             held = self.agents.pop(agent_id, None)
             if held is not None:
                 gone.append(agent_id)
+                self._pem_of.pop(held.pem, None)
                 if len(self._recent) > 4096:
                     self._recent.clear()
                 self._recent[held.identity.ipv4] = self._recent[held.identity.ipv6] = held

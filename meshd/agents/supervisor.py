@@ -30,13 +30,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
 
+from asyncinotify import Inotify, Mask, Watch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshcore.addressing import NodeBlock
@@ -132,6 +133,9 @@ class AgentSupervisor:
         # slots of births waiting for their certificate, and of ends the controller has not acknowledged
         self._reserved: set[int] = set()
         self._last_slot = -1  # the slot handed out last (round robin)
+        self._inotify: Inotify | None = None  # while watch() runs
+        self._watches: dict[Watch, str] = {}  # a cgroup.events watch -> its agent
+        self._tasks: set[asyncio.Future[None]] = set()  # ends and checks under way
 
     def prepare(self) -> None:
         """Make the agents' directory, and remove what a crashed run left in it.
@@ -206,7 +210,7 @@ class AgentSupervisor:
             staging.result()
             agent_id = issued.agent.id
             agent = LocalAgent(agent_id, slot, issued, self.directory / agent_id, issued.agent.expires)
-            await asyncio.to_thread(self._set_up, agent, staged, user, steps)
+            cgroup = await asyncio.to_thread(self._set_up, agent, staged, user, steps)
         except BaseException as exc:
             await self._unwind(staged, ipv4, pid, home, staging, issued)
             self._reserved.discard(slot)
@@ -219,6 +223,7 @@ class AgentSupervisor:
             await self.end(agent_id, "failed to start")
             raise InvalidInput(f"the process that asked for agent {agent_id} exited before it became one")
         agent.moved = True
+        self._watch_cgroup(agent_id, cgroup)
         self._on_change(issued)  # the node honors its own agent at once, before the controller echoes it
         log.info("agent %s (%s for %s, %s) born at %s/%s%s in %s", agent_id, issued.agent.name, principal,
                  " ".join(scopes), ipv4, ipv6, f", sub-agent of {parent}" if parent else "", steps)
@@ -236,8 +241,8 @@ class AgentSupervisor:
                 os.chown(path, *user)
         self.net.stage(ipv4, pid)
 
-    def _set_up(self, agent: LocalAgent, staged: str, user: tuple[int, int] | None, steps: _Steps) -> None:
-        """The rest, with the certificate: files renamed to the agent's id, its nftables entries."""
+    def _set_up(self, agent: LocalAgent, staged: str, user: tuple[int, int] | None, steps: _Steps) -> Path:
+        """The rest, with the certificate: files renamed to the agent's id, its nftables entries; its cgroup."""
         (self.directory / staged).rename(agent.directory)
         cert = agent.directory / "agent.crt"
         write_private(cert, agent.issued.certificate, 0o644, durable=False)
@@ -245,7 +250,7 @@ class AgentSupervisor:
             os.chown(cert, *user)
         steps.done("files")
         a = agent.issued.agent
-        self.net.add(agent.id, a.addresses[0], a.addresses[1], steps.done, staged=True)
+        return Path(self.net.add(agent.id, a.addresses[0], a.addresses[1], steps.done, staged=True).cgroup)
 
     async def _unwind(self, staged: str, ipv4: str, pid: int, home: str, staging: asyncio.Future[None] | None,
                       issued: AgentIssued | None) -> None:
@@ -290,6 +295,8 @@ class AgentSupervisor:
             log.error("cleaning up agent %s: %s", agent_id, exc)
         shutil.rmtree(agent.directory, ignore_errors=True)
         self.local.pop(agent_id, None)
+        for watch in [w for w, a in self._watches.items() if a == agent_id]:
+            del self._watches[watch]  # the kernel dropped it with the cgroup
         log.info("agent %s ended: %s", agent_id, reason)
         self._on_change(None)
         if tell_controller:
@@ -308,18 +315,75 @@ class AgentSupervisor:
                 await self.end(agent_id, "revoked", tell_controller=False)
 
     async def watch(self) -> None:
-        """End agents whose processes are all gone, or whose identity expired (own clock)."""
+        """End agents whose processes are all gone, or whose identity expired (own clock).
+
+        The kernel says when an agent's cgroup empties (``cgroup.events``
+        through inotify), so an agent that exits is retired at once and its
+        address is free for the next birth; a poll every
+        :data:`WATCH_INTERVAL` enforces expiry and is the backstop. Ends run
+        side by side, each waiting for the controller on its own.
+        """
+        with Inotify() as inotify:
+            self._inotify = inotify
+            poll = asyncio.ensure_future(self._poll())
+            try:
+                async for event in inotify:
+                    agent_id = self._watches.get(event.watch) if event.watch is not None else None
+                    if agent_id is not None and Mask.MODIFY in event.mask:
+                        self._check_empty([agent_id])
+            finally:
+                self._inotify = None
+                poll.cancel()
+
+    async def _poll(self) -> None:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = datetime.now(UTC)
-            for agent in list(self.local.values()):
-                if agent.ended or not agent.moved:
-                    continue
+            live = [a for a in self.local.values() if a.moved and not a.ended]
+            for agent in live:
                 if now >= agent.not_after:
-                    await self.end(agent.id, "expired")
-                elif not await asyncio.to_thread(self.net.populated, agent.id):
-                    await self.end(agent.id, "its processes exited")
+                    self._end_soon(agent.id, "expired")
+            self._check_empty([a.id for a in live if now < a.not_after])
+
+    def _check_empty(self, ids: list[str]) -> None:
+        """Retire those of ``ids`` whose cgroup has no process left (one worker-thread hop for all)."""
+        async def check() -> None:
+            empty = await asyncio.to_thread(self._empty, ids)
+            for agent_id in empty:
+                self._end_soon(agent_id, "its processes exited")
+        if ids:
+            self._spawn(check())
+
+    def _empty(self, ids: list[str]) -> list[str]:
+        out = []
+        for agent_id in ids:
+            try:
+                if not self.net.populated(agent_id):
+                    out.append(agent_id)
+            except NotFound:
+                pass  # ended meanwhile
+        return out
+
+    def _end_soon(self, agent_id: str, reason: str) -> None:
+        agent = self.local.get(agent_id)
+        if agent is not None and not agent.ended:
+            self._spawn(self.end(agent_id, reason))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _watch_cgroup(self, agent_id: str, cgroup: Path) -> None:
+        if self._inotify is not None:
+            try:
+                self._watches[self._inotify.add_watch(cgroup / "cgroup.events", Mask.MODIFY)] = agent_id
+            except OSError as exc:  # the poll still sees it go
+                log.warning("agent %s: cannot watch %s/cgroup.events: %s", agent_id, cgroup, exc.strerror)
 
     async def close(self) -> None:
         for agent_id in list(self.local):
             await self.end(agent_id, "meshd stopped")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

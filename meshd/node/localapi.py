@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshcore.errors import IdmeshError, PermissionDenied
 from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
@@ -66,7 +66,7 @@ class Caller:
         return bool(poller.poll(0))
 
 
-class _PeerCredProtocol(H11Protocol):
+class _PeerCredProtocol(HttpToolsProtocol):  # httptools: C parsing, a birth is on every agent's path
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")

@@ -10,6 +10,7 @@ its peers until the controller says otherwise.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import ssl
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from idmesh.client import answer_error, client_ssl_context
+from idmesh.local import error_of_answer
 from meshcore.errors import IdmeshError, Unavailable
 from meshcore.identity import build_csr
 from meshcore.netmap import ResyncNeeded
@@ -39,6 +41,7 @@ from meshcore.wire.stream import (
     ProbeRequest,
     StreamMessage,
 )
+from meshd.node.calls import ControllerCalls
 from meshd.node.state import StateDir, write_private
 
 __all__ = ["Backoff", "ControllerSession"]
@@ -87,7 +90,7 @@ class ControllerSession:
         self.last_error: str | None = None
         self._ca = state.ca_cert.read_text()
         self._ssl = self._context()
-        self._calls: httpx.AsyncClient | None = None
+        self._calls: ControllerCalls | None = None
         self._streaming: asyncio.Future[None] | None = None
         self._reconnecting: str | None = None
 
@@ -171,18 +174,13 @@ class ControllerSession:
 
     async def call(self, method: str, path: str, body: object = None) -> object:
         """One request to the controller with the node certificate, on a kept-alive
-        connection: an agent's birth must not pay for a TLS handshake."""
+        connection: an agent's birth must not pay for a TLS handshake (:mod:`meshd.node.calls`)."""
         if self._calls is None:
-            self._calls = self._client()
-        try:
-            resp = await self._calls.request(method, path, json=body)
-        except httpx.HTTPError as exc:
-            await self._calls.aclose()
-            self._calls = None
-            raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
-        if resp.status_code >= 400:
-            raise answer_error(resp, "controller")
-        return resp.json()
+            self._calls = ControllerCalls(self.url, self._ssl, {PROTOCOL_HEADER: str(PROTOCOL)})
+        status, data = await self._calls.request(method, path, body)
+        if status >= 400:
+            raise error_of_answer(status, data, "controller")
+        return json.loads(data)
 
     async def report_endpoints(self) -> None:
         """Tell the controller where we are now (e.g. after an address change); Unavailable when it cannot be reached.
@@ -217,8 +215,8 @@ class ControllerSession:
             )
         write_private(self.state.node_cert, answer.certificate, 0o644)
         self._ssl = self._context()
-        if self._calls is not None:  # the kept connection still presents the old certificate
-            await self._calls.aclose()
+        if self._calls is not None:  # the kept connections still present the old certificate
+            self._calls.close()
             self._calls = None
         cert = x509.load_pem_x509_certificate(answer.certificate.encode())
         log.info("node certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())

@@ -129,6 +129,8 @@ class MeshView:
         else:
             changed = self.book.drop(update.revoked, revoked=True)
             changed += self.book.admit_all(update.certificates, nodes, now)
+            if not changed:
+                return  # e.g. the echo of an agent born here: already honored
             if self.plane:
                 self.plane.agents_changed(changed)
         self._changed()

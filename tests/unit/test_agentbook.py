@@ -77,3 +77,17 @@ def test_an_address_passes_to_a_new_agent_only_after_the_old_one_is_gone() -> No
     book.admit(agent_pem("a2"), NODES, NOW)  # same addresses: the newer certificate wins
     assert set(book.agents) == {"a2"}
     assert book.forget_node("agents-1") == ["a2"] and book.agents == {}
+
+
+def test_the_same_certificate_again_is_not_verified_again_nor_a_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    book, pem = AgentBook(CA.cert), agent_pem(ttl=timedelta(minutes=1))
+    assert book.admit_all((pem,), NODES, NOW) == ["a1"]  # born here, say
+    verified: list[object] = []
+    monkeypatch.setattr("meshd.agents.book.verify_leaf", lambda *args: verified.append(args))
+    assert book.admit_all((pem,), NODES, NOW) == []  # the controller's echo: nothing to do
+    assert book.admit(pem, NODES, NOW).identity.id == "a1" and verified == []
+    monkeypatch.undo()
+    book.drop(["a1"], revoked=True)
+    with pytest.raises(InvalidCertificate):  # a dropped agent's certificate is checked whole again
+        book.admit(pem, NODES, NOW)
+    assert book.held(pem, NOW) is None and book.held(pem, NOW + timedelta(minutes=2)) is None
