@@ -10,8 +10,19 @@ an agent while it is connecting, timing how long the mesh takes to stop
 honoring it. Nikita logs in (an administrator approves her code) and signs
 a grant; only an agent born from it may write. Then identity-based routes: exit-eu offers to be an exit node
 to an "internet" namespace (203.0.113.0/24), and the policy's ``routes``
-sends the sre group's agents — only them — through it. Everything is removed on exit and on Ctrl-C; ``--keep``
-leaves the mesh up and prints how to explore and tear it down.
+sends the sre group's agents — only them — through it. Last, a relayed peer: two
+homes hang off the bridge behind symmetric NAT routers (nftables ``masquerade
+random``, :func:`tests.e2e.natlab.add_home`; LANs in 192.0.2.0/24), with
+nikita's ``laptop-hotel`` in one and ``db-branch`` in the other. Each goes
+direct to the nodes on the bridge, but the two cannot reach each other
+directly, so after 5 s they go through coturn, which runs next to the
+controller (``--relay``, ``--relay-secret-file``); the act shows
+``meshctl status`` with PATH ``relay`` and the policy deciding over it. The
+two join right after act 2 (in the background), so their paths settle while
+acts 3-8 run. Everything is removed on exit, on failure and on Ctrl-C (the
+nodes are stopped at once while coturn still answers, then the network's
+close stops the rest by PID and deletes the namespaces); ``--keep`` leaves
+the mesh up and prints how to explore and tear it down.
 """
 
 from __future__ import annotations
@@ -25,17 +36,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.e2e.coturn import Coturn
 from tests.e2e.mesh import Mesh, Node, cmd, revoke_and_time, tcp_server, wait_until
+from tests.e2e.natlab import Home, add_home
 from tests.e2e.netns import Host, HostCommandError, Network
 
 HERE = Path(__file__).resolve().parent
 POLICY = (HERE.parent / "examples" / "policy.yaml").read_text()
 CAST = [("h2", "laptop", ("--owner", "nikita@acme.com")), ("h3", "db", ("--tag", "db")),
         ("h4", "agents", ("--tag", "agents")), ("h5", "exit-eu", ("--tag", "exit"))]
+# Two homes behind symmetric NATs (a router's wan on the demo's bridge, its LAN behind it) and the node in each.
+HOMES = [("r1", "198.51.100.101/24", "192.0.2.0/25", "laptop-hotel", ("--owner", "nikita@acme.com")),
+         ("r2", "198.51.100.102/24", "192.0.2.128/25", "db-branch", ("--tag", "db"))]
+TURN_PORT = 3480  # the controller's STUN has 3478 and 3479
+Row = tuple[str, Node, tuple[str, list[str], str | None] | None, str]  # see seed_rows
 PROBE = ("import socket,sys\n"
          "try:\n"
          "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5).recv(100); print('allowed')\n"
@@ -94,8 +114,8 @@ def login_and_grant(mesh: Mesh, laptop: Node, work: Path) -> str:
     return grant
 
 
-def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node, grant: str) -> None:
-    rows = [  # label, node, agent (principal, scopes, grant) or None for the node itself, explain --from
+def seed_rows(nodes: dict[str, Node], grant: str) -> list[Row]:
+    return [  # label, node, agent (principal, scopes, grant) or None for the node itself, explain --from
         ("laptop (nikita@acme.com, direct)", nodes["laptop"], None, "principal=nikita@acme.com,via=direct"),
         ("agent nikita db:read", nodes["agents"], ("nikita@acme.com", ["db:read"], None),
          "principal=nikita@acme.com,via=agent,scope=db:read"),
@@ -106,26 +126,36 @@ def matrix(mesh: Mesh, nodes: dict[str, Node], db: Node, grant: str) -> None:
         ("node agents (tag:agents, direct)", nodes["agents"], None, "tag=agents"),
         ("node exit-eu (tag:exit, direct)", nodes["exit-eu"], None, "tag=exit"),
     ]
+
+
+def matrix(mesh: Mesh, rows: list[Row], db: Node) -> None:
+    """Each row's identity connects to ``db``'s two services; the verdict measured next to the rule explained.
+
+    A row's two cells are measured at the same time (a denied connection waits out its 1.5 s timeout).
+    """
     services = [("db", 5432), ("db-admin", 5433)]
     print(f"  {'identity':36} " + "".join(f"{s + ':' + str(p):34}" for s, p in services))
-    for label, node, agent, source in rows:
-        cells = []
-        for service, port in services:
-            probe = [sys.executable, "-c", PROBE, db.addresses[0], str(port)]
-            argv = agent_argv(node, agent[0], agent[1], "probe", *probe, grant=agent[2]) if agent else probe
-            done = node.host.run(argv, check=False, timeout=30)
-            if done.returncode == 5 and "needs a grant" in done.stderr:
-                cells.append("no agent: needs nikita's grant")
-                continue
-            if done.returncode != 0 and not done.stdout.strip():
-                print(f"  {label}: {done.stderr.strip()}")
-            measured = done.stdout.strip() or "error"
-            explained = json.loads(mesh.admin("policy", "explain", "--from", source, "--to", f"{service}:{port}",
-                                              "--json").stdout)
-            rule = explained["rule"].split(" at ")[0] if explained["verdict"] == "allow" else "default deny"
-            expected = "allowed" if explained["verdict"] == "allow" else "denied"
-            cells.append(f"{measured} ({rule})" + ("" if measured == expected else " MISMATCH with explain"))
-        print(f"  {label:36} " + "".join(f"{c:34}" for c in cells), flush=True)
+
+    def cell(row: Row, service: str, port: int) -> str:
+        label, node, agent, source = row
+        probe = [sys.executable, "-c", PROBE, db.addresses[0], str(port)]
+        argv = agent_argv(node, agent[0], agent[1], f"probe-{port}", *probe, grant=agent[2]) if agent else probe
+        done = node.host.run(argv, check=False, timeout=30)
+        if done.returncode == 5 and "needs a grant" in done.stderr:
+            return "no agent: needs nikita's grant"
+        if done.returncode != 0 and not done.stdout.strip():
+            print(f"  {label}: {done.stderr.strip()}")
+        measured = done.stdout.strip() or "error"
+        explained = json.loads(mesh.admin("policy", "explain", "--from", source, "--to", f"{service}:{port}",
+                                          "--json").stdout)
+        rule = explained["rule"].split(" at ")[0] if explained["verdict"] == "allow" else "default deny"
+        expected = "allowed" if explained["verdict"] == "allow" else "denied"
+        return f"{measured} ({rule})" + ("" if measured == expected else " MISMATCH with explain")
+
+    with ThreadPoolExecutor(len(services)) as pool:
+        for row in rows:
+            cells = [c.result() for c in [pool.submit(cell, row, service, port) for service, port in services]]
+            print(f"  {row[0]:36} " + "".join(f"{c:34}" for c in cells), flush=True)
 
 
 def revocation(mesh: Mesh, nodes: dict[str, Node], db: Node) -> None:
@@ -171,6 +201,55 @@ def routes(mesh: Mesh, nodes: dict[str, Node], internet: Host) -> None:
     show(agents.host.run(probe, check=False, timeout=30), "    ")
 
 
+def path_to(node: Node, peer: str) -> str:
+    return str(next((p["path"] for p in node.status()["peers"] if p["name"] == peer), "-"))
+
+
+def join_homes(mesh: Mesh, homes: list[Home]) -> dict[str, Node]:
+    """The nodes behind NAT enroll and start now, so that their paths settle while the other acts run."""
+    joined = {}
+    for home, (_, _, _, name, flags) in zip(homes, HOMES, strict=True):
+        joined[name] = mesh.enroll(home.hosts[0], name, *flags)
+        mesh.start(joined[name])
+    for port in (5432, 5433):
+        tcp_server(joined["db-branch"].host, "::", port)
+    return joined
+
+
+def relayed(mesh: Mesh, homes: list[Home], homed: dict[str, Node], coturn: Coturn) -> None:
+    hotel, branch = homed["laptop-hotel"], homed["db-branch"]
+    for home, node in zip(homes, (hotel, branch), strict=True):
+        print(f"  {node.name} at {home.hosts[0].underlay4}, behind router {home.router.wan} "
+              f"(nftables 'masquerade random' + only replies let in)")
+    wait_until(lambda: path_to(hotel, branch.name) == "relay" and path_to(branch, hotel.name) == "relay", 40,
+               "laptop-hotel and db-branch through the relay", mesh.logs)
+    seen = [next(p for p in node.status()["peers"] if p["name"] == other.name)  # each end's view of the other
+            for node, other in ((hotel, branch), (branch, hotel))]
+    nat, probe = (" / ".join(sorted({str(one[key]) for one in seen})) for key in ("nat", "last_probe"))
+    print(f"  the controller's STUN saw both NATs give every destination its own port (nat: {nat}); no probe")
+    print(f"  between the two was answered (last probe: {probe}), so after 5 s the pair went through coturn at")
+    print(f"  {coturn.address}:{coturn.port}; to the nodes on the bridge each goes direct. meshctl status on laptop-hotel:")
+    show(hotel.host.run([cmd("meshctl"), "status", "--socket", str(hotel.socket)]), "    ")
+    print("  over the relayed tunnel, identity still decides (real TCP connections to db-branch):")
+    matrix(mesh, [("nikita on laptop-hotel, direct", hotel, None, "principal=nikita@acme.com,via=direct"),
+                  ("agent nikita db:read, laptop-hotel", hotel, ("nikita@acme.com", ["db:read"], None),
+                   "principal=nikita@acme.com,via=agent,scope=db:read")], branch)
+
+
+def stop_nodes(mesh: Mesh | None) -> None:
+    """SIGTERM every meshd at once, by PID, while the controller and coturn still answer (a node deletes its TURN
+    allocation on the way out). The network's close then stops the rest, newest first, coturn last."""
+    running = [n.proc for n in (mesh.nodes.values() if mesh else ()) if n.proc is not None and n.proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for proc in running:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass  # net.close() kills it
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="make demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,13 +263,25 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kept = False
     code = 0
+    mesh: Mesh | None = None
+    background = ThreadPoolExecutor(1)
+    joining: Future[dict[str, Node]] | None = None
     try:
         net.build()
         internet = net.add_segment("internet", "203.0.113.1/24", [(net["h5"], "203.0.113.2/24")])
-        mesh = Mesh(net, work, net["h1"])
+        homes = [add_home(net, router, wan, lan, "symmetric") for router, wan, lan, _, _ in HOMES]
+        coturn = Coturn(net["h1"], work / "turn", port=TURN_PORT)
+        coturn.start()
+        secret = work / "relay-secret"
+        secret.touch(mode=0o600)
+        secret.write_text(coturn.secret.decode())
+        mesh = Mesh(net, work, net["h1"], serve=[cmd("mesh-controller"), "serve", "--relay",
+                                                 f"turn:{coturn.address}:{TURN_PORT}", "--relay-secret-file",
+                                                 str(secret)])
         say("1. the controller: CA (Ed25519), registry (SQLite), HTTPS API with mTLS")
         mesh.init(policy=None)
-        print(f"  controller in namespace {net['h1'].netns} at {mesh.url}")
+        print(f"  controller in namespace {net['h1'].netns} at {mesh.url}; next to it coturn, the TURN relay "
+              f"for nodes no direct path reaches, at {coturn.address}:{TURN_PORT}")
         say("2. four hosts join with one-line tokens; keys are made on each host")
         nodes: dict[str, Node] = {}
         for host, name, flags in CAST:
@@ -198,6 +289,8 @@ def main() -> None:
             mesh.start(nodes[name], *(["--advertise-exit-node"] if name == "exit-eu" else []))
         mesh.wait_converged(60)
         show(mesh.admin("nodes", "list"))
+        joining = background.submit(join_homes, mesh, homes)  # their paths settle while acts 3-8 run
+        print(f"  meanwhile two more join from homes behind symmetric NATs: {', '.join(h[3] for h in HOMES)} (act 9)")
         say("3. the seed policy (examples/policy.yaml): checked, its tests run, applied to every node")
         (work / "policy.yaml").write_text(POLICY)
         show(mesh.admin("policy", "check", str(work / "policy.yaml")))
@@ -209,19 +302,22 @@ def main() -> None:
         say("4. nikita logs in on her laptop and signs a grant: writes need her own word (requires_grant)")
         grant = login_and_grant(mesh, nodes["laptop"], work)
         say("5. access matrix: real TCP connections to db (verdict measured, rule from 'policy explain')")
-        matrix(mesh, nodes, db, grant)
+        matrix(mesh, seed_rows(nodes, grant), db)
         say("6. revocation, live: an agent keeps connecting to db; we revoke it")
         revocation(mesh, nodes, db)
         say("7. identity-based routes: exit-eu offers an exit; the policy's routes say whose traffic uses it")
         routes(mesh, nodes, internet)
         say("8. this node's view: meshctl status on the agents host")
         show(nodes["agents"].host.run([cmd("meshctl"), "status", "--socket", str(nodes["agents"].socket)]))
+        say("9. a relayed peer: laptop-hotel and db-branch are each behind a symmetric NAT")
+        relayed(mesh, homes, joining.result(), coturn)
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         if args.keep:
             kept = True
             print(f"\nthe mesh is up. Explore, e.g.:\n"
                   f"  export IDMESH_ADMIN={work}/ctl/admin.conf\n  {cmd('meshctl')} nodes list\n"
                   f"  ip netns exec {net['h4'].netns} {cmd('meshctl')} status --socket {nodes['agents'].socket}\n"
+                  f"  ip netns exec {net['r1h1'].netns} {cmd('meshctl')} status --socket {work}/laptop-hotel.sock\n"
                   f"tear it down with:\n  {sys.executable} -m demo.teardown {net.prefix} {work}")
     except KeyboardInterrupt:
         print("\ndemo: interrupted, cleaning up")
@@ -231,7 +327,12 @@ def main() -> None:
     finally:
         if not kept:
             try:
-                net.close()
+                try:
+                    if joining is not None:
+                        wait_futures([joining], 60)  # nothing may start while the network is being removed
+                    stop_nodes(mesh)
+                finally:
+                    net.close()
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     sys.exit(code)

@@ -42,6 +42,9 @@ the router's conntrack is flushed so the new behaviour holds for every flow):
 ``"open"``  no NAT, no filter: the home's LAN is routed (a baseline for
     direct paths).
 
+The same homes can hang off a plain :class:`~tests.e2e.netns.Network` (the
+demo's bridge): :func:`add_home` plugs a router's wan into its switch.
+
 Not modelled: hairpinning (two hosts of one home through the public
 address), port-range exhaustion, more than 8 hosts per home.
 """
@@ -58,7 +61,7 @@ from typing import Any, Literal, get_args
 
 from tests.e2e.netns import Host, HostCommandError, Network, _ip
 
-__all__ = ["INTERNET", "PUBLIC_ADDRESS", "Home", "NatKind", "NatLab", "Router"]
+__all__ = ["INTERNET", "PUBLIC_ADDRESS", "Home", "NatKind", "NatLab", "Router", "add_home"]
 
 NatKind = Literal["eim", "symmetric", "open"]
 INTERNET = ipaddress.ip_network("203.0.113.0/24")
@@ -226,12 +229,10 @@ class NatLab(Network):
             raise ValueError(f"nat: one of {get_args(NatKind)}, or one per home")
         super().__init__(1, ipv6=False)
         self.internet = f"{self.prefix}-inet"
-        pid, seq = os.getpid(), self.prefix.rsplit("-", 1)[1]
         numbers = iter(range(1, 1 + 1 + homes * (hosts_per_home + 1)))
 
         def host(name: str, address: str) -> Host:
-            number = next(numbers)
-            return Host(name, number, f"{self.prefix}-{name}", address, "", f"w{pid:x}-{int(seq):x}h{number}", self)
+            return self._host(name, next(numbers), address)
 
         self.hosts = []
         self.public = host("pub", PUBLIC_ADDRESS)
@@ -248,7 +249,6 @@ class NatLab(Network):
                 members.append(member)
                 router.lan_hosts.append((j - 1, member.underlay4))
             self.homes.append(Home(n, router, members))
-        assert all(len(h.wg_ifname) <= 15 for h in self.hosts)
 
     @property
     def routers(self) -> list[Router]:
@@ -271,26 +271,63 @@ class NatLab(Network):
         self._add_netns(self.public.netns)
         plug(self.public.netns, "eth0", self.public.underlay4)
         for home in self.homes:
-            router = home.router
-            self._add_netns(router.host.netns)
-            plug(router.host.netns, "wan", router.wan)
-            _ip("-n", router.host.netns, "link", "add", "lan", "type", "bridge", "forward_delay", "0")
-            _ip("-n", router.host.netns, "addr", "add", f"{router.gateway}/{router.lan.prefixlen}", "dev", "lan")
-            _ip("-n", router.host.netns, "link", "set", "lan", "up")
-            router.host.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-            for k, member in enumerate(home.hosts, 1):
+            self._add_netns(home.router.host.netns)
+            plug(home.router.host.netns, "wan", home.router.wan)
+            for member in home.hosts:
                 self._add_netns(member.netns)
-                _ip("-n", router.host.netns, "link", "add", f"h{k}", "type", "veth", "peer", "name", "eth0",
-                    "netns", member.netns)
-                _ip("-n", router.host.netns, "link", "set", f"h{k}", "master", "lan", "up")
-                _ip("-n", member.netns, "addr", "add", f"{member.underlay4}/{router.lan.prefixlen}", "dev", "eth0")
-                _ip("-n", member.netns, "link", "set", "eth0", "up")
-                _ip("-n", member.netns, "route", "add", "default", "via", router.gateway)
+            _wire_lan(home)
         for home in self.homes:  # every LAN routed through its router (used only when that router is "open")
             for other in [self.public.netns, *(h.router.host.netns for h in self.homes if h is not home)]:
                 _ip("-n", other, "route", "add", str(home.lan), "via", home.router.wan)
         for router in self.routers:
-            try:
-                router.host.run(["nft", "-f", "-"], input=router.ruleset())
-            except HostCommandError as exc:
-                raise HostCommandError(f"{router.host.name}: cannot install NAT {router.nat!r}: {exc}") from exc
+            _install_first(router)
+
+
+def _wire_lan(home: Home) -> None:
+    """Inside the namespaces of a home (made, the router's wan up): the router's ``lan`` bridge with the gateway
+    address, forwarding on, a veth ``h<k>`` to each host's ``eth0`` with its address and a default route."""
+    router = home.router
+    _ip("-n", router.host.netns, "link", "add", "lan", "type", "bridge", "forward_delay", "0")
+    _ip("-n", router.host.netns, "addr", "add", f"{router.gateway}/{router.lan.prefixlen}", "dev", "lan")
+    _ip("-n", router.host.netns, "link", "set", "lan", "up")
+    router.host.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    for k, member in enumerate(home.hosts, 1):
+        _ip("-n", router.host.netns, "link", "add", f"h{k}", "type", "veth", "peer", "name", "eth0",
+            "netns", member.netns)
+        _ip("-n", router.host.netns, "link", "set", f"h{k}", "master", "lan", "up")
+        _ip("-n", member.netns, "addr", "add", f"{member.underlay4}/{router.lan.prefixlen}", "dev", "eth0")
+        _ip("-n", member.netns, "link", "set", "eth0", "up")
+        _ip("-n", member.netns, "route", "add", "default", "via", router.gateway)
+
+
+def _install_first(router: Router) -> None:
+    """The router's first ruleset (a fresh router has no conntrack to flush)."""
+    try:
+        router.host.run(["nft", "-f", "-"], input=router.ruleset())
+    except HostCommandError as exc:
+        raise HostCommandError(f"{router.host.name}: cannot install NAT {router.nat!r}: {exc}") from exc
+
+
+def add_home(net: Network, name: str, wan: str, lan: str, nat: NatKind = "symmetric", *, hosts: int = 1) -> Home:
+    """A home behind a NAT router on a plain :class:`~tests.e2e.netns.Network` (after its ``build``), built now.
+
+    The router is host ``name`` of ``net``, its ``wan`` (``ADDRESS/LEN``, an address of the network's switch,
+    e.g. ``198.51.100.101/24``) plugged into the switch; its LAN ``lan`` (e.g. ``192.0.2.0/25``, gateway the
+    first address) holds ``hosts`` hosts ``<name>h1``... at the LAN's ``.11``, ``.12``..., with a default
+    route through the router; ``nat`` is its behaviour, as in a :class:`NatLab`. Nothing routes to the LAN
+    from outside: only what the NAT lets back in arrives. :meth:`Network.close` removes it all.
+    """
+    if nat not in get_args(NatKind):
+        raise ValueError(f"unknown NAT kind {nat!r}; one of {', '.join(get_args(NatKind))}")
+    if not 1 <= hosts <= MAX_HOSTS_PER_HOME:
+        raise ValueError(f"1 to {MAX_HOSTS_PER_HOME} hosts per home")
+    address = wan.split("/")[0]
+    network = ipaddress.IPv4Network(lan)
+    router = Router(net.add_host(name, address), address, network, nat)
+    net.plug(router.host, "wan", [wan])
+    members = [net.add_host(f"{name}h{j}", str(network.network_address + 10 + j)) for j in range(1, hosts + 1)]
+    router.lan_hosts = [(j, member.underlay4) for j, member in enumerate(members)]
+    home = Home(router.host.index, router, members)  # numbered like the router's host
+    _wire_lan(home)
+    _install_first(router)
+    return home

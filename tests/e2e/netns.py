@@ -16,6 +16,10 @@ namespace. Each host also gets a WireGuard interface name unique on the
 machine (``host.wg_ifname``), because wireguard-go's socket directory
 /var/run/wireguard is shared by all namespaces.
 
+More hosts can be added after ``build()`` (``add_host``, then ``plug`` into
+the switch or hang off a NAT router: :func:`tests.e2e.natlab.add_home`);
+they are numbered on, and cleaned up like the others.
+
 Cleanup (``close()``, also run by ``with`` on failure or Ctrl-C) stops the
 processes started through ``host.popen`` (their process groups), then
 anything else still running inside our namespaces (e.g. the wireguard-go
@@ -115,7 +119,7 @@ def reap_stale(prefix: str = "idm-") -> list[str]:
             _delete_netns(name)
             reaped.append(name)
     for sock in UAPI_DIR.glob("w*-*.sock"):
-        match = re.match(r"^w([0-9a-f]+)-[0-9a-f]+h\d+\.sock$", sock.name)
+        match = re.match(r"^w([0-9a-f]+)-[0-9a-f]+h\d+(?:r\d+|gw)?\.sock$", sock.name)  # meshd's route tunnels too
         if match and not _alive(int(match.group(1), 16)) and not _listening(sock):
             sock.unlink(missing_ok=True)
     return reaped
@@ -190,19 +194,40 @@ class Network:
     def __init__(self, hosts: int = 2, *, ipv6: bool = True) -> None:
         if not 1 <= hosts <= 200:
             raise ValueError("1 to 200 hosts")
-        seq = next(_sequence)
+        seq = self._seq = next(_sequence)
         self.prefix = f"idm-{os.getpid()}-{seq}"
         self.switch = f"{self.prefix}-sw"
         self.ipv6 = ipv6
         self.processes: list[subprocess.Popen[Any]] = []
-        self.hosts = [
-            Host(f"h{i}", i, f"{self.prefix}-h{i}", f"198.51.100.{10 + i}", f"2001:db8::{10 + i}",
-                 f"w{os.getpid():x}-{seq:x}h{i}", self)
-            for i in range(1, hosts + 1)
-        ]
-        assert all(len(h.wg_ifname) <= 15 for h in self.hosts)
+        self.hosts = [self._host(f"h{i}", i, f"198.51.100.{10 + i}", f"2001:db8::{10 + i}")
+                      for i in range(1, hosts + 1)]
         self._namespaces: list[str] = []
         self._closed = False
+
+    def _host(self, name: str, index: int, underlay4: str = "", underlay6: str = "") -> Host:
+        """The record of a host (namespace ``<prefix>-<name>``) with a WireGuard name unique on the machine."""
+        host = Host(name, index, f"{self.prefix}-{name}", underlay4, underlay6,
+                    f"w{os.getpid():x}-{self._seq:x}h{index}", self)
+        assert len(host.wg_ifname) <= 15, host.wg_ifname
+        return host
+
+    def add_host(self, name: str, underlay4: str = "", underlay6: str = "") -> Host:
+        """Another host, after :meth:`build`: its namespace (lo up, no other link yet: :meth:`plug` it into the
+        switch, or hang it off a router, :func:`tests.e2e.natlab.add_home`), covered by :meth:`close` like the
+        others (processes, namespace, WireGuard sockets)."""
+        host = self._host(name, max((h.index for h in self.hosts), default=0) + 1, underlay4, underlay6)
+        self._add_netns(host.netns)
+        self.hosts.append(host)
+        return host
+
+    def plug(self, host: Host, ifname: str = "eth0", addresses: Sequence[str] = ()) -> None:
+        """A veth from the switch's bridge (port ``p<index>``) to ``ifname`` in ``host``, with ``addresses``, up."""
+        port = f"p{host.index}"
+        _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", host.netns)
+        _ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+        for one in addresses:
+            _ip("-n", host.netns, "addr", "add", one, "dev", ifname, *(["nodad"] if ":" in one else []))
+        _ip("-n", host.netns, "link", "set", ifname, "up")
 
     def __getitem__(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
@@ -230,13 +255,7 @@ class Network:
         _ip("-n", self.switch, "link", "set", "br0", "up")
         for host in self.hosts:
             self._add_netns(host.netns)
-            port = f"p{host.index}"
-            _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-            _ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
-            _ip("-n", host.netns, "addr", "add", f"{host.underlay4}/24", "dev", "eth0")
-            if self.ipv6:
-                _ip("-n", host.netns, "addr", "add", f"{host.underlay6}/64", "dev", "eth0", "nodad")
-            _ip("-n", host.netns, "link", "set", "eth0", "up")
+            self.plug(host, "eth0", [f"{host.underlay4}/24", *([f"{host.underlay6}/64"] if self.ipv6 else [])])
 
     def add_segment(self, name: str, address: str | Sequence[str],
                     members: Sequence[tuple[Host, str | Sequence[str]]]) -> Host:
