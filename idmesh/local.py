@@ -1,22 +1,22 @@
-"""The client of this node's meshd: HTTP/1.1 over its Unix socket, on the standard library alone.
+"""The client of this node's meshd: HTTP/1.1 over its Unix socket, on the standard library's sockets alone.
 
 ``meshctl agent run``, ``status`` and ``whois`` are on a person's (or an
 agent platform's) critical path, and the whole command must feel instant:
-httpx costs ~60 ms to import here, ``http.client`` a few. A Unix socket
-needs no TLS, no proxy handling and no connection pool — one request per
-connection — so the standard library's HTTP parser on an ``AF_UNIX``
-socket is all there is to it. (The controller's client, with pinned TLS and
-client certificates, stays on httpx: :mod:`idmesh.client`.)
+httpx costs ~60 ms to import here, and even ``http.client`` 25 ms (it
+brings ``ssl`` and the ``email`` package). A Unix socket needs no TLS, no
+proxy and no pool, and the server is our own meshd (uvicorn), so one
+request per connection (``Connection: close``), read to the end, is all
+there is: a status line, headers, and a body framed by ``Content-Length``
+or chunks. (The controller's client, with pinned TLS and client
+certificates, stays on httpx: :mod:`idmesh.client`.)
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from meshcore.errors import IdmeshError, Unavailable, error_for_status
 
@@ -36,20 +36,30 @@ def error_of_answer(status: int, body: bytes, who: str) -> IdmeshError:
     return error_for_status(status, str(message))
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("meshd", timeout=timeout)
-        self._path = path
+class _Malformed(ValueError):
+    pass
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(str(self._path))
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+
+def _parse(raw: bytes) -> tuple[int, bytes]:
+    """A whole HTTP/1.1 answer: its status and body."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise _Malformed("not an HTTP answer")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        body = bytearray()
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            body += rest[:size]
+            rest = rest[size + 2:]
+        return int(parts[1]), bytes(body)
+    length = headers.get(b"content-length")
+    return int(parts[1]), rest if length is None else rest[:int(length)]
 
 
 class LocalClient:
@@ -63,21 +73,29 @@ class LocalClient:
         return self.request("GET", path, params=params)
 
     def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        url = f"{path}?{urlencode(params)}" if params else path
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        if params:
+            from urllib.parse import urlencode  # only whois and a few listings take a query
+
+            path = f"{path}?{urlencode(params)}"
+        payload = b"" if body is None else json.dumps(body).encode()
+        request = (f"{method} {path} HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
         try:
-            conn.request(method, url, body=payload, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.socket_path))
+                sock.sendall(request)
+                chunks = []
+                while data := sock.recv(65536):
+                    chunks.append(data)
+            status, answer = _parse(b"".join(chunks))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unavailable(f"meshd is not running or not reachable at {self.socket_path}: {exc.strerror}") from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except TimeoutError as exc:
+            raise Unavailable(f"talking to meshd at {self.socket_path} failed: no answer in {self.timeout:g} s") from exc
+        except (OSError, ValueError) as exc:
             why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise Unavailable(f"talking to meshd at {self.socket_path} failed: {why}") from exc
-        finally:
-            conn.close()
-        if resp.status >= 400:
-            raise error_of_answer(resp.status, data, "meshd")
-        return json.loads(data)
+        if status >= 400:
+            raise error_of_answer(status, answer, "meshd")
+        return json.loads(answer)

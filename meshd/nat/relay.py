@@ -68,6 +68,8 @@ from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenie
 __all__ = ["Address", "PeerCounters", "Relay"]
 
 log = logging.getLogger(__name__)
+STOP_WAIT = 1.0
+"""How long stopping waits for the TURN server to confirm deletions (a gone server must not hold meshd up)."""
 
 Address = tuple[str, int]
 _CHANNEL = struct.Struct("!HH")
@@ -329,7 +331,8 @@ class Relay:
         return self.relayed
 
     async def stop(self) -> None:
-        """Close every local socket and delete the allocations (waiting at most ``timeout`` for the server)."""
+        """Close every local socket and delete the allocations (waiting at most :data:`STOP_WAIT` for the server:
+        meshd is stopping, and an allocation nobody deleted expires on the server within its lifetime)."""
         if self._maintenance is not None:
             self._maintenance.cancel()
             self._maintenance = None
@@ -343,7 +346,7 @@ class Relay:
         self._current = None
         self._draining.clear()
         if self._chores:
-            await asyncio.wait(set(self._chores), timeout=self._timeout + 1)
+            await asyncio.wait(set(self._chores), timeout=STOP_WAIT)
         for chore in set(self._chores):
             chore.cancel()
 
