@@ -13,10 +13,12 @@ once.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from meshcore.addressing import NodeBlock
 from meshcore.errors import Conflict, InvalidInput, InvalidToken, NotFound, PermissionDenied
 from meshcore.grants import Grant, read_grant
 from meshcore.identity import Claims, Identity, cert_pem, load_csr
@@ -59,15 +61,9 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
         with ctx.store.transaction() as tx:
             row = existing_node(tx, node_name)
             block = ctx.settings.prefixes.block(row.block_index)
-            for address in (req.ipv4, req.ipv6):
-                try:
-                    inside = block.contains(address)
-                except ValueError as exc:
-                    raise InvalidInput(f"invalid agent address {address!r}") from exc
-                if not inside or address in (str(block.node_v4), str(block.node_v6)):
-                    raise PermissionDenied(f"agent address {address} is not in node {node_name}'s agent pool")
-            if tx.address_held(node_name, req.ipv4, req.ipv6, now):
-                raise Conflict(f"agent address {req.ipv4}/{req.ipv6} is held by a live agent")
+            ipv4, ipv6 = _agent_addresses(block, node_name, req.ipv4, req.ipv6)
+            if tx.address_held(node_name, ipv4, ipv6, now):
+                raise Conflict(f"agent address {ipv4}/{ipv6} is held by a live agent")
             if policy is None:
                 raise PermissionDenied("no policy is applied, so no delegation lets anyone mint agents")
             node = NodeIdentity(name=row.name, owner=row.owner, tags=frozenset(row.tags),
@@ -93,17 +89,17 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
             agent_id = "a" + secrets.token_hex(8)
             sid = ctx.settings.spiffe_id("agent", agent_id)
             claims = Claims(kind="agent", node=node_name, principal=req.principal, scopes=scopes,
-                            parent=req.parent, addresses=(req.ipv4, req.ipv6), name=req.name, grant=grant_id,
+                            parent=req.parent, addresses=(ipv4, ipv6), name=req.name, grant=grant_id,
                             grant_signer=grant_signer)
             cert = sign_timed(ctx, public_key, sid, claims, now, not_after - now)
             serial = record_certificate(tx, cert, sid, node_name, now)
             pem = cert_pem(cert)
             agent = AgentRow(agent_id, req.name, node_name, req.principal, [str(x) for x in scopes], req.parent,
-                             req.ipv4, req.ipv6, serial, pem, now, cert.not_valid_after_utc, grant_id=grant_id,
+                             ipv4, ipv6, serial, pem, now, cert.not_valid_after_utc, grant_id=grant_id,
                              grant_signer=grant_signer)
             tx.insert_agent(agent)
             tx.audit(now, str(caller.spiffe_id), "agent.issued", str(sid), principal=req.principal,
-                     scopes=agent.scopes, parent=req.parent, name=req.name, addresses=[req.ipv4, req.ipv6],
+                     scopes=agent.scopes, parent=req.parent, name=req.name, addresses=[ipv4, ipv6],
                      serial=serial, not_after=cert.not_valid_after_utc, grant=grant_id,
                      authorized_by=authorized_by(agent))
     except PermissionDenied as exc:
@@ -112,6 +108,26 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
     ctx.metrics.identities_issued.labels("agent").inc()
     ctx.hub.publish_agents(AgentUpdate(certificates=(pem,)))
     return AgentIssued(agent=_agent_info(ctx, agent, now), certificate=pem)
+
+
+def _agent_addresses(block: NodeBlock, node: str, ipv4: str, ipv6: str) -> tuple[str, str]:
+    """The agent's two addresses in their one canonical spelling, each an agent address of ``block``.
+
+    Addresses are compared as addresses, never as strings: ``FDD9::90`` and
+    ``fdd9:0:0::90`` are one address, and a live agent's must not be given
+    twice. The block's network and broadcast addresses and the node's own
+    are nobody's agent address.
+    """
+    try:
+        v4, v6 = ipaddress.IPv4Address(ipv4), ipaddress.IPv6Address(ipv6)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid agent address: {exc}") from exc
+    reserved = (block.v4.network_address, block.v4.broadcast_address, block.node_v4, block.v6.network_address,
+                block.node_v6)
+    for address in (v4, v6):
+        if address not in (block.v4 if address.version == 4 else block.v6) or address in reserved:
+            raise PermissionDenied(f"agent address {address} is not in node {node}'s agent pool")
+    return str(v4), str(v6)
 
 
 def _refused(ctx: Context, caller: Identity, req: AgentIssueRequest, now: datetime, reason: str) -> None:

@@ -73,6 +73,8 @@ log = logging.getLogger("idmesh.controller.api")
 # client certificate (DER) to the app.
 TLS_EXTENSION = "idmesh.tls"
 Limit = Annotated[int, Query(ge=1, le=100_000)]
+Version = Annotated[int, Query(ge=0, le=2**63 - 1)]
+"""A version number as the store keeps it (SQLite's int64): beyond it, a 422, not an OverflowError's 500."""
 
 
 def _now() -> datetime:
@@ -185,7 +187,7 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
         return policies.apply_policy(ctx, str(who.spiffe_id), req, _now())
 
     @app.get("/v1/policy", response_model=PolicyInfo)
-    async def get_policy(_: Admin, version: int | None = None) -> PolicyInfo:
+    async def get_policy(_: Admin, version: Version | None = None) -> PolicyInfo:
         return policies.show_policy(ctx, version)
 
     @app.get("/v1/policy/history", response_model=list[PolicyInfo])
@@ -275,7 +277,7 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
         return {"sent": stream.ask_probe(ctx, who.spiffe_id.name, req.peer)}
 
     @app.get("/v1/netmap")
-    async def netmap(who: Node, request: Request, since: int | None = None) -> StreamingResponse:
+    async def netmap(who: Node, request: Request, since: Version | None = None) -> StreamingResponse:
         """The node's stream: a full map (or the deltas since ``since``), then
         deltas as they happen, and a keepalive line when nothing does."""
         protocol = stream.agree(who.spiffe_id.name, request.headers.get(PROTOCOL_HEADER))

@@ -49,8 +49,13 @@ def list_nodes(ctx: Context) -> list[NodeInfo]:
 
 
 def remove_node(ctx: Context, actor: str, name: str, now: datetime) -> NodeInfo:
+    """Remove a node: its certificates revoked, and its live agents revoked everywhere with it."""
+    from .agents import announce_ended, end_subtrees_locked  # (agents imports this module)
+
     with ctx.store.transaction() as tx:
         row = existing_node(tx, name)
+        agents = [a.id for a in tx.live_agents(now, node=name)]
+        ended = end_subtrees_locked(ctx, tx, actor, agents, now, revoked=True, why=f"its node {name} was removed")
         tx.delete_node(name)
         revoked = tx.revoke_certificates_of_node(name, now)
         sid = str(ctx.settings.spiffe_id("node", name))
@@ -58,4 +63,5 @@ def remove_node(ctx: Context, actor: str, name: str, now: datetime) -> NodeInfo:
         tx.audit(now, actor, "certificate.revoked", sid, serial=row.cert_serial, reason="node removed")
         version = ctx.hub.bump(tx)
     ctx.hub.publish(version, remove=(name,))
+    announce_ended(ctx, ended, revoked=True)
     return node_info(ctx.settings, row)

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meshcore.errors import Conflict, Exhausted, IdmeshError, Unavailable
+from meshcore.errors import Conflict, Exhausted, IdmeshError, InvalidInput, Unavailable
 
 from .migrations import MIGRATIONS
 from .rows import AgentRow, AuditRow, GrantRow, LoginRow, NodeRow, PolicyRow, TokenRow
@@ -30,8 +30,11 @@ __all__ = ["Store", "Tx", "from_iso", "iso"]
 
 
 def iso(moment: datetime) -> str:
-    """UTC, fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, fixed width, so text order is time order; a moment UTC cannot hold (year 1 at +14:00) is bad input."""
+    try:
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except OverflowError as exc:
+        raise InvalidInput(f"time {moment.isoformat()} is out of range") from exc
 
 
 def from_iso(text: str) -> datetime:

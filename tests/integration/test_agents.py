@@ -126,3 +126,40 @@ def test_the_stream_carries_live_agents_and_revocations(node: Node, controller: 
         cli("meshctl", "agent", "revoke", agent["id"], env=controller.env, check=True)
         update = json.loads(next(lines))
         assert update["type"] == "agents" and update["agents"]["revoked"] == [agent["id"]]
+
+
+def test_an_address_is_one_address_however_it_is_spelled(node: Node) -> None:
+    first = node.ask()
+    assert first.status_code == 200, first.text
+    held6 = ipaddress.ip_address(first.json()["agent"]["addresses"][1])
+    body = {"csr": build_csr(ed25519.Ed25519PrivateKey.generate()), "name": "twin", "principal": "nikita@acme.com",
+            "scopes": ["db:read"], "ttl_seconds": 600, "ipv4": str(node.blocks[0].network_address + 40),
+            "ipv6": held6.exploded.upper()}  # FDD9:…:0002 is the live agent's fdd9:…::2
+    twin = node.http.post("/v1/agents", json=body)
+    assert twin.status_code == 409 and "is held by a live agent" in twin.json()["error"], twin.text
+    for v4 in (node.blocks[0].network_address, node.blocks[0].broadcast_address):  # nobody's agent address
+        body.update(ipv4=str(v4), ipv6=str(node.blocks[1].network_address + 41))
+        refused = node.http.post("/v1/agents", json=body)
+        assert refused.status_code == 403 and "agent pool" in refused.json()["error"], refused.text
+    body.update(ipv4=str(node.blocks[0].network_address + 42).replace(".", "。"))
+    assert node.http.post("/v1/agents", json=body).status_code == 422  # not an address at all
+
+
+def test_removing_a_node_revokes_its_agents_everywhere(node: Node, controller: Controller, tmp_path: Path) -> None:
+    token = controller.token("--tag", "agents")
+    cli("meshd", "enroll", token, "--name", "watcher", "--state", str(tmp_path / "w"), check=True)
+    watcher = Node(controller, tmp_path / "w")
+    agent = node.ask().json()["agent"]
+    with watcher.http.stream("GET", "/v1/netmap", timeout=httpx.Timeout(10.0)) as stream:
+        lines = stream.iter_lines()
+        assert [json.loads(next(lines))["type"] for _ in range(4)] == ["policy", "full", "agents", "nat"]
+        cli("meshctl", "nodes", "remove", "agents-1", env=controller.env, check=True)
+        updates = [json.loads(next(lines)) for _ in range(2)]
+    assert {"type": "agents", "revoked": [agent["id"]]} in [
+        {"type": u["type"], "revoked": u["agents"]["revoked"]} for u in updates if u["type"] == "agents"]
+    listed = json.loads(cli("meshctl", "agent", "list", "--mesh", "--json", env=controller.env, check=True).stdout)
+    assert listed == []
+    with sqlite3.connect(controller.data / "controller.db") as db:
+        reasons = [r[0] for r in db.execute("SELECT detail FROM audit WHERE action = 'agent.revoked'")]
+    assert len(reasons) == 1 and "its node agents-1 was removed" in reasons[0]
+    watcher.http.close()

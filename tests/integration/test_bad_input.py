@@ -186,3 +186,16 @@ def test_every_answer_carries_a_correlation_id(controller: Controller) -> None:
         made = api.post("/v1/enroll", content=b"{not json", headers={"content-type": "application/json"})
     assert mine.headers["x-request-id"] == "trace-42"
     assert len(made.headers["x-request-id"]) == 16 and made.status_code == 422
+
+
+def test_numbers_and_times_out_of_range_are_bad_input_not_a_500(controller: Controller) -> None:
+    from idmesh.client import AdminCredential
+    from meshcore.errors import InvalidInput
+
+    with AdminCredential.load(controller.data / "admin.conf").client() as admin:
+        for path in ("/v1/policy?version=9223372036854775808", "/v1/policy?version=-1"):  # SQLite holds int64
+            with pytest.raises(InvalidInput, match="version"):
+                admin.request("GET", path)
+        with pytest.raises(InvalidInput, match=r"time 0001-01-01T00:00:00\+14:00 is out of range"):
+            admin.request("GET", "/v1/audit?since=0001-01-01T00:00:00%2B14:00")  # before year 1 in UTC
+    assert "Traceback" not in controller.log.read_text()
