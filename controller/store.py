@@ -401,6 +401,10 @@ class Store:
             try:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                # A failed COMMIT (disk full, say) leaves the transaction open: end it, or every later
+                # BEGIN fails with "cannot start a transaction within a transaction".
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise Unavailable(f"controller database did not commit: {exc}") from exc
 
     def close(self) -> None:

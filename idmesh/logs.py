@@ -26,7 +26,14 @@ _QUIET = ("httpx", "httpcore", "pyroute2", "zeroconf", "uvicorn", "uvicorn.error
 class _Context(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
-        record.msg = _TOKEN.sub("idm1.<redacted>", str(record.msg))
+        # The whole message, arguments merged in: a token passed as an argument is redacted too.
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # bad arguments: the handler reports them as logging always has
+            return True
+        redacted = _TOKEN.sub("idm1.<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
 
 

@@ -21,13 +21,16 @@ from pydantic import BaseModel, ValidationError
 from .errors import PolicyError
 from .problems import Path, Problem, render_path
 
-__all__ = ["MAX_NODES", "MAX_PROBLEMS", "SourceMap", "parse_yaml", "validation_problems"]
+__all__ = ["MAX_DEPTH", "MAX_NODES", "MAX_PROBLEMS", "SourceMap", "parse_yaml", "validation_problems"]
 
 MAX_NODES = 200_000
 """More YAML nodes than any real policy has; aliases cannot expand past it."""
 
 MAX_PROBLEMS = 50
 """Problems reported at most; past that the file needs a fresh look, not a longer list."""
+
+MAX_DEPTH = 64
+"""Nesting no policy needs (the deepest real path is four or five levels): deeper is refused, located."""
 
 # libyaml's parser when present (about 10x faster); both keep node marks.
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -84,6 +87,8 @@ class _Walker:
         self.count += 1
         if self.count > MAX_NODES:
             raise _TooLarge(node)
+        if len(path) > MAX_DEPTH:
+            raise _TooDeep(node)
         self.values.setdefault(path, _mark(node))
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
@@ -118,6 +123,10 @@ class _TooLarge(Exception):
         self.node = node
 
 
+class _TooDeep(_TooLarge):
+    pass
+
+
 def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document; raise :class:`PolicyError` with locations if it is not sound YAML."""
     loader = _Loader(text)
@@ -125,10 +134,15 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
         root = loader.get_single_node()
         walker = _Walker(loader)
         data = None if root is None else walker.walk(root, ())
+    except _TooDeep as exc:
+        line, col = _mark(exc.node)
+        raise PolicyError([f"{filename}:{line}:{col}: nested more than {MAX_DEPTH} levels deep"]) from None
     except _TooLarge as exc:
         line, col = _mark(exc.node)
         message = f"{filename}:{line}:{col}: the document expands to more than {MAX_NODES} nodes (through aliases?)"
         raise PolicyError([message]) from None
+    except RecursionError:  # PyYAML composes nodes recursively: hundreds of levels exhaust the stack first
+        raise PolicyError([f"{filename}: nested more than {MAX_DEPTH} levels deep"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename

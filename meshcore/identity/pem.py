@@ -23,6 +23,9 @@ def load_csr(pem: str) -> ed25519.Ed25519PublicKey:
         csr = x509.load_pem_x509_csr(pem.encode())
     except ValueError as exc:
         raise InvalidInput(f"malformed certificate signing request: {exc}") from exc
+    # Exactly one PEM block and nothing else: a second CSR, or text around it, would otherwise be ignored.
+    if csr.public_bytes(serialization.Encoding.PEM).decode().strip() != pem.replace("\r\n", "\n").strip():
+        raise InvalidInput("malformed certificate signing request: expected exactly one PEM block and nothing else")
     key = csr.public_key()
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise InvalidInput("certificate signing request must carry an Ed25519 key")

@@ -787,6 +787,14 @@ def test_csr_naming_someone_elses_key_is_refused() -> None:
         load_csr(_csr_pem(swapped))
 
 
+def test_a_csr_is_one_pem_block_and_nothing_else() -> None:
+    first, second = (build_csr(ed25519.Ed25519PrivateKey.generate()) for _ in range(2))
+    for bad in (first + second, "junk\n" + first, first + "trailing"):
+        with pytest.raises(InvalidInput, match="exactly one PEM block"):
+            load_csr(bad)
+    assert load_csr("\n" + first.replace("\n", "\r\n") + "\n")  # line endings and outer blank lines are fine
+
+
 def test_csr_with_a_non_ed25519_key_is_refused() -> None:
     with pytest.raises(InvalidInput, match="must carry an Ed25519 key"):
         load_csr(build_csr(ec.generate_private_key(ec.SECP256R1())))

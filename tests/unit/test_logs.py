@@ -21,3 +21,15 @@ def test_records_are_json_with_the_request_id_and_tokens_are_redacted(capsys: py
     assert line["level"] == "warning" and line["logger"] == "idmesh.test" and line["request_id"] == "abc123"
     assert line["msg"] == "refused idm1.<redacted> from 198.51.100.7"
     logging.getLogger().handlers.clear()
+
+
+def test_a_token_passed_as_an_argument_is_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(json_lines=True)
+    try:
+        logging.getLogger("idmesh.test").warning("enrolling with %s on %s", "idm1.eyJ1IjoiaHR0cHM6Ly9zZWNyZXQ", "h1")
+        logging.getLogger("idmesh.test").warning("%d items", "not a number")  # a bad call stays logging's problem
+    finally:
+        logging.getLogger().handlers.clear()
+    err = capsys.readouterr().err
+    first = json.loads(err.strip().splitlines()[0])
+    assert first["msg"] == "enrolling with idm1.<redacted> on h1" and "zZWNyZXQ" not in err

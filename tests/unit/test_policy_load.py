@@ -537,6 +537,15 @@ def test_alias_bomb_is_refused_not_expanded() -> None:
     assert "expands to more than 200000 nodes" in found
 
 
+@pytest.mark.parametrize("depth", [65, 700, 5000])
+def test_nesting_too_deep_is_one_located_line_not_a_recursion_error(depth: int) -> None:
+    flow = "acls: " + "[" * depth + "]" * depth + "\n"
+    block = "acls:\n" + "".join("  " * i + "-\n" for i in range(1, min(depth, 600)))
+    for text in (flow, block):  # ours, or libyaml's own "exceeded maximum nesting depth" past 1,000
+        found = only_problem(text)
+        assert re.match(r"policy\.yaml:\d+:\d+: .*(nested more than 64 levels deep|maximum nesting depth)", found), found
+
+
 def test_every_problem_of_a_file_is_reported_in_file_order() -> None:
     text = SERVICES + "acls:\n  - from: {group: nope}\n    to: [dbx]\n  - from: {tag: ci}\n    to: [dby]\n"
     assert [p.split(": ")[0] for p in problems(text)] == ["policy.yaml:4:19", "policy.yaml:5:10", "policy.yaml:7:10"]
