@@ -177,8 +177,9 @@ class SshHost:
 
     async def enroll(self, token: str, *, force: bool) -> dict[str, Any]:
         s = self.spec
-        argv = [f"{s.install_dir}/bin/meshd", "enroll", token, "--name", s.node_name, "--state", s.state, "--json"]
-        out = await self._run([*argv, *(["--force"] if force else [])], timeout=120)
+        # The token goes on standard input: on the command line every user of the host could read it in ps.
+        argv = [f"{s.install_dir}/bin/meshd", "enroll", "-", "--name", s.node_name, "--state", s.state, "--json"]
+        out = await self._run([*argv, *(["--force"] if force else [])], input=token + "\n", timeout=120)
         try:
             return dict(json.loads(out))
         except ValueError:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from idmesh.cli import env_path, parser, print_json, run
 from idmesh.paths import DEFAULT_INTERFACE, DEFAULT_SOCKET, DEFAULT_STATE
@@ -17,7 +20,8 @@ def _main(argv: Sequence[str] | None) -> int:
         "The idmesh node daemon: joins this host to a mesh and keeps its tunnels and rules.",
         epilog="examples:\n"
         "  meshd enroll idm1.eyJ1Ijo...          join with a token from 'meshctl token create'\n"
-        "  meshd enroll --name db-1 --state /var/lib/meshd-db1 TOKEN\n\n"
+        "  meshd enroll --name db-1 --state /var/lib/meshd-db1 TOKEN\n"
+        "  meshd enroll - < token.txt              the token on standard input (not in 'ps')\n\n"
         "The state directory can also be given as IDMESH_STATE.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -26,7 +30,9 @@ def _main(argv: Sequence[str] | None) -> int:
                         "prove possession to the controller named in the token (trusting only the CA the "
                         "token pins) and store the issued certificate and overlay block in the state directory.",
                         formatter_class=p.formatter_class)
-    en.add_argument("token", help="the one-line token printed by 'meshctl token create'")
+    en.add_argument("token", nargs="?", help="the one-line token printed by 'meshctl token create'; '-' reads it "
+                    "from standard input (a token on the command line is visible to every user in 'ps')")
+    en.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE instead")
     en.add_argument("--name", help="node name, a DNS label (default: this host's name)")
     en.add_argument("--state", type=lambda s: env_path("", s), default=env_path("IDMESH_STATE", DEFAULT_STATE),
                     help="state directory (env IDMESH_STATE; default %(default)s)")
@@ -95,7 +101,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from meshd.node.enroll import enroll
 
-    done = enroll(args.token, StateDir(args.state), args.name, args.force)
+    done = enroll(_token(args), StateDir(args.state), args.name, args.force)
     node = done.response.node
     if args.json:
         print_json(done.state.read_record())
@@ -107,6 +113,18 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"  valid to   {node.cert_not_after.isoformat(timespec='seconds')}")
         print(f"  state      {args.state}")
     return 0
+
+
+def _token(args: Any) -> str:
+    """The enrollment token: the argument, standard input (``-``) or ``--token-file``; exactly one of them."""
+    if (args.token is None) == (args.token_file is None):
+        raise InvalidInput("give the token, '-' to read it from standard input, or --token-file FILE (one of them)")
+    if args.token_file is not None:
+        try:
+            return str(args.token_file.read_text().strip())
+        except OSError as exc:
+            raise InvalidInput(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from exc
+    return str(sys.stdin.readline().strip() if args.token == "-" else args.token)
 
 
 def _principal_map(entries: list[str]) -> tuple[tuple[int, str], ...]:

@@ -12,7 +12,7 @@ from cryptography import x509
 
 from meshcore.identity import verify_leaf
 
-from .conftest import Controller, cli
+from .conftest import BIN, Controller, cli
 
 
 def enroll(controller: Controller, token: str, state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -167,3 +167,20 @@ def test_the_audit_log_is_readable_and_filterable(controller: Controller, tmp_pa
     assert "token.created" in recent and "token.used" in recent and "node.enrolled" not in recent
     bad = cli("meshctl", "audit", "--since", "yesterday-ish", env=controller.env)
     assert bad.returncode == 2 and "expected an ISO time or a duration" in bad.stderr
+
+
+def test_the_token_can_come_from_standard_input_or_a_file_and_not_the_command_line(controller: Controller,
+                                                                                     tmp_path: Path) -> None:
+    piped = subprocess.run([str(BIN / "meshd"), "enroll", "-", "--name", "piped", "--state", str(tmp_path / "a")],
+                           input=controller.token("--tag", "db") + "\n", capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and "enrolled spiffe://" in piped.stdout, piped.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(controller.token("--tag", "db") + "\n")
+    filed = cli("meshd", "enroll", "--token-file", str(token_file), "--name", "filed", "--state", str(tmp_path / "b"))
+    assert filed.returncode == 0, filed.stderr
+    both = cli("meshd", "enroll", "idm1.x", "--token-file", str(token_file), "--state", str(tmp_path / "c"))
+    assert both.returncode != 0 and "one of them" in both.stderr and "Traceback" not in both.stderr
+    missing = cli("meshd", "enroll", "--token-file", str(tmp_path / "nope"), "--state", str(tmp_path / "c"))
+    assert missing.returncode != 0 and "cannot read --token-file" in missing.stderr
+    assert {n["name"] for n in json.loads(cli("meshctl", "nodes", "list", "--json", env=controller.env,
+                                              check=True).stdout)} >= {"piped", "filed"}
