@@ -23,6 +23,7 @@ over its own TLS connection, for its own device code.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
 from meshcore.errors import InvalidInput, InvalidToken, PermissionDenied, Unavailable
+from meshcore.names import PRINCIPAL_PATTERN
 
 __all__ = ["LEEWAY", "DeviceAuthorization", "OidcConfig", "OidcProvider", "TokenPoll"]
 
@@ -260,4 +262,7 @@ class OidcProvider:
         if verified is not True:
             raise PermissionDenied(f"the identity provider has not verified {name} {value}: no principal "
                                    "certificate for it")
+        if len(value) > 320 or not re.match(PRINCIPAL_PATTERN, value):
+            raise PermissionDenied(f"the identity provider's {name} {value!r} is not a principal "
+                                   "(local@domain, visible characters only)")
         return value

@@ -6,7 +6,14 @@ import re
 
 from .errors import InvalidInput
 
-__all__ = ["check_ifname", "ifname_problem"]
+__all__ = ["PRINCIPAL_PATTERN", "check_ifname", "ifname_problem"]
+
+# Characters a principal may not hold: spaces, "@" (once only, as the separator), control characters (C0, DEL,
+# C1), and the invisible and direction-changing ones (soft hyphen, zero-width spaces and joiners, LRM/RLM, bidi
+# embeddings, overrides and isolates, word joiner, BOM) that would let one principal be made to look like another.
+_NOT_IN_PRINCIPAL = r"\s@\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
+PRINCIPAL_PATTERN = rf"^[^{_NOT_IN_PRINCIPAL}]+@[^{_NOT_IN_PRINCIPAL}]+$"
+"""A principal: ``local@domain``, visible characters only (SPEC §6), at most 320 of them where it is checked."""
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 

@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple, get_args
 
 from ..durations import parse_duration
 from ..errors import InvalidInput
+from ..names import PRINCIPAL_PATTERN
 from ..scopes import Scope, parse_scope
 
 __all__ = [
@@ -56,7 +57,7 @@ AUTHORIZATIONS: tuple[Authorized, ...] = get_args(Authorized)
 # The same shapes the controller accepts (meshcore.wire, meshcore.identity):
 # a name in the policy must be one a node, tag or agent can actually carry.
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_PRINCIPAL = re.compile(r"^[^\s@]+@[^\s@]+$")
+_PRINCIPAL = re.compile(PRINCIPAL_PATTERN)
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 

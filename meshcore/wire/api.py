@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 
+from ..names import PRINCIPAL_PATTERN
 from . import PROTOCOL
 from .base import REQUEST_CONFIG, Answer, Request
 
@@ -51,7 +52,7 @@ __all__ = [
 
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _TAG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_PRINCIPAL = r"^[^\s@]+@[^\s@]+$"
+_PRINCIPAL = PRINCIPAL_PATTERN
 _WG_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 Tag = Annotated[str, StringConstraints(pattern=_TAG)]
 

@@ -90,6 +90,12 @@ def test_an_unverified_or_missing_email_gets_no_certificate() -> None:
         principal(Idp(), token(email=None))
 
 
+def test_a_verified_email_that_is_no_principal_gets_no_certificate() -> None:
+    for email in ("niki\u200bta@acme.com", "nikita@acme.com\u202e", "nikita@a\u0000cme.com", "not-an-address"):
+        with pytest.raises(PermissionDenied, match="is not a principal"):
+            principal(Idp(), token(email=email))
+
+
 def test_a_rotated_key_is_fetched_once_when_a_token_names_it() -> None:
     idp = Idp()
     rotated = RSAKey.generate_key(2048, parameters={"kid": "k2"})
@@ -110,7 +116,11 @@ def test_a_rotated_key_is_fetched_once_when_a_token_names_it() -> None:
 
 
 def test_another_claim_can_name_the_principal() -> None:
-    assert principal(Idp(), token(preferred_username="nikita"), claim="preferred_username") == "nikita"
+    # (Azure AD's preferred_username is the user principal name, an address like any other principal)
+    upn = token(preferred_username="nikita.k@acme.onmicrosoft.com")
+    assert principal(Idp(), upn, claim="preferred_username") == "nikita.k@acme.onmicrosoft.com"
+    with pytest.raises(PermissionDenied, match="'nikita' is not a principal"):  # policy could not name it
+        principal(Idp(), token(preferred_username="nikita"), claim="preferred_username")
 
 
 def test_made_up_key_ids_cannot_make_the_controller_hammer_the_provider() -> None:

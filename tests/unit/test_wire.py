@@ -197,3 +197,25 @@ def test_the_local_api_answers_cost_no_pydantic_to_read() -> None:
     """meshctl reads them as plain JSON; their types are TypedDicts mypy checks on meshd's side."""
     for name in ("Status", "Whois", "AgentRunAnswer", "PeerStatus"):
         assert not issubclass(getattr(local, name), BaseModel)
+
+
+@pytest.mark.parametrize("principal", ["a\u0000b@c", "\u200b@\u200b", "nikita@acme.com\u202e", "ni\u00adkita@acme.com",
+                                       "a b@c", "a@b@c", "nikita\u2066@acme.com", "\ufeffnikita@acme.com"])
+def test_a_principal_with_invisible_control_or_space_characters_is_refused_everywhere(principal: str) -> None:
+    from pydantic import ValidationError
+
+    from meshcore.policy.fields import check_principal
+    from meshcore.wire.api import AgentRevokeRequest
+
+    with pytest.raises(ValueError, match="invalid principal"):
+        check_principal(principal)  # policy files: delegations, owners, acls
+    with pytest.raises(ValidationError):
+        AgentRevokeRequest.model_validate({"principal": principal})  # the API
+
+
+@pytest.mark.parametrize("principal", ["nikita@acme.com", "li.wei+ops@acme.co.jp", "josé@acme.es"])
+def test_ordinary_principals_pass(principal: str) -> None:
+    from meshcore.policy.fields import check_principal
+    from meshcore.wire.api import AgentRevokeRequest
+
+    assert check_principal(principal) == AgentRevokeRequest.model_validate({"principal": principal}).principal
