@@ -11,7 +11,7 @@ far behind that its queue was dropped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 
 from meshcore.errors import NotFound, Outdated
@@ -40,18 +40,26 @@ def agree(node: str, announced: str | None) -> int:
     return protocol
 
 
-def open_stream(ctx: Context, node: str, since: int | None, clock: Callable[[], datetime],
-                protocol: int = PROTOCOL) -> AsyncIterator[bytes]:
-    """Subscribe ``node`` and return its stream's lines: a full map, or the
+async def open_stream(ctx: Context, node: str, since: int | None, clock: Callable[[], datetime],
+                      protocol: int = PROTOCOL) -> AsyncGenerator[bytes, None]:
+    """Subscribe ``node`` and yield its stream's lines: a full map, or the
     deltas after ``since`` when the hub still has them, then deltas as they happen.
 
-    ``protocol`` is what :func:`agree` settled on; every message of this
-    version is one a protocol-2 node reads, so nothing depends on it yet.
+    The subscription is made when the body starts, under the finally that
+    ends it: a stream whose body never starts (the client went away first)
+    subscribes nothing, and one that fails putting its first messages
+    together is unsubscribed. ``protocol`` is what :func:`agree` settled on;
+    every message of this version is one a protocol-2 node reads, so
+    nothing depends on it yet.
     """
     sub = ctx.hub.subscribe(node, protocol)
-    backlog = ctx.hub.since(since) if since is not None else None
-    first = _everything(ctx, backlog, clock(), node)
-    return _lines(ctx, sub, first, clock)
+    try:
+        backlog = ctx.hub.since(since) if since is not None else None
+        first = _everything(ctx, backlog, clock(), node)
+        async for line in _lines(ctx, sub, first, clock):
+            yield line
+    finally:
+        ctx.hub.unsubscribe(sub)
 
 
 def nat_config(ctx: Context, node: str, now: datetime) -> NatConfig:
@@ -80,30 +88,27 @@ def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datetime, n
 async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
                  clock: Callable[[], datetime]) -> AsyncIterator[bytes]:
     refresh_at = clock() + ctx.nat.credential_ttl / 2
-    try:
-        for message in first:
-            yield message.line
-        while not sub.closed:
-            if sub.resync:  # it fell behind: drop its queue, send it whole again
-                while not sub.queue.empty():
-                    sub.queue.get_nowait()
-                sub.resync = False
-                for message in _everything(ctx, None, clock(), sub.node):
-                    yield message.line
-                continue
-            try:
-                message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                message = KEEPALIVE
-                now = clock()
-                if ctx.nat.relay is not None and now >= refresh_at:  # fresh credentials before the old expire
-                    message = Outgoing.of(StreamMessage(type="nat", nat=nat_config(ctx, sub.node, now)))
-                    refresh_at = now + ctx.nat.credential_ttl / 2
-            if sub.closed:
-                break
-            yield message.line
-    finally:
-        ctx.hub.unsubscribe(sub)
+    for message in first:
+        yield message.line
+    while not sub.closed:
+        if sub.resync:  # it fell behind: drop its queue, send it whole again
+            while not sub.queue.empty():
+                sub.queue.get_nowait()
+            sub.resync = False
+            for message in _everything(ctx, None, clock(), sub.node):
+                yield message.line
+            continue
+        try:
+            message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+        except TimeoutError:
+            message = KEEPALIVE
+            now = clock()
+            if ctx.nat.relay is not None and now >= refresh_at:  # fresh credentials before the old expire
+                message = Outgoing.of(StreamMessage(type="nat", nat=nat_config(ctx, sub.node, now)))
+                refresh_at = now + ctx.nat.credential_ttl / 2
+        if sub.closed:
+            break
+        yield message.line
 
 
 def ask_probe(ctx: Context, caller: str, peer: str) -> bool:

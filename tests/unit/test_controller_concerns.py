@@ -115,3 +115,21 @@ def test_an_approval_code_expires_after_ten_minutes_and_works_once(ctx: Context,
     with pytest.raises(InvalidToken, match="already used"):
         logins.approve_login(ctx, admin, LoginApprove(code=again.user_code, principal="li@acme.com"), "a", NOW)
     assert asyncio.run(logins.poll_login(ctx, laptop, again.id, NOW)).principal == "nikita@acme.com"
+
+
+def test_a_stream_whose_body_never_starts_holds_no_subscription(ctx: Context) -> None:
+    import asyncio
+
+    from controller.stream import open_stream
+
+    async def run() -> None:
+        never = open_stream(ctx, "n1", None, lambda: NOW)  # the client went away before the body started
+        del never
+        assert ctx.hub.connected == 0
+        started = open_stream(ctx, "n1", None, lambda: NOW)
+        assert (await anext(started)).startswith(b'{"type":')  # its first message: it is subscribed now
+        assert ctx.hub.connected == 1
+        await started.aclose()  # the client went away mid-stream
+        assert ctx.hub.connected == 0
+
+    asyncio.run(run())
