@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from asyncinotify import Inotify, Mask, Watch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from idmesh.tasks import Tasks
 from meshcore.addressing import NodeBlock
 from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound, PermissionDenied
 from meshcore.identity import build_csr, key_pem
@@ -135,7 +136,7 @@ class AgentSupervisor:
         self._last_slot = -1  # the slot handed out last (round robin)
         self._inotify: Inotify | None = None  # while watch() runs
         self._watches: dict[Watch, str] = {}  # a cgroup.events watch -> its agent
-        self._tasks: set[asyncio.Future[None]] = set()  # ends and checks under way
+        self._tasks = Tasks(log)  # ends and checks under way
 
     def prepare(self) -> None:
         """Make the agents' directory, and remove what a crashed run left in it.
@@ -370,9 +371,7 @@ class AgentSupervisor:
             self._spawn(self.end(agent_id, reason))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     def _watch_cgroup(self, agent_id: str, cgroup: Path) -> None:
         if self._inotify is not None:
@@ -384,6 +383,4 @@ class AgentSupervisor:
     async def close(self) -> None:
         for agent_id in list(self.local):
             await self.end(agent_id, "meshd stopped")
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()

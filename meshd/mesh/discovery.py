@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from idmesh.tasks import Tasks
+
 __all__ = ["SERVICE", "LanDiscovery", "start_discovery"]
 
 SERVICE = "_idmesh._udp.local."
@@ -36,7 +38,7 @@ class LanDiscovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks(log)
 
     async def start(self) -> None:
         self._subnets = await asyncio.to_thread(_connected_subnets)
@@ -56,9 +58,7 @@ class LanDiscovery:
         if state_change is ServiceStateChange.Removed:
             return
         # Resolution needs a round trip; keep the task so stop() can cancel it (no orphans).
-        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._resolve(service_type, name))
 
     async def _resolve(self, service_type: str, name: str) -> None:
         assert self._zc is not None
@@ -79,8 +79,7 @@ class LanDiscovery:
             self._on_change(key.decode())
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.close()
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._zc is not None:

@@ -58,11 +58,12 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from aioice import stun
 from aioice.turn import TurnClientUdpProtocol
 
+from idmesh.tasks import Tasks
 from meshcore.errors import IdmeshError, InvalidInput, NotFound, PermissionDenied, Unavailable
 
 __all__ = ["Address", "PeerCounters", "Relay"]
@@ -248,7 +249,7 @@ class Relay:
         self._peers: dict[str, _Peer] = {}
         self._by_remote: dict[Address, _Peer] = {}
         self._maintenance: asyncio.Task[None] | None = None
-        self._chores: set[asyncio.Task[None]] = set()
+        self._chores = Tasks(log)  # deletions of allocations, under way
         self._checking: asyncio.Lock | None = None
         self.lost_allocations = 0
         self.bytes_sent = self.bytes_received = 0  # WireGuard bytes to and from relayed peers, since start
@@ -345,10 +346,7 @@ class Relay:
             self._delete(allocation)
         self._current = None
         self._draining.clear()
-        if self._chores:
-            await asyncio.wait(set(self._chores), timeout=STOP_WAIT)
-        for chore in set(self._chores):
-            chore.cancel()
+        await self._chores.close(grace=STOP_WAIT)
 
     def counters(self) -> dict[str, PeerCounters]:
         """A copy of every peer's counters, by peer key."""
@@ -421,7 +419,7 @@ class Relay:
             await asyncio.wait_for(allocation.bind(remote), self._timeout)
         except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
             if allocation is self._current:
-                self._chore(self._check())  # perhaps the server no longer knows us: see at once
+                self._chores.spawn(self._check())  # perhaps the server no longer knows us: see at once
             raise self._error(f"cannot bind a channel to {remote[0]}:{remote[1]}", exc) from exc
 
     async def _check(self) -> None:
@@ -463,12 +461,7 @@ class Relay:
                 log.info("TURN server %s: deleting %s: %s", self.server_name, allocation.relayed_address,
                          _describe(exc))
 
-        self._chore(delete())
-
-    def _chore(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(work)
-        self._chores.add(task)
-        task.add_done_callback(self._chores.discard)
+        self._chores.spawn(delete())
 
     def _retire_unused(self, now: float | None = None) -> None:
         """Delete draining allocations no peer sends through; past their deadline, move their peers first."""

@@ -44,13 +44,14 @@ import secrets
 import socket
 import string
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aioice import stun
 
+from idmesh.tasks import Tasks
 from meshcore.errors import IdmeshError
 from meshcore.turn import turn_expiry
 from meshcore.wire.stream import NatConfig, PeerNode, ReachabilityReport
@@ -166,7 +167,7 @@ class Traversal:
         self._stun_waiting: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
         self._probes: dict[bytes, tuple[str, tuple[str, int], float]] = {}  # tid -> (peer key, candidate, sent)
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(log)
 
     # -- what the node reports, and tells its data plane ------------------------------------------------
     def reach(self) -> ReachabilityReport:
@@ -504,10 +505,8 @@ class Traversal:
         self._relayed(address)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._tasks.spawn(coro)
 
     async def run(self) -> None:
         try:
@@ -537,8 +536,7 @@ class Traversal:
             await self.close()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.close()
         if self._relay is not None:
             try:
                 await self._relay.stop()

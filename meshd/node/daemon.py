@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from idmesh.metrics import Metrics, serve_metrics
+from idmesh.tasks import Tasks
 from meshcore.errors import IdmeshError, NotFound, PermissionDenied
 from meshcore.wire.api import AgentIssued, LoginStart
 from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
@@ -97,7 +98,7 @@ class Daemon:
         self._agent_due = 0
         self._logins: dict[str, int] = {}  # login id -> the uid that started it
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(log)  # short tasks (a revocation's kills, probes): failures logged, awaited at stop
 
     # -- callbacks between subsystems (event loop) ---------------------------------------------------------
     def _wake(self) -> None:
@@ -110,11 +111,7 @@ class Daemon:
             self._spawn(self.supervisor.revoked(update.revoked))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """A short task owned by the daemon: kept, cancelled at shutdown, never orphaned."""
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     def _peers_changed(self) -> None:
         view = self.mesh.view
@@ -314,8 +311,7 @@ class Daemon:
 
     async def _stop(self, device: WireGuardDevice) -> None:
         """Undo everything, in the reverse order of its making; nothing of ours is left."""
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.close()
         if self.flowlog is not None:
             await asyncio.to_thread(self.flowlog.close)
         if self.supervisor is not None:
