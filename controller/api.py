@@ -217,7 +217,7 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
 
     @app.post("/v1/flows")
     async def post_flows(batch: FlowBatch, who: Node) -> dict[str, int]:
-        return {"recorded": flows.record_flows(ctx, who, batch)}
+        return {"recorded": flows.record_flows(ctx, who, batch, _now())}
 
     @app.get("/v1/flows", response_model=list[FlowRecord])
     async def get_flows(_: Admin, denied: bool = False, principal: str | None = None,

@@ -89,6 +89,8 @@ class Context:
     nat: NatSettings = field(default_factory=NatSettings)
     approvals: dict[str, asyncio.Event] = field(default_factory=dict)
     verified_leaves: dict[bytes, Identity] = field(default_factory=dict)
+    flow_batches: int = 0
+    """Flow batches recorded since start (:func:`controller.flows.record_flows` prunes every hundredth)."""
     """Client certificates already verified, by DER (:data:`controller.auth.VERIFIED_LEAVES`)."""
 
     @classmethod

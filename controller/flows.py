@@ -9,21 +9,35 @@ the record, as columns, because they are what the admin filters on.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from meshcore.identity import Identity
 from meshcore.wire.api import FlowBatch, FlowRecord
 
 from .context import Context
 
-__all__ = ["find_flows", "record_flows"]
+__all__ = ["FLOW_RETENTION", "MAX_FLOWS", "find_flows", "record_flows"]
+
+FLOW_RETENTION = timedelta(days=7)
+"""How long a flow record is kept: the log is for asking who connected lately, not an archive."""
+MAX_FLOWS = 1_000_000
+"""At most this many records (a few hundred MB), whatever their age: every node may post 1,000 a second."""
+PRUNE_EVERY = 100
+"""Batches between two prunings (each is two indexed deletes)."""
 
 
-def record_flows(ctx: Context, ident: Identity, batch: FlowBatch) -> int:
-    """Store what the calling node saw; how many records."""
+def record_flows(ctx: Context, ident: Identity, batch: FlowBatch, now: datetime, *,
+                 keep: int = MAX_FLOWS) -> int:
+    """Store what the calling node saw; how many records. Every :data:`PRUNE_EVERY` batches, records
+    older than :data:`FLOW_RETENTION` and all but the newest ``keep`` go."""
     node = ident.spiffe_id.name
     rows = [(f.at, f.verdict, f.principal, f.model_copy(update={"node": node}).model_dump_json())
             for f in batch.flows]
+    ctx.flow_batches += 1
     with ctx.store.transaction() as tx:
         tx.insert_flows(node, rows)
+        if ctx.flow_batches % PRUNE_EVERY == 0:
+            tx.prune_flows(now - FLOW_RETENTION, keep)
     return len(rows)
 
 

@@ -277,6 +277,14 @@ class Tx:
         self._c.executemany("INSERT INTO flows(at, node, record, verdict, principal) VALUES (?, ?, ?, ?, ?)",
                             [(iso(at), node, record, verdict, principal) for at, verdict, principal, record in records])
 
+    def prune_flows(self, before: datetime, keep: int) -> int:
+        """Delete flow records older than ``before``, and all but the newest ``keep``; how many went."""
+        gone = self._c.execute("DELETE FROM flows WHERE at < ?", (iso(before),)).rowcount
+        newest = self._c.execute("SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET ?", (keep,)).fetchone()
+        if newest is not None:
+            gone += self._c.execute("DELETE FROM flows WHERE id <= ?", (newest[0],)).rowcount
+        return int(gone)
+
     def flows(self, denied: bool = False, principal: str | None = None, node: str | None = None,
               limit: int = 1000) -> list[tuple[str, str]]:
         """The newest matching (node, record JSON), oldest first."""

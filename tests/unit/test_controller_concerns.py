@@ -133,3 +133,24 @@ def test_a_stream_whose_body_never_starts_holds_no_subscription(ctx: Context) ->
         assert ctx.hub.connected == 0
 
     asyncio.run(run())
+
+
+def test_the_flow_log_keeps_a_week_and_at_most_its_cap(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller import flows
+    from meshcore.wire.api import FlowBatch
+
+    monkeypatch.setattr(flows, "PRUNE_EVERY", 3)
+    token = create_token(ctx, ADMIN, TokenCreateRequest(tags=["db"]), NOW).token
+    db = enroll(ctx, token, "db", NOW)
+
+    def batch(at: datetime, n: int) -> FlowBatch:
+        one = {"at": at.isoformat(), "verdict": "deny", "rule": "default deny", "source": "100.64.0.9",
+               "destination": "100.64.0.65", "protocol": "tcp", "port": 5432}
+        return FlowBatch.model_validate({"flows": [one] * n})
+
+    flows.record_flows(ctx, db, batch(NOW - timedelta(days=8), 5), NOW)  # a week and a day old
+    flows.record_flows(ctx, db, batch(NOW, 10), NOW)
+    assert len(flows.find_flows(ctx, False, None, None, 1000)) == 15  # not pruned yet: every third batch
+    flows.record_flows(ctx, db, batch(NOW, 10), NOW, keep=12)  # the third: the old ones go, then all but 12
+    kept = flows.find_flows(ctx, False, None, None, 1000)
+    assert len(kept) == 12 and all(f.at == NOW for f in kept)
