@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meshcore.errors import IdmeshError
+from meshcore.errors import IdmeshError, PermissionDenied
 from meshcore.identity import Identity, cert_pem
 from meshcore.wire import MIN_PROTOCOL, PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
 from meshcore.wire.api import (
@@ -91,6 +91,31 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"malformed request: {where}: {first.get('msg', 'invalid')}{more}"
 
 
+PUBLIC = frozenset({"/v1/health", "/v1/ca", "/v1/enroll"})
+"""The calls anyone may make (enrollment proves itself with its token). Every other is authenticated first."""
+_IDENTITY = "idmesh.identity"
+
+
+class AuthenticateFirst:
+    """ASGI: every call but :data:`PUBLIC` is authenticated — certificate, revocation, membership —
+    before its body is read. An unknown client gets one 403 line, never a parse of what it sent
+    (a 4 MiB policy) nor a 422 describing the API to it. What kind of caller a route wants is still
+    the route's business (its ``Admin``/``Node``/``User`` dependency)."""
+
+    def __init__(self, app: Any, ctx: Context) -> None:
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") not in PUBLIC:
+            der = scope.get("extensions", {}).get(TLS_EXTENSION, {}).get("client_cert")
+            try:
+                scope[_IDENTITY] = auth.authenticate(self.ctx, der, _now())
+            except PermissionDenied as exc:
+                await JSONResponse({"error": str(exc)}, status_code=exc.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
     app = FastAPI(title="idmesh controller", version="1", docs_url=None, redoc_url=None)
 
@@ -114,8 +139,8 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
     # The dependencies are coroutines: FastAPI runs a plain ``def`` one in its thread pool, a hop
     # (and a thread switch) per dependency per call, which an agent's birth should not pay.
     async def caller(request: Request) -> Identity:
-        der = request.scope.get("extensions", {}).get(TLS_EXTENSION, {}).get("client_cert")
-        return auth.authenticate(ctx, der, _now())
+        ident: Identity = request.scope[_IDENTITY]  # AuthenticateFirst put it there, before the body was read
+        return ident
 
     async def admin(ident: Annotated[Identity, Depends(caller)]) -> Identity:
         auth.require(ident, "admin")
@@ -286,4 +311,5 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
                                  headers={PROTOCOL_HEADER: str(protocol),
                                           SUPPORTED_HEADER: f"{MIN_PROTOCOL}-{PROTOCOL}"})
 
-    return BodyLimit(app, max_body, larger={"/v1/policy": 4 * 1024 * 1024 + 4096, "/v1/flows": 1024 * 1024})
+    return BodyLimit(AuthenticateFirst(app, ctx), max_body,
+                     larger={"/v1/policy": 4 * 1024 * 1024 + 4096, "/v1/flows": 1024 * 1024})

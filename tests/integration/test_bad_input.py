@@ -199,3 +199,14 @@ def test_numbers_and_times_out_of_range_are_bad_input_not_a_500(controller: Cont
         with pytest.raises(InvalidInput, match=r"time 0001-01-01T00:00:00\+14:00 is out of range"):
             admin.request("GET", "/v1/audit?since=0001-01-01T00:00:00%2B14:00")  # before year 1 in UTC
     assert "Traceback" not in controller.log.read_text()
+
+
+def test_an_unauthenticated_call_is_refused_before_its_body_is_read(controller: Controller) -> None:
+    junk = b"{" + b"x" * (4 * 1024 * 1024) + b"}"  # a 4 MiB non-policy: it must not even be parsed
+    with _api(controller) as api:
+        for method, path, body in (("POST", "/v1/policy", junk), ("POST", "/v1/tokens", b'{"surprise": 1}'),
+                                   ("POST", "/v1/agents", b"not json")):
+            answer = api.request(method, path, content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 403, (path, answer.text)
+            assert answer.json()["error"].startswith("this call needs a client certificate"), answer.text
+        assert api.get("/v1/health").status_code == 200  # the public calls stay public
