@@ -136,7 +136,7 @@ class AgentIssueRequest(Request):
     name: str = Field(pattern=_AGENT_NAME, description="what policy's agent: selector matches")
     principal: str = Field(pattern=_PRINCIPAL, max_length=320)
     scopes: list[Annotated[str, StringConstraints(pattern=_SCOPE)]] = Field(min_length=1, max_length=64)
-    ttl_seconds: int = Field(gt=0, le=366 * 86400)
+    ttl_seconds: int = Field(gt=0, le=366 * 86400, strict=True)
     parent: str | None = Field(default=None, pattern=_AGENT_NAME, description="the agent this one is started from")
     ipv4: str = Field(max_length=64, description="chosen by the node from its block")
     ipv6: str = Field(max_length=64)
@@ -201,7 +201,7 @@ class FlowRecord(Answer):
                                       description="for an agent: its grant's principal, or its node's delegation")
     destination: str = Field(max_length=64)
     protocol: str = Field(max_length=16)
-    port: int | None = Field(default=None, ge=0, le=65535)
+    port: int | None = Field(default=None, ge=0, le=65535, strict=True)
     node: str | None = Field(default=None, description="the node that saw it (set by the controller)")
 
 
@@ -218,8 +218,8 @@ class FlowBatch(Request):
 class TokenCreateRequest(Request):
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     owner: str | None = Field(default=None, pattern=_PRINCIPAL, max_length=320)
-    ttl_seconds: int = Field(default=3600, gt=0, le=366 * 86400)
-    reusable: bool = False
+    ttl_seconds: int = Field(default=3600, gt=0, le=366 * 86400, strict=True)
+    reusable: bool = Field(default=False, strict=True)
 
 
 class TokenInfo(Answer):
@@ -242,10 +242,10 @@ class LoginStart(Request):
     """A node starts a person's login on their behalf (``meshctl login``, through meshd)."""
 
     csr: str = Field(max_length=8192, description="PEM CSR over the person's Ed25519 key, made on the device")
-    ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400,
+    ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400, strict=True,
                              description="the principal certificate's lifetime asked for")
     user: str | None = Field(default=None, max_length=64, description="the local account on the device")
-    uid: int | None = Field(default=None, ge=0, description="its uid, as the node's kernel reported it")
+    uid: int | None = Field(default=None, ge=0, strict=True, description="its uid, as the node's kernel reported it")
 
 
 class LoginStarted(Answer):

@@ -36,10 +36,10 @@ class AgentRunRequest(Request):
 
     principal: str = Field(max_length=320)
     scopes: list[str] = Field(min_length=1, max_length=64)
-    ttl_seconds: int = Field(gt=0, le=366 * 86400)
+    ttl_seconds: int = Field(gt=0, le=366 * 86400, strict=True)
     name: str | None = Field(default=None, max_length=128)
-    uid: int | None = Field(default=None, ge=0, description="owner of the agent's key files (for --user)")
-    gid: int | None = Field(default=None, ge=0)
+    uid: int | None = Field(default=None, ge=0, strict=True, description="owner of the agent's key files (for --user)")
+    gid: int | None = Field(default=None, ge=0, strict=True)
     grant: str | None = Field(default=None, max_length=16 * 1024,
                               description="the principal's grant (meshctl grant create); without one only root "
                               "and the uids meshd maps to the principal may ask")
@@ -49,7 +49,7 @@ class LoginRequest(Request):
     """``POST /v1/login``: start a login for the calling user (``meshctl login``); the key was made by meshctl."""
 
     csr: str = Field(max_length=8192)
-    ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400)
+    ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400, strict=True)
 
 
 class ControllerContact(TypedDict):

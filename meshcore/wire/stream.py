@@ -200,7 +200,7 @@ class ReachabilityReport(Reachability):
 class EndpointReport(Request):
     """What a node tells the controller about how to reach it."""
 
-    listen_port: int = Field(ge=1, le=65535)
+    listen_port: int = Field(ge=1, le=65535, strict=True)
     endpoints: tuple[str, ...] = Field(default=(), max_length=32, description="local underlay ip:port candidates")
     routing: RouteOfferReport = Field(default_factory=RouteOfferReport,
                                       description="what the node offers as a gateway")

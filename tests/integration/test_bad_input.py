@@ -210,3 +210,12 @@ def test_an_unauthenticated_call_is_refused_before_its_body_is_read(controller: 
             assert answer.status_code == 403, (path, answer.text)
             assert answer.json()["error"].startswith("this call needs a client certificate"), answer.text
         assert api.get("/v1/health").status_code == 200  # the public calls stay public
+
+
+def test_a_method_the_path_does_not_take_is_405_with_allow(controller: Controller) -> None:
+    from idmesh.client import AdminCredential
+
+    with AdminCredential.load(controller.data / "admin.conf").client() as admin:
+        answer = admin._http.put("/v1/nodes")
+    assert answer.status_code == 405 and answer.headers.get("allow") == "GET", answer.headers
+    assert answer.json()["error"] == "Method Not Allowed"

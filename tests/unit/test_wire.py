@@ -219,3 +219,19 @@ def test_ordinary_principals_pass(principal: str) -> None:
     from meshcore.wire.api import AgentRevokeRequest
 
     assert check_principal(principal) == AgentRevokeRequest.model_validate({"principal": principal}).principal
+
+
+@pytest.mark.parametrize(("model", "body"), [
+    ("TokenCreateRequest", {"ttl_seconds": True}),  # once a 1-second token
+    ("TokenCreateRequest", {"reusable": 0}),
+    ("TokenCreateRequest", {"ttl_seconds": "3600"}),
+    ("AgentRevokeRequest", {"principal": 7}),
+])
+def test_a_request_takes_numbers_as_numbers_and_booleans_as_booleans(model: str, body: dict[str, object]) -> None:
+    from pydantic import ValidationError
+
+    from meshcore.wire import api
+
+    with pytest.raises(ValidationError):
+        getattr(api, model).model_validate(body)
+    assert api.TokenCreateRequest.model_validate({"ttl_seconds": 60, "reusable": True}).ttl_seconds == 60
