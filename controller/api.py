@@ -36,6 +36,7 @@ from meshcore.wire.api import (
     AuditEntry,
     EnrollRequest,
     EnrollResponse,
+    ErrorBody,
     FlowBatch,
     FlowRecord,
     GrantInfo,
@@ -91,6 +92,22 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"malformed request: {where}: {first.get('msg', 'invalid')}{more}"
 
 
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what} for status, what in (
+        (401, "an enrollment token or grant that is not valid (malformed, expired, used up, forged)"),
+        (403, "no client certificate, a revoked or foreign one, or a caller of the wrong kind"),
+        (404, "no such node, agent, token, grant or policy version"),
+        (405, "a method this path does not take (Allow names the ones it does)"),
+        (409, "a conflict: a name or address taken, a login already finished"),
+        (413, "a body over the limit"),
+        (422, "a malformed or invalid request; the error names the field"),
+        (426, "a node too old for this controller's stream"),
+        (429, "too many failures from this source: wait"),
+        (503, "the controller's store is unavailable"),
+        (507, "no room left (the mesh's addresses)"),
+    )}
+"""Every error an idmesh call may answer, each with the one-line ``{"error": ...}`` body (OpenAPI)."""
+
 PUBLIC = frozenset({"/v1/health", "/v1/ca", "/v1/enroll"})
 """The calls anyone may make (enrollment proves itself with its token). Every other is authenticated first."""
 _IDENTITY = "idmesh.identity"
@@ -117,7 +134,7 @@ class AuthenticateFirst:
 
 
 def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
-    app = FastAPI(title="idmesh controller", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="idmesh controller", version="1", docs_url=None, redoc_url=None, responses=ERRORS)
 
     @app.exception_handler(IdmeshError)
     async def _idmesh_error(_: Request, exc: IdmeshError) -> JSONResponse:

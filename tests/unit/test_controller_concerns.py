@@ -154,3 +154,17 @@ def test_the_flow_log_keeps_a_week_and_at_most_its_cap(ctx: Context, monkeypatch
     flows.record_flows(ctx, db, batch(NOW, 10), NOW, keep=12)  # the third: the old ones go, then all but 12
     kept = flows.find_flows(ctx, False, None, None, 1000)
     assert len(kept) == 12 and all(f.at == NOW for f in kept)
+
+
+def test_the_openapi_document_names_every_error_an_operation_may_answer(ctx: Context) -> None:
+    from controller.api import ERRORS, create_app
+
+    app = create_app(ctx)
+    while not hasattr(app, "openapi"):  # below the ASGI middleware
+        app = app.app
+    doc = app.openapi()
+    operations = [op for item in doc["paths"].values() for op in item.values()]
+    assert len(operations) >= 30
+    for op in operations:
+        assert {str(s) for s in ERRORS} <= set(op["responses"]), op["operationId"]
+        assert op["responses"]["403"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
