@@ -136,6 +136,7 @@ def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: st
         ws="none",
         lifespan="off",
         log_level="warning",
+        log_config=None,  # its loggers write through ours (idmesh.logs): JSON lines, one per error
         ssl_context_factory=lambda _config, _default: ssl_ctx,
         timeout_graceful_shutdown=2,
     )

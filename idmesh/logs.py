@@ -37,6 +37,14 @@ class _Context(logging.Filter):
         return True
 
 
+class _Once(logging.Filter):
+    """uvicorn logs every unhandled error again ("Exception in ASGI application") after the API's own
+    handler logged it with its method and path: once is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Exception in ASGI application"
+
+
 class _Json(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
@@ -63,3 +71,7 @@ def setup_logging(verbose: bool = False, json_lines: bool | None = None) -> None
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # uvicorn's loggers go through this handler too (its servers are made with log_config=None): JSON, once
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _Once) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(_Once())

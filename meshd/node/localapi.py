@@ -187,7 +187,8 @@ class LocalApi:
             return await node.poll_login(_caller(request), login_id)
 
         self.app = app
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http=_PeerCredProtocol)
+        config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off", ws="none",
+                                http=_PeerCredProtocol)  # (log_config=None: through our JSON handler)
         self._server = _EmbeddedServer(config)
 
     async def serve(self) -> None:

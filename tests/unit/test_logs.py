@@ -33,3 +33,18 @@ def test_a_token_passed_as_an_argument_is_redacted_too(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     first = json.loads(err.strip().splitlines()[0])
     assert first["msg"] == "enrolling with idm1.<redacted> on h1" and "zZWNyZXQ" not in err
+
+
+def test_uvicorn_speaks_json_through_our_handler_and_an_unhandled_error_once(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(json_lines=True)
+    try:
+        uvicorn_errors = logging.getLogger("uvicorn.error")
+        try:
+            raise RuntimeError("bug")
+        except RuntimeError:
+            uvicorn_errors.error("Exception in ASGI application", exc_info=True)  # the API logged it already
+        uvicorn_errors.warning("Invalid HTTP request received.")
+    finally:
+        logging.getLogger().handlers.clear()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert json.loads(line) == {**json.loads(line), "logger": "uvicorn.error", "msg": "Invalid HTTP request received."}
