@@ -160,7 +160,9 @@ class NetmapHub:
         self._subscribers.discard(sub)
 
     def backlogs(self) -> list[tuple[str, int]]:
-        return [(sub.node, sub.queue.qsize()) for sub in self._subscribers]
+        """Each stream's queue length. Read from the metrics thread while the event loop changes the set:
+        copied in one step first (a single call under the GIL), never iterated live."""
+        return [(sub.node, sub.queue.qsize()) for sub in tuple(self._subscribers)]
 
     @property
     def connected(self) -> int:

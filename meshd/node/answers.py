@@ -59,7 +59,7 @@ def status(node: Node) -> Status:
     view, state = mesh.view, _device(plane)
     by_key = {p.public_key: p for p in state.peers} if state else {}
     peers: list[PeerStatus] = []
-    for name, peer in sorted((view.nodes if view else {}).items()):
+    for name, peer in sorted(tuple((view.nodes if view else {}).items())):  # a worker thread: copy first
         if name == record.name:
             continue
         ps = by_key.get(peer.wireguard_public_key)
@@ -147,7 +147,7 @@ def gauges(node: Node) -> list[Gauge]:
     state = _device(plane)
     if state is not None:
         now = datetime.now(UTC)
-        names = {n.wireguard_public_key: name for name, n in (view.nodes.items() if view else ())}
+        names = {n.wireguard_public_key: name for name, n in (tuple(view.nodes.items()) if view else ())}
         out.append(("idmesh_peers", "WireGuard peers configured", {}, float(len(state.peers))))
         for p in state.peers:
             age = (now - p.latest_handshake).total_seconds() if p.latest_handshake else -1.0
