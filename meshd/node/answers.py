@@ -59,7 +59,7 @@ def status(node: Node) -> Status:
     view, state = mesh.view, _device(plane)
     by_key = {p.public_key: p for p in state.peers} if state else {}
     peers: list[PeerStatus] = []
-    for name, peer in sorted(tuple((view.nodes if view else {}).items())):  # a worker thread: copy first
+    for name, peer in sorted((view.nodes if view else {}).items()):  # sorted copies it in one step
         if name == record.name:
             continue
         ps = by_key.get(peer.wireguard_public_key)
