@@ -17,6 +17,7 @@ change, so the map a restart rebuilds is the one that was streamed before.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from meshcore.wire.stream import (
 from .rows import NodeRow, PolicyRow
 from .store import Tx
 
-__all__ = ["KEEPALIVE", "NetmapHub", "Outgoing", "Subscription", "peer_node", "policy_doc"]
+__all__ = ["KEEPALIVE", "STREAMS_PER_NODE", "NetmapHub", "Outgoing", "Subscription", "peer_node", "policy_doc"]
 
 HISTORY = 4096
 QUEUE_LIMIT = 1024
@@ -56,6 +57,9 @@ class Outgoing:
 
 
 KEEPALIVE = Outgoing.of(StreamMessage(type="keepalive"))
+STREAMS_PER_NODE = 4
+"""Open streams one node may hold at once."""
+_OPENED = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -66,6 +70,8 @@ class Subscription:
     queue: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     resync: bool = False
     closed: bool = False
+    opened: int = 0
+    """Its place in the order streams opened (the oldest of a node's goes first)."""
 
 
 class NetmapHub:
@@ -77,6 +83,7 @@ class NetmapHub:
         self._history: deque[NetmapDelta] = deque(maxlen=HISTORY)
         self._subscribers: set[Subscription] = set()
         self.policy: PolicyDoc | None = None
+        self._policy_out: Outgoing | None = None  # the policy's line, made once per version
 
     @classmethod
     def load(cls, tx: Tx, domain: str, prefixes: MeshPrefixes) -> NetmapHub:
@@ -127,9 +134,18 @@ class NetmapHub:
         return delta
 
     def publish_policy(self, doc: PolicyDoc) -> None:
-        """A new policy version goes to everyone at once; it is small and final."""
-        self.policy = doc
-        self._to_everyone(Outgoing.of(StreamMessage(type="policy", policy=doc)))
+        """A new policy version goes to everyone at once; it is final."""
+        self.policy, self._policy_out = doc, None
+        message = self.policy_message()
+        assert message is not None
+        self._to_everyone(message)
+
+    def policy_message(self) -> Outgoing | None:
+        """The policy in force as its stream line, serialised once for every stream that opens (a policy
+        may be megabytes, and a hundred nodes reconnect at once after a controller restart)."""
+        if self._policy_out is None and self.policy is not None:
+            self._policy_out = Outgoing.of(StreamMessage(type="policy", policy=self.policy))
+        return self._policy_out
 
     def publish_agents(self, update: AgentUpdate) -> None:
         """Agent births and deaths go to every connected node. Revocations are
@@ -152,7 +168,14 @@ class NetmapHub:
 
     # -- subscribers -----------------------------------------------------------
     def subscribe(self, node: str, protocol: int = PROTOCOL) -> Subscription:
-        sub = Subscription(node, protocol)
+        """A new stream for ``node``; past :data:`STREAMS_PER_NODE` of its own, its oldest is ended
+        (a node reconnecting leaves its old stream behind until the controller notices; a node opening
+        streams in a loop must not hold the controller's memory)."""
+        mine = sorted((s for s in self._subscribers if s.node == node and not s.closed), key=lambda s: s.opened)
+        for old in mine[:max(0, len(mine) - STREAMS_PER_NODE + 1)]:
+            old.closed = True
+            old.queue.put_nowait(KEEPALIVE)  # wakes it to see it is closed
+        sub = Subscription(node, protocol, opened=next(_OPENED))
         self._subscribers.add(sub)
         return sub
 

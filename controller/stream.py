@@ -76,7 +76,8 @@ def nat_config(ctx: Context, node: str, now: datetime) -> NatConfig:
 def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datetime, node: str) -> list[Outgoing]:
     """What a node needs to be whole: policy first, then the map, then the agents (and its NAT help)."""
     hub = ctx.hub
-    out = [Outgoing.of(StreamMessage(type="policy", policy=hub.policy))] if hub.policy else []
+    policy = hub.policy_message()
+    out = [policy] if policy is not None else []
     out += ([Outgoing.of(StreamMessage(type="delta", delta=d)) for d in deltas] if deltas is not None
             else [Outgoing.of(StreamMessage(type="full", full=hub.full()))])
     out.append(Outgoing.of(StreamMessage(type="agents", agents=agent_update_full(ctx, now))))

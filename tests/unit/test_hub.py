@@ -159,3 +159,32 @@ def test_a_subscriber_that_does_not_read_is_switched_to_a_resync(monkeypatch: py
     assert slow.resync and not fast.resync
     assert slow.queue.qsize() == 3
     assert [m.delta.version for m in drain(fast) if m.delta] == [14, 15, 16]
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+def test_a_node_holds_at_most_a_few_streams_and_its_oldest_goes_first() -> None:
+    async def run() -> None:
+        h = hub(10, node(1), node(2))
+        first, *rest = [h.subscribe("n1") for _ in range(hubmod.STREAMS_PER_NODE)]
+        other = h.subscribe("n2")
+        newest = h.subscribe("n1")  # one too many: the oldest of n1's ends
+        assert first.closed and not any(s.closed for s in (*rest, newest, other))
+        assert h.connected == hubmod.STREAMS_PER_NODE + 2  # (the closed one goes when its stream notices)
+
+    asyncio.run(run())
+
+
+def test_the_policy_is_serialised_once_however_many_streams_open() -> None:
+    from meshcore.wire.stream import PolicyDoc
+
+    async def run() -> None:
+        h = hub(10, node(1))
+        assert h.policy_message() is None
+        h.publish_policy(PolicyDoc(version=1, hash="0" * 64, filename="p.yaml", text="acls: []\n" * 100_000))
+        first = h.policy_message()
+        assert first is not None and h.policy_message() is first and first.line.startswith(b'{"type":"policy"')
+        h.publish_policy(PolicyDoc(version=2, hash="1" * 64, filename="p.yaml", text="acls: []\n"))
+        assert h.policy_message() is not first and b'"version":2' in h.policy_message().line  # type: ignore[union-attr]
+
+    asyncio.run(run())
