@@ -76,6 +76,8 @@ TLS_EXTENSION = "idmesh.tls"
 Limit = Annotated[int, Query(ge=1, le=100_000)]
 Version = Annotated[int, Query(ge=0, le=2**63 - 1)]
 """A version number as the store keeps it (SQLite's int64): beyond it, a 422, not an OverflowError's 500."""
+Since = Annotated[int, Query(ge=-(2**63), le=2**63 - 1)]
+"""A stream's ``since``: any version a node may claim (one the hub cannot continue from gets a full map)."""
 
 
 def _now() -> datetime:
@@ -320,7 +322,7 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
         return {"sent": stream.ask_probe(ctx, who.spiffe_id.name, req.peer)}
 
     @app.get("/v1/netmap")
-    async def netmap(who: Node, request: Request, since: Version | None = None) -> StreamingResponse:
+    async def netmap(who: Node, request: Request, since: Since | None = None) -> StreamingResponse:
         """The node's stream: a full map (or the deltas since ``since``), then
         deltas as they happen, and a keepalive line when nothing does."""
         protocol = stream.agree(who.spiffe_id.name, request.headers.get(PROTOCOL_HEADER))
