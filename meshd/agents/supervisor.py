@@ -256,7 +256,7 @@ class AgentSupervisor:
     async def _unwind(self, staged: str, ipv4: str, pid: int, home: str, staging: asyncio.Future[None] | None,
                       issued: AgentIssued | None) -> None:
         """A birth that failed before the agent was whole: the caller back home, files gone, the controller told."""
-        if staging is not None and staging.done() and staging.exception() is None:
+        if staging is not None and staging.done() and not staging.cancelled() and staging.exception() is None:
             try:
                 await asyncio.to_thread(self.net.unstage, ipv4, pid, home)
             except IdmeshError as exc:
