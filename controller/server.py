@@ -5,6 +5,13 @@ node that is enrolling has no certificate yet) but does not pass the
 certificate to the app. :class:`_ClientCertProtocol` takes it from the TLS
 connection once the handshake is done and adds it to every request's scope
 under :data:`controller.api.TLS_EXTENSION`.
+
+uvicorn has no timeout for a request's headers, so a client that sends half
+of them holds its connection (and a file descriptor) for ever; the protocol
+closes a connection whose headers have not all arrived :data:`HEADER_TIMEOUT`
+seconds after it opened or its request began, and refuses connections past
+:data:`PER_SOURCE` from one address. The TLS handshake itself is bounded by
+the event loop's 60 s default.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +44,28 @@ from .stun import start_stun
 __all__ = ["parse_listen", "serve", "server_ssl_context"]
 
 
+HEADER_TIMEOUT = 10.0
+"""Seconds a request's headers may take to arrive, whole."""
+PER_SOURCE = 512
+"""Connections one address may hold at once (nodes hold one stream and a few calls each)."""
+_open_from: Counter[str] = Counter()
+
+
 class _ClientCertProtocol(HttpToolsProtocol):
+    _source: str | None = None
+    _header_timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        if _open_from[source] >= PER_SOURCE:
+            logging.getLogger("idmesh.controller").warning("refused a connection from %s: %d already open",
+                                                           source, PER_SOURCE)
+            transport.abort()
+            return
+        _open_from[source] += 1
+        self._source = source
+        self._arm_header_timer()
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -48,6 +76,36 @@ class _ClientCertProtocol(HttpToolsProtocol):
             await app(scope, receive, send)
 
         self.app = with_cert
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self._arm_header_timer()  # a kept-alive connection's next request has the same time for its headers
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        if self._source is not None:
+            _open_from[self._source] -= 1
+            if not _open_from[self._source]:
+                del _open_from[self._source]
+            self._source = None
+            super().connection_lost(exc)
 
 
 def server_ssl_context(data: Path) -> ssl.SSLContext:

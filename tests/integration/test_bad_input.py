@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -219,3 +220,61 @@ def test_a_method_the_path_does_not_take_is_405_with_allow(controller: Controlle
         answer = admin._http.put("/v1/nodes")
     assert answer.status_code == 405 and answer.headers.get("allow") == "GET", answer.headers
     assert answer.json()["error"] == "Method Not Allowed"
+
+
+def _tls_connection(controller: Controller) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(controller.data / "ca.crt"))
+    host, port = controller.url.removeprefix("https://").rsplit(":", 1)
+    return ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=5), server_hostname=host)
+
+
+def _closed_by_server(conn: ssl.SSLSocket, within: float) -> bool:
+    """Whether the server closes (or resets) ``conn`` within ``within`` seconds (0: already); False if open."""
+    conn.settimeout(within or None)
+    if not within:
+        conn.setblocking(False)
+    try:
+        return conn.recv(1) == b""
+    except (TimeoutError, ssl.SSLWantReadError, BlockingIOError):
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def test_half_sent_headers_are_cut_off_and_the_controller_keeps_answering(controller: Controller) -> None:
+    from controller.server import HEADER_TIMEOUT
+
+    held = [_tls_connection(controller) for _ in range(50)]
+    try:
+        for conn in held:
+            conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: controller\r\n")  # and never the rest
+        started = time.monotonic()
+        with _api(controller) as api:  # fifty slow clients do not keep anyone else waiting
+            assert api.get("/v1/health").status_code == 200
+        assert not any(_closed_by_server(conn, 0) for conn in held)  # not yet: they have HEADER_TIMEOUT
+        time.sleep(max(0.0, HEADER_TIMEOUT - (time.monotonic() - started)))
+        assert all(_closed_by_server(conn, 3.0) for conn in held)
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_one_address_may_hold_only_so_many_connections(controller: Controller) -> None:
+    from controller.server import PER_SOURCE
+
+    held, refused = [], 0
+    try:
+        for _ in range(PER_SOURCE + 8):
+            try:
+                held.append(_tls_connection(controller))
+            except (ConnectionError, ssl.SSLError):
+                refused += 1
+        time.sleep(0.5)  # the refusals arrive
+        refused += sum(_closed_by_server(conn, 0) for conn in held)
+        assert refused >= 8, refused  # (more if another test's connection from here is still open)
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.5)  # the server sees them go
+    with _api(controller) as api:  # the address's connections closed: it is welcome again
+        assert api.get("/v1/health").status_code == 200
