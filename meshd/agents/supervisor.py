@@ -309,6 +309,35 @@ class AgentSupervisor:
             finally:
                 self._reserved.discard(agent.slot)
 
+    async def retire_leftovers(self, retry_every: float = 5.0) -> None:
+        """Tell the controller that agents of this node which do not run here have ended.
+
+        After a crash (meshd SIGKILLed, the host rebooted) :meth:`prepare`
+        and the cgroups' takeover kill what the last run left, but the
+        controller still holds those agents live: other nodes would go on
+        honoring identities nobody holds, and their addresses could not be
+        given again until they expired. Retried until the controller answers.
+        """
+        while True:
+            try:
+                listed = await self.controller.call("GET", "/v1/agents")
+                assert isinstance(listed, list)
+                # a birth under way holds its slot until it is in self.local: its agent is not a leftover
+                busy = {str(self.block.agent_address(slot)[0]) for slot in self._reserved}
+                gone = [str(a["id"]) for a in listed if a["id"] not in self.local and a.get("parent") is None
+                        and a["addresses"][0] not in busy]
+                for agent_id in gone:  # (its sub-agents end with it)
+                    try:
+                        await self.controller.call("DELETE", f"/v1/agents/{agent_id}")
+                    except NotFound:
+                        pass  # ended meanwhile
+                if gone:
+                    log.info("retired %d agent(s) a previous run of this node left: %s", len(gone), " ".join(gone))
+                return
+            except IdmeshError as exc:
+                log.warning("could not retire what a previous run left: %s (again in %g s)", exc, retry_every)
+                await asyncio.sleep(retry_every)
+
     async def revoked(self, ids: tuple[str, ...] | list[str]) -> None:
         """The controller revoked these: kill what runs, clean up, no need to tell it back."""
         for agent_id in ids:

@@ -289,6 +289,7 @@ class Daemon:
                     tg.create_task(self.converger.run(), name="converge"),
                     tg.create_task(self._expire_agents(), name="agent-expiry"),
                     tg.create_task(self.supervisor.watch(), name="agent-watch"),
+                    tg.create_task(self.supervisor.retire_leftovers(), name="agent-leftovers"),
                     tg.create_task(watch_gateways(self.routing), name="gateways"),
                     tg.create_task(self.nat.run(), name="nat"),
                 ]

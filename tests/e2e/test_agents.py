@@ -241,3 +241,23 @@ def test_a_denied_agent_connection_appears_in_the_flow_log(lab: tuple[Mesh, Node
                          "a sampled accepted connection",
                          lambda: "\n".join(line for line in mesh.admin("flows").stdout.splitlines()))
     assert sampled[-1]["rule"] == "acls[0]" and sampled[-1]["principal"] == "nikita@acme.com"
+
+
+def test_a_node_that_crashed_retires_what_its_last_run_left(lab: tuple[Mesh, Node, Node]) -> None:
+    mesh, agents, db = lab
+    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
+                              "nikita@acme.com", "--scope", "db:read", "--name", "orphan", "--", "sleep", "120"])
+    agent = named_agent(mesh, agents, "orphan")
+    wait_until(lambda: whois(db, agent["addresses"][0]), 5, "db honors it", mesh.logs)
+    mesh.stop(agents, signal.SIGKILL)  # meshd dies: nothing of its own cleanup runs
+    mesh.start(agents)
+    try:
+        assert proc.wait(20) != 0  # the new run took over the cgroups: the orphan's processes are gone
+        wait_until(lambda: whois(db, agent["addresses"][0]) is None, 20, "db to stop honoring the orphan", mesh.logs)
+        live = json.loads(mesh.admin("agent", "list", "--mesh", "--json").stdout)
+        assert agent["id"] not in [a["id"] for a in live]
+        assert "retired 1 agent(s) a previous run of this node left" in agents.log.read_text()
+        again = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", name="again", check=True)
+        assert again.stdout.startswith("hello ")  # births work again, addresses included
+    finally:
+        wait_until(lambda: agents.status()["controller"]["connected"], 60, "agents reconnected", mesh.logs)
