@@ -321,6 +321,7 @@ def main() -> None:
                   f"tear it down with:\n  {sys.executable} -m demo.teardown {net.prefix} {work}")
     except KeyboardInterrupt:
         print("\ndemo: interrupted, cleaning up")
+        code = 130  # as a shell reports a command stopped by Ctrl-C
     except (AssertionError, HostCommandError, subprocess.SubprocessError) as exc:
         print(f"\ndemo: a step failed, cleaning up:\n{exc}", file=sys.stderr)
         code = 1
