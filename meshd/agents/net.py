@@ -95,6 +95,12 @@ __all__ = ["AgentNet"]
 log = logging.getLogger("meshd.agents.net")
 
 
+def _cgroup_name(number: int) -> str:
+    """An agent's cgroup is named after its number (cgroup2 cannot rename, and the number is known
+    before the certificate names the agent): ``agent-2`` holds 100.64.0.2, mark ``0x00200000``."""
+    return f"agent-{number}"
+
+
 class AgentNet:
     """The agents of one node in this network namespace: their cgroups, marks, translation, anti-spoofing.
 
@@ -190,16 +196,27 @@ class AgentNet:
             raise NotFound(f"agent {agent_id} does not run on node {self.node}")
         return slot
 
-    def _addresses(self, agent_id: str, ipv4: str, ipv6: str) -> tuple[IPv4Address, IPv6Address]:
+    def _agent_v4(self, ipv4: str, who: str) -> IPv4Address:
+        """``ipv4`` as an agent address of the node's block (not its network, broadcast or the node's own)."""
         t = self.table
         try:
-            v4, v6 = IPv4Address(ipv4), IPv6Address(ipv6)
+            v4 = IPv4Address(ipv4)
+        except ValueError as exc:
+            raise InvalidInput(f"{who}: {exc}") from exc
+        if v4 not in t.block4 or v4 in (t.block4.network_address, t.node4, t.block4.broadcast_address):
+            raise InvalidInput(f"{who}: {v4} is not an agent address of block {t.block4} (node {t.node4})")
+        return v4
+
+    def _number(self, v4: IPv4Address) -> int:
+        return int(v4) - int(self.table.block4.network_address)
+
+    def _addresses(self, agent_id: str, ipv4: str, ipv6: str) -> tuple[IPv4Address, IPv6Address]:
+        t = self.table
+        v4 = self._agent_v4(ipv4, f"agent {agent_id}")
+        try:
+            v6 = IPv6Address(ipv6)
         except ValueError as exc:
             raise InvalidInput(f"agent {agent_id}: {exc}") from exc
-        reserved4 = (t.block4.network_address, t.node4, t.block4.broadcast_address)
-        if v4 not in t.block4 or v4 in reserved4:
-            raise InvalidInput(f"agent {agent_id}: {v4} is not an agent address of block {t.block4} "
-                               f"(node {t.node4})")
         if v6 not in t.block6 or v6 in (t.block6.network_address, t.node6):
             raise InvalidInput(f"agent {agent_id}: {v6} is not an agent address of block {t.block6} "
                                f"(node {t.node6})")
@@ -248,16 +265,7 @@ class AgentNet:
         self._cgroups.remove(leaf)  # anything still in it (a child it forked) dies with it
 
     def _leaf(self, ipv4: str) -> str:
-        """An agent's cgroup is named after its number (cgroup2 cannot rename, and the number is known
-        before the certificate names the agent): ``agent-2`` holds 100.64.0.2, mark ``0x00200000``."""
-        t = self.table
-        try:
-            v4 = IPv4Address(ipv4)
-        except ValueError as exc:
-            raise InvalidInput(f"agent address {ipv4!r}: {exc}") from exc
-        if v4 not in t.block4 or v4 in (t.block4.network_address, t.node4, t.block4.broadcast_address):
-            raise InvalidInput(f"{v4} is not an agent address of block {t.block4} (node {t.node4})")
-        return f"agent-{int(v4) - int(t.block4.network_address)}"
+        return _cgroup_name(self._number(self._agent_v4(ipv4, "agent address")))
 
     def add(self, agent_id: str, ipv4: str, ipv6: str, done: Callable[[str], None] = lambda step: None,
             staged: bool = False) -> AgentSlot:
@@ -273,8 +281,8 @@ class AgentNet:
             if agent_id in self._slots:
                 raise Conflict(f"agent {agent_id} already runs on node {self.node}")
             v4, v6 = self._addresses(agent_id, ipv4, ipv6)
-            number = int(v4) - int(self.table.block4.network_address)
-            leaf = self._leaf(str(v4))
+            number = self._number(v4)
+            leaf = _cgroup_name(number)
             path = self._cgroups.path(leaf) if staged else self._cgroups.create(leaf)
             done("cgroup")
             slot = AgentSlot(agent_id, path, self.table.field.value(number), number, str(v4), str(v6),

@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -70,6 +70,17 @@ def _reap_and_trap_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def close_all(made: Sequence[Network]) -> None:
+    """Tear down every network made, the last first, closing the others when one fails; then fail if any did."""
+    errors = []
+    for net in reversed(made):
+        try:
+            net.close()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # keep closing the others
+            errors.append(str(exc))
+    assert not errors, "; ".join(errors)
+
+
 @pytest.fixture
 def network() -> Iterator[Callable[..., Network]]:
     """``network(hosts=3)`` builds a :class:`Network`; all of them are torn down (and checked empty) after the test."""
@@ -82,13 +93,7 @@ def network() -> Iterator[Callable[..., Network]]:
         return net
 
     yield build
-    errors = []
-    for net in reversed(made):
-        try:
-            net.close()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # keep closing the others
-            errors.append(str(exc))
-    assert not errors, "; ".join(errors)
+    close_all(made)
 
 
 @pytest.fixture
@@ -103,10 +108,4 @@ def nat_lab() -> Iterator[Callable[..., NatLab]]:
         return lab
 
     yield build
-    errors = []
-    for lab in reversed(made):
-        try:
-            lab.close()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            errors.append(str(exc))
-    assert not errors, "; ".join(errors)
+    close_all(made)

@@ -81,6 +81,15 @@ def named_agent(mesh: Mesh, node: Node, name: str) -> dict[str, Any]:
                            mesh.logs)[0])
 
 
+def sleeping_agent(mesh: Mesh, node: Node, name: str, *flags: str,
+                   seconds: int = 120) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+    """A db:read agent of nikita's named ``name`` that sleeps, once its node lists it: its process and itself."""
+    proc = node.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(node.socket), "-q", "--principal",
+                            "nikita@acme.com", "--scope", "db:read", *flags, "--name", name, "--",
+                            "sleep", str(seconds)])
+    return proc, named_agent(mesh, node, name)
+
+
 def test_an_agent_reaches_db_with_its_own_address_and_only_where_its_scope_allows(
         lab: tuple[Mesh, Node, Node]) -> None:
     _mesh, agents, db = lab
@@ -172,9 +181,7 @@ def test_sub_agents_are_attenuated_and_die_with_their_parent(lab: tuple[Mesh, No
 
 def test_revocation_reaches_every_node_and_kills_the_agent(lab: tuple[Mesh, Node, Node]) -> None:
     mesh, agents, db = lab
-    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
-                              "nikita@acme.com", "--scope", "db:read", "--name", "victim", "--", "sleep", "120"])
-    agent = named_agent(mesh, agents, "victim")
+    proc, agent = sleeping_agent(mesh, agents, "victim")
     wait_until(lambda: whois(db, agent["addresses"][0]), 5, "db honors it", mesh.logs)
     t0 = time.monotonic()
     mesh.admin("agent", "revoke", agent["id"])
@@ -185,9 +192,7 @@ def test_revocation_reaches_every_node_and_kills_the_agent(lab: tuple[Mesh, Node
 
 def test_a_process_outside_the_agent_cannot_send_with_its_address(lab: tuple[Mesh, Node, Node]) -> None:
     mesh, agents, db = lab
-    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
-                              "nikita@acme.com", "--scope", "db:read", "--name", "owner", "--", "sleep", "60"])
-    agent = named_agent(mesh, agents, "owner")
+    proc, agent = sleeping_agent(mesh, agents, "owner", seconds=60)
     spoof = ("import socket,sys\n"
              "s=socket.socket(); s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: root may bind any address\n"
              "s.bind((sys.argv[1], 0)); s.settimeout(2)\n"
@@ -201,10 +206,7 @@ def test_a_process_outside_the_agent_cannot_send_with_its_address(lab: tuple[Mes
 
 def test_expiry_is_enforced_by_each_node_with_the_controller_down(lab: tuple[Mesh, Node, Node]) -> None:
     mesh, agents, db = lab
-    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
-                              "nikita@acme.com", "--scope", "db:read", "--ttl", "8s", "--name", "brief", "--",
-                              "sleep", "120"])
-    agent = named_agent(mesh, agents, "brief")
+    proc, agent = sleeping_agent(mesh, agents, "brief", "--ttl", "8s")
     wait_until(lambda: whois(db, agent["addresses"][0]), 5, "db honors it", mesh.logs)
     mesh.kill_controller()
     try:
@@ -245,9 +247,7 @@ def test_a_denied_agent_connection_appears_in_the_flow_log(lab: tuple[Mesh, Node
 
 def test_a_node_that_crashed_retires_what_its_last_run_left(lab: tuple[Mesh, Node, Node]) -> None:
     mesh, agents, db = lab
-    proc = agents.host.popen([cmd("meshctl"), "agent", "run", "--socket", str(agents.socket), "-q", "--principal",
-                              "nikita@acme.com", "--scope", "db:read", "--name", "orphan", "--", "sleep", "120"])
-    agent = named_agent(mesh, agents, "orphan")
+    proc, agent = sleeping_agent(mesh, agents, "orphan")
     wait_until(lambda: whois(db, agent["addresses"][0]), 5, "db honors it", mesh.logs)
     mesh.stop(agents, signal.SIGKILL)  # meshd dies: nothing of its own cleanup runs
     mesh.start(agents)
