@@ -281,7 +281,8 @@ async def measure(nodes: list[SimNode], port: int, changes: int, concurrency: in
             if status != 200:
                 raise SystemExit(f"POST /v1/endpoints answered {status}")
             try:
-                await asyncio.wait_for(done.wait(), CHANGE_TIMEOUT)
+                async with asyncio.timeout(CHANGE_TIMEOUT):
+                    await done.wait()
             except TimeoutError:
                 raise SystemExit(f"change {k}: only {len(fanout.arrivals[version])} of {n} streams got version "
                                  f"{version} in {CHANGE_TIMEOUT:g} s; errors: {fanout.errors[:3]}") from None

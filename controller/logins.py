@@ -168,7 +168,8 @@ async def poll_login(ctx: Context, caller: Identity, login_id: str, now: datetim
 async def _wait_for_approval(ctx: Context, caller: Identity, row: LoginRow) -> LoginPoll:
     event = ctx.approvals.setdefault(row.id, asyncio.Event())
     try:
-        await asyncio.wait_for(event.wait(), row.interval)
+        async with asyncio.timeout(row.interval):
+            await event.wait()
     except TimeoutError:
         pass
     with ctx.store.transaction() as tx:

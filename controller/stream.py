@@ -100,7 +100,8 @@ async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
                 yield message.line
             continue
         try:
-            message = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+            async with asyncio.timeout(KEEPALIVE_SECONDS):
+                message = await sub.queue.get()
         except TimeoutError:
             message = KEEPALIVE
             now = clock()

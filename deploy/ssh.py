@@ -87,7 +87,8 @@ async def connect(spec: HostSpec) -> AsyncIterator[SshHost]:
     finally:
         conn.close()
         try:
-            await asyncio.wait_for(conn.wait_closed(), 5)
+            async with asyncio.timeout(5):
+                await conn.wait_closed()
         except (TimeoutError, OSError):
             pass
 
@@ -107,7 +108,8 @@ class SshHost:
         if root and self.spec.sudo:
             command = "sudo -n -- " + command
         try:
-            done = await asyncio.wait_for(self.conn.run(command, input=input, check=False), timeout)
+            async with asyncio.timeout(timeout):
+                done = await self.conn.run(command, input=input, check=False)
         except TimeoutError:
             raise HostFailure(f"{what} did not finish within {timeout:g} s") from None
         except (asyncssh.Error, OSError) as exc:

@@ -408,7 +408,8 @@ class Relay:
             raise Unavailable(f"TURN server {self.server_name}: {_describe(exc)}") from exc
         _enlarge_buffers(transport)
         try:
-            await asyncio.wait_for(allocation.connect(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await allocation.connect()
         except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
             allocation.transport.close()
             raise self._error(f"cannot allocate as {username}", exc) from exc
@@ -416,7 +417,8 @@ class Relay:
 
     async def _bind(self, allocation: _Allocation, remote: Address) -> None:
         try:
-            await asyncio.wait_for(allocation.bind(remote), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await allocation.bind(remote)
         except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
             if allocation is self._current:
                 self._chores.spawn(self._check())  # perhaps the server no longer knows us: see at once
@@ -431,7 +433,8 @@ class Relay:
                 return
             if not current.lost:
                 try:
-                    known = await asyncio.wait_for(current.known(), self._timeout * 2)
+                    async with asyncio.timeout(self._timeout * 2):
+                        known = await current.known()
                 except TimeoutError:
                     log.info("TURN server %s: no answer to a refresh", self.server_name)
                     return
@@ -456,7 +459,8 @@ class Relay:
 
         async def delete() -> None:
             try:
-                await asyncio.wait_for(allocation.delete(), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    await allocation.delete()
             except (TimeoutError, stun.TransactionError, ConnectionError, OSError) as exc:
                 log.info("TURN server %s: deleting %s: %s", self.server_name, allocation.relayed_address,
                          _describe(exc))

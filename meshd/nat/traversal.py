@@ -442,7 +442,8 @@ class Traversal:
             self._stun_waiting[request.transaction_id] = waiting
             self.port.send(bytes(request), server)
             try:
-                return await asyncio.wait_for(waiting, 1.0)
+                async with asyncio.timeout(1.0):
+                    return await waiting
             except TimeoutError:
                 self._stun_waiting.pop(request.transaction_id, None)
         return None
@@ -529,7 +530,8 @@ class Traversal:
                 self._tick(now)
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), PROBE_EVERY)
+                    async with asyncio.timeout(PROBE_EVERY):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:

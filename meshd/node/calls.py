@@ -104,8 +104,10 @@ class ControllerCalls:
             conn, kept = self._take()
             try:
                 if conn is None:
-                    conn = await asyncio.wait_for(self._connect(), self._timeout)
-                status, data, reusable = await asyncio.wait_for(conn.exchange(request), self._timeout)
+                    async with asyncio.timeout(self._timeout):
+                        conn = await self._connect()
+                async with asyncio.timeout(self._timeout):
+                    status, data, reusable = await conn.exchange(request)
             except _Closed as exc:
                 assert conn is not None
                 conn.close()

@@ -47,7 +47,8 @@ class Converger:
         """Wait until pass ``number`` has been applied; False if that took longer than ``timeout``."""
         async with self._passed:
             try:
-                await asyncio.wait_for(self._passed.wait_for(lambda: self._applied >= number), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._passed.wait_for(lambda: self._applied >= number)
             except TimeoutError:
                 return False
         return True

@@ -137,7 +137,14 @@ class Mesh:
     def stop(self, node: Node, sig: int = signal.SIGTERM) -> int:
         assert node.proc is not None
         node.proc.send_signal(sig)
-        code = node.proc.wait(20)
+        try:
+            code = node.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()  # so the namespaces can still be cleaned up; the test fails with what meshd said
+            node.proc.wait()
+            node.proc = None
+            tail = "\n".join(node.log.read_text().splitlines()[-40:])
+            raise AssertionError(f"meshd {node.name} did not stop within 20 s of signal {sig}:\n{tail}") from None
         node.proc = None
         return code
 

@@ -131,7 +131,8 @@ def test_a_waiting_subscriber_is_woken_by_a_publish() -> None:
         waiter = asyncio.create_task(sub.queue.get())
         await asyncio.sleep(0)
         h.publish(11, upsert=(node(2),))
-        return (await asyncio.wait_for(waiter, 1)).message
+        async with asyncio.timeout(1):
+            return (await waiter).message
 
     message = asyncio.run(scenario())
     assert message.type == "delta" and message.delta is not None and message.delta.upsert == (node(2),)
