@@ -5,8 +5,9 @@ directory (``authority``), the netmap hub (``netmap``), the enrollment
 failure limiter (``ratelimit``), the ASGI ``middleware`` — then ``context``,
 which opens them once; above it one module per concern (``auth``,
 ``tokens``, ``enrollment``, ``nodes``, ``endpoints``, ``policies``,
-``routes``, ``agents``, ``flows``, ``audit``, ``gauges``, ``stream``, and
-``certificates``, shared by enrollment and agents), each plain functions
+``routes``, ``agents``, ``workload`` (what nodes' Workload APIs hand out),
+``flows``, ``audit``, ``gauges``, ``stream``, and ``certificates``, shared
+by enrollment and agents), each plain functions
 taking the context first; at the top ``api`` (HTTP only), ``server`` (TLS,
 uvicorn) and ``cli`` (``mesh-controller``). Imports point down only: a
 concern may use another concern but never the HTTP layer, and the plumbing

@@ -43,6 +43,8 @@ from meshcore.wire.api import (
     GrantRegister,
     GrantRevokeRequest,
     GrantsRevoked,
+    JwtSvid,
+    JwtSvidRequest,
     LoginApprove,
     LoginPoll,
     LoginStart,
@@ -57,10 +59,11 @@ from meshcore.wire.api import (
     TokenCreated,
     TokenCreateRequest,
     TokenInfo,
+    WorkloadSvid,
 )
 from meshcore.wire.stream import EndpointReport, PeerNode, ProbeAsk
 
-from . import agents, auth, enrollment, flows, grants, logins, nodes, policies, routes, stream, tokens
+from . import agents, auth, enrollment, flows, grants, logins, nodes, policies, routes, stream, tokens, workload
 from . import audit as audit_log  # the names audit and endpoints are routes below
 from . import endpoints as node_reports
 from .context import Context
@@ -110,7 +113,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     )}
 """Every error an idmesh call may answer, each with the one-line ``{"error": ...}`` body (OpenAPI)."""
 
-PUBLIC = frozenset({"/v1/health", "/v1/ca", "/v1/enroll"})
+PUBLIC = frozenset({"/v1/health", "/v1/ca", "/v1/enroll", "/v1/jwks", "/.well-known/jwks.json"})
 """The calls anyone may make (enrollment proves itself with its token). Every other is authenticated first."""
 _IDENTITY = "idmesh.identity"
 
@@ -254,6 +257,19 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
     @app.post("/v1/agents/revoke", response_model=AgentsEnded)
     async def revoke_principal(req: AgentRevokeRequest, who: Admin) -> AgentsEnded:
         return agents.revoke_principal(ctx, who, req.principal, _now())
+
+    @app.post("/v1/agents/{agent_id}/svid", response_model=WorkloadSvid)
+    async def agent_svid(agent_id: str, who: Node) -> WorkloadSvid:
+        return workload.workload_svid(ctx, who, agent_id, _now())
+
+    @app.post("/v1/agents/{agent_id}/jwt", response_model=JwtSvid)
+    async def agent_jwt(agent_id: str, req: JwtSvidRequest, who: Node) -> JwtSvid:
+        return workload.jwt_svid(ctx, who, agent_id, req.audience, _now())
+
+    @app.get("/v1/jwks")
+    @app.get("/.well-known/jwks.json")
+    async def jwks() -> dict[str, Any]:
+        return workload.jwks(ctx)
 
     @app.get("/v1/audit", response_model=list[AuditEntry])
     async def audit(_: Admin, since: datetime | None = None, action: str | None = None,

@@ -6,6 +6,7 @@ Layout of ``--data DIR`` (keys 0600, the directory 0700)::
     server.crt server.key   the API's TLS certificate, issued by the mesh CA
     admin.conf              the admin credential meshctl uses (0600)
     controller.db           the SQLite store (WAL)
+    jwt.key                 the JWT-SVID signing key (ES256; made when first needed: controller.workload)
 
 ``init`` builds everything in memory first and writes each file with
 O_EXCL, removing what it wrote if a later step fails: a failed init changes
@@ -21,10 +22,12 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from joserfc.jwk import ECKey
 
 from meshcore.addressing import CGNAT, MeshPrefixes, random_ula48
 from meshcore.errors import Conflict, InvalidInput, PermissionDenied, Unavailable
@@ -41,7 +44,7 @@ from meshcore.identity import (
 
 from .store import Store
 
-__all__ = ["DataDir", "default_url", "init_data_dir", "load_authority", "parse_url"]
+__all__ = ["DataDir", "JwtKey", "default_url", "init_data_dir", "load_authority", "parse_url"]
 
 ADMIN_CERT_TTL = timedelta(days=365)
 SERVER_CERT_TTL = timedelta(days=365)
@@ -59,6 +62,10 @@ class DataDir:
     @property
     def ca_key(self) -> Path:
         return self.path / "ca.key"
+
+    @property
+    def jwt_key(self) -> Path:
+        return self.path / "jwt.key"
 
     @property
     def server_cert(self) -> Path:
@@ -201,3 +208,35 @@ def load_authority(data: Path) -> CertificateAuthority:
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise InvalidInput(f"{dd.ca_key} is not an Ed25519 key")
     return CertificateAuthority(cert, key)
+
+
+@dataclass(frozen=True)
+class JwtKey:
+    key: ECKey
+    kid: str
+
+    @classmethod
+    def load(cls, data: Path) -> JwtKey:
+        """The mesh's JWT-SVID key in ``data``, made there (0600) if it has none yet.
+
+        Made with O_EXCL: two controller processes that both find none keep
+        the one that was written first.
+        """
+        path = DataDir(data).jwt_key
+        try:
+            key = ECKey.import_key(path.read_bytes())
+        except FileNotFoundError:
+            fresh = ECKey.generate_key("P-256")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return cls.load(data)
+            with os.fdopen(fd, "wb") as out:
+                out.write(fresh.as_pem(private=True))
+                out.flush()
+                os.fsync(out.fileno())
+            key = fresh
+        return cls(key, key.thumbprint())
+
+    def public(self) -> dict[str, Any]:
+        return {**self.key.as_dict(private=False), "kid": self.kid, "use": "jwt-svid", "alg": "ES256"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,13 @@ def _main(argv: Sequence[str] | None) -> int:
                      "gets short-lived credentials made with --relay-secret-file's secret")
     srv.add_argument("--relay-secret-file", type=Path, metavar="FILE",
                      help="the TURN server's static-auth-secret (0600; never logged)")
+    srv.add_argument("--svid-ttl", type=duration, default="1h", metavar="DURATION",
+                     help="longest life of an X509-SVID an agent gets from its node's SPIFFE Workload API; it is "
+                     "signed again before it ends, and never outlives the agent (default %(default)s, at least 10s)")
     _oidc_parser(sub, p.formatter_class)
     args = p.parse_args(argv)
+    if args.command == "serve" and args.svid_ttl < timedelta(seconds=10):
+        p.error("--svid-ttl must be at least 10s")
 
     if args.command == "oidc":
         return _oidc(args)
@@ -86,7 +91,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     setup_logging()
     nat = NatOptions(None if args.no_stun else args.stun_listen, args.relay, args.relay_secret_file)
-    serve(args.data, args.listen, args.max_body, args.metrics, nat=nat)
+    serve(args.data, args.listen, args.max_body, args.metrics, nat=nat, svid_ttl=args.svid_ttl)
     return 0
 
 

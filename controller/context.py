@@ -22,7 +22,7 @@ from meshcore.addressing import MeshPrefixes
 from meshcore.identity import CertificateAuthority, Identity, Kind, SpiffeId
 from meshcore.policy import Policy
 
-from .authority import DataDir, load_authority
+from .authority import DataDir, JwtKey, load_authority
 from .netmap import NetmapHub
 from .oidc import OidcProvider
 from .ratelimit import FailureLimiter
@@ -89,6 +89,12 @@ class Context:
     nat: NatSettings = field(default_factory=NatSettings)
     approvals: dict[str, asyncio.Event] = field(default_factory=dict)
     verified_leaves: dict[bytes, Identity] = field(default_factory=dict)
+    data: Path = Path()
+    """The data directory it was opened from."""
+    svid_ttl: timedelta = timedelta(hours=1)
+    """The longest life of an X509-SVID handed out through a Workload API (``serve --svid-ttl``)."""
+    jwt_key: JwtKey | None = None
+    """The JWT-SVID key, loaded (or made) the first time it is needed (controller.workload)."""
     flow_batches: int = 0
     """Flow batches recorded since start (:func:`controller.flows.record_flows` prunes every hundredth)."""
     """Client certificates already verified, by DER (:data:`controller.auth.VERIFIED_LEAVES`)."""
@@ -101,4 +107,4 @@ class Context:
         with store.transaction() as tx:
             settings = Settings.read(tx)
             hub = NetmapHub.load(tx, settings.domain, settings.prefixes)
-        return cls(store, ca, settings, hub)
+        return cls(store, ca, settings, hub, data=data)

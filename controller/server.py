@@ -23,6 +23,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -174,11 +175,13 @@ async def _serve_all(server: uvicorn.Server, sock: socket.socket, stun_bind: tup
 
 
 def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None,
-          middleware: Sequence[Callable[[Any], Any]] = (), nat: NatOptions | None = None) -> None:
+          middleware: Sequence[Callable[[Any], Any]] = (), nat: NatOptions | None = None,
+          svid_ttl: timedelta = timedelta(hours=1)) -> None:
     """Serve the API until SIGTERM; ``middleware`` wraps it in more ASGI layers (the last one outermost)."""
     host, port = parse_listen(listen)
     ctx = Context.open(data)
     ctx.nat, stun_bind = _nat_settings(nat or NatOptions(), host, ctx.settings.url)
+    ctx.svid_ttl = svid_ttl
     if metrics:
         gauges.watch(ctx)
         serve_metrics(ctx.metrics, metrics)

@@ -50,6 +50,10 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="WireGuard interface name (env IDMESH_INTERFACE; default %(default)s)")
     rn.add_argument("--socket", type=lambda s: env_path("", s), default=env_path("IDMESH_SOCKET", DEFAULT_SOCKET),
                     help="local API socket (env IDMESH_SOCKET; default %(default)s)")
+    rn.add_argument("--workload-socket", type=Path,
+                    default=Path(os.environ["IDMESH_WORKLOAD_SOCKET"]) if os.environ.get("IDMESH_WORKLOAD_SOCKET") else None,
+                    help="the SPIFFE Workload API's socket, given to agents as SPIFFE_ENDPOINT_SOCKET (env "
+                    "IDMESH_WORKLOAD_SOCKET; default: beside --socket, SOCKET-workload.sock)")
     rn.add_argument("--listen-port", type=int, default=51820, help="WireGuard UDP port (default %(default)s)")
     rn.add_argument("--no-discovery", action="store_true", help="do not announce or look for peers with mDNS")
     rn.add_argument("--wireguard", choices=["auto", "kernel", "wireguard-go"], default="auto",
@@ -91,7 +95,8 @@ def _main(argv: Sequence[str] | None) -> int:
             raise InvalidInput(f"--advertise-routes: {exc}") from exc
         principal_map = _principal_map(args.principal_map)
         settings = Settings(
-            state=args.state, interface=args.interface, socket=args.socket, listen_port=args.listen_port,
+            state=args.state, interface=args.interface, socket=args.socket, workload_socket=args.workload_socket,
+            listen_port=args.listen_port,
             discovery=not args.no_discovery, wireguard=args.wireguard, metrics=args.metrics,
             flow_log=not args.no_flow_log, advertise=offered,
             gateway_port=args.gateway_port or (args.listen_port + 1 if args.listen_port else 51821),

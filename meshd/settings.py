@@ -26,6 +26,9 @@ class Settings:
     subtree and the route tunnels (``<interface>r1``, ``<interface>gw``)."""
     socket: Path = Path(DEFAULT_SOCKET)
     """The local API's Unix socket (``meshctl status``, ``whois``, ``agent run``)."""
+    workload_socket: Path | None = None
+    """The SPIFFE Workload API's Unix socket; None: beside the local API's (``meshd.sock`` ->
+    ``meshd-workload.sock``)."""
     listen_port: int = 51820
     """The mesh interface's UDP port."""
     discovery: bool = True
@@ -43,3 +46,7 @@ class Settings:
     principal_map: tuple[tuple[int, str], ...] = ()
     """(uid, principal): local users who may start agents for that principal without a grant (root may for
     anyone)."""
+
+    @property
+    def workload(self) -> Path:
+        return self.workload_socket or self.socket.with_name(f"{self.socket.stem}-workload.sock")

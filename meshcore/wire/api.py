@@ -170,6 +170,23 @@ class AgentRevokeRequest(Request):
     principal: str = Field(pattern=_PRINCIPAL, max_length=320, description="revoke every live agent of this principal")
 
 
+class WorkloadSvid(Answer):
+    """A short X509-SVID for an agent's existing key, for the node's Workload API (controller.workload)."""
+
+    certificate: str
+    expires: datetime
+
+
+class JwtSvidRequest(Request):
+    audience: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(min_length=1,
+                                                                                          max_length=16)
+
+
+class JwtSvid(Answer):
+    token: str
+    expires: datetime
+
+
 class AgentsEnded(Answer):
     ended: list[str] = Field(description="ids whose identities ended, descendants included")
 

@@ -82,9 +82,10 @@ class LocalAgent:
     moved: bool = False
     ended: bool = field(default=False)
 
-    def environment(self, ca: Path, socket: Path) -> dict[str, str]:
+    def environment(self, ca: Path, socket: Path, workload: Path) -> dict[str, str]:
         a = self.issued.agent
         return {
+            "SPIFFE_ENDPOINT_SOCKET": f"unix://{workload}",
             "IDMESH_AGENT_ID": a.id,
             "IDMESH_AGENT_NAME": a.name,
             "IDMESH_AGENT_PRINCIPAL": a.principal,
@@ -131,6 +132,7 @@ class AgentSupervisor:
         self.socket = socket
         self.local: dict[str, LocalAgent] = {}
         self._on_change = on_change  # called with the AgentIssued of a new agent, or None after an end
+        self.on_end: Callable[[str], None] = lambda agent_id: None  # told each agent that ended, by id
         # slots of births waiting for their certificate, and of ends the controller has not acknowledged
         self._reserved: set[int] = set()
         self._last_slot = -1  # the slot handed out last (round robin)
@@ -296,6 +298,7 @@ class AgentSupervisor:
             log.error("cleaning up agent %s: %s", agent_id, exc)
         shutil.rmtree(agent.directory, ignore_errors=True)
         self.local.pop(agent_id, None)
+        self.on_end(agent_id)
         for watch in [w for w, a in self._watches.items() if a == agent_id]:
             del self._watches[watch]  # the kernel dropped it with the cgroup
         log.info("agent %s ended: %s", agent_id, reason)

@@ -48,6 +48,8 @@ from meshd.routes.plan import BYPASS_MARK
 from meshd.routes.routing import Routing, controller_bypass, watch_gateways
 from meshd.settings import Settings
 from meshd.wg import WireGuardDevice, open_device, public_key_of
+from meshd.workload.endpoint import WorkloadEndpoint
+from meshd.workload.svids import Svids
 
 __all__ = ["Daemon"]
 
@@ -92,6 +94,7 @@ class Daemon:
         self.converger: Converger | None = None
         self.agentnet: AgentNet | None = None
         self.supervisor: AgentSupervisor | None = None
+        self.workload: WorkloadEndpoint | None = None
         self.routing: Routing | None = None
         self.flowlog: FlowLog | None = None
         self.discovery: LanDiscovery | None = None
@@ -197,7 +200,8 @@ class Daemon:
         if self.mesh.policy.routes and not await self.converger.wait_for(self._agent_due, AGENT_ROUTES_WAIT):
             log.warning("agent %s starts before its routes are installed", agent.issued.agent.id)
         return {"agent": agent.issued.agent.model_dump(mode="json"),
-                "environment": agent.environment(agent.directory / "ca.crt", self.settings.socket)}
+                "environment": agent.environment(agent.directory / "ca.crt", self.settings.socket,
+                                                 self.settings.workload)}
 
     def list_agents(self) -> list[dict[str, Any]]:
         local = self.supervisor.local if self.supervisor else {}
@@ -257,6 +261,10 @@ class Daemon:
         self.supervisor = AgentSupervisor(s.socket.parent / f"agents-{s.interface}", self.state.ca_cert, blocks,
                                           agentnet, self.session, s.socket, self._local_agent_changed)
         self.supervisor.prepare()
+        svids = Svids(self.session, self.supervisor.local, self.record.domain, self.state.ca_cert.read_bytes())
+        self.supervisor.on_end = svids.ended
+        self.workload = WorkloadEndpoint(s.workload, svids, self.supervisor.agent_of_pid)
+        await self.workload.start()
         self.plane.routing = self.routing = Routing(
             self.name, s.interface, self.record.addresses, self._route_private, self.offer,
             self.record.mesh_prefixes, mark_mask=agentnet.table.field.mask,
@@ -315,6 +323,8 @@ class Daemon:
         await self._tasks.close()
         if self.flowlog is not None:
             await asyncio.to_thread(self.flowlog.close)
+        if self.workload is not None:
+            await self.workload.close()
         if self.supervisor is not None:
             await self.supervisor.close()
         if self.routing is not None:
