@@ -17,7 +17,9 @@ with the real daemons. Then, side by side in one run:
   callers at once;
 * revocation: K agents are started and revoked one by one with the admin
   API; for each, the time from the controller's commit (its audit row) to
-  the moment the db node's firewall no longer holds the agent's address.
+  the moment the db node's firewall no longer holds the agent's address;
+* the firewall put back: ``nft delete table inet idmesh`` on db (as another
+  admin might), five times; the time until meshd has installed it again.
 
     .venv/bin/python bench/bench_agents.py [--births 200] [--runs 50] [--callers 20] [--revocations 10]
 """
@@ -155,6 +157,21 @@ def revocations(mesh: Mesh, agents: Node, db: Node, k: int) -> list[float]:
     return out
 
 
+def table_restores(db: Node, k: int) -> list[float]:
+    """``nft delete table inet idmesh`` on db, k times: ms until meshd has installed it again (polled every 5 ms)."""
+    code = ("import subprocess, sys, time, json\n"
+            "out = []\n"
+            "for _ in range(int(sys.argv[1])):\n"
+            "    subprocess.run(['nft', 'delete', 'table', 'inet', 'idmesh'], check=True)\n"
+            "    t = time.perf_counter()\n"
+            "    while subprocess.run(['nft', 'list', 'table', 'inet', 'idmesh'], capture_output=True).returncode:\n"
+            "        time.sleep(0.005)\n"
+            "    out.append((time.perf_counter() - t) * 1000)\n"
+            "    time.sleep(1)\n"
+            "print(json.dumps(out))\n")
+    return run_json(db, code, str(k))
+
+
 def summary(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
@@ -197,6 +214,7 @@ def main() -> None:
         print(f"births per second with {args.callers} callers at once: {rate:.0f}", flush=True)
         report("revocation, controller commit -> db firewall drops the address",
                revocations(mesh, agents, db, args.revocations))
+        report("firewall table deleted by someone else -> installed again by meshd", table_restores(db, 5))
         print(json.dumps({**results, "birth_steps_ms": steps, "births_per_second": round(rate), "callers": args.callers,
                           "cores": os.cpu_count(), "load_average": os.getloadavg()[0]}, indent=2))
 

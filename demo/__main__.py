@@ -10,7 +10,9 @@ an agent while it is connecting, timing how long the mesh takes to stop
 honoring it. Nikita logs in (an administrator approves her code) and signs
 a grant; only an agent born from it may write. Then identity-based routes: exit-eu offers to be an exit node
 to an "internet" namespace (203.0.113.0/24), and the policy's ``routes``
-sends the sre group's agents — only them — through it. Last, a relayed peer: two
+sends the sre group's agents — only them — through it. An agent then
+fetches its X509- and JWT-SVIDs with py-spiffe from the node's SPIFFE
+Workload API, and a process that is no agent is refused. Last, a relayed peer: two
 homes hang off the bridge behind symmetric NAT routers (nftables ``masquerade
 random``, :func:`tests.e2e.natlab.add_home`; LANs in 192.0.2.0/24), with
 nikita's ``laptop-hotel`` in one and ``db-branch`` in the other. Each goes
@@ -19,7 +21,7 @@ directly, so after 5 s they go through coturn, which runs next to the
 controller (``--relay``, ``--relay-secret-file``); the act shows
 ``meshctl status`` with PATH ``relay`` and the policy deciding over it. The
 two join right after act 2 (in the background), so their paths settle while
-acts 3-8 run. Everything is removed on exit, on failure and on Ctrl-C (the
+acts 3-9 run. Everything is removed on exit, on failure and on Ctrl-C (the
 nodes are stopped at once while coturn still answers, then the network's
 close stops the rest by PID and deletes the namespaces); ``--keep`` leaves
 the mesh up and prints how to explore and tear it down.
@@ -79,6 +81,31 @@ def show(result: subprocess.CompletedProcess[str], prefix: str = "  ") -> None:
     out = (result.stdout + result.stderr).rstrip()
     if out:
         print(prefix + out.replace("\n", "\n" + prefix), flush=True)
+
+
+SPIFFE = ("import base64, json\n"  # a SPIFFE program: py-spiffe finds the Workload API in SPIFFE_ENDPOINT_SOCKET
+          "from spiffe import JwtSource, X509Source\n"
+          "with X509Source(timeout_in_seconds=10) as source:\n"
+          "    svid = source.get_x509_context().default_svid\n"
+          "    print(f'X509-SVID {svid.spiffe_id}, valid until {svid.leaf.not_valid_after_utc:%H:%M:%S} UTC')\n"
+          "with JwtSource(timeout_in_seconds=10) as source:\n"
+          "    token = source.fetch_svid(audience={'billing'}).token\n"
+          "claims = json.loads(base64.urlsafe_b64decode(token.split('.')[1] + '=='))\n"
+          "print('JWT-SVID for billing:', json.dumps({k: claims[k] for k in ('sub', 'principal', 'scopes', 'exp')}))\n")
+OUTSIDER = ("import sys\n"  # the same request from a process that is no agent
+            "from spiffe import WorkloadApiClient\n"
+            "try:\n"
+            "    WorkloadApiClient(sys.argv[1]).fetch_x509_svid(); print('issued?!')\n"
+            "except Exception as exc: print('refused:', str(exc).split(': ')[-1])\n")
+
+
+def spiffe(agents: Node) -> None:
+    """An agent gets its SVIDs from the node's SPIFFE Workload API; a process outside every agent gets nothing."""
+    for line in agents.host.run(agent_argv(agents, "nikita@acme.com", ["db:read"], "spiffe-demo", sys.executable,
+                                           "-c", SPIFFE)).stdout.splitlines():
+        print(f"  agent | {line}")
+    socket = agents.socket.with_name(f"{agents.socket.stem}-workload.sock")
+    print(f"  not an agent | {agents.host.run([sys.executable, '-c', OUTSIDER, f'unix://{socket}']).stdout.strip()}")
 
 
 def agent_argv(node: Node, principal: str, scopes: list[str], name: str, *command: str,
@@ -236,6 +263,25 @@ def relayed(mesh: Mesh, homes: list[Home], homed: dict[str, Node], coturn: Cotur
                    "principal=nikita@acme.com,via=agent,scope=db:read")], branch)
 
 
+def explore_hints(net: Network, nodes: dict[str, Node], work: Path) -> str:
+    """What to type next, each line as it runs from the host's own shell.
+
+    The mesh lives in namespaces: a command typed in the host's namespace
+    would reach for the demo's documentation addresses through the host's
+    default route, off the machine. So each line enters the namespace of the
+    host it is about (``ip netns exec``), and the admin credential goes with
+    the command into the controller's. tests/e2e/test_demo.py runs every line.
+    """
+    meshctl = cmd("meshctl")
+    admin = f"ip netns exec {net['h1'].netns} env IDMESH_ADMIN={work}/ctl/admin.conf {meshctl}"
+    return (f"\nthe mesh is up. Explore, e.g.:\n"
+            f"  {admin} nodes list\n"
+            f"  {admin} audit --limit 5\n"
+            f"  ip netns exec {net['h4'].netns} {meshctl} status --socket {nodes['agents'].socket}\n"
+            f"  ip netns exec {net['r1h1'].netns} {meshctl} status --socket {work}/laptop-hotel.sock\n"
+            f"tear it down with:\n  cd {HERE.parent} && {sys.executable} -m demo.teardown {net.prefix} {work}")
+
+
 def stop_nodes(mesh: Mesh | None) -> None:
     """SIGTERM every meshd at once, by PID, while the controller and coturn still answer (a node deletes its TURN
     allocation on the way out). The network's close then stops the rest, newest first, coturn last."""
@@ -289,8 +335,8 @@ def main() -> None:
             mesh.start(nodes[name], *(["--advertise-exit-node"] if name == "exit-eu" else []))
         mesh.wait_converged(60)
         show(mesh.admin("nodes", "list"))
-        joining = background.submit(join_homes, mesh, homes)  # their paths settle while acts 3-8 run
-        print(f"  meanwhile two more join from homes behind symmetric NATs: {', '.join(h[3] for h in HOMES)} (act 9)")
+        joining = background.submit(join_homes, mesh, homes)  # their paths settle while acts 3-9 run
+        print(f"  meanwhile two more join from homes behind symmetric NATs: {', '.join(h[3] for h in HOMES)} (act 10)")
         say("3. the seed policy (examples/policy.yaml): checked, its tests run, applied to every node")
         (work / "policy.yaml").write_text(POLICY)
         show(mesh.admin("policy", "check", str(work / "policy.yaml")))
@@ -307,18 +353,16 @@ def main() -> None:
         revocation(mesh, nodes, db)
         say("7. identity-based routes: exit-eu offers an exit; the policy's routes say whose traffic uses it")
         routes(mesh, nodes, internet)
-        say("8. this node's view: meshctl status on the agents host")
+        say("8. SPIFFE: an agent fetches its X509- and JWT-SVIDs from its node's Workload API (py-spiffe)")
+        spiffe(nodes["agents"])
+        say("9. this node's view: meshctl status on the agents host")
         show(nodes["agents"].host.run([cmd("meshctl"), "status", "--socket", str(nodes["agents"].socket)]))
-        say("9. a relayed peer: laptop-hotel and db-branch are each behind a symmetric NAT")
+        say("10. a relayed peer: laptop-hotel and db-branch are each behind a symmetric NAT")
         relayed(mesh, homes, joining.result(), coturn)
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         if args.keep:
             kept = True
-            print(f"\nthe mesh is up. Explore, e.g.:\n"
-                  f"  export IDMESH_ADMIN={work}/ctl/admin.conf\n  {cmd('meshctl')} nodes list\n"
-                  f"  ip netns exec {net['h4'].netns} {cmd('meshctl')} status --socket {nodes['agents'].socket}\n"
-                  f"  ip netns exec {net['r1h1'].netns} {cmd('meshctl')} status --socket {work}/laptop-hotel.sock\n"
-                  f"tear it down with:\n  {sys.executable} -m demo.teardown {net.prefix} {work}")
+            print(explore_hints(net, nodes, work))
     except KeyboardInterrupt:
         print("\ndemo: interrupted, cleaning up")
         code = 130  # as a shell reports a command stopped by Ctrl-C

@@ -37,7 +37,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
 from .errors import InvalidCertificate, InvalidInput, InvalidToken
-from .identity import Identity, SpiffeId, verify_leaf
+from .identity import Identity, SpiffeId, load_der_certificate, verify_leaf
 from .scopes import Scope, parse_scopes
 
 __all__ = ["GRANT_TYPE", "MAX_GRANT", "Grant", "NodeTarget", "read_grant", "sign_grant"]
@@ -125,8 +125,8 @@ def read_grant(text: str, ca_cert: x509.Certificate, now: datetime) -> Grant:
     try:
         header = json.loads(_unb64(text.split(".", 1)[0]))
         chain = header["x5c"]
-        signer_cert = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        signer_cert = load_der_certificate(base64.b64decode(chain[0], validate=True))
+    except (ValueError, KeyError, TypeError, IndexError, InvalidCertificate) as exc:
         raise InvalidToken("not a grant: its header carries no signer certificate") from exc
     if not isinstance(header, dict) or header.get("typ") != GRANT_TYPE or header.get("alg") != _ALG:
         raise InvalidToken(f"not a grant: header must say typ {GRANT_TYPE} and alg {_ALG}")

@@ -30,7 +30,7 @@ from .authority import (
     new_serial,
     trust_domain_of,
 )
-from .pem import build_csr, cert_pem, key_pem, load_certificate, load_csr
+from .pem import build_csr, cert_pem, key_pem, load_certificate, load_csr, load_der_certificate
 from .svid import CLAIMS_OID, IDMESH_ARC, NODE_NAME, Claims, Identity, Kind, PublicKey, SigningKey, SpiffeId, user_path
 from .verify import verify_leaf
 
@@ -54,6 +54,7 @@ __all__ = [
     "key_pem",
     "load_certificate",
     "load_csr",
+    "load_der_certificate",
     "new_ca",
     "new_serial",
     "trust_domain_of",

@@ -155,6 +155,17 @@ class NftFirewall:
                  desired.digest[:16], len(desired.rules), len(desired.sets))
         return "replaced"
 
+    def missing(self) -> bool:
+        """True when the table was installed and is gone: someone else deleted it (``nft flush ruleset``, say).
+
+        Then nothing is denied any more, so it is forgotten here and the next
+        apply installs it whole again.
+        """
+        if self.installed is None or self._table.exists():
+            return False
+        self.installed = None
+        return True
+
     def denied(self) -> int:
         """Packets the default-deny rule has dropped so far (for metrics)."""
         if self.installed is None:

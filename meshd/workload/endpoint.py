@@ -63,8 +63,10 @@ class _Caller:
 
 
 class WorkloadEndpoint(pb_grpc.SpiffeWorkloadAPIServicer):
-    def __init__(self, path: Path, svids: Svids, agent_of_pid: Callable[[int], str | None]) -> None:
+    def __init__(self, path: Path, svids: Svids, agent_of_pid: Callable[[int], str | None],
+                 count: Callable[[str, str], None] = lambda method, code: None) -> None:
         self.path = path
+        self._count = count  # (method, answer code): idmesh_workload_calls_total
         self.private = path.with_name(f".{path.name}.d")  # grpcio's socket and the relays' names: root only
         self.svids = svids
         self._agent_of_pid = agent_of_pid
@@ -113,11 +115,11 @@ class WorkloadEndpoint(pb_grpc.SpiffeWorkloadAPIServicer):
         sock: socket.socket = writer.get_extra_info("socket")
         name = ""
         pidfd = -1
+        inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         inner_writer: asyncio.StreamWriter | None = None
         try:
             pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             pidfd = os.pidfd_open(pid)
-            inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             bound = self.private / f"c{next(self._numbers)}"
             inner.bind(str(bound))
             inner.setblocking(False)
@@ -129,114 +131,134 @@ class WorkloadEndpoint(pb_grpc.SpiffeWorkloadAPIServicer):
                 bound.unlink(missing_ok=True)  # the peer name stays with the socket
             inner_reader, inner_writer = await asyncio.open_unix_connection(sock=inner)
             await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
-        except (OSError, asyncio.CancelledError):
-            pass
+        except OSError:
+            pass  # the caller went away (or was gone before it was attested)
         finally:
             self._callers.pop(name, None)
             if pidfd >= 0:
                 os.close(pidfd)
-            for w in (writer, inner_writer):
-                if w is not None:
-                    w.close()
+            writer.close()
+            if inner_writer is not None:
+                inner_writer.close()
+            else:
+                inner.close()
             self._relays.discard(task)
 
     # -- who is calling ------------------------------------------------------------------------------------------
-    async def _agent(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _agent(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         metadata = dict(context.invocation_metadata() or ())
         if metadata.get(HEADER) != "true":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
+            await self._abort(method, context, grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
         caller = self._callers.get(context.peer())
         if caller is None or not caller.alive():
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued: the caller has exited")
+            await self._abort(method, context, grpc.StatusCode.PERMISSION_DENIED,
+                              "no identity issued: the caller has exited")
         assert caller is not None
-        agent_id = self._agent_of_pid(caller.pid)
+        try:
+            agent_id = self._agent_of_pid(caller.pid)
+        except IdmeshError:  # /proc/<pid> is gone
+            agent_id = None
+        if not caller.alive():  # it exited while its cgroup was read: that cgroup may have been a new process's
+            await self._abort(method, context, grpc.StatusCode.PERMISSION_DENIED,
+                              "no identity issued: the caller has exited")
         if agent_id is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"no identity issued: process {caller.pid} (uid {caller.uid}) is not an agent")
+            await self._abort(method, context, grpc.StatusCode.PERMISSION_DENIED,
+                              f"no identity issued: process {caller.pid} (uid {caller.uid}) is not an agent")
         assert agent_id is not None
         return agent_id
+
+    async def _abort(self, method: str, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
+                     message: str) -> NoReturn:
+        self._count(method, code.name)
+        await context.abort(code, message)
+        raise AssertionError("abort returned")
+
+    async def _refuse(self, method: str, context: grpc.aio.ServicerContext[Any, Any], exc: IdmeshError) -> NoReturn:
+        if isinstance(exc, PermissionDenied):
+            code = grpc.StatusCode.PERMISSION_DENIED
+        elif isinstance(exc, InvalidInput):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            code = grpc.StatusCode.UNAVAILABLE
+        await self._abort(method, context, code, str(exc))
 
     # -- the service ---------------------------------------------------------------------------------------------
     async def FetchX509SVID(self, request: pb.X509SVIDRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.X509SVIDResponse]:
-        agent_id = await self._agent(context)
+        agent_id = await self._agent("FetchX509SVID", context)
         sent = None
         while True:
             try:
                 svid = await self.svids.x509(agent_id)
                 if svid is not sent:
+                    self._count("FetchX509SVID", "OK")
                     yield pb.X509SVIDResponse(svids=[pb.X509SVID(
                         spiffe_id=svid.spiffe_id, x509_svid=svid.certificate, x509_svid_key=svid.key,
                         bundle=self.svids.bundle)])
                     sent = svid
                 await self.svids.changed(agent_id, svid)
             except IdmeshError as exc:
-                await _refuse(context, exc)
+                await self._refuse("FetchX509SVID", context, exc)
 
     async def FetchX509Bundles(self, request: pb.X509BundlesRequest,
                                context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.X509BundlesResponse]:
-        agent_id = await self._agent(context)
+        agent_id = await self._agent("FetchX509Bundles", context)
+        self._count("FetchX509Bundles", "OK")
         yield pb.X509BundlesResponse(bundles={self.svids.trust_domain: self.svids.bundle})
-        await self._until_ended(agent_id, context)
+        await self._until_ended("FetchX509Bundles", agent_id, context)
 
     async def FetchJWTSVID(self, request: pb.JWTSVIDRequest,
                            context: grpc.aio.ServicerContext[Any, Any]) -> pb.JWTSVIDResponse:
-        agent_id = await self._agent(context)
+        agent_id = await self._agent("FetchJWTSVID", context)
         own = self.svids.spiffe_id(agent_id)
         if request.spiffe_id and request.spiffe_id != own:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no identity issued for {request.spiffe_id}")
+            await self._abort("FetchJWTSVID", context, grpc.StatusCode.PERMISSION_DENIED,
+                              f"no identity issued for {request.spiffe_id}")
         try:
             token = await self.svids.jwt(agent_id, tuple(request.audience))
         except IdmeshError as exc:
-            await _refuse(context, exc)
+            await self._refuse("FetchJWTSVID", context, exc)
+        self._count("FetchJWTSVID", "OK")
         return pb.JWTSVIDResponse(svids=[pb.JWTSVID(spiffe_id=own, svid=token)])
 
     async def FetchJWTBundles(self, request: pb.JWTBundlesRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JWTBundlesResponse]:
-        agent_id = await self._agent(context)
+        agent_id = await self._agent("FetchJWTBundles", context)
         sent = None
         while True:
             try:
                 keys = await self.svids.jwks()
             except IdmeshError as exc:
-                await _refuse(context, exc)
+                await self._refuse("FetchJWTBundles", context, exc)
             if keys != sent:
+                self._count("FetchJWTBundles", "OK")
                 yield pb.JWTBundlesResponse(bundles={self.svids.trust_domain: keys})
                 sent = keys
             try:
                 async with asyncio.timeout(60):
-                    await self._until_ended(agent_id, context)
+                    await self._until_ended("FetchJWTBundles", agent_id, context)
             except TimeoutError:
                 pass
 
     async def ValidateJWTSVID(self, request: pb.ValidateJWTSVIDRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> pb.ValidateJWTSVIDResponse:
-        await self._agent(context)
+        await self._agent("ValidateJWTSVID", context)
         try:
             spiffe_id, claims = await self.svids.validate(request.svid, request.audience)
         except IdmeshError as exc:
-            await _refuse(context, exc)
+            await self._refuse("ValidateJWTSVID", context, exc)
         fields = struct_pb2.Struct()
         fields.update(claims)
+        self._count("ValidateJWTSVID", "OK")
         return pb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id, claims=fields)
 
-    async def _until_ended(self, agent_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _until_ended(self, method: str, agent_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
             await self.svids.until_ended(agent_id)
         except IdmeshError as exc:
-            await _refuse(context, exc)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no identity issued: agent {agent_id} has ended")
-
-
-async def _refuse(context: grpc.aio.ServicerContext[Any, Any], exc: IdmeshError) -> NoReturn:
-    if isinstance(exc, PermissionDenied):
-        code = grpc.StatusCode.PERMISSION_DENIED
-    elif isinstance(exc, InvalidInput):
-        code = grpc.StatusCode.INVALID_ARGUMENT
-    else:
-        code = grpc.StatusCode.UNAVAILABLE
-    await context.abort(code, str(exc))
-    raise AssertionError("abort returned")
+            await self._refuse(method, context, exc)
+        await self._abort(method, context, grpc.StatusCode.PERMISSION_DENIED,
+                          f"no identity issued: agent {agent_id} has ended")
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

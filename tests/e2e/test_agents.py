@@ -261,3 +261,18 @@ def test_a_node_that_crashed_retires_what_its_last_run_left(lab: tuple[Mesh, Nod
         assert again.stdout.startswith("hello ")  # births work again, addresses included
     finally:
         wait_until(lambda: agents.status()["controller"]["connected"], 60, "agents reconnected", mesh.logs)
+
+
+def test_a_firewall_table_deleted_behind_meshds_back_is_put_back(
+        lab: tuple[Mesh, Node, Node]) -> None:
+    """Another admin's ``nft delete table inet idmesh`` opens the node to everyone: meshd puts it back (how fast:
+    bench/bench_agents.py)."""
+    mesh, agents, db = lab
+    assert tcp_hello(agents.host, db.addresses[0], 5432, timeout=1) is None  # the node itself: no rule lets it in
+    db.host.run(["nft", "delete", "table", "inet", "idmesh"])
+    wait_until(lambda: db.host.run(["nft", "list", "table", "inet", "idmesh"], check=False).returncode == 0, 10,
+               "meshd to install its table again", mesh.logs)
+    assert tcp_hello(agents.host, db.addresses[0], 5432, timeout=1) is None  # default deny again
+    seen = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", check=True).stdout
+    assert seen.startswith("hello ")  # and the policy's allows with it
+    assert "table inet idmesh was deleted outside meshd" in db.log.read_text()

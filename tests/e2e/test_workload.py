@@ -34,6 +34,11 @@ acls:
     to: [svc]
 """
 PROGRAM = str(Path(__file__).with_name("spiffe_agent.py"))
+SUB_AGENT = ("import subprocess, sys\n"  # an agent that prints its own SVID's ID, then a sub-agent's
+             "meshctl, socket, program = sys.argv[1:]\n"
+             "subprocess.run([sys.executable, program, 'ids'], check=True)\n"
+             "subprocess.run([meshctl, 'agent', 'run', '--socket', socket, '-q', '--principal', 'nikita@acme.com',\n"
+             "                '--scope', 'svc:call', '--name', 'child', '--', sys.executable, program, 'ids'], check=True)\n")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +103,7 @@ def test_two_agents_on_two_nodes_talk_mtls_from_py_spiffe_sources_while_their_sv
         pyjwt.decode(out["jwt"], key.key, algorithms=["ES256"], audience="someone-else")
 
 
-def test_an_agent_gets_its_own_svid_and_never_another_agents(lab: tuple[Mesh, Node, Node]) -> None:
+def test_an_agent_gets_its_own_svid_and_never_another_agents_and_a_sub_agent_its_own(lab: tuple[Mesh, Node, Node]) -> None:
     _mesh, a, _b = lab
     first = agent(a, "first", PROGRAM, "ids")
     mine = said(first)["id"]
@@ -108,6 +113,10 @@ def test_an_agent_gets_its_own_svid_and_never_another_agents(lab: tuple[Mesh, No
     assert second.wait(20) == 0
     assert out["id"] != mine and out["id"].startswith("spiffe://acme.mesh/agent/")
     assert "PERMISSION_DENIED" in out["other"] or "no identity issued" in out["other"], out
+    child = agent(a, "parent", "-c", SUB_AGENT, cmd("meshctl"), str(a.socket), PROGRAM)
+    parent_id, child_id = said(child)["id"], said(child)["id"]
+    assert child.wait(30) == 0
+    assert parent_id != child_id and child_id.startswith("spiffe://acme.mesh/agent/")  # its own cgroup, its own SVID
 
 
 def test_a_process_outside_every_agent_is_refused_and_so_is_a_call_without_the_security_header(
