@@ -198,3 +198,35 @@ def test_any_local_agent_request_is_a_request_or_a_validation_error(body: dict[s
         AgentRunRequest.model_validate(body)
     except ValidationError:
         pass
+
+
+def _pem(der: bytes, label: str) -> str:
+    body = "\n".join(base64.b64encode(der).decode()[i:i + 64] for i in range(0, len(base64.b64encode(der)), 64))
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+def test_what_the_fuzzing_found_a_csr_of_an_unknown_key_type_or_version_is_bad_input_not_a_500() -> None:
+    der = x509.load_pem_x509_csr(CSR.encode()).public_bytes(serialization.Encoding.DER)
+    ed25519_oid = b"\x06\x03\x2b\x65\x70"
+    at = der.index(ed25519_oid)
+    unknown_key = der[:at] + b"\x06\x03\x2c\x65\x70" + der[at + len(ed25519_oid):]
+    assert der[6] == 0  # CertificationRequestInfo's version INTEGER
+    version_4 = der[:6] + b"\x04" + der[7:]
+    for bad in (unknown_key, version_4):
+        try:
+            load_csr(_pem(bad, "CERTIFICATE REQUEST"))
+            raise AssertionError("accepted")
+        except IdmeshError as exc:  # before: UnsupportedAlgorithm and InvalidVersion, which the API answered with 500
+            assert "certificate signing request" in str(exc)
+
+
+def test_what_the_fuzzing_found_a_certificate_with_a_negative_serial_is_malformed_not_a_warning() -> None:
+    der = AGENT.public_bytes(serialization.Encoding.DER)
+    serial = AGENT.serial_number.to_bytes(20, "big").lstrip(b"\x00")
+    at = der.index(serial)
+    negative = der[:at] + bytes([serial[0] | 0x80]) + der[at + 1:]
+    try:
+        load_certificate(_pem(negative, "CERTIFICATE"))
+        raise AssertionError("accepted")
+    except IdmeshError as exc:  # before: a CryptographyDeprecationWarning on stderr, and the certificate parsed
+        assert "malformed certificate" in str(exc)
