@@ -29,6 +29,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_udp_pair() -> int:
+    """A UDP port P with P+1 free too, on loopback: the controller's STUN takes both. Not the default 3478, so
+    two test runs on one machine (a developer's and CI's) do not take each other's."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
 def cli(*args: str, env: dict[str, str] | None = None, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run one of the installed commands (mesh-controller, meshd, meshctl)."""
     prog, *rest = args
@@ -48,12 +63,13 @@ class Controller:
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
+    stun: int = field(default_factory=free_udp_pair)
 
     def start(self) -> None:
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(
                 [str(BIN / "mesh-controller"), "serve", "--data", str(self.data), "--listen",
-                 f"127.0.0.1:{self.port}", *self.extra],
+                 f"127.0.0.1:{self.port}", "--stun-listen", f"127.0.0.1:{self.stun}", *self.extra],
                 stdout=logf, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20

@@ -274,7 +274,8 @@ def test_a_dual_stack_controller_sees_an_ipv4_node_as_ipv4(controller: Controlle
         controller.stop()
         log = (tmp_path / "dual-stack.log").open("wb")
         proc = subprocess.Popen([str(BIN / "mesh-controller"), "serve", "--data", str(controller.data),
-                                 "--listen", f"[::]:{controller.port}"], stdout=log, stderr=subprocess.STDOUT)
+                                 "--listen", f"[::]:{controller.port}", "--stun-listen", f"127.0.0.1:{controller.stun}"],
+                                stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 20
             while True:
