@@ -6,7 +6,12 @@ the registry's transaction), so they only grow, across restarts too. The
 last :data:`HISTORY` deltas are kept in memory: a node reconnecting with a
 version among them gets just the deltas it missed, anyone else a full map.
 A subscriber whose queue overflows (a node too slow to read) is switched to
-a full resync instead of holding the controller's memory hostage.
+a full resync instead of holding the controller's memory hostage: deltas,
+policies and agent updates alike, so what an unread stream holds is at most
+:data:`QUEUE_LIMIT` messages (a policy's line is shared by every queue). A
+resync sends the agents whole, and a node reconciles its own agents with
+the controller on every whole list (meshd.agents.supervisor), so a
+revocation dropped with the queue still ends the agent.
 
 What a stored node or policy looks like on the stream (:func:`peer_node`,
 :func:`policy_doc`) is decided here too: the hub is seeded with them from
@@ -148,8 +153,8 @@ class NetmapHub:
         return self._policy_out
 
     def publish_agents(self, update: AgentUpdate) -> None:
-        """Agent births and deaths go to every connected node. Revocations are
-        never dropped for a slow reader: they are what 'within a second' is about."""
+        """Agent births and deaths go to every connected node at once: a revocation is what 'within a second'
+        is about. A node too far behind to hear it within a second gets the whole list instead (see above)."""
         self._to_everyone(Outgoing.of(StreamMessage(type="agents", agents=update)))
 
     def send_to(self, node: str, message: StreamMessage) -> bool:
@@ -162,9 +167,12 @@ class NetmapHub:
         return bool(subs)
 
     def _to_everyone(self, message: Outgoing) -> None:
-        """Queue ``message`` for every subscriber, however far behind (never a resync)."""
+        """Queue ``message`` for every subscriber; one whose queue is full is resynced instead."""
         for sub in list(self._subscribers):
-            sub.queue.put_nowait(message)
+            if sub.queue.qsize() >= QUEUE_LIMIT:
+                sub.resync = True
+            elif not sub.resync:
+                sub.queue.put_nowait(message)
 
     # -- subscribers -----------------------------------------------------------
     def subscribe(self, node: str, protocol: int = PROTOCOL) -> Subscription:

@@ -341,6 +341,30 @@ class AgentSupervisor:
                 log.warning("could not retire what a previous run left: %s (again in %g s)", exc, retry_every)
                 await asyncio.sleep(retry_every)
 
+    async def reconcile(self) -> None:
+        """End the local agents the controller no longer holds live (it ended them while this node was not
+        listening: a stream that was down, or resynced after falling behind, carries no revocation).
+
+        The controller's whole agent list says nothing of an agent born after
+        it was built, so the question is asked afresh, and only of the agents
+        that were already here when it was asked: each of those was committed
+        at the controller before, so its absence from the answer is its end.
+        """
+        here = [agent_id for agent_id, agent in self.local.items() if not agent.ended]
+        if not here:
+            return
+        try:
+            listed = await self.controller.call("GET", "/v1/agents")
+        except IdmeshError as exc:
+            log.warning("could not check this node's agents with the controller: %s (next whole list)", exc)
+            return
+        assert isinstance(listed, list)
+        live = {str(a["id"]) for a in listed}
+        for agent_id in here:
+            if agent_id not in live:
+                await self.end(agent_id, "ended at the controller while this node was not listening",
+                               tell_controller=False)
+
     async def revoked(self, ids: tuple[str, ...] | list[str]) -> None:
         """The controller revoked these: kill what runs, clean up, no need to tell it back."""
         for agent_id in ids:

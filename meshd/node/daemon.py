@@ -112,8 +112,11 @@ class Daemon:
 
     def _on_agents(self, update: AgentUpdate) -> None:
         self.mesh.on_agents(update)
-        if update.revoked and self.supervisor is not None:
-            self._spawn(self.supervisor.revoked(update.revoked))
+        if self.supervisor is not None:
+            if update.revoked:
+                self._spawn(self.supervisor.revoked(update.revoked))
+            if update.full:  # a (re)connected or resynced stream: revocations it missed are not in it
+                self._spawn(self.supervisor.reconcile())
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self._tasks.spawn(coro)

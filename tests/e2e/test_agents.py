@@ -276,3 +276,26 @@ def test_a_firewall_table_deleted_behind_meshds_back_is_put_back(
     seen = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", check=True).stdout
     assert seen.startswith("hello ")  # and the policy's allows with it
     assert "table inet idmesh was deleted outside meshd" in db.log.read_text()
+
+
+def test_a_revocation_sent_while_the_agents_node_was_not_listening_still_ends_the_agent(
+        lab: tuple[Mesh, Node, Node]) -> None:
+    """The revocation never reaches the node (its stream is cut and blocked); when the stream is back, the whole
+    agent list it starts with does not hold the agent, and the node ends it. Before, the agent ran on."""
+    mesh, agents, _db = lab
+    proc, agent = sleeping_agent(mesh, agents, "missed")
+    ctl = mesh.controller_host.underlay4
+    block = (f"table inet cut {{\n chain out {{ type filter hook output priority 0; ip daddr {ctl} tcp dport 8443 "
+             f"reject with tcp reset; }}\n chain in {{ type filter hook input priority 0; ip saddr {ctl} tcp sport "
+             f"8443 drop; }}\n}}\n")
+    agents.host.run(["nft", "-f", "-"], input=block)
+    try:
+        agents.host.run(["ss", "-K", "dst", ctl, "dport", "=", "8443"])  # the stream ends; reconnects are refused
+        wait_until(lambda: not agents.status()["controller"]["connected"], 10, "the node to notice", mesh.logs)
+        mesh.admin("agent", "revoke", agent["id"])
+        time.sleep(1)
+        assert proc.poll() is None  # it heard nothing
+    finally:
+        agents.host.run(["nft", "delete", "table", "inet", "cut"])
+    assert proc.wait(40) != 0  # back online: the node ended it
+    assert "ended at the controller while this node was not listening" in agents.log.read_text()

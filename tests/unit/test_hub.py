@@ -162,6 +162,22 @@ def test_a_subscriber_that_does_not_read_is_switched_to_a_resync(monkeypatch: py
     assert [m.delta.version for m in drain(fast) if m.delta] == [14, 15, 16]
 
 
+def test_agent_updates_and_policies_to_a_subscriber_that_does_not_read_are_bounded_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, they bypassed the limit: a node that stopped reading grew the controller's memory without bound."""
+    from meshcore.wire.stream import AgentUpdate, PolicyDoc
+
+    monkeypatch.setattr(hubmod, "QUEUE_LIMIT", 3)
+    h = hub(10, node(1))
+    slow, fast = h.subscribe("n1"), h.subscribe("n2")
+    for i in range(50):
+        h.publish_agents(AgentUpdate(revoked=(f"a{i}",)))
+        h.publish_policy(PolicyDoc(version=i + 1, hash=f"{i:064d}", filename="p.yaml", text="acls: []\n"))
+        drain(fast)
+    assert slow.resync and slow.queue.qsize() == 3  # resynced: its stream sends everything whole instead
+    assert not fast.resync
+
+
 # -- limits ------------------------------------------------------------------------------------
 
 def test_a_node_holds_at_most_a_few_streams_and_its_oldest_goes_first() -> None:
