@@ -37,7 +37,7 @@ from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
 from meshcore.errors import InvalidInput, InvalidToken, PermissionDenied, Unavailable
-from meshcore.names import PRINCIPAL_PATTERN
+from meshcore.names import PRINCIPAL_PATTERN, normal_principal
 
 __all__ = ["LEEWAY", "DeviceAuthorization", "OidcConfig", "OidcProvider", "TokenPoll"]
 
@@ -265,4 +265,4 @@ class OidcProvider:
         if len(value) > 320 or not re.match(PRINCIPAL_PATTERN, value):
             raise PermissionDenied(f"the identity provider's {name} {value!r} is not a principal "
                                    "(local@domain, visible characters only)")
-        return value
+        return normal_principal(value)

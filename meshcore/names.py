@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .errors import InvalidInput
 
-__all__ = ["PRINCIPAL_PATTERN", "check_ifname", "ifname_problem"]
+__all__ = ["PRINCIPAL_PATTERN", "check_ifname", "ifname_problem", "normal_principal"]
 
 # Characters a principal may not hold: spaces, "@" (once only, as the separator), control characters (C0, DEL,
 # C1), and the invisible and direction-changing ones (soft hyphen, zero-width spaces and joiners, LRM/RLM, bidi
@@ -14,6 +15,21 @@ __all__ = ["PRINCIPAL_PATTERN", "check_ifname", "ifname_problem"]
 _NOT_IN_PRINCIPAL = r"\s@\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
 PRINCIPAL_PATTERN = rf"^[^{_NOT_IN_PRINCIPAL}]+@[^{_NOT_IN_PRINCIPAL}]+$"
 """A principal: ``local@domain``, visible characters only (SPEC §6), at most 320 of them where it is checked."""
+
+
+
+def normal_principal(text: str) -> str:
+    """A principal's one spelling: Unicode NFC, lower case. ``Nikita@ACME.com`` is ``nikita@acme.com``.
+
+    Identity providers treat addresses case-insensitively (Google, Entra ID
+    and Okta match and return them lower-cased), and so does every mesh
+    that names people by address; a policy that said ``Nikita@acme.com``
+    must not miss the agents of ``nikita@acme.com``. Applied wherever a
+    principal enters: the policy file, API requests, the local API, the
+    identity provider's claim, ``meshd run --principal-map``.
+    """
+    return unicodedata.normalize("NFC", text).lower()
+
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 

@@ -137,16 +137,18 @@ def _principal_map(entries: list[str]) -> tuple[tuple[int, str], ...]:
     import pwd
     import re
 
+    from meshcore.names import PRINCIPAL_PATTERN, normal_principal
+
     out = []
     for entry in entries:
         who, sep, principal = entry.strip().partition("=")
-        if not sep or not re.fullmatch(r"[^\s@]+@[^\s@]+", principal):
+        if not sep or not re.match(PRINCIPAL_PATTERN, principal):
             raise InvalidInput(f"--principal-map {entry!r}: expected UID=PRINCIPAL, e.g. 1000=nikita@acme.com")
         try:
             uid = int(who) if who.isdigit() else pwd.getpwnam(who).pw_uid
         except KeyError as exc:
             raise InvalidInput(f"--principal-map {entry!r}: no local user {who!r}") from exc
-        out.append((uid, principal))
+        out.append((uid, normal_principal(principal)))
     return tuple(out)
 
 

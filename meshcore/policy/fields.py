@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple, get_args
 
 from ..durations import parse_duration
 from ..errors import InvalidInput
-from ..names import PRINCIPAL_PATTERN
+from ..names import PRINCIPAL_PATTERN, normal_principal
 from ..scopes import Scope, parse_scope
 
 __all__ = [
@@ -155,7 +155,7 @@ def check_principal(value: object) -> str:
     text = _string(value, "principal")
     if len(text) > 320 or not _PRINCIPAL.match(text):
         raise ValueError(f"invalid principal {text!r}: expected an address like nikita@acme.com")
-    return text
+    return normal_principal(text)
 
 
 def check_agent_name(value: object) -> str:

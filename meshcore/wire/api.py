@@ -11,9 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
-from ..names import PRINCIPAL_PATTERN
+from ..names import PRINCIPAL_PATTERN, normal_principal
 from . import PROTOCOL
 from .base import REQUEST_CONFIG, Answer, Request
 
@@ -53,6 +53,8 @@ __all__ = [
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _TAG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _PRINCIPAL = PRINCIPAL_PATTERN
+Principal = Annotated[str, StringConstraints(pattern=_PRINCIPAL, max_length=320), AfterValidator(normal_principal)]
+"""A principal as a request gives it: checked, then in its one spelling (meshcore.names.normal_principal)."""
 _WG_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 Tag = Annotated[str, StringConstraints(pattern=_TAG)]
 
@@ -134,7 +136,7 @@ class AgentIssueRequest(Request):
 
     csr: str = Field(max_length=8192)
     name: str = Field(pattern=_AGENT_NAME, description="what policy's agent: selector matches")
-    principal: str = Field(pattern=_PRINCIPAL, max_length=320)
+    principal: Principal
     scopes: list[Annotated[str, StringConstraints(pattern=_SCOPE)]] = Field(min_length=1, max_length=64)
     ttl_seconds: int = Field(gt=0, le=366 * 86400, strict=True)
     parent: str | None = Field(default=None, pattern=_AGENT_NAME, description="the agent this one is started from")
@@ -167,7 +169,7 @@ class AgentIssued(Answer):
 
 
 class AgentRevokeRequest(Request):
-    principal: str = Field(pattern=_PRINCIPAL, max_length=320, description="revoke every live agent of this principal")
+    principal: Principal = Field(description="revoke every live agent of this principal")
 
 
 class WorkloadSvid(Answer):
@@ -234,7 +236,7 @@ class FlowBatch(Request):
 
 class TokenCreateRequest(Request):
     tags: list[Tag] = Field(default_factory=list, max_length=32)
-    owner: str | None = Field(default=None, pattern=_PRINCIPAL, max_length=320)
+    owner: Principal | None = None
     ttl_seconds: int = Field(default=3600, gt=0, le=366 * 86400, strict=True)
     reusable: bool = Field(default=False, strict=True)
 
@@ -292,7 +294,7 @@ class LoginApprove(Request):
     """An administrator approves a pending login (the embedded mode, without an identity provider)."""
 
     code: str = Field(max_length=32)
-    principal: str = Field(pattern=_PRINCIPAL, max_length=320)
+    principal: Principal
 
 
 class PrincipalInfo(Answer):
@@ -326,7 +328,7 @@ class GrantInfo(Answer):
 
 
 class GrantRevokeRequest(Request):
-    principal: str = Field(pattern=_PRINCIPAL, max_length=320, description="revoke every grant of this principal")
+    principal: Principal = Field(description="revoke every grant of this principal")
 
 
 class GrantsRevoked(Answer):

@@ -10,10 +10,11 @@ request from outside (any process that may open the socket can send it).
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, StringConstraints
 
+from ..names import normal_principal
 from .base import Request
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 class AgentRunRequest(Request):
     """``POST /v1/agents``: make the calling process (identified by SO_PEERCRED, never by this body) an agent."""
 
-    principal: str = Field(max_length=320)
+    principal: Annotated[str, StringConstraints(max_length=320), AfterValidator(normal_principal)]
     scopes: list[str] = Field(min_length=1, max_length=64)
     ttl_seconds: int = Field(gt=0, le=366 * 86400, strict=True)
     name: str | None = Field(default=None, max_length=128)

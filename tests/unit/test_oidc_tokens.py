@@ -115,6 +115,10 @@ def test_a_rotated_key_is_fetched_once_when_a_token_names_it() -> None:
     assert idp.fetched.count("/jwks") == 2  # once at first use, once for the new kid; then cached
 
 
+def test_the_providers_address_is_taken_in_its_one_spelling() -> None:
+    assert principal(Idp(), token(email="Nikita@ACME.com")) == "nikita@acme.com"
+
+
 def test_another_claim_can_name_the_principal() -> None:
     # (Azure AD's preferred_username is the user principal name, an address like any other principal)
     upn = token(preferred_username="nikita.k@acme.onmicrosoft.com")

@@ -368,3 +368,11 @@ def test_explain_refuses_authorized_on_a_device_and_unknown_values() -> None:
         explain(granted(), "principal=nikita@acme.com,via=direct,authorized=grant", "db:5432")
     with pytest.raises(InvalidInput, match="^--from: authorized: expected grant or delegation, got 'yes'$"):
         explain(granted(), "principal=nikita@acme.com,scope=db:read,authorized=yes", "db:5432")
+
+
+def test_a_rule_written_with_capitals_admits_the_principal_as_the_mesh_spells_it() -> None:
+    from meshcore.policy import load_policy
+
+    policy = load_policy("delegations:\n  - principal: Nikita@ACME.com\n    nodes: [tag:agents]\n"
+                         "    scopes: ['db:read']\n    max_ttl: 1h\nacls: []\n")
+    assert policy.delegations[0].principal == "nikita@acme.com"

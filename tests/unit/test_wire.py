@@ -238,3 +238,22 @@ def test_a_request_takes_numbers_as_numbers_and_booleans_as_booleans(model: str,
     with pytest.raises(ValidationError):
         getattr(api, model).model_validate(body)
     assert api.TokenCreateRequest.model_validate({"ttl_seconds": 60, "reusable": True}).ttl_seconds == 60
+
+
+def test_a_principal_has_one_spelling_wherever_it_enters() -> None:
+    """``Nikita@ACME.com`` is ``nikita@acme.com`` (NFC, lower case) in the policy, the API and the local API, so a
+    rule never misses an agent for a matter of case, and one person is never two principals."""
+    import unicodedata
+
+    from meshcore.policy.fields import check_principal
+    from meshcore.wire.api import AgentRevokeRequest, TokenCreateRequest
+    from meshcore.wire.local import AgentRunRequest
+
+    decomposed = unicodedata.normalize("NFD", "José@ACME.es")  # "e" and a combining accent
+    assert check_principal("Nikita@ACME.com") == "nikita@acme.com"
+    assert AgentRevokeRequest.model_validate({"principal": "Nikita@ACME.com"}).principal == "nikita@acme.com"
+    assert TokenCreateRequest.model_validate({"owner": "NIKITA@acme.com"}).owner == "nikita@acme.com"
+    run = AgentRunRequest.model_validate({"principal": "Nikita@Acme.Com", "scopes": ["db:read"], "ttl_seconds": 60})
+    assert run.principal == "nikita@acme.com"
+    assert check_principal(decomposed) == "josé@acme.es" == AgentRevokeRequest.model_validate(
+        {"principal": decomposed}).principal
