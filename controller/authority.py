@@ -231,10 +231,16 @@ class JwtKey:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 return cls.load(data)
-            with os.fdopen(fd, "wb") as out:
-                out.write(fresh.as_pem(private=True))
-                out.flush()
-                os.fsync(out.fileno())
+            except OSError as exc:
+                raise Unavailable(f"cannot write the JWT-SVID key {path}: {exc.strerror}") from exc
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(fresh.as_pem(private=True))
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:  # a full disk: leave no half key for the next start to trip on
+                path.unlink(missing_ok=True)
+                raise Unavailable(f"cannot write the JWT-SVID key {path}: {exc.strerror}") from exc
             key = fresh
         return cls(key, key.thumbprint())
 

@@ -403,17 +403,23 @@ class Store:
                 raise Unavailable(f"controller database is unavailable: {exc}") from exc
             try:
                 yield Tx(self._conn)
+            except sqlite3.OperationalError as exc:  # the disk is full, the file locked or unreadable: not a bug
+                self._rollback()
+                raise Unavailable(f"controller database is unavailable: {exc}") from exc
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 # A failed COMMIT (disk full, say) leaves the transaction open: end it, or every later
                 # BEGIN fails with "cannot start a transaction within a transaction".
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise Unavailable(f"controller database did not commit: {exc}") from exc
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL can)
+            self._conn.execute("ROLLBACK")
 
     def close(self) -> None:
         self._conn.close()

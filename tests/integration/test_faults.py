@@ -1,0 +1,96 @@
+"""The controller's disk fills up, or another process locks its database (issue 18's fault injection).
+
+A real controller on a small tmpfs of its own: with the disk full,
+enrollment fails with one line, the single-use token is not spent and
+nothing half-written is left; when space returns it works again without a
+restart. A database another process holds locked makes calls wait, then
+succeed once it is released.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Controller, cli, free_port
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    import os
+
+    from tests.prerequisites import require
+
+    require("a tmpfs of the test's own", [] if os.geteuid() == 0 else ["root, to mount it"])
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write until the disk refuses; the file that did it."""
+    filler = disk / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_fails_enrollment_in_one_line_spends_nothing_and_passes(small_disk: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    data = small_disk / "ctl"
+    cli("mesh-controller", "init", "--domain", "acme.mesh", "--data", str(data), "--url", url, check=True)
+    controller = Controller(data, port, url, tmp_path / "controller.log", env={"IDMESH_ADMIN": str(data / "admin.conf")})
+    controller.start()
+    try:
+        token = controller.token()
+        filler = fill(small_disk)
+        # a policy big enough that its WAL frames cannot fit in what is left
+        (tmp_path / "big.yaml").write_text("acls: []\n" + "".join(f"# {'x' * 200}\n" for _ in range(20_000)))
+        applied = cli("meshctl", "policy", "apply", str(tmp_path / "big.yaml"), env=controller.env)
+        enrolled = cli("meshd", "enroll", token, "--name", "n1", "--state", str(tmp_path / "n1"))
+        assert applied.returncode != 0 or enrolled.returncode != 0, "the disk was not full"
+        for failed in (applied, enrolled):
+            if failed.returncode != 0:
+                assert failed.returncode == 6 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+                assert "full" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+        if enrolled.returncode != 0:
+            assert not (tmp_path / "n1" / "node.json").exists()  # nothing half-written on the node either
+        filler.unlink()  # space returns: no restart needed
+        if enrolled.returncode != 0:
+            cli("meshd", "enroll", token, "--name", "n1", "--state", str(tmp_path / "n1"), check=True)  # not spent
+        assert "n1" in cli("meshctl", "nodes", "list", env=controller.env, check=True).stdout
+        assert "Traceback" not in controller.log.read_text()
+    finally:
+        controller.stop(signal.SIGKILL)
+
+
+def test_a_database_another_process_holds_locked_makes_calls_wait_not_fail(controller: Controller) -> None:
+    holder = sqlite3.connect(controller.data / "controller.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    released = threading.Timer(2.0, lambda: holder.execute("ROLLBACK"))
+    released.start()
+    t0 = time.monotonic()
+    try:
+        made = cli("meshctl", "token", "create", env=controller.env)
+    finally:
+        released.join()
+        holder.close()
+    assert made.returncode == 0, made.stderr
+    assert time.monotonic() - t0 >= 1.5  # it waited for the lock rather than failing
