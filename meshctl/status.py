@@ -31,6 +31,10 @@ def _status(args: argparse.Namespace) -> int:
     print(f"{me['name']}  {' '.join(me['addresses'])}  {me['owner'] or ','.join('tag:' + t for t in me['tags'])}")
     state = "connected" if ctl["connected"] else f"disconnected ({ctl.get('last_error') or 'connecting'})"
     print(f"controller {ctl['url']}: {state}, netmap version {ctl['netmap_version']}")
+    offset = ctl.get("clock_offset_seconds")
+    if offset is not None and abs(offset) > 31:  # CLOCK_SKEW and the 1 s of a Date header (not imported: startup)
+        print(f"warning: the controller's clock is {abs(offset):.0f} s {'ahead of' if offset > 0 else 'behind'} "
+              "this node's: certificates allow 30 s; set both clocks with NTP")
     pol, agents = status.get("policy", {}), status.get("agents", {})
     print(f"policy version {pol.get('version', 0)}, {pol.get('rules', 0)} rule(s), ruleset "
           f"{(pol.get('ruleset') or '-')[:16]}; agents: {agents.get('local', 0)} here, "

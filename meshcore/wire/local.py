@@ -125,6 +125,8 @@ class ControllerLink(TypedDict):
     netmap_version: int | None
     applied_version: int | None
     last_error: str | None
+    clock_offset_seconds: NotRequired[float | None]
+    """The controller's clock minus this node's when the stream opened (its Date header; None: unknown)."""
 
 
 class PeerStatus(TypedDict):

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from idmesh.tasks import Tasks
 from meshcore.addressing import NodeBlock
-from meshcore.errors import Exhausted, IdmeshError, InvalidInput, NotFound, PermissionDenied
-from meshcore.identity import build_csr, key_pem
+from meshcore.errors import Exhausted, IdmeshError, InvalidCertificate, InvalidInput, NotFound, PermissionDenied
+from meshcore.identity import build_csr, key_pem, load_certificate
 from meshcore.wire.api import AgentIssued
 from meshd.files import write_private
 
@@ -98,6 +98,19 @@ class LocalAgent:
             "IDMESH_CA": str(ca),
             "IDMESH_SOCKET": str(socket),
         }
+
+
+def _valid_here(pem: str) -> None:
+    """Refuse a certificate this node's clock says is not valid (yet): the controller's clock is off. Only the
+    time is checked here, before anything is set up; the whole check comes when the node admits the agent."""
+    cert = load_certificate(pem)
+    now = datetime.now(UTC)
+    if now < cert.not_valid_before_utc:
+        raise InvalidCertificate(f"the controller issued a certificate that is not valid before "
+                                 f"{cert.not_valid_before_utc.isoformat()} by this node's clock")
+    if now >= cert.not_valid_after_utc:
+        raise InvalidCertificate(f"the controller issued a certificate that expired at "
+                                 f"{cert.not_valid_after_utc.isoformat()} by this node's clock")
 
 
 class _Steps:
@@ -210,6 +223,7 @@ class AgentSupervisor:
             finally:
                 await asyncio.wait([staging])
             steps.done("certificate")
+            _valid_here(issued.certificate)
             staging.result()
             agent_id = issued.agent.id
             agent = LocalAgent(agent_id, slot, issued, self.directory / agent_id, issued.agent.expires)

@@ -104,6 +104,7 @@ def status(node: Node) -> Status:
             "netmap_version": view.version if view else None,
             "applied_version": mesh.applied_version,
             "last_error": node.session.last_error,
+            "clock_offset_seconds": node.session.clock_offset,
         },
         "peers": peers,
         "routing": node.routing.status() if node.routing else None,

@@ -10,6 +10,7 @@ its peers until the controller says otherwise.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from idmesh.client import answer_error, client_ssl_context
 from idmesh.local import error_of_answer
 from meshcore.errors import IdmeshError, Unavailable
-from meshcore.identity import build_csr
+from meshcore.identity import CLOCK_SKEW, build_csr
 from meshcore.netmap import ResyncNeeded
 from meshcore.wire import PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
 from meshcore.wire.api import RenewRequest, RenewResponse
@@ -49,6 +50,17 @@ __all__ = ["Backoff", "ControllerSession"]
 log = logging.getLogger("meshd.node.session")
 
 READ_TIMEOUT = 35.0  # the controller sends a keepalive every 10 s
+
+
+def clock_offset(date: str | None, now: datetime) -> float | None:
+    """Seconds the clock that wrote HTTP ``Date`` header ``date`` is ahead of ``now`` (1 s resolution)."""
+    if not date:
+        return None
+    try:
+        theirs = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    return (theirs - now).total_seconds() if theirs.tzinfo is not None else None
 
 
 @dataclass
@@ -88,6 +100,7 @@ class ControllerSession:
         self.connected = False
         self.protocol: int | None = None  # what the controller agreed to speak on the stream
         self.last_error: str | None = None
+        self.clock_offset: float | None = None  # the controller's clock minus ours, seconds (its Date header)
         self._ca = state.ca_cert.read_text()
         self._ssl = self._context()
         self._calls: ControllerCalls | None = None
@@ -133,6 +146,21 @@ class ControllerSession:
             log.warning("controller %s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
             await asyncio.sleep(delay)
 
+    def _check_clock(self, date: str | None) -> None:
+        """Say so when the controller's clock and ours differ by more than certificates allow.
+
+        Leaves are valid from :data:`CLOCK_SKEW` before their issue: a
+        controller further ahead issues certificates this node (and every
+        other) refuses as not valid yet, one further behind makes short-lived
+        ones expire early here. Neither can be fixed here; it must be said.
+        """
+        self.clock_offset = offset = clock_offset(date, datetime.now(UTC))
+        if offset is not None and abs(offset) > CLOCK_SKEW.total_seconds() + 1:  # + the header's 1 s resolution
+            log.warning("the controller's clock is %.0f s %s this node's, more than the %.0f s certificates "
+                        "allow: %s; set both clocks with NTP", abs(offset), "ahead of" if offset > 0 else "behind",
+                        CLOCK_SKEW.total_seconds(),
+                        "what it issues is not valid here yet" if offset > 0 else "what it issues expires early here")
+
     async def _stream(self, backoff: Backoff) -> None:
         async with self._client() as http:
             await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
@@ -143,6 +171,7 @@ class ControllerSession:
                     await resp.aread()
                     raise answer_error(resp, "controller")
                 self.protocol = _agreed(resp.headers.get(PROTOCOL_HEADER))
+                self._check_clock(resp.headers.get("date"))
                 self.connected = True
                 self.last_error = None
                 backoff.reset()
