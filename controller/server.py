@@ -10,8 +10,9 @@ uvicorn has no timeout for a request's headers, so a client that sends half
 of them holds its connection (and a file descriptor) for ever; the protocol
 closes a connection whose headers have not all arrived :data:`HEADER_TIMEOUT`
 seconds after it opened or its request began, and refuses connections past
-:data:`PER_SOURCE` from one address. The TLS handshake itself is bounded by
-the event loop's 60 s default.
+:data:`PER_SOURCE` from one address. The TLS handshake before it is bounded
+by :data:`TLS_HANDSHAKE_TIMEOUT` (uvicorn does not pass the event loop's
+``ssl_handshake_timeout``, 60 s by default, so :class:`_Loop` does).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ HEADER_TIMEOUT = 10.0
 """Seconds a request's headers may take to arrive, whole."""
 PER_SOURCE = 512
 """Connections one address may hold at once (nodes hold one stream and a few calls each)."""
+TLS_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection may take to finish its TLS handshake (one that sends nothing holds a descriptor)."""
+
+
+class _Loop(uvloop.Loop):
+    """uvloop, with the TLS handshake bounded on every server it creates (uvicorn's included)."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", TLS_HANDSHAKE_TIMEOUT)
+        return await super().create_server(*args, **kwargs)
 _open_from: Counter[str] = Counter()
 
 
@@ -212,7 +224,7 @@ def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: st
     )
     try:
         # uvloop: its TLS and transports are C, about a third of the CPU per enrollment.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=_Loop) as runner:
             runner.run(_serve_all(server, sock, stun_bind))
     finally:
         ctx.store.close()

@@ -259,6 +259,25 @@ def test_half_sent_headers_are_cut_off_and_the_controller_keeps_answering(contro
             conn.close()
 
 
+def test_a_connection_that_never_finishes_its_tls_handshake_is_closed(controller: Controller) -> None:
+    """Before, the event loop's 60 s default held it (and its descriptor); uvicorn passes no timeout of its own."""
+    from controller.server import TLS_HANDSHAKE_TIMEOUT
+
+    host, port = controller.url.removeprefix("https://").rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(20)]
+    try:
+        started = time.monotonic()
+        with _api(controller) as api:
+            assert api.get("/v1/health").status_code == 200
+        for conn in silent:
+            conn.settimeout(max(0.1, TLS_HANDSHAKE_TIMEOUT + 5 - (time.monotonic() - started)))
+            assert conn.recv(1) == b""  # closed by the controller, not by this timeout
+        assert time.monotonic() - started >= TLS_HANDSHAKE_TIMEOUT - 1  # and not before its time
+    finally:
+        for conn in silent:
+            conn.close()
+
+
 def test_one_address_may_hold_only_so_many_connections(controller: Controller) -> None:
     from controller.server import PER_SOURCE
 
