@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,18 +100,24 @@ class Controller:
         return cli("meshctl", "token", "create", *args, env=self.env, check=True).stdout.strip()
 
 
-@pytest.fixture
-def controller(tmp_path: Path) -> Iterator[Controller]:
+@contextmanager
+def running_controller(data: Path, log: Path) -> Iterator[Controller]:
+    """A new mesh in ``data`` (acme.mesh) and its controller on a free loopback port, killed on the way out."""
     port = free_port()
     url = f"https://127.0.0.1:{port}"
-    data = tmp_path / "ctl"
     cli("mesh-controller", "init", "--domain", "acme.mesh", "--data", str(data), "--url", url, check=True)
-    c = Controller(data, port, url, tmp_path / "controller.log", env={"IDMESH_ADMIN": str(data / "admin.conf")})
+    c = Controller(data, port, url, log, env={"IDMESH_ADMIN": str(data / "admin.conf")})
     c.start()
     try:
         yield c
     finally:
         c.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[Controller]:
+    with running_controller(tmp_path / "ctl", tmp_path / "controller.log") as c:
+        yield c
 
 
 class Device:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from .conftest import Controller, cli, free_port
+from .conftest import Controller, cli, running_controller
 
 EXAMPLES = int(os.environ.get("IDMESH_FUZZ_EXAMPLES", "12"))
 SKIPPED = {("GET", "/v1/netmap")}  # a stream: it does not end while the caller listens
@@ -41,13 +40,8 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    data = tmp / "ctl"
-    cli("mesh-controller", "init", "--domain", "acme.mesh", "--data", str(data), "--url", url, check=True)
-    controller = Controller(data, port, url, tmp / "controller.log", env={"IDMESH_ADMIN": str(data / "admin.conf")})
-    controller.start()
-    try:
+    with running_controller(tmp / "ctl", tmp / "controller.log") as controller:
+        data, url = controller.data, controller.url
         admin = json.loads((data / "admin.conf").read_text())
         (tmp / "admin.crt").write_text(admin["certificate"])
         (tmp / "admin.key").touch(mode=0o600)
@@ -64,8 +58,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield Lab(controller, schemathesis.openapi.from_dict(document), sessions)
         for session in sessions.values():
             session.close()
-    finally:
-        controller.stop(signal.SIGKILL)
 
 
 def fuzz(operation: Any, session: requests.Session, url: str) -> tuple[int, list[str]]:
