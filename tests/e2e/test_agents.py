@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,88 @@ def test_a_revocation_sent_while_the_agents_node_was_not_listening_still_ends_th
         agents.host.run(["nft", "delete", "table", "inet", "cut"])
     assert proc.wait(40) != 0  # back online: the node ended it
     assert "ended at the controller while this node was not listening" in agents.log.read_text()
+
+
+def agent_elements(node: Node) -> list[str]:
+    """The elements of the node's ``inet idmesh_agents`` sets and maps (an agent adds some, its end removes them)."""
+    table = json.loads(node.host.run(["nft", "-j", "list", "table", "inet", "idmesh_agents"]).stdout)["nftables"]
+    return sorted(json.dumps(e) for obj in table for kind in ("set", "map") if kind in obj
+                  for e in obj[kind].get("elem", []))
+
+
+STORM = """\
+import os, sys, threading
+from idmesh.local import LocalClient
+socket = sys.argv[1]
+body = {"principal": "nikita@acme.com", "scopes": ["db:read"], "ttl_seconds": 600, "name": "storm"}
+def caller():
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                LocalClient(socket).request("POST", "/v1/agents", body)
+                os._exit(0)
+            except Exception:
+                os._exit(1)
+        os.waitpid(pid, 0)
+for _ in range(8):
+    threading.Thread(target=caller, daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def test_meshd_killed_in_a_storm_of_births_leaves_nothing_once_it_runs_again(lab: tuple[Mesh, Node, Node]) -> None:
+    """SIGKILL while eight callers are being born and dying: some birth is caught at some step. After the restart
+    no agent cgroup, nftables element, agent directory or live agent at the controller is left, and births work."""
+    mesh, agents, db = lab
+    wait_until(lambda: local_agents(agents) == [], 20, "earlier tests' agents gone", mesh.logs)
+    baseline = agent_elements(agents)
+    storm = agents.host.popen([sys.executable, "-c", STORM, str(agents.socket)], stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "born at" in agents.log.read_text().rsplit("stopped;", 1)[-1], 20, "births under way",
+                   mesh.logs)
+        time.sleep(1.5)
+        mesh.stop(agents, signal.SIGKILL)
+    finally:
+        storm.kill()
+        storm.wait()
+    mesh.start(agents)
+    try:
+        wait_until(lambda: json.loads(mesh.admin("agent", "list", "--mesh", "--json").stdout) == [], 30,
+                   "the controller to hold no agent of the node", mesh.logs)
+        directory = agents.socket.parent / f"agents-{agents.host.wg_ifname}"
+        assert list(directory.iterdir()) == []
+        parents = [Path(root) / f"idmesh-{agents.host.wg_ifname}" for root in ("/sys/fs/cgroup",
+                                                                               "/sys/fs/cgroup/unified")]
+        assert not [p for parent in parents if parent.is_dir() for p in parent.glob("agent-*")]
+        assert agent_elements(agents) == baseline
+        again = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", name="after", check=True)
+        assert again.stdout.startswith("hello ")
+    finally:
+        wait_until(lambda: agents.status()["controller"]["connected"], 60, "agents reconnected", mesh.logs)
+
+
+def test_meshd_killed_while_policies_are_applied_enforces_the_last_one_once_it_runs_again(
+        lab: tuple[Mesh, Node, Node]) -> None:
+    mesh, agents, db = lab
+
+    def apply_many() -> None:
+        for i in range(20):
+            mesh.apply_policy(f"# churn {i}\n" + POLICY)
+
+    applying = threading.Thread(target=apply_many)
+    applying.start()
+    try:
+        time.sleep(1.0)
+        mesh.stop(db, signal.SIGKILL)  # somewhere in a policy's apply, or between two
+    finally:
+        applying.join(120)
+    mesh.start(db)
+    try:
+        latest = json.loads(mesh.admin("policy", "show", "--json").stdout)["version"]
+        wait_until(lambda: db.status()["policy"]["version"] == latest, 30, "db on the last policy", mesh.logs)
+        assert tcp_hello(agents.host, db.addresses[0], 5432, timeout=1) is None  # default deny
+        seen = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", name="after", check=True)
+        assert seen.stdout.startswith("hello ")  # and the policy's allow
+    finally:
+        wait_until(lambda: db.status()["controller"]["connected"], 60, "db reconnected", mesh.logs)
