@@ -52,7 +52,9 @@ __all__ = [
     "Cgroup2",
     "CgroupTree",
     "check_agent_name",
+    "check_cgroup_parent",
     "locate_cgroup2",
+    "own_cgroup",
 ]
 
 NFT_CGROUP_BASE = Path("/sys/fs/cgroup")
@@ -68,6 +70,32 @@ def check_agent_name(agent_id: str) -> str:
         raise InvalidInput(f"agent id {agent_id!r} is not usable as a cgroup name "
                            "(1-128 of A-Z a-z 0-9 . _ -, not '.', '..' or 'cgroup.*')")
     return agent_id
+
+
+_PARENT_PART = re.compile(r"^[A-Za-z0-9._@:-]{1,255}\Z")  # what systemd's slices, services and scopes are named
+
+
+def check_cgroup_parent(parent: str) -> str:
+    """The node's cgroup directory below the hierarchy's root, e.g. ``system.slice/meshd.service/idmesh-idmesh0``:
+    each part a plain cgroup name (it goes into nft strings too), none ``.``, ``..`` or ``cgroup.*``."""
+    parts = parent.split("/")
+    if not all(_PARENT_PART.match(part) and part not in (".", "..") and not part.startswith("cgroup.")
+               for part in parts):
+        raise InvalidInput(f"{parent!r} is not usable as a cgroup name path (parts of A-Z a-z 0-9 . _ @ : -)")
+    return parent
+
+
+def own_cgroup(proc: Path = Path("/proc/self/cgroup")) -> str:
+    """This process's cgroup2 path below the hierarchy's root (``system.slice/meshd.service``; ``""``: the root).
+
+    Agent cgroups go below it, so under systemd they stay inside the
+    subtree ``Delegate=yes`` hands to meshd.service, and stopping the unit
+    accounts for (and can reach) them.
+    """
+    for line in proc.read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip("/")
+    return ""
 
 
 def _is_cgroup2(path: Path) -> bool:
@@ -122,7 +150,8 @@ def locate_cgroup2(root: Path, parent: str, *, mount: bool = True) -> Cgroup2:
     here = root
     while here.parent != here and _is_cgroup2(here.parent):
         depth, here = depth + 1, here.parent
-    return Cgroup2(root / parent, str(relative), depth + 2, "/" + str((root / parent).relative_to(here)), mounted)
+    agent_level = depth + len(Path(parent).parts) + 1  # an agent is one below the node's directory
+    return Cgroup2(root / parent, str(relative), agent_level, "/" + str((root / parent).relative_to(here)), mounted)
 
 
 class AgentCgroups(Protocol):

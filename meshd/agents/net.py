@@ -76,7 +76,7 @@ from typing import Self
 from meshcore.errors import Conflict, IdmeshError, InvalidInput, NotFound, Unavailable
 from meshcore.identity import NODE_NAME
 from meshcore.names import check_ifname
-from meshd.agents.cgroups import AgentCgroups, CgroupTree, check_agent_name
+from meshd.agents.cgroups import AgentCgroups, CgroupTree, check_agent_name, check_cgroup_parent
 from meshd.agents.table import (
     DEFAULT_MARK_MASK,
     TABLE,
@@ -111,7 +111,7 @@ class AgentNet:
     may be called from several threads (they serialise).
 
     The cgroup hierarchy is the machine's, shared by every network namespace:
-    the node's directory (``cgroup_parent``, by default ``idmesh-<node>``) must
+    the node's directory (``cgroup_parent``, a path below the hierarchy's root, by default ``idmesh-<node>``) must
     be unique on the machine, because :meth:`start` takes over (kills) what it
     finds there. ``nft``, ``cgroups`` and ``conntrack`` replace the real
     libnftables, cgroupfs and ctnetlink (tests).
@@ -135,7 +135,7 @@ class AgentNet:
                                f"mark mask {mark_mask:#010x} numbers only {field.capacity}: use a wider mask")
         self.node, self.ifname = node, ifname
         self.table = AgentTable(node, ifname, block4, block6, field)
-        parent = check_agent_name(cgroup_parent) if cgroup_parent else f"idmesh-{node}"
+        parent = check_cgroup_parent(cgroup_parent) if cgroup_parent else f"idmesh-{node}"
         self._cgroups: AgentCgroups = cgroups or CgroupTree(cgroup_root, parent)
         self._nft = NftTable(TABLE, nft)
         self._conntrack = conntrack

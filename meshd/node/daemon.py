@@ -24,11 +24,12 @@ from typing import Any
 
 from idmesh.metrics import Metrics, serve_metrics
 from idmesh.tasks import Tasks
-from meshcore.errors import IdmeshError, InvalidCertificate, NotFound, PermissionDenied
+from meshcore.errors import IdmeshError, InvalidCertificate, InvalidInput, NotFound, PermissionDenied
 from meshcore.identity import CLOCK_SKEW
 from meshcore.wire.api import AgentIssued, LoginStart
 from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
 from meshcore.wire.stream import AgentUpdate, EndpointReport, RouteOfferReport
+from meshd.agents.cgroups import check_cgroup_parent, own_cgroup
 from meshd.agents.net import AgentNet
 from meshd.agents.supervisor import AgentSupervisor
 from meshd.kernel.netconf import IPRouteNetConf
@@ -59,6 +60,18 @@ AGENT_ROUTES_WAIT = 2.0
 """How long ``agent run`` waits for the agent's routes before its command starts anyway."""
 FIREWALL_CHECK = 0.5
 """How often meshd checks that its firewall table is still there (listing the table names: ~0.04 ms here)."""
+
+
+def _cgroup_parent(interface: str) -> str:
+    """Where this node's agent cgroups go: ``idmesh-<interface>`` below meshd's own cgroup (its systemd unit's,
+    delegated to it), or below the root when meshd's cgroup has a name nft strings cannot carry."""
+    own = own_cgroup()
+    parent = f"{own}/idmesh-{interface}" if own else f"idmesh-{interface}"
+    try:
+        return check_cgroup_parent(parent)
+    except InvalidInput:
+        log.warning("agents' cgroups go to /idmesh-%s: meshd's own cgroup /%s has an unusual name", interface, own)
+        return f"idmesh-{interface}"
 
 
 class Daemon:
@@ -280,7 +293,7 @@ class Daemon:
         # The cgroup hierarchy is machine-wide (shared by network namespaces): name the
         # node's subtree after its interface, which is unique on the machine too.
         agentnet = self.agentnet = AgentNet(self.name, s.interface, blocks[0], blocks[1],
-                                            cgroup_parent=f"idmesh-{s.interface}")
+                                            cgroup_parent=_cgroup_parent(s.interface))
         await asyncio.to_thread(agentnet.start)
         self.supervisor = AgentSupervisor(s.socket.parent / f"agents-{s.interface}", self.state.ca_cert, blocks,
                                           agentnet, self.session, s.socket, self._local_agent_changed)

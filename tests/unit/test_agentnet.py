@@ -505,3 +505,27 @@ def test_a_failed_staged_birth_gives_the_caller_back_and_leaves_nothing(rig: Rig
     log.clear()
     net.unstage("100.64.0.2", 4242, "/user.slice/session-1.scope")
     assert log == ["move 4242 home /user.slice/session-1.scope", "rmdir agent-2"] and cg.groups == {}
+
+
+def test_the_nodes_cgroup_directory_goes_below_meshds_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd that is meshd.service's delegated subtree; a level deeper, agents are a level deeper too."""
+    from meshd.agents import cgroups
+    from meshd.agents.cgroups import check_cgroup_parent, own_cgroup
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("1:name=systemd:/system.slice/meshd.service\n0::/system.slice/meshd.service\n")
+    assert own_cgroup(proc) == "system.slice/meshd.service"
+    proc.write_text("0::/\n")
+    assert own_cgroup(proc) == ""
+    root = tmp_path / "root"
+    (root / "system.slice" / "meshd.service").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("")
+    monkeypatch.setattr(cgroups, "NFT_CGROUP_BASE", root)
+    where = locate_cgroup2(root, "system.slice/meshd.service/idmesh-h1", mount=False)
+    assert where.tree == "/system.slice/meshd.service/idmesh-h1" and where.agent_level == 4
+    assert where.nft_prefix == "system.slice/meshd.service/idmesh-h1"
+    assert check_cgroup_parent("user.slice/user@0.service/app.slice/idmesh-x") == \
+        "user.slice/user@0.service/app.slice/idmesh-x"
+    for bad in ("a/../b", "a//b", "/a", "cgroup.procs", 'x"y', "a b"):
+        with pytest.raises(InvalidInput, match="cgroup name path"):
+            check_cgroup_parent(bad)
