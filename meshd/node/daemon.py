@@ -25,7 +25,6 @@ from typing import Any
 from idmesh.metrics import Metrics, serve_metrics
 from idmesh.tasks import Tasks
 from meshcore.errors import IdmeshError, InvalidCertificate, InvalidInput, NotFound, PermissionDenied
-from meshcore.identity import CLOCK_SKEW
 from meshcore.wire.api import AgentIssued, LoginStart
 from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
 from meshcore.wire.stream import AgentUpdate, EndpointReport, RouteOfferReport
@@ -216,11 +215,10 @@ class Daemon:
                                                  timedelta(seconds=req.ttl_seconds), req.name, user, req.grant,
                                                  caller.exited)
         except InvalidCertificate as exc:
-            offset = self.session.clock_offset
-            if offset is None or abs(offset) <= CLOCK_SKEW.total_seconds() + 1:
+            skew = self.session.clock_skew()
+            if skew is None:
                 raise
-            raise InvalidCertificate(f"{exc}: the controller's clock is {abs(offset):.0f} s "
-                                     f"{'ahead of' if offset > 0 else 'behind'} this node's (set both with NTP)") from exc
+            raise InvalidCertificate(f"{exc}: {skew} (set both with NTP)") from exc
         # The command starts when this returns: where the policy routes by identity, let the converger
         # install the agent's routes first, so its first connection already takes its gateway (bounded: a
         # slow apply must not block it). Everything else the agent needs here is in place already.

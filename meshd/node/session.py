@@ -155,11 +155,18 @@ class ControllerSession:
         ones expire early here. Neither can be fixed here; it must be said.
         """
         self.clock_offset = offset = clock_offset(date, datetime.now(UTC))
-        if offset is not None and abs(offset) > CLOCK_SKEW.total_seconds() + 1:  # + the header's 1 s resolution
-            log.warning("the controller's clock is %.0f s %s this node's, more than the %.0f s certificates "
-                        "allow: %s; set both clocks with NTP", abs(offset), "ahead of" if offset > 0 else "behind",
+        skew = self.clock_skew()
+        if skew is not None and offset is not None:
+            log.warning("%s, more than the %.0f s certificates allow: %s; set both clocks with NTP", skew,
                         CLOCK_SKEW.total_seconds(),
                         "what it issues is not valid here yet" if offset > 0 else "what it issues expires early here")
+
+    def clock_skew(self) -> str | None:
+        """``the controller's clock is 600 s ahead of this node's`` when it is off by more than certificates allow."""
+        offset = self.clock_offset
+        if offset is None or abs(offset) <= CLOCK_SKEW.total_seconds() + 1:  # + the Date header's 1 s resolution
+            return None
+        return f"the controller's clock is {abs(offset):.0f} s {'ahead of' if offset > 0 else 'behind'} this node's"
 
     async def _stream(self, backoff: Backoff) -> None:
         async with self._client() as http:
