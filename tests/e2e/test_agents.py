@@ -257,7 +257,8 @@ def test_a_node_that_crashed_retires_what_its_last_run_left(lab: tuple[Mesh, Nod
         wait_until(lambda: whois(db, agent["addresses"][0]) is None, 20, "db to stop honoring the orphan", mesh.logs)
         live = json.loads(mesh.admin("agent", "list", "--mesh", "--json").stdout)
         assert agent["id"] not in [a["id"] for a in live]
-        assert "retired 1 agent(s) a previous run of this node left" in agents.log.read_text()
+        wait_until(lambda: "retired 1 agent(s) a previous run of this node left" in agents.log.read_text(), 10,
+                   "the node to log what it retired", mesh.logs)  # (logged once the controller has answered)
         again = run_agent(agents, sys.executable, "-c", HELLO, db.addresses[0], "5432", name="again", check=True)
         assert again.stdout.startswith("hello ")  # births work again, addresses included
     finally:
@@ -298,8 +299,9 @@ def test_a_revocation_sent_while_the_agents_node_was_not_listening_still_ends_th
         assert proc.poll() is None  # it heard nothing
     finally:
         agents.host.run(["nft", "delete", "table", "inet", "cut"])
-    assert proc.wait(40) != 0  # back online: the node ended it
-    assert "ended at the controller while this node was not listening" in agents.log.read_text()
+    assert proc.wait(40) != 0  # back online: the node ended it (its processes die first, then it says so)
+    wait_until(lambda: "ended at the controller while this node was not listening" in agents.log.read_text(), 10,
+               "the node to log why", mesh.logs)
 
 
 def agent_elements(node: Node) -> list[str]:
