@@ -29,6 +29,7 @@ _EXPLAIN_EPILOG = """\
 examples:
   meshctl policy explain --from principal=nikita@acme.com,via=agent,scope=db:read --to db:5432
   meshctl policy explain --from '{group: sre}' --to tag:monitoring:9100
+  meshctl policy explain --from principal=nikita@acme.com,via=agent,scope=db:read --to db:8080 --tool drop_table
   meshctl policy explain --file policy.yaml --from tag=ci --to db:5432
   meshctl policy explain --from group=sre,via=agent,scope=ops:run --to 203.0.113.10   (the route taken)"""
 
@@ -67,6 +68,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                          help="SERVICE[:PORT], tag:T[:PORT], node:N[:PORT], or an IP address off the mesh: the route "
                          "(gateway) the identity gets there")
     explain.add_argument("--protocol", default="tcp", choices=["tcp", "udp", "icmp"])
+    explain.add_argument("--method", help="one HTTP request to a port meshd serves: its method (GET if --path)")
+    explain.add_argument("--path", help="the request's path (/ if not given)")
+    explain.add_argument("--tool", help="an MCP tools/call of this tool (a POST to /mcp unless --path)")
     explain.add_argument("--file", type=Path, help="explain against this file instead of the policy in force")
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(func=_explain)
@@ -188,10 +192,12 @@ def _decide(args: argparse.Namespace, policy: Policy, gateways: dict[str, Gatewa
         else:
             print(route)
         return 0
-    decision = explain(policy, args.source, args.dest, args.protocol)
+    decision = explain(policy, args.source, args.dest, args.protocol, method=args.method, path=args.path,
+                       tool=args.tool)
     if args.json:
         print_json({"verdict": decision.verdict, "flow": decision.flow, "rule": decision.rule_text,
-                    "rule_index": decision.rule_index, "also": list(decision.also), "hints": list(decision.hints)})
+                    "rule_index": decision.rule_index, "also": list(getattr(decision, "also", ())),
+                    "hints": list(decision.hints), "scopes": list(getattr(decision, "scopes", ()))})
     else:
         print(decision)
         for hint in decision.hints:

@@ -93,7 +93,8 @@ from .evaluate import (
 from .fields import ALL_PORTS, Authorized, Destination, NodeSpec, PortRange, Protocol
 from .identities import Actor, AgentIdentity, Identities, NodeIdentity
 from .load import load_policy, validate_policy
-from .model import Acl, Delegation, FlowSource, Policy, PolicyTest, Route, Selector, Service
+from .model import Acl, Delegation, FlowSource, HttpMatch, Policy, PolicyTest, Route, Selector, Service
+from .requests import AppRequest, RequestDecision, decide_request, decide_request_flow, scopes_supported
 from .routes import (
     Gateway,
     NodeRoutes,
@@ -113,6 +114,7 @@ __all__ = [
     "Actor",
     "AddressSet",
     "AgentIdentity",
+    "AppRequest",
     "Authorized",
     "Change",
     "Decision",
@@ -122,6 +124,7 @@ __all__ = [
     "FilterRule",
     "FlowSource",
     "Gateway",
+    "HttpMatch",
     "Identities",
     "MeshFilters",
     "NodeFilter",
@@ -135,6 +138,7 @@ __all__ = [
     "Protocol",
     "Route",
     "RouteChoice",
+    "RequestDecision",
     "RouteDecision",
     "Selector",
     "Service",
@@ -148,6 +152,8 @@ __all__ = [
     "compile_node_routes",
     "decide",
     "decide_flow",
+    "decide_request",
+    "decide_request_flow",
     "explain",
     "explain_address",
     "explain_route",
@@ -160,6 +166,7 @@ __all__ = [
     "routes_of",
     "run_tests",
     "scopes_overlap",
+    "scopes_supported",
     "set_name",
     "validate_policy",
     "within_grant",

@@ -57,6 +57,11 @@ def policy_problems(policy: Policy) -> list[Problem]:
     for i, test in enumerate(policy.tests):
         out += flow_source_problems(test.source, policy.groups, ("tests", i, "from"))
         out += flow_destination_problems(test.to, test.protocol, policy.services, ("tests", i, "to"))
+        if test.is_request and test.protocol != "tcp":
+            out.append(Problem(("tests", i, "protocol"), "a test of a request (method, path, tool) is about "
+                               "TCP: HTTP travels over it"))
+        if test.tool is not None and test.method not in (None, "POST"):
+            out.append(Problem(("tests", i, "method"), f"an MCP tools/call is a POST, not a {test.method}"))
     return out
 
 
@@ -126,6 +131,25 @@ def _acl_problems(acl: Acl, policy: Policy, at: Path) -> list[Problem]:
             Problem(at + ("protocol",), "protocol never matters: every destination is a service, "
                     "which brings its own protocol")
         )
+    if acl.narrowed:
+        out += _narrowing_problems(acl, policy, at)
+    return out
+
+
+def _narrowing_problems(acl: Acl, policy: Policy, at: Path) -> list[Problem]:
+    """``http``/``mcp_tools`` judge HTTP requests: the rule must be about TCP, and say each thing once."""
+    field = "http" if acl.http is not None else "mcp_tools"
+    used = set(acl.protocol or ("tcp",)) if any(d.kind != "service" for d in acl.to) else set()
+    for dest in acl.to:
+        if dest.kind == "service" and dest.name in policy.services:
+            used |= set(policy.services[dest.name].protocol)
+    out = []
+    if used - {"tcp"}:
+        other = "/".join(sorted(used - {"tcp"}))
+        out.append(Problem(at + (field,), f"{field} narrows HTTP requests, which travel over TCP, but this rule "
+                           f"also allows {other}: write the {other} part as a rule of its own"))
+    out += _duplicates([m.text() for m in acl.http or ()], at + ("http",))
+    out += _duplicates(acl.mcp_tools or (), at + ("mcp_tools",))
     return out
 
 

@@ -151,12 +151,19 @@ class FilterDelta:
         return not self.add and not self.remove
 
 
-def _node_rules(grants: Iterable[Grant]) -> tuple[FilterRule, ...]:
-    """Grants with the same source and protocol become one rule with merged ports."""
+def _node_rules(grants: Iterable[Grant], served: frozenset[int] = frozenset()) -> tuple[FilterRule, ...]:
+    """Grants with the same source and protocol become one rule with merged ports.
+
+    A grant narrowed to some requests keeps only the ports the node serves
+    (``served``): elsewhere no one checks its requests, so it admits nothing.
+    """
     acc: dict[tuple[str, Protocol], tuple[list[PortRange], set[int]]] = {}
     for grant in grants:
+        admitted = grant.served(served)
+        if grant.narrowed and not admitted:
+            continue
         ports, acls = acc.setdefault((grant.source, grant.protocol), ([], set()))
-        ports.extend(grant.ports)
+        ports.extend(admitted)
         acls.add(grant.acl)
     return tuple(
         FilterRule(source, protocol, merge_ports(ports), tuple(sorted(acls)))
@@ -164,15 +171,18 @@ def _node_rules(grants: Iterable[Grant]) -> tuple[FilterRule, ...]:
     )
 
 
-def compile_node_filter(policy: Policy, identities: Identities, node_name: str) -> NodeFilter:
+def compile_node_filter(policy: Policy, identities: Identities, node_name: str,
+                        served: frozenset[int] = frozenset()) -> NodeFilter:
     """The filter of node ``node_name``: who may reach which of its ports.
 
     The node's rules come from the grants of its name and tags; each set the
-    rules name is resolved through the identities' index.
+    rules name is resolved through the identities' index. ``served``: the
+    TCP ports meshd serves on the node, where acls narrowed to some requests
+    apply.
     """
     plan = plan_policy(policy)
     node = identities.node(node_name)
-    rules = _node_rules(plan.grants_for(node.name, node.tags))
+    rules = _node_rules(plan.grants_for(node.name, node.tags), served)
     names = sorted({r.source for r in rules})
     return NodeFilter(
         node=node.name,
@@ -220,17 +230,19 @@ class MeshFilters:
         return {node: FilterDelta(node, remove=sets) for node, sets in per_node.items()}
 
 
-def compile_mesh(policy: Policy, identities: Identities) -> MeshFilters:
-    """Every node's filter; equal, node by node, to :func:`compile_node_filter`."""
+def compile_mesh(policy: Policy, identities: Identities,
+                 served: Mapping[str, frozenset[int]] | None = None) -> MeshFilters:
+    """Every node's filter; equal, node by node, to :func:`compile_node_filter` (``served`` by node name)."""
     plan = plan_policy(policy)
     resolved: dict[str, AddressSet] = {}
-    shapes: dict[tuple[str | None, frozenset[str]], tuple[tuple[FilterRule, ...], dict[str, SourceClass],
-                                                        dict[str, AddressSet]]] = {}
+    shapes: dict[tuple[str | None, frozenset[str], frozenset[int]],
+                 tuple[tuple[FilterRule, ...], dict[str, SourceClass], dict[str, AddressSet]]] = {}
     filters: dict[str, NodeFilter] = {}
     for node in identities.nodes.values():
-        shape = _shape(plan, node.name, node.tags)
+        ports = (served or {}).get(node.name, frozenset()) if plan.narrowed else frozenset()
+        shape = (*_shape(plan, node.name, node.tags), ports)
         if shape not in shapes:
-            rules = _node_rules(plan.grants_for(*shape))
+            rules = _node_rules(plan.grants_for(shape[0], shape[1]), ports)
             names = sorted({r.source for r in rules})
             for name in names:
                 if name not in resolved:

@@ -16,7 +16,7 @@ import dataclasses
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import ValidationError
@@ -32,6 +32,9 @@ from .plan import plan_policy
 from .routes import Gateway, RouteDecision, explain_route
 from .sources import SourceClass
 
+if TYPE_CHECKING:
+    from .requests import RequestDecision
+
 __all__ = [
     "Decision",
     "PolicyTestFailure",
@@ -40,6 +43,7 @@ __all__ = [
     "decide",
     "decide_flow",
     "explain",
+    "flow_targets",
     "run_tests",
 ]
 
@@ -182,12 +186,15 @@ def decide_flow(policy: Policy, source: FlowSource, to: Destination, protocol: P
     """
     actor = actor_for(source)
     port = None if protocol == "icmp" or to.ports is None else to.ports.lo
-    if to.kind == "service":
-        targets = [Target.of_spec(spec) for spec in policy.services[to.name].nodes]
-    else:
-        targets = [Target(to.name) if to.kind == "node" else Target(None, frozenset({to.name}))]
-    decisions = [decide(policy, actor, t, port, protocol, source_text=source.text()) for t in targets]
+    decisions = [decide(policy, actor, t, port, protocol, source_text=source.text()) for t in flow_targets(policy, to)]
     return next((d for d in decisions if not d.allowed), decisions[0])
+
+
+def flow_targets(policy: Policy, to: Destination) -> list[Target]:
+    """The hypothetical nodes a test's ``to`` stands for (each member of a service)."""
+    if to.kind == "service":
+        return [Target.of_spec(spec) for spec in policy.services[to.name].nodes]
+    return [Target(to.name) if to.kind == "node" else Target(None, frozenset({to.name}))]
 
 
 @dataclass(frozen=True)
@@ -197,7 +204,7 @@ class PolicyTestFailure:
     index: int
     location: str
     expected: Literal["allow", "deny"]
-    decision: Decision
+    decision: Decision | RequestDecision
 
     def __str__(self) -> str:
         why = (f"allowed by {self.decision.rule_text}" if self.decision.allowed
@@ -209,16 +216,25 @@ class PolicyTestFailure:
 def run_tests(policy: Policy) -> list[PolicyTestFailure]:
     """Run the policy's own ``tests``; an empty list means they all pass."""
     failures = []
+    from .requests import decide_request_flow
+
     for i, test in enumerate(policy.tests):
-        decision = decide_flow(policy, test.source, test.to, test.protocol)
+        decision: Decision | RequestDecision = (
+            decide_request_flow(policy, test.source, test.to, test.method, test.path, test.tool)
+            if test.is_request else decide_flow(policy, test.source, test.to, test.protocol))
         if decision.verdict != test.expect:
             location = policy.where("tests", i) or render_path(("tests", i))
             failures.append(PolicyTestFailure(i, location, test.expect, decision))
     return failures
 
 
-def explain(policy: Policy, source: str | Mapping[str, Any], to: str, protocol: Protocol = "tcp") -> Decision:
+def explain(policy: Policy, source: str | Mapping[str, Any], to: str, protocol: Protocol = "tcp", *,
+            method: str | None = None, path: str | None = None,
+            tool: str | None = None) -> Decision | RequestDecision:
     """``policy explain --from SOURCE --to DEST``: the decision and the rule that made it.
+
+    With ``method``, ``path`` or ``tool``, the decision for one request to a
+    port meshd serves (:func:`~.requests.decide_request_flow`).
 
     ``source`` describes one identity like a test's ``from``: a mapping, a
     YAML flow mapping ``{principal: nikita@acme.com, via: agent, scope:
@@ -235,7 +251,19 @@ def explain(policy: Policy, source: str | Mapping[str, Any], to: str, protocol: 
     problems = flow_destination_problems(dest, protocol, policy.services, ())
     if problems:
         raise InvalidInput(f"--to: {problems[0].message}")
-    return decide_flow(policy, flow_source, dest, protocol)
+    if method is None and path is None and tool is None:
+        return decide_flow(policy, flow_source, dest, protocol)
+    from .fields import check_method, check_path, check_tool_name
+    from .requests import decide_request_flow
+
+    if protocol != "tcp":
+        raise InvalidInput("--method, --path and --tool are about HTTP requests, which travel over TCP")
+    try:
+        checked = (None if method is None else check_method(method), None if path is None else check_path(path),
+                   None if tool is None else check_tool_name(tool))
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+    return decide_request_flow(policy, flow_source, dest, *checked)
 
 
 def explain_address(policy: Policy, source: str | Mapping[str, Any], address: str,

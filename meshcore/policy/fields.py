@@ -35,7 +35,11 @@ __all__ = [
     "check_agent_name",
     "check_authorized",
     "check_label",
+    "check_method",
+    "check_path",
+    "check_path_glob",
     "check_principal",
+    "check_tool_name",
     "merge_ports",
     "parse_destination",
     "parse_duration_value",
@@ -162,6 +166,45 @@ def check_agent_name(value: object) -> str:
     text = _string(value, "agent name")
     if not _AGENT_NAME.match(text):
         raise ValueError(f"invalid agent name {text!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+    return text
+
+
+_METHOD = re.compile(r"^[A-Z]{1,20}$")
+_TOOL = re.compile(r"^[A-Za-z0-9_.*/-]{1,128}$")
+_PATH_CHARS = re.compile(r"^/[A-Za-z0-9._~!$&'()+,;=:@%/*-]{0,1023}$")
+
+
+def check_method(value: object) -> str:
+    """An HTTP method as written on the wire: ``GET``, ``POST``, ... (upper case)."""
+    text = _string(value, "HTTP method")
+    if not _METHOD.match(text):
+        raise ValueError(f"invalid HTTP method {text!r}: expected an upper-case method like GET or POST")
+    return text
+
+
+def check_path(value: object) -> str:
+    """A request path (a policy test's): starts with ``/``, no query, no glob."""
+    text = _string(value, "path")
+    if not _PATH_CHARS.match(text) or "*" in text:
+        raise ValueError(f"invalid path {text!r}: expected a path like /v1/items (starting with '/', no query)")
+    return text
+
+
+def check_path_glob(value: object) -> str:
+    """A path glob of an acl's ``http``: ``/v1/*/items``, ``/static/**``."""
+    text = _string(value, "path glob")
+    if not _PATH_CHARS.match(text):
+        raise ValueError(f"invalid path {text!r}: expected a path like /v1/* (starting with '/', no query)")
+    if "***" in text:
+        raise ValueError(f"invalid path {text!r}: use * (within a segment) or ** (across segments)")
+    return text
+
+
+def check_tool_name(value: object) -> str:
+    """An MCP tool name, or a glob of them (``read_*``)."""
+    text = _string(value, "MCP tool name")
+    if not _TOOL.match(text):
+        raise ValueError(f"invalid MCP tool name {text!r}: use letters, digits, '_', '-', '.', '/' and * for any")
     return text
 
 

@@ -15,6 +15,13 @@ Sections and what a missing one means:
 * ``delegations``: who may mint agents for whom, and which scopes need the principal's grant
   (:mod:`.delegations`).
 * ``routes``: which gateway carries whose traffic to a prefix (:mod:`.routes`).
+* ``mcp``: what meshd does with MCP requests from sources that are not agents (shadow MCP,
+  :mod:`.requests`): ``report`` (the default) logs them, ``agents-only`` refuses them too.
+
+An acl may narrow what it allows at the application layer, for the ports
+meshd serves (``meshctl serve``): ``http`` lists methods and path globs,
+``mcp_tools`` the MCP tools (``tools/call`` names) that may be called
+(:mod:`.requests`).
 """
 
 from __future__ import annotations
@@ -47,7 +54,11 @@ from .fields import (
     check_agent_name,
     check_authorized,
     check_label,
+    check_method,
+    check_path,
+    check_path_glob,
     check_principal,
+    check_tool_name,
     parse_destination,
     parse_duration_value,
     parse_node_spec,
@@ -64,6 +75,7 @@ __all__ = [
     "Acl",
     "Delegation",
     "FlowSource",
+    "HttpMatch",
     "Policy",
     "PolicyTest",
     "Route",
@@ -110,6 +122,10 @@ _DelegateNodes = Annotated[
     NodeSpec, PlainValidator(lambda v: parse_node_spec(v, ("owner", "tag", "node"))), PlainSerializer(str)
 ]
 _Duration = Annotated[timedelta, PlainValidator(parse_duration_value), PlainSerializer(format_duration)]
+_Method = Annotated[str, PlainValidator(check_method)]
+_Path = Annotated[str, PlainValidator(check_path)]
+_PathGlob = Annotated[str, PlainValidator(check_path_glob)]
+_ToolName = Annotated[str, PlainValidator(check_tool_name)]
 _Prefix = Annotated[Prefix, PlainValidator(parse_prefix), PlainSerializer(str)]
 
 
@@ -182,17 +198,51 @@ class Service(_Model):
     protocol: _Protocols = ("tcp",)
 
 
+class HttpMatch(_Model):
+    """One entry of an acl's ``http``: requests with one of ``methods`` to a path matching one of ``paths``.
+
+    A missing list matches anything: ``{methods: [GET]}`` is every GET. Paths
+    are globs (``*`` within one segment, ``**`` across segments) matched
+    against the request's path without its query.
+    """
+
+    methods: tuple[_Method, ...] | None = Field(default=None, min_length=1)
+    paths: tuple[_PathGlob, ...] | None = Field(default=None, min_length=1)
+
+    def text(self) -> str:
+        parts = []
+        if self.methods is not None:
+            parts.append(f"methods: [{', '.join(self.methods)}]")
+        if self.paths is not None:
+            parts.append(f"paths: [{', '.join(self.paths)}]")
+        return "{" + ", ".join(parts) + "}"
+
+
 class Acl(_Model):
     """An allow rule. ``protocol`` applies to ``tag:``/``node:`` destinations (tcp if missing);
-    a service brings its own."""
+    a service brings its own.
+
+    ``http`` and ``mcp_tools`` narrow the rule to some requests (:mod:`.requests`):
+    such a rule admits connections only to ports meshd serves, where each
+    request is checked; on any other port it allows nothing.
+    """
 
     source: Selector = Field(alias="from")
     to: tuple[_Destination, ...] = Field(min_length=1)
     protocol: _ProtocolsOpt = None
+    http: tuple[HttpMatch, ...] | None = Field(default=None, min_length=1)
+    mcp_tools: tuple[_ToolName, ...] | None = Field(default=None, min_length=1)
+
+    @property
+    def narrowed(self) -> bool:
+        """The rule allows some requests only, not whole connections."""
+        return self.http is not None or self.mcp_tools is not None
 
     def text(self) -> str:
         proto = "" if self.protocol is None else f", protocol: {'/'.join(self.protocol)}"
-        return f"from {self.source.text()} to [{', '.join(str(d) for d in self.to)}]{proto}"
+        http = "" if self.http is None else f", http: [{', '.join(m.text() for m in self.http)}]"
+        tools = "" if self.mcp_tools is None else f", mcp_tools: [{', '.join(self.mcp_tools)}]"
+        return f"from {self.source.text()} to [{', '.join(str(d) for d in self.to)}]{proto}{http}{tools}"
 
 
 _SCOPE_LIST: TypeAdapter[tuple[Scope, ...]] = TypeAdapter(tuple[_ScopeItem, ...])
@@ -321,12 +371,24 @@ class FlowSource(_Model):
 
 
 class PolicyTest(_Model):
-    """A flow and the verdict the policy must give it."""
+    """A flow and the verdict the policy must give it.
+
+    With ``method``/``path`` or ``tool`` the test is about one request to a
+    port meshd serves (:mod:`.requests`): ``path`` alone means a GET, ``tool``
+    an MCP ``tools/call`` (a POST to ``/mcp`` unless ``path`` says otherwise).
+    """
 
     source: FlowSource = Field(alias="from")
     to: _Destination
     protocol: Protocol = "tcp"
+    method: _Method | None = None
+    path: _Path | None = None
+    tool: _ToolName | None = None
     expect: Literal["allow", "deny"]
+
+    @property
+    def is_request(self) -> bool:
+        return self.method is not None or self.path is not None or self.tool is not None
 
 
 def _empty_section(value: object, default: object) -> object:
@@ -342,6 +404,7 @@ class Policy(_Model):
     tests: tuple[PolicyTest, ...] = ()
     delegations: tuple[Delegation, ...] = ()
     routes: tuple[Route, ...] = ()
+    mcp: Literal["report", "agents-only"] = "report"
 
     # Not part of the policy's value: where it came from (for messages) and
     # the compiled plan, built once on first use. __eq__ below ignores both.

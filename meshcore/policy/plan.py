@@ -24,7 +24,9 @@ __all__ = ["Grant", "PolicyPlan", "plan_policy"]
 class Grant:
     """Acl ``acl`` lets source class ``source`` reach ``target`` on ``protocol``/``ports``.
 
-    ``ports`` is empty for ICMP, which has none.
+    ``ports`` is empty for ICMP, which has none. ``narrowed``: the acl allows
+    some requests only (``http``/``mcp_tools``), so the connection is admitted
+    only on ports meshd serves and checks request by request.
     """
 
     acl: int
@@ -32,6 +34,13 @@ class Grant:
     target: NodeSpec
     protocol: Protocol
     ports: tuple[PortRange, ...]
+    narrowed: bool = False
+
+    def served(self, ports: frozenset[int]) -> tuple[PortRange, ...]:
+        """The grant's ports that a node admits at the connection level when it serves ``ports``."""
+        if not self.narrowed:
+            return self.ports
+        return tuple(PortRange(p, p) for p in sorted(ports) if any(lo <= p <= hi for lo, hi in self.ports))
 
     def covers(self, protocol: Protocol, port: int | None) -> bool:
         if protocol != self.protocol:
@@ -45,6 +54,8 @@ class PolicyPlan:
     acl_sources: tuple[str, ...]
     by_tag: Mapping[str, tuple[Grant, ...]]
     by_node: Mapping[str, tuple[Grant, ...]]
+    narrowed: bool = False
+    """Some acl narrows by request: what a node serves changes its filter."""
 
     def grants_for(self, name: str | None, tags: Iterable[str]) -> list[Grant]:
         """Every grant whose target is node ``name`` or one of ``tags``."""
@@ -88,6 +99,7 @@ def _build(policy: Policy) -> PolicyPlan:
         acl_sources=tuple(acl_sources),
         by_tag={k: tuple(v) for k, v in by_tag.items()},
         by_node={k: tuple(v) for k, v in by_node.items()},
+        narrowed=any(acl.narrowed for acl in policy.acls),
     )
 
 
@@ -98,9 +110,9 @@ def _grants(index: int, source: str, acl: Acl, policy: Policy) -> Iterable[Grant
             for target in service.nodes:
                 for protocol in service.protocol:
                     ports = () if protocol == "icmp" else merge_ports(service.ports)
-                    yield Grant(index, source, target, protocol, ports)
+                    yield Grant(index, source, target, protocol, ports, acl.narrowed)
         else:
             target = NodeSpec(dest.kind, dest.name)
             for protocol in acl.protocol or ("tcp",):
                 ports = () if protocol == "icmp" else (dest.ports or ALL_PORTS,)
-                yield Grant(index, source, target, protocol, ports)
+                yield Grant(index, source, target, protocol, ports, acl.narrowed)

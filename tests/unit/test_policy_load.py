@@ -111,7 +111,7 @@ def test_unknown_group_is_an_error() -> None:
 
 def test_unknown_top_level_section_lists_the_known_ones() -> None:
     assert only_problem("acl: []\n") == (
-        "policy.yaml:1:1: acl: unknown key 'acl' (expected groups, services, acls, tests, delegations, routes)"
+        "policy.yaml:1:1: acl: unknown key 'acl' (expected groups, services, acls, tests, delegations, routes, mcp)"
     )
 
 
@@ -208,7 +208,7 @@ def test_wrong_type_says_what_was_expected() -> None:
 def test_top_level_must_be_a_mapping() -> None:
     assert only_problem("- a\n") == (
         "policy.yaml:1:1: (top level): a policy is a mapping of sections "
-        "(groups, services, acls, tests, delegations, routes)"
+        "(groups, services, acls, tests, delegations, routes, mcp)"
     )
 
 
