@@ -45,6 +45,9 @@ class Metrics:
         self.workload_calls = Counter("idmesh_workload_calls_total", "SPIFFE Workload API answers (a stream counts "
                                       "each update), by method and gRPC code", ["method", "code"],
                                       registry=self.registry)
+        self.serve_requests = Counter("idmesh_serve_requests_total", "Requests through meshctl serve, by port "
+                                      "and verdict (allow, deny, shadow-mcp, bad, upstream-down)", ["port", "verdict"],
+                                      registry=self.registry)
         self.issuance_seconds = Histogram("idmesh_issuance_seconds", "Time to issue a certificate, by kind",
                                           ["kind"], registry=self.registry,
                                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 
 from idmesh.cli import admin_option, parser, run
 
-from . import agent, audit, deploy, flows, grant, login, nodes, policy, routes, status, tokens, whois
+from . import agent, audit, deploy, flows, grant, login, nodes, policy, routes, serve, status, tokens, whois
 
 __all__ = ["build_parser", "main"]
 
-_NOUNS = (tokens, nodes, routes, policy, agent, login, grant, whois, audit, flows, status, deploy)
+_NOUNS = (tokens, nodes, routes, policy, agent, serve, login, grant, whois, audit, flows, status, deploy)
 """In the order ``meshctl --help`` lists them."""
 
 _EPILOG = """\

@@ -235,6 +235,11 @@ class Identities:
             return Actor.of_node(identity)
         return Actor.of_agent(identity, self.node(identity.node))
 
+    def actor_at(self, address: str) -> Actor | None:
+        """The identity holding an overlay address (canonical spelling), if any."""
+        key = self._addresses.get(address)
+        return None if key is None else self.actors.get(key)
+
     def bucket(self, key: IndexKey) -> Mapping[str, Actor]:
         """The actors in one index bucket, by actor key (empty if none). Do not modify."""
         return self.index.get(key) or _NO_ACTORS

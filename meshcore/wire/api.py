@@ -9,7 +9,7 @@ clients parse every answer with them and ignore fields they do not know
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints
 
@@ -221,6 +221,13 @@ class FlowRecord(Answer):
     destination: str = Field(max_length=64)
     protocol: str = Field(max_length=16)
     port: int | None = Field(default=None, ge=0, le=65535, strict=True)
+    kind: Literal["connection", "request", "shadow-mcp"] = Field(
+        default="connection", description="a connection (L3/L4), a request through meshctl serve, or a request "
+        "speaking MCP from a source that is not an agent")
+    request: str | None = Field(default=None, max_length=300, description="for a request: METHOD PATH and the MCP "
+                                "tools it calls")
+    local_user: str | None = Field(default=None, max_length=64, description="the sending node's local user, "
+                                   "when the node that saw it knows")
     node: str | None = Field(default=None, description="the node that saw it (set by the controller)")
 
 

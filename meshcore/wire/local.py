@@ -27,6 +27,8 @@ __all__ = [
     "PeerStatus",
     "PolicyInForce",
     "SelfStatus",
+    "ServeInfo",
+    "ServeRequest",
     "Status",
     "Whois",
 ]
@@ -51,6 +53,25 @@ class LoginRequest(Request):
 
     csr: str = Field(max_length=8192)
     ttl_seconds: int = Field(default=12 * 3600, gt=0, le=7 * 86400, strict=True)
+
+
+class ServeRequest(Request):
+    """``POST /v1/serve``: terminate HTTP arriving over the mesh at ``port`` and forward it to ``to`` (root only)."""
+
+    port: int = Field(ge=1, le=65535, strict=True)
+    to: str = Field(max_length=2048)
+    name: str | None = Field(default=None, max_length=63, description="the service's name: the assertion's "
+                             "audience (default NODE-PORT)")
+
+
+class ServeInfo(TypedDict):
+    """One served port (``meshctl serve list``): where its requests go, and the addresses it listens on."""
+
+    port: int
+    to: str
+    name: str
+    listening: list[str]
+    error: str | None
 
 
 class ControllerContact(TypedDict):

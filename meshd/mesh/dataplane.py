@@ -66,6 +66,7 @@ class Work:
     agents: dict[str, AgentIdentity | None] = field(default_factory=dict)
     discovered: dict[str, str | None] = field(default_factory=dict)
     prefixes: tuple[str, ...] = ()
+    served: frozenset[int] = frozenset()
 
 
 class DataPlane:
@@ -86,6 +87,12 @@ class DataPlane:
         self.filter: NodeFilter | None = None
         self._ids: Identities | None = None
         self._policy: Policy | None = None
+        self.served: frozenset[int] = frozenset()
+        """TCP ports meshd serves here (``meshctl serve``), where acls narrowed to some requests admit: set on
+        the event loop, taken with the work (a change compiles the filter afresh)."""
+        self._served: frozenset[int] = frozenset()  # as last applied
+        self.enforced: tuple[Policy, Identities] | None = None
+        """The policy and identities the kernel enforces now, replaced whole (read without the lock)."""
         self._peers: dict[str, PeerConfig] = {}  # by node name: what the device was told
         self._nodes: dict[str, PeerNode] = {}
         # recorded on the loop, taken by take()
@@ -109,7 +116,7 @@ class DataPlane:
 
     def take(self, policy: Policy, nodes: Mapping[str, PeerNode], agents: Mapping[str, AgentIdentity],
              discovered: Mapping[str, str | None], prefixes: tuple[str, ...]) -> Work:
-        work = Work(policy=policy, discovered=dict(discovered), prefixes=prefixes)
+        work = Work(policy=policy, discovered=dict(discovered), prefixes=prefixes, served=self.served)
         if self._full or self._ids is None:
             work.full_nodes = dict(nodes)
             work.full_agents = list(agents.values())
@@ -172,8 +179,8 @@ class DataPlane:
     def _filter(self, work: Work, ids: Identities, moves: list[tuple[Actor, Change]] | None) -> NodeFilter:
         """Compile afresh for a new policy or a full map; otherwise only set elements move."""
         nf = self.filter
-        if nf is None or moves is None or work.policy is not self._policy:
-            return compile_node_filter(work.policy, ids, self.name)
+        if nf is None or moves is None or work.policy is not self._policy or work.served != self._served:
+            return compile_node_filter(work.policy, ids, self.name, work.served)
         for actor, change in moves:
             delta = identity_delta(nf, actor, change)
             if not delta.empty:
@@ -186,6 +193,8 @@ class DataPlane:
             nf = self._filter(work, ids, moves)
             self.firewall.apply(nf)
             self._ids, self.filter, self._policy = ids, nf, work.policy
+            self.enforced = (work.policy, ids)
+            self._served = work.served
             self._apply_peers(work)
             if self.routing is not None:  # after the mesh tunnels: route tunnels need the gateways' endpoints
                 self.routing.apply(work.policy, ids, self._nodes)

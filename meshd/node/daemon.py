@@ -25,8 +25,18 @@ from typing import Any
 from idmesh.metrics import Metrics, serve_metrics
 from idmesh.tasks import Tasks
 from meshcore.errors import IdmeshError, InvalidCertificate, InvalidInput, NotFound, PermissionDenied
-from meshcore.wire.api import AgentIssued, LoginStart
-from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
+from meshcore.policy import Identities, Policy
+from meshcore.wire.api import AgentIssued, FlowReport, LoginStart
+from meshcore.wire.local import (
+    AgentRunAnswer,
+    AgentRunRequest,
+    LoginAnswer,
+    LoginRequest,
+    ServeInfo,
+    ServeRequest,
+    Status,
+    Whois,
+)
 from meshcore.wire.stream import AgentUpdate, EndpointReport, RouteOfferReport
 from meshd.agents.cgroups import check_cgroup_parent, own_cgroup
 from meshd.agents.net import AgentNet
@@ -47,6 +57,8 @@ from meshd.node.state import StateDir
 from meshd.node.view import MeshView
 from meshd.routes.plan import BYPASS_MARK
 from meshd.routes.routing import Routing, controller_bypass, watch_gateways
+from meshd.serve import Serves
+from meshd.serve.assertions import Assertions
 from meshd.settings import Settings
 from meshd.wg import WireGuardDevice, open_device, public_key_of
 from meshd.workload.endpoint import WorkloadEndpoint
@@ -113,6 +125,10 @@ class Daemon:
         self.routing: Routing | None = None
         self.flowlog: FlowLog | None = None
         self.discovery: LanDiscovery | None = None
+        # meshctl serve (ServeContext): this node's name and domain, its assertions, the listeners
+        self.node, self.domain = self.name, self.record.domain
+        self.assertions = Assertions(self.state.node_key, self.state.node_cert, self.state.ca_cert)
+        self.serves = Serves(self.state.path / "serve.json", self.record.addresses, self, self._served_changed)
         self._agent_due = 0
         self._logins: dict[str, int] = {}  # login id -> the uid that started it
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,6 +193,44 @@ class Daemon:
         if issued is not None:
             self.mesh.admit_local(issued)
         self.converger.wake()
+
+    # -- meshctl serve (ServeContext) ------------------------------------------------------------------------
+    def enforced(self) -> tuple[Policy, Identities] | None:
+        return self.plane.enforced if self.plane is not None else None
+
+    def authorized_by(self, address: str) -> str | None:
+        held = self.mesh.book.by_address(address)
+        return held.authorized_by if held is not None else None
+
+    def report(self, record: FlowReport) -> None:
+        if self.flowlog is not None:
+            self.flowlog.pending.append(record)
+
+    def count(self, port: int, verdict: str) -> None:
+        self.metrics.serve_requests.labels(str(port), verdict).inc()
+
+    def _served_changed(self, ports: frozenset[int]) -> None:
+        """Narrowed acls admit connections on served ports only: the filter follows what is served."""
+        if self.plane is not None:
+            self.plane.served = ports
+        self._wake()
+
+    @staticmethod
+    def _root_only(caller: Caller, what: str) -> None:
+        if caller.uid != 0:
+            raise PermissionDenied(f"only root may {what} (uid {caller.uid} asked)")
+
+    async def put_serve(self, caller: Caller, req: ServeRequest) -> ServeInfo:
+        self._root_only(caller, "serve ports over the mesh")
+        return await self.serves.put(req.port, req.to, req.name)
+
+    async def remove_serve(self, caller: Caller, port: int) -> None:
+        self._root_only(caller, "stop serving ports")
+        if await self.serves.remove(port) is None:
+            raise NotFound(f"port {port} is not served here (meshctl serve list)")
+
+    def list_serves(self) -> list[ServeInfo]:
+        return self.serves.infos()
 
     # -- the local API (LocalService) ------------------------------------------------------------------------
     def status(self) -> Status:
@@ -296,6 +350,8 @@ class Daemon:
         self.supervisor = AgentSupervisor(s.socket.parent / f"agents-{s.interface}", self.state.ca_cert, blocks,
                                           agentnet, self.session, s.socket, self._local_agent_changed)
         self.supervisor.prepare()
+        self.plane.served = self.serves.ports
+        await self.serves.start()
         svids = Svids(self.session, self.supervisor.local, self.record.domain, self.state.ca_cert.read_bytes())
         self.supervisor.on_end = svids.ended
         self.workload = WorkloadEndpoint(s.workload, svids, self.supervisor.agent_of_pid,
@@ -357,6 +413,7 @@ class Daemon:
 
     async def _stop(self, device: WireGuardDevice) -> None:
         """Undo everything, in the reverse order of its making; nothing of ours is left."""
+        await self.serves.close()
         await self._tasks.close()
         if self.flowlog is not None:
             await asyncio.to_thread(self.flowlog.close)

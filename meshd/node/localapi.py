@@ -27,14 +27,23 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshcore.errors import IdmeshError, PermissionDenied
-from meshcore.wire.local import AgentRunAnswer, AgentRunRequest, LoginAnswer, LoginRequest, Status, Whois
+from meshcore.wire.local import (
+    AgentRunAnswer,
+    AgentRunRequest,
+    LoginAnswer,
+    LoginRequest,
+    ServeInfo,
+    ServeRequest,
+    Status,
+    Whois,
+)
 
-__all__ = ["PEERCRED", "Caller", "LocalApi", "LocalService", "bind_unix_socket"]
+__all__ = ["PEERCRED", "Caller", "EmbeddedServer", "LocalApi", "LocalService", "bind_unix_socket"]
 
 PEERCRED = "idmesh.peercred"
 
 
-class _EmbeddedServer(uvicorn.Server):
+class EmbeddedServer(uvicorn.Server):
     """uvicorn without its own signal handlers: meshd owns SIGTERM."""
 
     @contextlib.contextmanager
@@ -134,6 +143,12 @@ class LocalService(Protocol):
 
     async def poll_login(self, caller: Caller, login_id: str) -> dict[str, Any]: ...
 
+    def list_serves(self) -> list[ServeInfo]: ...
+
+    async def put_serve(self, caller: Caller, req: ServeRequest) -> ServeInfo: ...
+
+    async def remove_serve(self, caller: Caller, port: int) -> None: ...
+
 
 def _caller(request: Request) -> Caller:
     caller = request.scope.get("extensions", {}).get(PEERCRED)
@@ -186,10 +201,23 @@ class LocalApi:
         async def poll_login(login_id: str, request: Request) -> dict[str, Any]:
             return await node.poll_login(_caller(request), login_id)
 
+        @app.get("/v1/serve", response_model=None)
+        async def get_serves() -> list[ServeInfo]:
+            return node.list_serves()
+
+        @app.post("/v1/serve", response_model=None)
+        async def post_serve(req: ServeRequest, request: Request) -> ServeInfo:
+            return await node.put_serve(_caller(request), req)
+
+        @app.delete("/v1/serve/{port}", response_model=None)
+        async def delete_serve(port: int, request: Request) -> dict[str, Any]:
+            await node.remove_serve(_caller(request), port)
+            return {"removed": port}
+
         self.app = app
         config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off", ws="none",
                                 http=_PeerCredProtocol)  # (log_config=None: through our JSON handler)
-        self._server = _EmbeddedServer(config)
+        self._server = EmbeddedServer(config)
 
     async def serve(self) -> None:
         sock = bind_unix_socket(self.path)

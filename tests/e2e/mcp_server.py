@@ -10,8 +10,8 @@ Listens on ``127.0.0.1:PORT`` and prints ``ready`` once it accepts connections; 
 
 Every HTTP request, whatever its path, appends one JSON line to FILE when it arrives: ``method``, ``path``, each of
 the ``Idmesh-*`` headers below (all its values joined by ``", "``, or null), ``rpc_method`` and ``tool`` (the JSON-RPC
-method of the body and the name a ``tools/call`` names, else null), and with ``--ca`` also ``assertion_valid`` (null
-while ``idmesh.assertion`` cannot be imported) and ``assertion_claims``.
+method of the body and the name a ``tools/call`` names, else null), and with ``--ca`` also ``assertion_valid`` (checked
+with :func:`idmesh.assertion.verify_assertion`, as a service behind ``meshctl serve`` would) and ``assertion_claims``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from idmesh.assertion import InvalidAssertion, verify_assertion
 
 HEADERS = ("Idmesh-Principal", "Idmesh-Agent", "Idmesh-Scopes", "Idmesh-Node", "Idmesh-Authorized-By",
            "Idmesh-Assertion")
@@ -86,11 +88,7 @@ class RequestLog:
         self.app, self.log, self.ca, self.audience = app, log, ca, audience
 
     def _assertion(self, token: str | None) -> dict[str, Any]:
-        try:
-            from idmesh.assertion import InvalidAssertion, verify_assertion
-        except ImportError as e:
-            return {"assertion_valid": None, "assertion_claims": None, "assertion_error": f"import: {e}"}
-        if token is None:
+        if token is None or self.ca is None or self.audience is None:
             return {"assertion_valid": False, "assertion_claims": None}
         try:
             claims = verify_assertion(token, self.ca, self.audience)

@@ -48,10 +48,11 @@ def test_every_command_has_a_handler() -> None:
     found = {" ".join(path): p.get_default("func") for path, p in commands(build_parser())}
     assert set(found) == {"token create", "token list", "token delete", "nodes list", "nodes remove", "routes list",
                           "policy check", "policy apply", "policy show", "policy history", "policy explain",
-                          "agent run", "agent list", "agent revoke", "login approve", "whoami", "logout",
+                          "agent run", "agent list", "agent revoke", "serve list", "serve remove", "login approve", "whoami", "logout",
                           "grant create", "grant list", "grant revoke", "whois", "audit", "flows", "status", "deploy"}
     assert all(callable(func) for func in found.values()), found
     assert callable(build_parser().parse_args(["login"]).func)  # login itself runs; login approve is its action
+    assert callable(build_parser().parse_args(["serve", "--port", "80", "--to", "http://127.0.0.1:9"]).func)
 
 
 def test_building_the_parser_loads_nothing_heavy() -> None:

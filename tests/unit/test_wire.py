@@ -37,7 +37,8 @@ AGENT = {"id": "a0123456789abcdef", "name": "bot", "spiffe_id": "spiffe://acme.m
          "addresses": ["100.64.0.66", "fd00:1:0:1::2"], "issued_at": NOW, "expires": NOW, "state": "live"}
 FLOW = {"at": NOW, "verdict": "deny", "rule": "default deny", "source": "100.64.0.66", "source_node": "agents-1",
         "principal": "nikita@acme.com", "agent": "a0123456789abcdef", "scopes": ["db:read"],
-        "destination": "100.64.0.1", "protocol": "tcp", "port": 5433}
+        "destination": "100.64.0.1", "protocol": "tcp", "port": 5433, "kind": "request",
+        "request": "POST /mcp tools/call drop_table", "local_user": None}
 POLICY_DOC = {"version": 3, "hash": "ab" * 32, "filename": "policy.yaml", "text": "acls: []\n"}
 NETMAP = {"version": 7, "domain": "acme.mesh", "prefixes": ["100.64.0.0/10", "fd00:1::/48"], "nodes": {"db-1": NODE}}
 DELTA = {"base": 7, "version": 8, "upsert": [NODE], "remove": ["old-1"]}
@@ -95,6 +96,7 @@ SAMPLES: dict[type[BaseModel], Any] = {
     local.AgentRunRequest: {"principal": "nikita@acme.com", "scopes": ["db:read"], "ttl_seconds": 900,
                             "name": "bot", "uid": None, "gid": None, "grant": "a.b.c"},
     local.LoginRequest: {"csr": "pem", "ttl_seconds": 3600},
+    local.ServeRequest: {"port": 8080, "to": "http://127.0.0.1:9000", "name": "api"},
     api.LoginStart: {"csr": "pem", "ttl_seconds": 3600, "user": "nikita", "uid": 1000},
     api.LoginStarted: {"id": "l1", "mode": "oidc", "user_code": "WDJB-MJHT", "verification_uri": "https://idp/device",
                        "verification_uri_complete": "https://idp/device?user_code=WDJB-MJHT", "expires_in": 600,
