@@ -14,7 +14,7 @@ receiving node's key, whose certificate chain to the mesh CA rides in the
     aud            the service (``serve --name``)        api
     iat, exp       seconds since the epoch: a 60 s life
     principal      the human (or the caller node's owner; absent for a tagged node)
-    agent          the agent's id (agents only)
+    agent          the agent's id (agents only); agent_name its name
     scopes         the agent's scopes
     node           the node the caller runs on
     authorized_by  who authorized the agent: "nikita@acme.com (grant g...)", "node agents-1 (delegation)"

@@ -1,4 +1,7 @@
-"""``meshctl flows``: the identity flow log — denied connections and a sample of accepted ones (admin credential)."""
+"""``meshctl flows``: the identity flow log — denied connections and a sample of accepted ones (admin credential).
+
+Requests through ``meshctl serve`` appear with the request (``POST /mcp tools/call query``) after the
+destination, and shadow MCP (MCP from a source that is not an agent) with ``shadow-mcp`` after the verdict."""
 
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ def _flows(args: argparse.Namespace) -> int:
     if args.json:
         print_json(flows)
         return 0
-    table([[when(f.at), f.verdict, f.agent and f"agent {f.agent}" or f"node {f.source_node or f.source}",
-            f.principal or "-", " ".join(f.scopes) or "-", _how(f.authorized_by), f"{f.node}:{f.port or ''}/{f.protocol}",
+    table([[when(f.at), f.verdict + (" shadow-mcp" if f.kind == "shadow-mcp" else ""),
+            f.agent and f"agent {f.agent}" or f"node {f.source_node or f.source}",
+            f.principal or "-", " ".join(f.scopes) or "-", _how(f.authorized_by),
+            f"{f.node}:{f.port or ''}/{f.protocol}" + (f" {f.request}" if f.request else ""),
             f.rule] for f in flows], ["WHEN", "VERDICT", "FROM", "PRINCIPAL", "SCOPES", "AUTHORIZED", "TO", "RULE"])
     return 0
 

@@ -209,16 +209,17 @@ class ServeProxy:
             await answer.aclose()
 
     def _identity(self, actor: Actor, address: str) -> dict[str, str]:
-        values = {"Idmesh-Principal": actor.principal, "Idmesh-Agent": actor.agent,
+        agent = _agent_id(actor)
+        values = {"Idmesh-Principal": actor.principal, "Idmesh-Agent": agent,
                   "Idmesh-Scopes": " ".join(str(s) for s in actor.scopes) or None, "Idmesh-Node": actor.node,
-                  "Idmesh-Authorized-By": self.ctx.authorized_by(address) if actor.agent else None}
+                  "Idmesh-Authorized-By": self.ctx.authorized_by(address) if agent else None}
         headers = {k: v for k, v in values.items() if v}
         claims: dict[str, Any] = {"sub": _spiffe(actor, self.ctx.domain), "node": actor.node}
-        for claim, value in (("principal", actor.principal), ("agent", actor.agent),
+        for claim, value in (("principal", actor.principal), ("agent", agent), ("agent_name", actor.agent),
                              ("authorized_by", headers.get("Idmesh-Authorized-By"))):
             if value:
                 claims[claim] = value
-        if actor.agent:
+        if agent:
             claims["scopes"] = [str(s) for s in actor.scopes]
         headers["Idmesh-Assertion"] = self.ctx.assertions.get(actor.key, self.entry.name, claims)
         return headers
@@ -227,14 +228,20 @@ class ServeProxy:
              kind: Literal["request", "shadow-mcp"], text: str) -> None:
         self.ctx.report(FlowReport(
             at=datetime.now(UTC), verdict=verdict, rule=rule[:200], source=scope["client"][0],
-            source_node=actor.node, principal=actor.principal, agent=actor.agent,
+            source_node=actor.node, principal=actor.principal, agent=_agent_id(actor),
             scopes=[str(s) for s in actor.scopes],
-            authorized_by=self.ctx.authorized_by(scope["client"][0]) if actor.agent else None,
+            authorized_by=self.ctx.authorized_by(scope["client"][0]) if actor.via == "agent" else None,
             destination=scope["server"][0], protocol="tcp", port=self.entry.port, kind=kind, request=text[:300]))
 
 
+def _agent_id(actor: Actor) -> str | None:
+    """An agent's id (its key's tail; ``actor.agent`` is its name), None for a node acting directly."""
+    return actor.key.removeprefix("agent:") if actor.via == "agent" else None
+
+
 def _spiffe(actor: Actor, domain: str) -> str:
-    return f"spiffe://{domain}/agent/{actor.agent}" if actor.agent else f"spiffe://{domain}/node/{actor.node}"
+    agent = _agent_id(actor)
+    return f"spiffe://{domain}/agent/{agent}" if agent else f"spiffe://{domain}/node/{actor.node}"
 
 
 def _request_text(request: AppRequest, mcp: McpBody | None) -> str:
