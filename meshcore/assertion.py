@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,8 +37,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import OKPKey
+from joserfc.jwa import JWSAlgModel
 from joserfc.jws import JWSRegistry
 
 from .errors import InvalidCertificate, InvalidToken
@@ -53,9 +55,15 @@ _ALG = "EdDSA"
 
 
 class _Registry(JWSRegistry):
-    """Allows a header that carries a certificate chain (joserfc's default caps headers at 512 bytes)."""
+    """Allows a header that carries a certificate chain (joserfc's default caps headers at 512 bytes), and
+    ``EdDSA`` without joserfc's warning that RFC 9864 deprecates it (chosen knowingly: module docstring)."""
 
     max_header_length = 8192
+
+    def get_alg(self, name: str) -> JWSAlgModel:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SecurityWarning)
+            return super().get_alg(name)
 
 
 _REGISTRY = _Registry(algorithms=[_ALG])

@@ -63,8 +63,9 @@ class AppRequest:
         check_path(self.path)
 
     def text(self, tool: str | None = None) -> str:
-        call = f" (tools/call {tool})" if tool is not None else ""
-        return f"{self.method} {self.path}{call}"
+        """``POST /mcp (tools/call query)``: the request, or one of its calls."""
+        calls = (tool,) if tool is not None else self.tools
+        return f"{self.method} {self.path}" + (f" (tools/call {', '.join(calls)})" if calls else "")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ feature). Format::
     policy: |            # the policy file, as a user writes it
       ...
     nodes:               # addresses are assigned from the position unless given
-      - {name: db-1, tags: [db]}
+      - {name: db-1, tags: [db], serves: [8080]}   # serves: TCP ports meshd serves (meshctl serve)
     agents:              # authorized: grant | delegation (the default), as the certificate says
       - {id: a1, name: reader, principal: nikita@acme.com, scopes: ["db:read"], node: agents-1}
     expected:            # every node; a rule per (source set, protocol)
@@ -124,7 +124,8 @@ def test_golden_file_compiles_to_its_expected_filters(path: Path) -> None:
     assert not failures, "\n".join(str(f) for f in failures)
 
     identities = _identities(doc)
-    mesh = compile_mesh(policy, identities)
+    served = {spec["name"]: frozenset(spec.get("serves") or ()) for spec in doc.get("nodes") or ()}
+    mesh = compile_mesh(policy, identities, served)
     expected = doc.get("expected") or {}
     assert sorted(expected) == sorted(identities.nodes), f"{path.name}: expected must list every node"
 
@@ -135,7 +136,7 @@ def test_golden_file_compiles_to_its_expected_filters(path: Path) -> None:
         pytest.fail(f"{path.name}: compiled filters differ from the file; actual:\n{shown}")
 
     for name in identities.nodes:
-        assert compile_node_filter(policy, identities, name) == mesh.filters[name], name
+        assert compile_node_filter(policy, identities, name, served.get(name, frozenset())) == mesh.filters[name], name
 
     for request in doc.get("requests") or ():
         assert _verdict(policy, identities, request) == request["expect"], f"{path.name}: {request}"
