@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from joserfc import jwt
 from joserfc.errors import JoseError, SecurityWarning
-from joserfc.jwk import OKPKey
 from joserfc.jwa import JWSAlgModel
+from joserfc.jwk import OKPKey
 from joserfc.jws import JWSRegistry
 
 from .errors import InvalidCertificate, InvalidToken
