@@ -2,7 +2,8 @@
 
 ``python tests/e2e/mcp_server.py --port PORT --log FILE [--ca CA_PEM --audience AUD]``
 
-Listens on ``127.0.0.1:PORT`` and prints ``ready`` once it accepts connections; exits cleanly on SIGTERM.
+Listens on ``127.0.0.1:PORT`` (``--host`` for another address) and prints ``ready`` once it accepts connections;
+exits cleanly on SIGTERM.
 
 * ``/mcp``: stateless streamable HTTP with JSON responses, tools ``query(sql)`` and ``drop_table(name)``.
   DNS-rebinding protection is off: requests arrive through the proxy with an overlay ``Host``.
@@ -132,13 +133,13 @@ class Server(uvicorn.Server):
         yield
 
 
-async def serve(port: int, log: Path, ca: bytes | None, audience: str | None) -> None:
+async def serve(host: str, port: int, log: Path, ca: bytes | None, audience: str | None) -> None:
     app = mcp.streamable_http_app(
         stateless_http=True,
         json_response=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    config = uvicorn.Config(RequestLog(app, log, ca, audience), host="127.0.0.1", port=port, log_level="warning",
+    config = uvicorn.Config(RequestLog(app, log, ca, audience), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=2, lifespan="on")
     server = Server(config)
 
@@ -157,13 +158,14 @@ async def serve(port: int, log: Path, ca: bytes | None, audience: str | None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--ca", type=Path, help="CA PEM to verify Idmesh-Assertion with")
     parser.add_argument("--audience", help="audience the assertion must name (with --ca)")
     args = parser.parse_args()
     if (args.ca is None) != (args.audience is None):
         parser.error("--ca and --audience go together")
-    asyncio.run(serve(args.port, args.log, args.ca.read_bytes() if args.ca else None, args.audience))
+    asyncio.run(serve(args.host, args.port, args.log, args.ca.read_bytes() if args.ca else None, args.audience))
 
 
 if __name__ == "__main__":
