@@ -12,7 +12,12 @@ a grant; only an agent born from it may write. Then identity-based routes: exit-
 to an "internet" namespace (203.0.113.0/24), and the policy's ``routes``
 sends the sre group's agents — only them — through it. An agent then
 fetches its X509- and JWT-SVIDs with py-spiffe from the node's SPIFFE
-Workload API, and a process that is no agent is refused. Last, a relayed peer: two
+Workload API, and a process that is no agent is refused. An MCP server (the
+``mcp`` SDK) goes behind ``meshctl serve`` on db: an agent with db:read may
+call its query tool and is refused drop_table with the OAuth challenge, the
+grant's agent may, the server sees who called (and verifies the node's
+assertion), and Nikita calling from her laptop without an agent shows up in
+the flow log as shadow MCP. Last, a relayed peer: two
 homes hang off the bridge behind symmetric NAT routers (nftables ``masquerade
 random``, :func:`tests.e2e.natlab.add_home`; LANs in 192.0.2.0/24), with
 nikita's ``laptop-hotel`` in one and ``db-branch`` in the other. Each goes
@@ -21,7 +26,7 @@ directly, so after 5 s they go through coturn, which runs next to the
 controller (``--relay``, ``--relay-secret-file``); the act shows
 ``meshctl status`` with PATH ``relay`` and the policy deciding over it. The
 two join right after act 2 (in the background), so their paths settle while
-acts 3-9 run. Everything is removed on exit, on failure and on Ctrl-C (the
+acts 3-10 run. Everything is removed on exit, on failure and on Ctrl-C (the
 nodes are stopped at once while coturn still answers, then the network's
 close stops the rest by PID and deletes the namespaces); ``--keep`` leaves
 the mesh up and prints how to explore and tear it down.
@@ -106,6 +111,48 @@ def spiffe(agents: Node) -> None:
         print(f"  agent | {line}")
     socket = agents.socket.with_name(f"{agents.socket.stem}-workload.sock")
     print(f"  not an agent | {agents.host.run([sys.executable, '-c', OUTSIDER, f'unix://{socket}']).stdout.strip()}")
+
+
+MCP_SERVER, MCP_CLIENT = (str(HERE.parent / "tests" / "e2e" / n) for n in ("mcp_server.py", "mcp_client.py"))
+
+
+def mcp(mesh: Mesh, nodes: dict[str, Node], grant: str, work: Path) -> None:
+    """An MCP server (the mcp SDK) behind meshctl serve on db: tools allowed and refused by scope, the identity
+    the server sees, and shadow MCP from a device that is no agent."""
+    db, agents, laptop = nodes["db"], nodes["agents"], nodes["laptop"]
+    seen = work / "mcp-requests.jsonl"
+    server = db.host.popen([sys.executable, MCP_SERVER, "--port", "9000", "--log", str(seen), "--ca",
+                            str(db.state / "ca.crt"), "--audience", "db-mcp"], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    print("  on db: meshctl serve --port 8080 --to http://127.0.0.1:9000 --name db-mcp")
+    show(db.host.run([cmd("meshctl"), "serve", "--socket", str(db.socket), "--port", "8080", "--to",
+                      "http://127.0.0.1:9000", "--name", "db-mcp"]), "    ")
+    url = f"http://{db.addresses[0]}:8080/mcp"
+
+    def call(label: str, node: Node, tool: str, scopes: list[str] | None, use_grant: bool = False) -> None:
+        argv = [sys.executable, MCP_CLIENT, url, tool, "--arg", "sql=select 1" if tool == "query" else "name=t"]
+        if scopes is not None:
+            argv = agent_argv(node, "nikita@acme.com", scopes, "mcp-demo", *argv, grant=grant if use_grant else None)
+        got = json.loads(node.host.run(argv, timeout=60).stdout.strip().splitlines()[-1])
+        if got["ok"]:
+            print(f"  {label:34} {tool:10} -> {got['result']}")
+        else:
+            print(f"  {label:34} {tool:10} -> HTTP {got.get('status')}: {got.get('www_authenticate')}")
+
+    call("agent nikita db:read", agents, "query", ["db:read"])
+    call("agent nikita db:read", agents, "drop_table", ["db:read"])
+    call("agent nikita db:write, her grant", agents, "drop_table", ["db:write"], use_grant=True)
+    call("nikita on her laptop (no agent)", laptop, "query", None)
+    query = next(json.loads(line) for line in seen.read_text().splitlines() if '"tool": "query"' in line)
+    print(f"  the MCP server saw: Idmesh-Principal {query['Idmesh-Principal']}, Idmesh-Agent {query['Idmesh-Agent']}, "
+          f"Idmesh-Scopes {query['Idmesh-Scopes']}; Idmesh-Assertion verified with the mesh CA: "
+          f"{query['assertion_valid']} (signed by {query['assertion_claims']['iss']})")
+    wait_until(lambda: "shadow-mcp" in mesh.admin("flows", "--node", "db").stdout, 10, "shadow MCP in the flow log")
+    print("  meshctl flows --node db: the refusal, and MCP from a source that is no agent")
+    head, *lines = mesh.admin("flows", "--node", "db").stdout.splitlines()
+    picked = [next(ln for ln in lines if "drop_table" in ln and " deny " in ln),
+              next(ln for ln in reversed(lines) if "shadow-mcp" in ln)]
+    print("    " + "\n    ".join([head, *picked]))
 
 
 def agent_argv(node: Node, principal: str, scopes: list[str], name: str, *command: str,
@@ -335,8 +382,8 @@ def main() -> None:
             mesh.start(nodes[name], *(["--advertise-exit-node"] if name == "exit-eu" else []))
         mesh.wait_converged(60)
         show(mesh.admin("nodes", "list"))
-        joining = background.submit(join_homes, mesh, homes)  # their paths settle while acts 3-9 run
-        print(f"  meanwhile two more join from homes behind symmetric NATs: {', '.join(h[3] for h in HOMES)} (act 10)")
+        joining = background.submit(join_homes, mesh, homes)  # their paths settle while acts 3-10 run
+        print(f"  meanwhile two more join from homes behind symmetric NATs: {', '.join(h[3] for h in HOMES)} (act 11)")
         say("3. the seed policy (examples/policy.yaml): checked, its tests run, applied to every node")
         (work / "policy.yaml").write_text(POLICY)
         show(mesh.admin("policy", "check", str(work / "policy.yaml")))
@@ -355,9 +402,11 @@ def main() -> None:
         routes(mesh, nodes, internet)
         say("8. SPIFFE: an agent fetches its X509- and JWT-SVIDs from its node's Workload API (py-spiffe)")
         spiffe(nodes["agents"])
-        say("9. this node's view: meshctl status on the agents host")
+        say("9. identity at the application layer: an MCP server behind meshctl serve, tools decided by scope")
+        mcp(mesh, nodes, grant, work)
+        say("10. this node's view: meshctl status on the agents host")
         show(nodes["agents"].host.run([cmd("meshctl"), "status", "--socket", str(nodes["agents"].socket)]))
-        say("10. a relayed peer: laptop-hotel and db-branch are each behind a symmetric NAT")
+        say("11. a relayed peer: laptop-hotel and db-branch are each behind a symmetric NAT")
         relayed(mesh, homes, joining.result(), coturn)
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         if args.keep:

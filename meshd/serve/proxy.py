@@ -24,8 +24,9 @@ request says. For each request, in order:
    ``-Assertion``; the answer streams back as it comes (server-sent events
    pass), and an upstream that does not answer is a 502 with one line.
 
-Refusals, shadow MCP and a sample of allowed requests (one a second per
-port) go to the flow log with the request (``POST /mcp tools/call query``).
+Refusals, shadow MCP and allowed requests go to the flow log with the
+request (``POST /mcp tools/call query``), each at most once a second per
+source (:data:`LOG_EVERY`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ IDENTITY_HEADERS = ("idmesh-principal", "idmesh-agent", "idmesh-scopes", "idmesh
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                          b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 _WALKS = re.compile(r"%2[ef]|%5c|\\|(^|/)\.\.?(/|$)", re.IGNORECASE)
-ALLOWED_LOG_EVERY = 1.0
+LOG_EVERY = 1.0
+MAX_LOGGED = 10_000
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -96,7 +98,7 @@ class ServeProxy:
         self.upstream = httpx.AsyncClient(base_url=entry.upstream, trust_env=False, follow_redirects=False,
                                           timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=10.0),
                                           limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
-        self._allowed_logged = 0.0
+        self._logged: dict[tuple[str, str, str], float] = {}  # (source, kind, verdict) -> when last logged
 
     async def close(self) -> None:
         await self.upstream.aclose()
@@ -133,9 +135,7 @@ class ServeProxy:
             self._log(scope, actor, "deny", decision.rule_text, "request", text)
             raise _Refusal(403, f"{text} refused: {decision.rule_text}", self._challenge(host, decision.scopes),
                            "deny")
-        if time.monotonic() - self._allowed_logged >= ALLOWED_LOG_EVERY:
-            self._allowed_logged = time.monotonic()
-            self._log(scope, actor, "allow", decision.rule_text, "request", text)
+        self._log(scope, actor, "allow", decision.rule_text, "request", text)
         await self._forward(scope, headers, body, actor, host, send)
 
     def _caller(self, scope: dict[str, Any]) -> tuple[Policy, Actor, NodeIdentity]:
@@ -226,6 +226,13 @@ class ServeProxy:
 
     def _log(self, scope: dict[str, Any], actor: Actor, verdict: str, rule: str,
              kind: Literal["request", "shadow-mcp"], text: str) -> None:
+        """One record per source, kind and verdict a second at most: a busy client must not flood the log."""
+        key, now = (scope["client"][0], kind, verdict), time.monotonic()
+        if now - self._logged.get(key, -LOG_EVERY) < LOG_EVERY:
+            return
+        if len(self._logged) >= MAX_LOGGED:
+            self._logged.clear()
+        self._logged[key] = now
         self.ctx.report(FlowReport(
             at=datetime.now(UTC), verdict=verdict, rule=rule[:200], source=scope["client"][0],
             source_node=actor.node, principal=actor.principal, agent=_agent_id(actor),

@@ -215,6 +215,6 @@ def test_the_seed_example_lets_agents_read_on_the_nodes_word_and_write_with_a_gr
     assert ask_seed(parse_scopes(["db:read"])) is seed.delegations[0]
     assert ask_seed(parse_scopes(["db:write"]), granted=True) is seed.delegations[0]
     with pytest.raises(PermissionDenied, match=r"^scope db:write needs a grant from nikita@acme.com "
-                       r"\(delegations\[0\] at examples/policy.yaml:8:5 requires_grant\); ask them for one: "
+                       r"\(delegations\[0\] at examples/policy.yaml:11:5 requires_grant\); ask them for one: "
                        r"meshctl grant create --node agents-1 --scope db:write$"):
         ask_seed(parse_scopes(["db:write"]))
