@@ -25,7 +25,8 @@ def test_the_demo_runs_and_every_line_it_prints_to_explore_with_works_from_the_h
                 if "tear it down with:" in out else [])  # a demo that failed has removed everything itself
     try:
         assert done.returncode == 0, out
-        for act in ("5. access matrix", "6. revocation", "8. SPIFFE", "10. a relayed peer", "demo finished"):
+        for act in ("5. access matrix", "6. revocation", "8. SPIFFE", "9. identity at the application layer",
+                    "11. a relayed peer", "demo finished"):
             assert act in out, out
         assert "agent | X509-SVID spiffe://acme.mesh/agent/" in out and "not an agent | refused" in out, out
         hints = out.split("Explore, e.g.:", 1)[1].split("tear it down with:", 1)[0]
