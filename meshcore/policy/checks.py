@@ -125,6 +125,11 @@ def _acl_problems(acl: Acl, policy: Policy, at: Path) -> list[Problem]:
                 )
         elif dest.ports is not None and all(p == "icmp" for p in protocols):
             out.append(Problem(here, f"the port of {dest} never matters: ICMP has no ports"))
+        if dest.kind == "agents":
+            out += selector_problems(dest.selector, policy.groups, here)
+            if acl.narrowed:
+                out.append(Problem(here, "http and mcp_tools apply to ports meshd serves on nodes "
+                                   "(meshctl serve), not to agents' own addresses: write a rule of its own"))
     out += _hidden_target_ports(acl.to, at + ("to",))
     if acl.protocol is not None and all(d.kind == "service" for d in acl.to):
         out.append(
@@ -335,6 +340,10 @@ def flow_destination_problems(
     here = at
     if dest.kind == "service" and dest.name not in services:
         return [Problem(here, f"unknown service {dest.name!r}" + _known(services))]
+    if dest.kind == "agents":
+        found = selector_problems(dest.selector, {}, here)
+        if found:
+            return found
     if protocol == "icmp":
         if dest.ports is not None:
             return [Problem(here, f"the port of {dest} never matters: ICMP has no ports")]

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Literal, NamedTuple
 
 from ..errors import InvalidInput
 from .fields import PortRange, Protocol, merge_ports
-from .identities import Actor, Identities
+from .identities import Actor, Identities, NodeIdentity
 from .model import Policy
 from .plan import Grant, PolicyPlan, plan_policy
-from .sources import SourceClass, resolve
+from .sources import SourceClass, resolve, source_class
 
 __all__ = [
     "AddressSet",
@@ -68,10 +68,12 @@ class FilterRule:
     protocol: Protocol
     ports: tuple[PortRange, ...]
     acls: tuple[int, ...] = field(default=(), compare=False)
+    to: str | None = None
+    """The set of this node's agents the rule admits to (agents as servers); None: the node's own addresses."""
 
     def text(self) -> str:
         ports = ",".join(str(p) for p in self.ports)
-        return f"{self.source} {self.protocol}" + (f" {ports}" if ports else "")
+        return f"{self.source} {self.protocol}" + (f" {ports}" if ports else "") + (f" to {self.to}" if self.to else "")
 
     def admits(self, protocol: Protocol, port: int | None) -> bool:
         if protocol != self.protocol:
@@ -89,8 +91,11 @@ class NodeFilter:
     1. part of a connection already accepted (``ct state established,related``):
        accept;
     2. its source address is in a rule's set (the IPv4 or the IPv6 half, by
-       family), its protocol is the rule's and, for TCP/UDP, its destination
-       port lies in the rule's ports: accept. Rules are a *union of allows*:
+       family), its destination is the rule's — the node's own address
+       (``addresses``), or for a rule with ``to`` an address in that set (the
+       node's agents the rule admits to) — its protocol is the rule's and,
+       for TCP/UDP, its destination port lies in the rule's ports: accept.
+       Rules are a *union of allows*:
        none denies, so their order never changes the verdict and the applier
        may render them in any order or as one verdict map;
     3. anything else: drop (default deny).
@@ -110,6 +115,8 @@ class NodeFilter:
     rules: tuple[FilterRule, ...]
     sources: Mapping[str, SourceClass] = field(compare=False)
     sets: Mapping[str, AddressSet]
+    addresses: tuple[str | None, str | None] = (None, None)
+    """The node's own IPv4 and IPv6 address: what rules without ``to`` admit to."""
 
     @cached_property
     def rules_hash(self) -> str:
@@ -123,13 +130,20 @@ class NodeFilter:
             h.update(f"\n{name}:{','.join(sorted(members.v4))}|{','.join(sorted(members.v6))}".encode())
         return h.hexdigest()
 
-    def allows(self, address: str, protocol: Protocol, port: int | None) -> bool:
-        """The verdict for a new flow's first packet (step 2, then 3, of the evaluation order)."""
+    def allows(self, address: str, protocol: Protocol, port: int | None, to: str | None = None) -> bool:
+        """The verdict for a new flow's first packet from ``address`` to ``to`` (None: the node itself);
+        step 2, then 3, of the evaluation order."""
         family = 6 if ":" in address else 4
         for rule in self.rules:
             members = self.sets[rule.source]
-            if address in (members.v6 if family == 6 else members.v4) and rule.admits(protocol, port):
+            if address not in (members.v6 if family == 6 else members.v4) or not rule.admits(protocol, port):
+                continue
+            if rule.to is None and to is None:
                 return True
+            if rule.to is not None and to is not None:
+                dest = self.sets[rule.to]
+                if to in (dest.v6 if family == 6 else dest.v4):
+                    return True
         return False
 
 
@@ -157,18 +171,48 @@ def _node_rules(grants: Iterable[Grant], served: frozenset[int] = frozenset()) -
     A grant narrowed to some requests keeps only the ports the node serves
     (``served``): elsewhere no one checks its requests, so it admits nothing.
     """
-    acc: dict[tuple[str, Protocol], tuple[list[PortRange], set[int]]] = {}
-    for grant in grants:
+    acc: dict[tuple[str, Protocol, str], tuple[list[PortRange], set[int]]] = {}
+    for grant, to in grants:
         admitted = grant.served(served)
         if grant.narrowed and not admitted:
             continue
-        ports, acls = acc.setdefault((grant.source, grant.protocol), ([], set()))
+        ports, acls = acc.setdefault((grant.source, grant.protocol, to or ""), ([], set()))
         ports.extend(admitted)
         acls.add(grant.acl)
     return tuple(
-        FilterRule(source, protocol, merge_ports(ports), tuple(sorted(acls)))
-        for (source, protocol), (ports, acls) in sorted(acc.items())
+        FilterRule(source, protocol, merge_ports(ports), tuple(sorted(acls)), to or None)
+        for (source, protocol, to), (ports, acls) in sorted(acc.items())
     )
+
+
+def _agent_classes(plan: PolicyPlan, node: NodeIdentity, groups: Mapping[str, Sequence[str]]
+                   ) -> dict[str, SourceClass]:
+    """For each agents destination the policy names: the class of such agents running on ``node``, by the
+    destination's text (none when no agent of ``node`` can match, e.g. it names another node or tag)."""
+    out: dict[str, SourceClass] = {}
+    for grant in plan.to_agents:
+        selector = grant.agents
+        assert selector is not None
+        text = selector.text()
+        if text in out or (selector.node is not None and selector.node != node.name) \
+                or (selector.tag is not None and selector.tag not in node.tags) \
+                or (selector.owner is not None and selector.owner != node.owner):
+            continue
+        out[text] = source_class(selector.model_copy(update={"node": node.name}), groups)
+    return out
+
+
+def _grants_here(plan: PolicyPlan, node: NodeIdentity, groups: Mapping[str, Sequence[str]]
+                 ) -> tuple[list[tuple[Grant, str | None]], dict[str, SourceClass]]:
+    """The grants that apply on ``node`` with the destination set each admits to (None: the node itself)."""
+    grants: list[tuple[Grant, str | None]] = [(g, None) for g in plan.grants_for(node.name, node.tags)]
+    classes = _agent_classes(plan, node, groups) if plan.to_agents else {}
+    for grant in plan.to_agents:
+        assert grant.agents is not None
+        dest = classes.get(grant.agents.text())
+        if dest is not None:
+            grants.append((grant, dest.name))
+    return grants, {c.name: c for c in classes.values()}
 
 
 def compile_node_filter(policy: Policy, identities: Identities, node_name: str,
@@ -182,13 +226,16 @@ def compile_node_filter(policy: Policy, identities: Identities, node_name: str,
     """
     plan = plan_policy(policy)
     node = identities.node(node_name)
-    rules = _node_rules(plan.grants_for(node.name, node.tags), served)
-    names = sorted({r.source for r in rules})
+    grants, destinations = _grants_here(plan, node, policy.groups)
+    rules = _node_rules(grants, served)
+    classes = {**plan.sources, **destinations}
+    names = sorted({r.source for r in rules} | {r.to for r in rules if r.to})
     return NodeFilter(
         node=node.name,
         rules=rules,
-        sources={n: plan.sources[n] for n in names},
-        sets={n: AddressSet(*resolve(plan.sources[n], identities)) for n in names},
+        sources={n: classes[n] for n in names},
+        sets={n: AddressSet(*resolve(classes[n], identities)) for n in names},
+        addresses=(node.ipv4, node.ipv6),
     )
 
 
@@ -238,24 +285,30 @@ def compile_mesh(policy: Policy, identities: Identities,
     shapes: dict[tuple[str | None, frozenset[str], frozenset[int]],
                  tuple[tuple[FilterRule, ...], dict[str, SourceClass], dict[str, AddressSet]]] = {}
     filters: dict[str, NodeFilter] = {}
+    classes: dict[str, SourceClass] = dict(plan.sources)
     for node in identities.nodes.values():
         ports = (served or {}).get(node.name, frozenset()) if plan.narrowed else frozenset()
         shape = (*_shape(plan, node.name, node.tags), ports)
         if shape not in shapes:
-            rules = _node_rules(plan.grants_for(shape[0], shape[1]), ports)
-            names = sorted({r.source for r in rules})
+            grants, destinations = _grants_here(plan, node, policy.groups)
+            classes.update(destinations)
+            rules = _node_rules(grants, ports)
+            names = sorted({r.source for r in rules} | {r.to for r in rules if r.to})
             for name in names:
                 if name not in resolved:
-                    resolved[name] = AddressSet(*resolve(plan.sources[name], identities))
-            shapes[shape] = (rules, {n: plan.sources[n] for n in names}, {n: resolved[n] for n in names})
+                    resolved[name] = AddressSet(*resolve(classes[name], identities))
+            shapes[shape] = (rules, {n: classes[n] for n in names}, {n: resolved[n] for n in names})
         rules, sources, sets = shapes[shape]
-        filters[node.name] = NodeFilter(node=node.name, rules=rules, sources=sources, sets=sets)
-    return MeshFilters(filters=filters, sets=resolved, sources={n: plan.sources[n] for n in resolved})
+        filters[node.name] = NodeFilter(node=node.name, rules=rules, sources=sources, sets=sets,
+                                        addresses=(node.ipv4, node.ipv6))
+    return MeshFilters(filters=filters, sets=resolved, sources={n: classes[n] for n in resolved})
 
 
 def _shape(plan: PolicyPlan, name: str, tags: frozenset[str]) -> tuple[str | None, frozenset[str]]:
-    """What of a node the policy looks at: its name if a rule names it, its tags that rules name."""
-    return (name if name in plan.by_node else None, frozenset(t for t in tags if t in plan.by_tag))
+    """What of a node the policy looks at: its name if a rule names it (or agents: their sets are the node's),
+    its tags that rules name."""
+    named = name in plan.by_node or bool(plan.to_agents)
+    return (name if named else None, frozenset(t for t in tags if t in plan.by_tag or plan.to_agents))
 
 
 def _elements(actor: Actor) -> AddressSet:

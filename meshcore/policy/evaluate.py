@@ -30,7 +30,7 @@ from .identities import Actor, NodeIdentity
 from .model import FlowSource, Policy
 from .plan import plan_policy
 from .routes import Gateway, RouteDecision, explain_route
-from .sources import SourceClass
+from .sources import SourceClass, source_class
 
 if TYPE_CHECKING:
     from .requests import RequestDecision
@@ -58,6 +58,8 @@ class Target:
 
     name: str | None = None
     tags: frozenset[str] = frozenset()
+    agent: Actor | None = None
+    """An agent as the destination (at its own address), hypothetical like a test's source."""
 
     @classmethod
     def of_node(cls, node: NodeIdentity) -> Target:
@@ -69,6 +71,8 @@ class Target:
         return cls(spec.name) if spec.kind == "node" else cls(None, frozenset({spec.name}))
 
     def __str__(self) -> str:
+        if self.agent is not None:
+            return f"agent {self.agent.key if self.agent.key != 'hypothetical' else self.agent.principal}"
         if self.name is not None:
             return f"node:{self.name}"
         return ",".join(f"tag:{t}" for t in sorted(self.tags)) or "(an untagged node)"
@@ -125,7 +129,8 @@ def decide(
     plan = plan_policy(policy)
     target = Target.of_node(dest) if isinstance(dest, NodeIdentity) else dest
     flow = _flow_text(source_text or source, target, protocol, port)
-    grants = plan.grants_for(target.name, target.tags)
+    grants = plan.grants_for(target.name, target.tags) if target.agent is None else [
+        g for g in plan.to_agents if g.agents is not None and source_class(g.agents, policy.groups).matches(target.agent)]
     covering = {g.acl for g in grants if g.covers(protocol, port)}
     matching = {i for i, name in enumerate(plan.acl_sources) if plan.sources[name].matches(source)}
     allowing = sorted(covering & matching)
@@ -194,6 +199,9 @@ def flow_targets(policy: Policy, to: Destination) -> list[Target]:
     """The hypothetical nodes a test's ``to`` stands for (each member of a service)."""
     if to.kind == "service":
         return [Target.of_spec(spec) for spec in policy.services[to.name].nodes]
+    if to.kind == "agents":
+        fields = to.selector.model_dump(exclude_none=True, mode="json")
+        return [Target(agent=actor_for(FlowSource.model_validate({**fields, "via": "agent"})))]
     return [Target(to.name) if to.kind == "node" else Target(None, frozenset({to.name}))]
 
 

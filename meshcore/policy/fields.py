@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from ..durations import parse_duration
 from ..errors import InvalidInput
@@ -264,18 +264,22 @@ def parse_node_spec(value: object, kinds: tuple[str, ...] = ("tag", "node")) -> 
 
 @dataclass(frozen=True)
 class Destination:
-    """One entry of a ``to`` list: a service, or a tag or node with a port.
+    """One entry of a ``to`` list: a service, a tag or node with a port, or agents with a port.
 
-    ``ports`` is None when no port was written: for a tag or node that means
-    every port (as ``:*``); for a service, the service's own ports.
+    ``ports`` is None when no port was written: for a tag, node or agents
+    that means every port (as ``:*``); for a service, the service's own
+    ports. ``agents`` names the agents a selector matches (``selector``, a
+    :class:`~.model.Selector`; ``name`` is its text): connections to their
+    own addresses, wherever they run (SPEC.md §9, agents as servers).
     """
 
-    kind: Literal["service", "tag", "node"]
+    kind: Literal["service", "tag", "node", "agents"]
     name: str
     ports: PortRange | None = None
+    selector: Any = None
 
     def __str__(self) -> str:
-        head = self.name if self.kind == "service" else f"{self.kind}:{self.name}"
+        head = self.name if self.kind in ("service", "agents") else f"{self.kind}:{self.name}"
         return head if self.ports is None else f"{head}:{self.ports}"
 
 

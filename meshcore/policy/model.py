@@ -27,6 +27,8 @@ meshd serves (``meshctl serve``): ``http`` lists methods and path globs,
 from __future__ import annotations
 
 from datetime import timedelta
+
+import yaml
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -116,7 +118,25 @@ _Protocols = Annotated[tuple[Protocol, ...], PlainValidator(parse_protocols), Pl
 _ProtocolsOpt = Annotated[
     tuple[Protocol, ...] | None, _optional(parse_protocols), PlainSerializer(lambda v: None if v is None else list(v))
 ]
-_Destination = Annotated[Destination, PlainValidator(parse_destination), PlainSerializer(str)]
+def _destination(value: object) -> Destination:
+    """``db``, ``tag:NAME[:PORT]``, ``node:NAME[:PORT]``, or agents: ``'{principal: P, scope: S}:PORT'``."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        text, colon, port = value.strip().rpartition("}:") if "}:" in value else (value.strip()[:-1], "", "")
+        try:
+            data = yaml.safe_load(text + "}")
+        except yaml.YAMLError as exc:
+            raise ValueError(f"invalid destination {value!r}: expected agents as '{{principal: P, scope: S}}:PORT'"
+                             ) from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"invalid destination {value!r}: expected agents as '{{principal: P, scope: S}}:PORT'")
+        if data.get("via", "agent") != "agent":
+            raise ValueError(f"invalid destination {value!r}: a selector destination names agents (via: agent)")
+        selector = Selector.model_validate({**data, "via": "agent"})
+        return Destination("agents", selector.text(), parse_port_range(port) if colon else None, selector)
+    return parse_destination(value)
+
+
+_Destination = Annotated[Destination, PlainValidator(_destination), PlainSerializer(str)]
 _Target = Annotated[NodeSpec, PlainValidator(parse_node_spec), PlainSerializer(str)]
 _DelegateNodes = Annotated[
     NodeSpec, PlainValidator(lambda v: parse_node_spec(v, ("owner", "tag", "node"))), PlainSerializer(str)

@@ -4,7 +4,9 @@ Each acl is expanded once into :class:`Grant` s — (source class, target
 ``tag:``/``node:``, protocol, ports) — with services replaced by their nodes,
 protocols and ports. Grants are indexed by the tag or node they target, so a
 node's rules are the grants of its name and of its tags: no scan of all
-rules per node. The plan depends on the policy only, and is built once per
+rules per node. Grants to agents (``'{principal: P, scope: S}:PORT'``) apply
+wherever such agents may run, so they are kept apart (``to_agents``) and
+every node looks at them. The plan depends on the policy only, and is built once per
 :class:`Policy` object (memoised on it).
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .fields import ALL_PORTS, NodeSpec, PortRange, Protocol, merge_ports
-from .model import Acl, Policy
+from .model import Acl, Policy, Selector
 from .sources import SourceClass, source_class
 
 __all__ = ["Grant", "PolicyPlan", "plan_policy"]
@@ -31,10 +33,13 @@ class Grant:
 
     acl: int
     source: str
-    target: NodeSpec
+    target: NodeSpec | None
+    """The nodes it reaches; None for a grant to agents (``agents``)."""
     protocol: Protocol
     ports: tuple[PortRange, ...]
     narrowed: bool = False
+    agents: Selector | None = None
+    """The agents it reaches, at their own addresses (a ``{...}:PORT`` destination)."""
 
     def served(self, ports: frozenset[int]) -> tuple[PortRange, ...]:
         """The grant's ports that a node admits at the connection level when it serves ``ports``."""
@@ -56,6 +61,8 @@ class PolicyPlan:
     by_node: Mapping[str, tuple[Grant, ...]]
     narrowed: bool = False
     """Some acl narrows by request: what a node serves changes its filter."""
+    to_agents: tuple[Grant, ...] = ()
+    """Grants whose destination is agents: they apply on every node such agents may run on."""
 
     def grants_for(self, name: str | None, tags: Iterable[str]) -> list[Grant]:
         """Every grant whose target is node ``name`` or one of ``tags``."""
@@ -87,11 +94,15 @@ def _build(policy: Policy) -> PolicyPlan:
     acl_sources: list[str] = []
     by_tag: dict[str, list[Grant]] = {}
     by_node: dict[str, list[Grant]] = {}
+    to_agents: list[Grant] = []
     for index, acl in enumerate(policy.acls):
         source = source_class(acl.source, policy.groups)
         sources.setdefault(source.name, source)
         acl_sources.append(source.name)
         for grant in _grants(index, source.name, acl, policy):
+            if grant.target is None:
+                to_agents.append(grant)
+                continue
             table = by_tag if grant.target.kind == "tag" else by_node
             table.setdefault(grant.target.name, []).append(grant)
     return PolicyPlan(
@@ -100,6 +111,7 @@ def _build(policy: Policy) -> PolicyPlan:
         by_tag={k: tuple(v) for k, v in by_tag.items()},
         by_node={k: tuple(v) for k, v in by_node.items()},
         narrowed=any(acl.narrowed for acl in policy.acls),
+        to_agents=tuple(to_agents),
     )
 
 
@@ -112,7 +124,7 @@ def _grants(index: int, source: str, acl: Acl, policy: Policy) -> Iterable[Grant
                     ports = () if protocol == "icmp" else merge_ports(service.ports)
                     yield Grant(index, source, target, protocol, ports, acl.narrowed)
         else:
-            target = NodeSpec(dest.kind, dest.name)
+            target = None if dest.kind == "agents" else NodeSpec(dest.kind, dest.name)  # type: ignore[arg-type]
             for protocol in acl.protocol or ("tcp",):
                 ports = () if protocol == "icmp" else (dest.ports or ALL_PORTS,)
-                yield Grant(index, source, target, protocol, ports, acl.narrowed)
+                yield Grant(index, source, target, protocol, ports, acl.narrowed, dest.selector)

@@ -88,6 +88,7 @@ from meshd.agents.table import (
     render_table,
 )
 from meshd.kernel.conntrack import ConntrackFlusher
+from meshd.kernel.netconf import local_blocks
 from meshd.kernel.nft import Nft, NftTable
 
 __all__ = ["AgentNet"]
@@ -119,7 +120,8 @@ class AgentNet:
 
     def __init__(self, node: str, ifname: str, pool4: str, pool6: str, cgroup_root: Path = Path("/sys/fs/cgroup"),
                  *, mark_mask: int = DEFAULT_MARK_MASK, nft: Nft | None = None, cgroups: AgentCgroups | None = None,
-                 conntrack: Callable[[int, int], None] | None = None, cgroup_parent: str | None = None) -> None:
+                 conntrack: Callable[[int, int], None] | None = None, cgroup_parent: str | None = None,
+                 local_routes: Callable[[tuple[str, ...], bool], None] = local_blocks) -> None:
         if not NODE_NAME.match(node):
             raise InvalidInput(f"node name {node!r} is not a DNS label (a-z 0-9 -)")
         check_ifname(ifname)
@@ -138,6 +140,7 @@ class AgentNet:
         parent = check_cgroup_parent(cgroup_parent) if cgroup_parent else f"idmesh-{node}"
         self._cgroups: AgentCgroups = cgroups or CgroupTree(cgroup_root, parent)
         self._nft = NftTable(TABLE, nft)
+        self._local_routes = local_routes
         self._conntrack = conntrack
         self._own_conntrack: ConntrackFlusher | None = None
         self._slots: dict[str, AgentSlot] = {}
@@ -178,12 +181,17 @@ class AgentNet:
                 t = self.table
                 self.table = AgentTable(t.node, t.ifname, t.block4, t.block6, t.field, where.agent_level)
                 self._nft.run(render_table(self.table), f"the agent table of node {self.node}")
+                self._local_routes(self._blocks, True)
             except BaseException:
                 self._close_locked(quiet=True)
                 raise
             self._started = True
             log.info("agents of node %s: table inet %s on %s, cgroups in %s (level %d), mark field %#010x",
                      self.node, TABLE, self.ifname, where.directory, where.agent_level, t.field.mask)
+
+    @property
+    def _blocks(self) -> tuple[str, ...]:
+        return str(self.table.block4), str(self.table.block6)
 
     def _require_started(self) -> None:
         if not self._started:
@@ -402,8 +410,9 @@ class AgentNet:
         def delete_table() -> None:
             self._nft.delete()
 
-        # the order of remove(), for every agent at once
-        steps = [lambda: self._cgroups.kill(None), forget_all, delete_table, forget_all, self._cgroups.close]
+        # the order of remove(), for every agent at once; the blocks stop being local once nothing filters them
+        steps = [lambda: self._cgroups.kill(None), forget_all, delete_table, lambda: self._local_routes(
+            self._blocks, False), forget_all, self._cgroups.close]
         for step in steps:
             try:
                 step()

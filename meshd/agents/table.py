@@ -109,6 +109,10 @@ class AgentSlot:
     def chain(self) -> str:
         return f"agent_{self.number}"
 
+    @property
+    def inbound_chain(self) -> str:
+        return f"agent_{self.number}_in"
+
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped so that it enters the agent's cgroup before it runs (no window outside it).
 
@@ -141,6 +145,7 @@ def render_table(t: AgentTable) -> str:
         f"table inet {TABLE} {{",
         f'  comment "idmesh agents of node {t.node}: mark field {m}, cgroup level {lvl}"',
         "  counter spoofed { }",
+        "  counter refused { }",
         f"  set agent_pool4 {{ type ipv4_addr; flags interval; elements = {{ {_ranges(t.block4, t.node4)} }}; }}",
         f"  set agent_pool6 {{ type ipv6_addr; flags interval; elements = {{ {_ranges(t.block6, t.node6)} }}; }}",
         f"  set mesh_ifaces {{ type ifname; elements = {{ {oif} }}; }}",
@@ -150,6 +155,8 @@ def render_table(t: AgentTable) -> str:
         "  map agent_src6 { typeof meta mark : ip6 saddr; }",
         "  set agent_owner4 { typeof ip saddr . meta mark; }",
         "  set agent_owner6 { typeof ip6 saddr . meta mark; }",
+        "  map agent_in4 { type ipv4_addr : verdict; }",
+        "  map agent_in6 { type ipv6_addr : verdict; }",
         "  chain classify {",
         "    type route hook output priority mangle; policy accept;",
         f"    meta mark set meta mark & {keep}",
@@ -169,6 +176,14 @@ def render_table(t: AgentTable) -> str:
         "    ip saddr @agent_pool4 counter name spoofed drop",
         "    ip6 saddr @agent_pool6 counter name spoofed drop",
         "  }",
+        "  chain inbound {",
+        "    type filter hook input priority filter; policy accept;",
+        "    ct state established,related accept",
+        "    ip daddr vmap @agent_in4",
+        "    ip6 daddr vmap @agent_in6",
+        "    ip daddr @agent_pool4 counter name refused drop",
+        "    ip6 daddr @agent_pool6 counter name refused drop",
+        "  }",
         "}",
     ]) + "\n"
 
@@ -185,12 +200,19 @@ def render_add(t: AgentTable, slot: AgentSlot) -> str:
         f"flush chain {tb} {slot.chain}",
         f"add rule {tb} {slot.chain} meta mark set meta mark & {keep} | {v}",
         f"add rule {tb} {slot.chain} ct mark set ct mark & {keep} | {v}",
+        f"add chain {tb} {slot.inbound_chain}",
+        f"flush chain {tb} {slot.inbound_chain}",
+        f'add rule {tb} {slot.inbound_chain} socket cgroupv2 level {t.level} "{slot.nft_cgroup}" '
+        f"ct mark set ct mark & {keep} | {v} accept",
+        f"add rule {tb} {slot.inbound_chain} counter name refused drop",
         f"add element {tb} agent_cgroups {{ {_cgroup_element(slot)} }}",
         f'add element {tb} agent_flows {{ {v} comment "{slot.agent_id}" : goto {slot.chain} }}',
         f"add element {tb} agent_src4 {{ {v} : {slot.ipv4} }}",
         f"add element {tb} agent_src6 {{ {v} : {slot.ipv6} }}",
         f"add element {tb} agent_owner4 {{ {slot.ipv4} . {v} }}",
         f"add element {tb} agent_owner6 {{ {slot.ipv6} . {v} }}",
+        f'add element {tb} agent_in4 {{ {slot.ipv4} comment "{slot.agent_id}" : goto {slot.inbound_chain} }}',
+        f'add element {tb} agent_in6 {{ {slot.ipv6} comment "{slot.agent_id}" : goto {slot.inbound_chain} }}',
     ]) + "\n"
 
 
@@ -218,5 +240,8 @@ def render_remove(t: AgentTable, slot: AgentSlot, *, cgroup_gone: bool = False,
         f"delete element {tb} agent_src6 {{ {v} }}",
         f"delete element {tb} agent_owner4 {{ {slot.ipv4} . {v} }}",
         f"delete element {tb} agent_owner6 {{ {slot.ipv6} . {v} }}",
+        f"delete element {tb} agent_in4 {{ {slot.ipv4} }}",
+        f"delete element {tb} agent_in6 {{ {slot.ipv6} }}",
         f"delete chain {tb} {slot.chain}",
+        f"delete chain {tb} {slot.inbound_chain}",
     ]) + "\n"

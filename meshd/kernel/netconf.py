@@ -47,6 +47,7 @@ __all__ = [
     "RemoveAddress",
     "RemoveRoute",
     "SetLink",
+    "local_blocks",
     "plan_link",
 ]
 
@@ -55,6 +56,8 @@ ROUTE_PROTO = 108
 DEFAULT_MTU = 1420
 """WireGuard's default: 1500 minus the largest (IPv6) encapsulation overhead of 80 bytes."""
 _MAIN_TABLE = 254
+_LOCAL_TABLE = 255
+_SCOPE_HOST = 254
 _IFA_F_NODAD = 0x02
 _IFF_UP = 0x1
 
@@ -280,4 +283,29 @@ class FakeNetConf:
             for dest, proto in sorted(link.routes.items(), key=lambda kv: _sort_key(kv[0])):
                 out.append(f"{dest} dev {name} proto {_PROTO_NAMES.get(proto, proto)}")
         return "\n".join(out) + "\n"
+
+
+def local_blocks(prefixes: Iterable[str], present: bool) -> None:
+    """Make every address of ``prefixes`` local to this namespace (a ``local`` route on lo), or undo it.
+
+    For agents as servers (:mod:`meshd.agents.net`): a connection to an
+    agent's own address must be delivered here, to the agent's sockets. One
+    route per block, made once, costs nothing per birth (an address per
+    agent would be two netlink calls each); which socket may receive at which
+    address is the agents' table's input chain, which drops whatever is for
+    a block address no agent holds.
+    """
+    try:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            for prefix in prefixes:
+                try:
+                    ipr.route("replace" if present else "del", dst=prefix, type="local", table=_LOCAL_TABLE, oif=lo,
+                              proto=ROUTE_PROTO, scope=_SCOPE_HOST)
+                except NetlinkError as exc:
+                    if present or exc.code not in (errno.ESRCH, errno.ENOENT):
+                        raise
+    except NetlinkError as exc:
+        raise netlink_error(exc, f"{'adding' if present else 'removing'} the local routes of {', '.join(prefixes)}"
+                            ) from exc
 

@@ -10,8 +10,12 @@ a mix. What it installs, for a packet that arrives on the mesh interface
       set src_<hash>_4 / src_<hash>_6      members of one source class
       chain mesh_in                         established,related accept
                                             invalid drop
-                                            <source set> <proto> <ports> accept ...
+                                            <to> <source set> <proto> <ports> accept ...
                                             drop                 (default deny)
+
+``<to>`` is the node's own address, or for a rule to agents (agents as
+servers) the set of this node's agents it admits to: a rule to the node
+never opens an agent's address, nor the other way round.
       chain input   hook input   iifname <mesh> jump mesh_in
       chain forward hook forward iifname <mesh> jump mesh_in
 
@@ -50,21 +54,30 @@ def _sample_log(rule: FilterRule) -> str:
     return f'ct state new limit rate 2/second burst 4 packets log group {FLOW_GROUP} prefix "a{acl}"'
 
 
-def _rule_lines(rule: FilterRule, flow_log: bool = False) -> list[str]:
+def _destinations(rule: FilterRule, addresses: tuple[str | None, str | None]) -> tuple[str, str]:
+    """What a rule admits to: the agents in its ``to`` set, else the node's own addresses (never its agents')."""
+    if rule.to is not None:
+        return f"ip daddr @{rule.to}_4 ", f"ip6 daddr @{rule.to}_6 "
+    return (f"ip daddr {addresses[0]} " if addresses[0] else "", f"ip6 daddr {addresses[1]} " if addresses[1] else "")
+
+
+def _rule_lines(rule: FilterRule, addresses: tuple[str | None, str | None] = (None, None),
+                flow_log: bool = False) -> list[str]:
     comment = f' comment "acls{list(rule.acls)}"' if rule.acls else ""
     if flow_log:  # each match first logs a sample, then accepts; a log statement never ends a chain
         return [line.replace(" accept", f" {_sample_log(rule)}", 1).split(" comment")[0]
-                for line in _rule_lines(rule)] + _rule_lines(rule)
+                for line in _rule_lines(rule, addresses)] + _rule_lines(rule, addresses)
+    to4, to6 = _destinations(rule, addresses)
     if rule.protocol == "icmp":
-        return [f"ip saddr @{rule.source}_4 meta l4proto icmp accept{comment}",
-                f"ip6 saddr @{rule.source}_6 meta l4proto ipv6-icmp accept{comment}"]
+        return [f"{to4}ip saddr @{rule.source}_4 meta l4proto icmp accept{comment}",
+                f"{to6}ip6 saddr @{rule.source}_6 meta l4proto ipv6-icmp accept{comment}"]
     if all(p.is_all for p in rule.ports):
         match = f"meta l4proto {rule.protocol}"
     else:
         ports = ", ".join(str(p.lo) if p.lo == p.hi else f"{p.lo}-{p.hi}" for p in rule.ports)
         match = f"{rule.protocol} dport {{ {ports} }}"
-    return [f"ip saddr @{rule.source}_4 {match} accept{comment}",
-            f"ip6 saddr @{rule.source}_6 {match} accept{comment}"]
+    return [f"{to4}ip saddr @{rule.source}_4 {match} accept{comment}",
+            f"{to6}ip6 saddr @{rule.source}_6 {match} accept{comment}"]
 
 
 def render_table(nf: NodeFilter, ifname: str, flow_log: bool = False) -> str:
@@ -86,7 +99,7 @@ def render_table(nf: NodeFilter, ifname: str, flow_log: bool = False) -> str:
     lines.append("    ct state established,related accept")
     lines.append("    ct state invalid drop")
     for rule in nf.rules:
-        lines += [f"    {line}" for line in _rule_lines(rule, flow_log)]
+        lines += [f"    {line}" for line in _rule_lines(rule, nf.addresses, flow_log)]
     if flow_log:
         lines.append(f"    {DENY_LOG}")
     lines.append("    counter name denied drop comment \"default deny\"")

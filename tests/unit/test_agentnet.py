@@ -36,6 +36,7 @@ delete table inet idmesh_agents
 table inet idmesh_agents {
   comment "idmesh agents of node h1: mark field 0xfff00000, cgroup level 2"
   counter spoofed { }
+  counter refused { }
   set agent_pool4 { type ipv4_addr; flags interval; elements = { 100.64.0.0, 100.64.0.2-100.64.0.63 }; }
   set agent_pool6 { type ipv6_addr; flags interval; elements = { fd00:1::, fd00:1::2-fd00:1::ffff:ffff:ffff:ffff }; }
   set mesh_ifaces { type ifname; elements = { "idmesh0" }; }
@@ -45,6 +46,8 @@ table inet idmesh_agents {
   map agent_src6 { typeof meta mark : ip6 saddr; }
   set agent_owner4 { typeof ip saddr . meta mark; }
   set agent_owner6 { typeof ip6 saddr . meta mark; }
+  map agent_in4 { type ipv4_addr : verdict; }
+  map agent_in6 { type ipv6_addr : verdict; }
   chain classify {
     type route hook output priority mangle; policy accept;
     meta mark set meta mark & 0x000fffff
@@ -64,6 +67,14 @@ table inet idmesh_agents {
     ip saddr @agent_pool4 counter name spoofed drop
     ip6 saddr @agent_pool6 counter name spoofed drop
   }
+  chain inbound {
+    type filter hook input priority filter; policy accept;
+    ct state established,related accept
+    ip daddr vmap @agent_in4
+    ip6 daddr vmap @agent_in6
+    ip daddr @agent_pool4 counter name refused drop
+    ip6 daddr @agent_pool6 counter name refused drop
+  }
 }
 """
 
@@ -72,12 +83,18 @@ add chain inet idmesh_agents agent_2
 flush chain inet idmesh_agents agent_2
 add rule inet idmesh_agents agent_2 meta mark set meta mark & 0x000fffff | 0x00200000
 add rule inet idmesh_agents agent_2 ct mark set ct mark & 0x000fffff | 0x00200000
+add chain inet idmesh_agents agent_2_in
+flush chain inet idmesh_agents agent_2_in
+add rule inet idmesh_agents agent_2_in socket cgroupv2 level 2 "idmesh-h1/agent-2" ct mark set ct mark & 0x000fffff | 0x00200000 accept
+add rule inet idmesh_agents agent_2_in counter name refused drop
 add element inet idmesh_agents agent_cgroups { "idmesh-h1/agent-2" comment "a1" : goto agent_2 }
 add element inet idmesh_agents agent_flows { 0x00200000 comment "a1" : goto agent_2 }
 add element inet idmesh_agents agent_src4 { 0x00200000 : 100.64.0.2 }
 add element inet idmesh_agents agent_src6 { 0x00200000 : fd00:1::2 }
 add element inet idmesh_agents agent_owner4 { 100.64.0.2 . 0x00200000 }
 add element inet idmesh_agents agent_owner6 { fd00:1::2 . 0x00200000 }
+add element inet idmesh_agents agent_in4 { 100.64.0.2 comment "a1" : goto agent_2_in }
+add element inet idmesh_agents agent_in6 { fd00:1::2 comment "a1" : goto agent_2_in }
 """
 
 REMOVE_TAIL = """\
@@ -86,7 +103,10 @@ delete element inet idmesh_agents agent_src4 { 0x00200000 }
 delete element inet idmesh_agents agent_src6 { 0x00200000 }
 delete element inet idmesh_agents agent_owner4 { 100.64.0.2 . 0x00200000 }
 delete element inet idmesh_agents agent_owner6 { fd00:1::2 . 0x00200000 }
+delete element inet idmesh_agents agent_in4 { 100.64.0.2 }
+delete element inet idmesh_agents agent_in6 { fd00:1::2 }
 delete chain inet idmesh_agents agent_2
+delete chain inet idmesh_agents agent_2_in
 """
 
 
@@ -267,7 +287,8 @@ def rig(log: list[str]) -> Rig:
         log.append(f"forget {mark:#x}")
         forgotten.append((mark, mask))
 
-    net = AgentNet("h1", "idmesh0", "100.64.0.0/26", "fd00:1::/64", nft=nft, cgroups=cg, conntrack=conntrack)
+    net = AgentNet("h1", "idmesh0", "100.64.0.0/26", "fd00:1::/64", nft=nft, cgroups=cg, conntrack=conntrack,
+                   local_routes=lambda blocks, present: log.append(f"local {' '.join(blocks)} {present}"))
     return Rig(net, cg, nft, forgotten)
 
 
@@ -354,7 +375,7 @@ def test_remove_takes_the_identity_away_even_when_processes_will_not_die(
     cg.fail_kill = True
     with pytest.raises(Unavailable, match="processes still running"):
         net.remove("a1")
-    assert nft.scripts[-1].endswith("delete chain inet idmesh_agents agent_2\n") and net.slots == {}
+    assert nft.scripts[-1].endswith("delete chain inet idmesh_agents agent_2_in\n") and net.slots == {}
 
 
 def test_remove_when_the_cgroup_vanished_rebuilds_the_map(rig: Rig) -> None:
@@ -378,7 +399,7 @@ def test_close_kills_then_deletes_the_table_then_the_cgroups(rig: Rig,
     log.clear()
     net.close()
     assert log == ["kill None", "forget 0x200000", "forget 0x300000", f"nft add table inet {TABLE}",
-                   "forget 0x200000", "forget 0x300000", "rmdir all"]
+                   "local 100.64.0.0/26 fd00:1::/64 False", "forget 0x200000", "forget 0x300000", "rmdir all"]
     assert nft.scripts[-1] == f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
     net.close()  # idempotent
     with pytest.raises(Unavailable, match="not started"):
@@ -390,7 +411,8 @@ def test_a_failed_start_leaves_nothing(rig: Rig, log: list[str]) -> None:
     nft.refuse = "table inet idmesh_agents {"
     with pytest.raises(Unavailable, match="nftables refused the agent table of node h1"):
         net.start()
-    assert log == ["prepare", "kill None", f"nft add table inet {TABLE}", "rmdir all"]
+    assert log == ["prepare", "kill None", f"nft add table inet {TABLE}", "local 100.64.0.0/26 fd00:1::/64 False",
+                   "rmdir all"]
 
 
 def test_construction_refuses_what_cannot_work() -> None:
