@@ -29,8 +29,8 @@ __all__ = ["report_endpoints"]
 def report_endpoints(ctx: Context, ident: Identity, report: EndpointReport, observed: str | None,
                      now: datetime) -> PeerNode:
     """Record where a node can be reached — its own candidates, then the
-    source address the controller saw (which may be a NAT's) — and the
-    routes it offers."""
+    source address the controller saw (which may be a NAT's) — the routes
+    it offers, and the ports it serves MCP on."""
     name = ident.spiffe_id.name
     prefixes = ctx.settings.prefixes
     candidates = [_endpoint(e, prefixes) for e in report.endpoints]
@@ -39,12 +39,15 @@ def report_endpoints(ctx: Context, ident: Identity, report: EndpointReport, obse
     endpoints = tuple(dict.fromkeys(c for c in candidates if c))
     routing = _route_offer(report.routing, prefixes).model_dump(mode="json", exclude_none=True)
     reach = _reach(report, prefixes)
+    mcp_ports = tuple(sorted(set(report.mcp_ports)))
     with ctx.store.transaction() as tx:
         row = existing_node(tx, name)
-        if row.endpoints == endpoints and row.routing == routing and row.reach == reach:
+        if row.endpoints == endpoints and row.routing == routing and row.reach == reach \
+                and row.mcp_ports == mcp_ports:
             return peer_node(row, prefixes)
         tx.set_node_endpoints(name, endpoints)
         tx.set_node_reach(name, reach)
+        tx.set_node_mcp_ports(name, mcp_ports)
         if row.routing.get("routes", []) != routing.get("routes", []):
             tx.audit(now, str(ident.spiffe_id), "node.routes", str(ident.spiffe_id),
                      routes=list(routing.get("routes", [])))

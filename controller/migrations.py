@@ -163,4 +163,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX agents_live_ipv4 ON agents(node, ipv4) WHERE ended_at IS NULL;
     CREATE INDEX agents_live_ipv6 ON agents(node, ipv6) WHERE ended_at IS NULL;
     """,
+    # 10: the ports a node serves MCP on (meshctl serve --mcp), a JSON list: senders watch for shadow MCP (issue 15)
+    """
+    ALTER TABLE nodes ADD COLUMN mcp_ports TEXT NOT NULL DEFAULT '[]';
+    """,
 ]

@@ -206,7 +206,8 @@ def peer_node(row: NodeRow, prefixes: MeshPrefixes) -> PeerNode:
     return PeerNode(name=row.name, wireguard_public_key=row.wg_public_key,
                     addresses=(str(block.node_v4), str(block.node_v6)), blocks=(str(block.v4), str(block.v6)),
                     endpoints=row.endpoints, owner=row.owner, tags=tuple(row.tags),
-                    routing=RouteOffer.model_validate(row.routing), reach=Reachability.model_validate(row.reach))
+                    routing=RouteOffer.model_validate(row.routing), reach=Reachability.model_validate(row.reach),
+                    mcp_ports=row.mcp_ports)
 
 
 def policy_doc(row: PolicyRow | None) -> PolicyDoc | None:

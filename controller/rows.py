@@ -36,6 +36,7 @@ class NodeRow:
     endpoints: tuple[str, ...] = ()
     routing: dict[str, Any] = field(default_factory=dict)
     reach: dict[str, Any] = field(default_factory=dict)
+    mcp_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,9 @@ class Tx:
     def set_node_routing(self, name: str, routing: dict[str, Any]) -> None:
         self._c.execute("UPDATE nodes SET routing = ? WHERE name = ?", (json.dumps(routing, sort_keys=True), name))
 
+    def set_node_mcp_ports(self, name: str, ports: tuple[int, ...]) -> None:
+        self._c.execute("UPDATE nodes SET mcp_ports = ? WHERE name = ?", (json.dumps(list(ports)), name))
+
     def set_node_reach(self, name: str, reach: dict[str, Any]) -> None:
         self._c.execute("UPDATE nodes SET reach = ? WHERE name = ?", (json.dumps(reach, sort_keys=True), name))
 
@@ -338,7 +341,7 @@ def _equal(**columns: str | None) -> tuple[str, list[str]]:
 
 def _node_row(r: tuple[Any, ...]) -> NodeRow:
     return NodeRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], from_iso(r[6]), from_iso(r[7]), r[8],
-                   tuple(json.loads(r[9])), json.loads(r[10]), json.loads(r[11]))
+                   tuple(json.loads(r[9])), json.loads(r[10]), json.loads(r[11]), tuple(json.loads(r[12])))
 
 
 def _agent_row(r: tuple[Any, ...]) -> AgentRow:

@@ -29,7 +29,11 @@ _RUN_DESCRIPTION = (
     "its own cgroup, and its traffic into the mesh leaves with that address without CMD changing. CMD gets "
     "IDMESH_AGENT_ID, IDMESH_AGENT_CERT, IDMESH_AGENT_KEY, IDMESH_AGENT_ADDRESS and IDMESH_CA. The exit code is "
     "CMD's; when CMD exits, the identity ends everywhere. Run from inside an agent, it starts a sub-agent (scopes "
-    "and lifetime within the parent's).")
+    "and lifetime within the parent's). An agent may also serve: it listens on its own address "
+    "($IDMESH_AGENT_ADDRESS, e.g. bind(('$IDMESH_AGENT_ADDRESS', 9000))), and connections to that address are "
+    "delivered only to its own processes, from whom the policy allows (to: ['{principal: P, scope: S}:PORT']); "
+    "a UDP server should bind that address too (not the wildcard), so its replies leave from the port it was "
+    "asked on.")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

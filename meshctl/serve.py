@@ -30,6 +30,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--port", type=int, help="the port to serve on the overlay addresses")
     serve.add_argument("--to", metavar="UPSTREAM", help="where requests go, e.g. http://127.0.0.1:9000")
     serve.add_argument("--name", help="the service's name: the assertion's audience (default NODE-PORT)")
+    serve.add_argument("--mcp", action="store_true", help="the upstream is an MCP server: every node of the mesh "
+                       "reports processes that are not agents connecting to this port (shadow MCP, meshctl flows)")
     serve.add_argument("--json", action="store_true")
     socket_option(serve)
     serve.set_defaults(func=_add)
@@ -47,7 +49,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add(args: argparse.Namespace) -> int:
     if args.port is None or args.to is None:
         raise InvalidInput("meshctl serve needs --port and --to (or: meshctl serve list, meshctl serve remove)")
-    info = meshd(args).request("POST", "/v1/serve", {"port": args.port, "to": args.to, "name": args.name})
+    info = meshd(args).request("POST", "/v1/serve", {"port": args.port, "to": args.to, "name": args.name,
+                                                     "mcp": args.mcp})
     if args.json:
         print_json(info)
     else:
@@ -60,8 +63,8 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(serves)
     else:
-        table([[s["port"], s["to"], s["name"], s["error"] or "serving"] for s in serves],
-              ["PORT", "UPSTREAM", "NAME", "STATE"])
+        table([[s["port"], s["to"], s["name"], "mcp" if s.get("mcp") else "http", s["error"] or "serving"]
+               for s in serves], ["PORT", "UPSTREAM", "NAME", "KIND", "STATE"])
     return 0
 
 

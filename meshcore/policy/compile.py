@@ -106,8 +106,9 @@ class NodeFilter:
     sets and never list addresses, so an identity joining or leaving changes
     set elements, never rules.
 
-    ``rules_hash`` covers the rules only: when it changes, replace the table
-    in one batch; when only ``sets`` change, add or delete elements.
+    ``rules_hash`` covers the rules and the node's addresses: when it changes,
+    replace the table in one batch; when only ``sets`` change, add or delete
+    elements.
     ``digest`` covers rules and elements: log it as what is installed.
     """
 
@@ -120,7 +121,8 @@ class NodeFilter:
 
     @cached_property
     def rules_hash(self) -> str:
-        return _rules_hash(self.rules)
+        """The rules and the node's own addresses (rendered into them): what, changed, replaces the table."""
+        return _rules_hash(self.rules, self.addresses)
 
     @cached_property
     def digest(self) -> str:
@@ -148,8 +150,11 @@ class NodeFilter:
 
 
 @lru_cache(maxsize=4096)
-def _rules_hash(rules: tuple[FilterRule, ...]) -> str:
-    return hashlib.sha256("\n".join(r.text() for r in rules).encode()).hexdigest()
+def _rules_hash(rules: tuple[FilterRule, ...], addresses: tuple[str | None, str | None]) -> str:
+    text = "\n".join(r.text() for r in rules)
+    if addresses != (None, None):  # (a filter made without them hashes as before)
+        text = f"to {addresses[0]} {addresses[1]}\n{text}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,10 @@ class FilterDelta:
         return not self.add and not self.remove
 
 
-def _node_rules(grants: Iterable[Grant], served: frozenset[int] = frozenset()) -> tuple[FilterRule, ...]:
-    """Grants with the same source and protocol become one rule with merged ports.
+def _node_rules(grants: Iterable[tuple[Grant, str | None]], served: frozenset[int] = frozenset()
+                ) -> tuple[FilterRule, ...]:
+    """Grants (each with the destination set it admits to) with the same source, protocol and destination
+    become one rule with merged ports.
 
     A grant narrowed to some requests keeps only the ports the node serves
     (``served``): elsewhere no one checks its requests, so it admits nothing.

@@ -27,10 +27,9 @@ meshd serves (``meshctl serve``): ``http`` lists methods and path globs,
 from __future__ import annotations
 
 from datetime import timedelta
-
-import yaml
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,

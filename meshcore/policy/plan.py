@@ -124,7 +124,7 @@ def _grants(index: int, source: str, acl: Acl, policy: Policy) -> Iterable[Grant
                     ports = () if protocol == "icmp" else merge_ports(service.ports)
                     yield Grant(index, source, target, protocol, ports, acl.narrowed)
         else:
-            target = None if dest.kind == "agents" else NodeSpec(dest.kind, dest.name)  # type: ignore[arg-type]
+            to: NodeSpec | None = None if dest.kind == "agents" else NodeSpec(dest.kind, dest.name)
             for protocol in acl.protocol or ("tcp",):
                 ports = () if protocol == "icmp" else (dest.ports or ALL_PORTS,)
-                yield Grant(index, source, target, protocol, ports, acl.narrowed, dest.selector)
+                yield Grant(index, source, to, protocol, ports, acl.narrowed, dest.selector)

@@ -62,6 +62,8 @@ class ServeRequest(Request):
     to: str = Field(max_length=2048)
     name: str | None = Field(default=None, max_length=63, description="the service's name: the assertion's "
                              "audience (default NODE-PORT)")
+    mcp: bool = Field(default=False, strict=True, description="an MCP server: every node reports processes that "
+                      "are not agents connecting to it (shadow MCP)")
 
 
 class ServeInfo(TypedDict):
@@ -70,6 +72,7 @@ class ServeInfo(TypedDict):
     port: int
     to: str
     name: str
+    mcp: bool
     listening: list[str]
     error: str | None
 

@@ -15,6 +15,8 @@ opens the stream; the controller answers the one both will speak
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field
 
 from .base import REQUEST_CONFIG, Answer, Request
@@ -95,6 +97,8 @@ class PeerNode(Answer):
     tags: tuple[str, ...] = ()
     routing: RouteOffer = Field(default_factory=RouteOffer, description="routes offered; its route tunnel key")
     reach: Reachability = Field(default_factory=Reachability, description="NAT: reflexive and relayed addresses")
+    mcp_ports: tuple[int, ...] = Field(default=(), description="ports it serves MCP on (meshctl serve --mcp): "
+                                       "senders report processes that are not agents connecting to them")
 
 
 class Netmap(Answer):
@@ -206,6 +210,8 @@ class EndpointReport(Request):
                                       description="what the node offers as a gateway")
     reach: ReachabilityReport = Field(default_factory=ReachabilityReport,
                                       description="reflexive and relayed addresses, NAT behaviour, probe credentials")
+    mcp_ports: tuple[Annotated[int, Field(ge=1, le=65535, strict=True)], ...] = Field(
+        default=(), max_length=64, description="ports it serves MCP on (meshctl serve --mcp)")
 
 
 class ProbeAsk(Request):

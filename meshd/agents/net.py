@@ -243,6 +243,18 @@ class AgentNet:
             self._nft.run(f"flush set {tb} mesh_ifaces\nadd element {tb} mesh_ifaces {{ {elements} }}\n",
                       f"the mesh interfaces of node {self.node}")
 
+    def set_mcp_ports(self, v4: Iterable[tuple[str, int]], v6: Iterable[tuple[str, int]]) -> None:
+        """The peers' MCP ports (``meshctl serve --mcp``): a new connection to one from a process that is no
+        agent is logged (shadow MCP, :mod:`meshd.mesh.flowlog`). Replaces the sets in one transaction."""
+        tb = f"inet {TABLE}"
+        lines = [f"flush set {tb} mcp_ports4", f"flush set {tb} mcp_ports6"]
+        for name, pairs in (("mcp_ports4", sorted(set(v4))), ("mcp_ports6", sorted(set(v6)))):
+            if pairs:
+                lines.append(f"add element {tb} {name} {{ {', '.join(f'{a} . {p}' for a, p in pairs)} }}")
+        with self._lock:
+            self._require_started()
+            self._nft.run("\n".join(lines) + "\n", "the peers' MCP ports")
+
     def stage(self, ipv4: str, pid: int) -> None:
         """Before an agent has its certificate: the cgroup of the agent that will have ``ipv4``, ``pid`` moved in.
 

@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from meshcore.errors import InvalidInput
+from meshd.mesh.firewall import FLOW_GROUP
 
 __all__ = [
     "DEFAULT_MARK_MASK",
@@ -139,6 +140,7 @@ def _hex(value: int) -> str:
 def render_table(t: AgentTable) -> str:
     """The whole table, no agents, for ``nft -f``: created if missing, emptied, filled, in one transaction."""
     m, keep, oif, lvl = _hex(t.field.mask), _hex(t.field.keep), f'"{t.ifname}"', t.level
+    watch_log = f'limit rate 20/second burst 40 packets log group {FLOW_GROUP} prefix "mcp"'
     return "\n".join([
         f"add table inet {TABLE}",
         f"delete table inet {TABLE}",
@@ -157,6 +159,8 @@ def render_table(t: AgentTable) -> str:
         "  set agent_owner6 { typeof ip6 saddr . meta mark; }",
         "  map agent_in4 { type ipv4_addr : verdict; }",
         "  map agent_in6 { type ipv6_addr : verdict; }",
+        "  set mcp_ports4 { type ipv4_addr . inet_service; }",
+        "  set mcp_ports6 { type ipv6_addr . inet_service; }",
         "  chain classify {",
         "    type route hook output priority mangle; policy accept;",
         f"    meta mark set meta mark & {keep}",
@@ -175,6 +179,12 @@ def render_table(t: AgentTable) -> str:
         f"    ip6 saddr . meta mark & {m} @agent_owner6 accept",
         "    ip saddr @agent_pool4 counter name spoofed drop",
         "    ip6 saddr @agent_pool6 counter name spoofed drop",
+        "  }",
+        "  chain watch {",
+        "    type filter hook output priority mangle + 10; policy accept;",
+        f"    meta mark & {m} != 0 accept",
+        f"    ct state new ip daddr . tcp dport @mcp_ports4 {watch_log}",
+        f"    ct state new ip6 daddr . tcp dport @mcp_ports6 {watch_log}",
         "  }",
         "  chain inbound {",
         "    type filter hook input priority filter; policy accept;",
@@ -202,8 +212,8 @@ def render_add(t: AgentTable, slot: AgentSlot) -> str:
         f"add rule {tb} {slot.chain} ct mark set ct mark & {keep} | {v}",
         f"add chain {tb} {slot.inbound_chain}",
         f"flush chain {tb} {slot.inbound_chain}",
-        f'add rule {tb} {slot.inbound_chain} socket cgroupv2 level {t.level} "{slot.nft_cgroup}" '
-        f"ct mark set ct mark & {keep} | {v} accept",
+        (f'add rule {tb} {slot.inbound_chain} socket cgroupv2 level {t.level} "{slot.nft_cgroup}" '
+         f"ct mark set ct mark & {keep} | {v} accept"),
         f"add rule {tb} {slot.inbound_chain} counter name refused drop",
         f"add element {tb} agent_cgroups {{ {_cgroup_element(slot)} }}",
         f'add element {tb} agent_flows {{ {v} comment "{slot.agent_id}" : goto {slot.chain} }}',

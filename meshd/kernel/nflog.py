@@ -4,7 +4,8 @@ nftables' ``log group N prefix "..."`` hands a copy of the packet's head to
 any process bound to group N over a netfilter netlink socket. pyroute2 does
 not speak this subsystem, so this is the few dozen lines of it we need:
 bind a group, ask for the first bytes of each packet, and parse what comes
-back into (prefix, family, source, destination, protocol, destination port).
+back into (prefix, family, source, destination, protocol, destination port,
+and for a packet sent from this host the uid of its socket).
 Per network namespace, like the rules that log.
 """
 
@@ -26,10 +27,11 @@ _MSG_PACKET = (_SUBSYS_ULOG << 8) | 0
 _MSG_CONFIG = (_SUBSYS_ULOG << 8) | 1
 _NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
 _NLMSG_ERROR = 2
-_CFG_CMD, _CFG_MODE, _CFG_TIMEOUT, _CFG_QTHRESH = 1, 2, 4, 5
+_CFG_CMD, _CFG_MODE, _CFG_TIMEOUT, _CFG_QTHRESH, _CFG_FLAGS = 1, 2, 4, 5, 6
 _CMD_BIND = 1
 _COPY_PACKET = 2
-_ATTR_PACKET_HDR, _ATTR_PAYLOAD, _ATTR_PREFIX = 1, 9, 10
+_CFG_F_UID = 0x0002
+_ATTR_PACKET_HDR, _ATTR_PAYLOAD, _ATTR_PREFIX, _ATTR_UID = 1, 9, 10, 11
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp"}
 
 
@@ -40,6 +42,8 @@ class LoggedPacket:
     destination: str
     protocol: str
     port: int | None
+    uid: int | None = None
+    """The sending socket's owner, for a packet this host sends (None for one that arrived)."""
 
 
 def _attributes(data: bytes) -> dict[int, bytes]:
@@ -86,7 +90,8 @@ def parse_packet_message(data: bytes) -> list[LoggedPacket]:
             ip = _parse_ip(attrs.get(_ATTR_PAYLOAD, b""))
             if ip is not None:
                 prefix = attrs.get(_ATTR_PREFIX, b"").rstrip(b"\0").decode(errors="replace")
-                out.append(LoggedPacket(prefix, *ip))
+                uid = attrs.get(_ATTR_UID)
+                out.append(LoggedPacket(prefix, *ip, uid=struct.unpack("!I", uid)[0] if uid and len(uid) >= 4 else None))
         offset += (length + 3) & ~3
     return out
 
@@ -109,6 +114,8 @@ class NflogSocket:
         # attributed while its sender still holds the address, so deliver each at once.
         self._config(struct.pack("=HH", 8, _CFG_QTHRESH) + struct.pack("!I", 1))
         self._config(struct.pack("=HH", 8, _CFG_TIMEOUT) + struct.pack("!I", 0))
+        # and with the sending socket's uid, for the packets this host sends (shadow MCP names the local user)
+        self._config(struct.pack("=HH", 6, _CFG_FLAGS) + struct.pack("!H", _CFG_F_UID) + b"\0\0")
 
     def _config(self, attribute: bytes) -> None:
         self._seq += 1

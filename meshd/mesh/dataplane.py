@@ -179,7 +179,9 @@ class DataPlane:
     def _filter(self, work: Work, ids: Identities, moves: list[tuple[Actor, Change]] | None) -> NodeFilter:
         """Compile afresh for a new policy or a full map; otherwise only set elements move."""
         nf = self.filter
-        if nf is None or moves is None or work.policy is not self._policy or work.served != self._served:
+        me = ids.nodes.get(self.name)
+        if nf is None or moves is None or work.policy is not self._policy or work.served != self._served \
+                or (me is not None and nf.addresses != (me.ipv4, me.ipv6)):
             return compile_node_filter(work.policy, ids, self.name, work.served)
         for actor, change in moves:
             delta = identity_delta(nf, actor, change)

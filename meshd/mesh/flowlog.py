@@ -8,12 +8,18 @@ becomes a record with the full identity tuple of its source — the agent
 as this node verified it — and every second the records go to the controller
 in one batch. At most :data:`BUFFER` wait while the controller is away;
 older ones are dropped first (the counters in metrics keep the totals).
+
+The agents table (:mod:`meshd.agents.table`) logs to the same group the new
+connections this node's processes that are not agents open to a peer's MCP
+port (``meshctl serve --mcp``), with the socket's uid: shadow MCP, reported
+by the node it comes from, naming the local user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import pwd
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -61,6 +67,9 @@ class FlowLog:
     def _record(self, packets: list[LoggedPacket]) -> None:
         now = datetime.now(UTC)
         for p in packets:
+            if p.prefix == "mcp":
+                self.pending.append(self._shadow_mcp(p, now))
+                continue
             try:
                 who: Mapping[str, Any] = self._whois(p.source)
             except IdmeshError:
@@ -74,6 +83,28 @@ class FlowLog:
                 source_node=who.get("node"), principal=who.get("principal"), agent=who.get("agent"),
                 scopes=list(who.get("scopes") or []), authorized_by=who.get("authorized_by"),
                 destination=p.destination, protocol=p.protocol, port=p.port))
+
+    def _shadow_mcp(self, p: LoggedPacket, now: datetime) -> FlowReport:
+        """A process of this node that is no agent opened a connection to a peer's MCP port (the agents
+        table logs it as it leaves, with its socket's uid): shadow MCP, with the local user."""
+        try:
+            to: Mapping[str, Any] = self._whois(p.destination)
+        except IdmeshError:
+            to = {}
+        try:
+            me: Mapping[str, Any] = self._whois(p.source)
+        except IdmeshError:
+            me = {}
+        user = None
+        if p.uid is not None:
+            try:
+                user = pwd.getpwuid(p.uid).pw_name
+            except KeyError:
+                user = f"uid {p.uid}"
+        return FlowReport(
+            at=now, verdict="allow", kind="shadow-mcp", source=p.source, source_node=me.get("node"),
+            principal=me.get("principal"), local_user=user, destination=p.destination, protocol=p.protocol,
+            port=p.port, rule=f"a process that is no agent connects to an MCP port of {to.get('node') or 'a peer'}")
 
     async def ship_forever(self, every: float = 1.0) -> None:
         while True:

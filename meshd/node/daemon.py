@@ -113,7 +113,6 @@ class Daemon:
         )
         self.api = LocalApi(settings.socket, self)
         self._principals = dict(settings.principal_map)
-        self._peers_changed()  # the cached netmap's peers, until the controller answers
         self.metrics = Metrics()
         self.metrics.snapshot(lambda: answers.gauges(self))
         # made in run(), once the interface exists
@@ -130,6 +129,8 @@ class Daemon:
         self.assertions = Assertions(self.state.node_key, self.state.node_cert, self.state.ca_cert)
         self.serves = Serves(self.state.path / "serve.json", self.record.addresses, self, self._served_changed)
         self._agent_due = 0
+        self._mcp_pairs: tuple[tuple[str, int], ...] = ()
+        self._peers_changed()  # the cached netmap's peers, until the controller answers
         self._logins: dict[str, int] = {}  # login id -> the uid that started it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks = Tasks(log)  # short tasks (a revocation's kills, probes): failures logged, awaited at stop
@@ -154,6 +155,20 @@ class Daemon:
         view = self.mesh.view
         if view is not None:
             self.nat.set_peers(view.nodes, self.name)
+        self._watch_mcp_ports()
+
+    def _watch_mcp_ports(self) -> None:
+        """The peers' MCP ports into the agents table, where connections to them from non-agents are logged."""
+        view = self.mesh.view
+        if self.agentnet is None or view is None:
+            return
+        pairs = tuple(sorted((address, port) for name, node in view.nodes.items() if name != self.name
+                             for port in node.mcp_ports for address in node.addresses))
+        if pairs == self._mcp_pairs:
+            return
+        self._mcp_pairs = pairs
+        self._spawn(asyncio.to_thread(self.agentnet.set_mcp_ports, [p for p in pairs if ":" not in p[0]],
+                                      [p for p in pairs if ":" in p[0]]))
 
     def _take(self) -> Work:
         # NAT traversal's paths win over LAN discovery's, which win over the controller's first candidate;
@@ -179,7 +194,7 @@ class Daemon:
                                         self.record.mesh_prefixes)
         self._host_endpoints = list(found)
         return EndpointReport(listen_port=self.settings.listen_port, endpoints=found, routing=self.offer,
-                              reach=self.nat.reach())
+                              reach=self.nat.reach(), mcp_ports=self.serves.mcp_ports)
 
     def _mesh_endpoints(self) -> dict[str, str]:
         """Where the mesh tunnel reaches each peer now (learnt from authenticated packets), by public key."""
@@ -222,12 +237,15 @@ class Daemon:
 
     async def put_serve(self, caller: Caller, req: ServeRequest) -> ServeInfo:
         self._root_only(caller, "serve ports over the mesh")
-        return await self.serves.put(req.port, req.to, req.name)
+        info = await self.serves.put(req.port, req.to, req.name, req.mcp)
+        self._spawn(self.session.report_endpoints())  # the mesh learns which ports serve MCP (lost: the stream retells)
+        return info
 
     async def remove_serve(self, caller: Caller, port: int) -> None:
         self._root_only(caller, "stop serving ports")
         if await self.serves.remove(port) is None:
             raise NotFound(f"port {port} is not served here (meshctl serve list)")
+        self._spawn(self.session.report_endpoints())
 
     def list_serves(self) -> list[ServeInfo]:
         return self.serves.infos()
@@ -347,6 +365,7 @@ class Daemon:
         agentnet = self.agentnet = AgentNet(self.name, s.interface, blocks[0], blocks[1],
                                             cgroup_parent=_cgroup_parent(s.interface))
         await asyncio.to_thread(agentnet.start)
+        self._watch_mcp_ports()
         self.supervisor = AgentSupervisor(s.socket.parent / f"agents-{s.interface}", self.state.ca_cert, blocks,
                                           agentnet, self.session, s.socket, self._local_agent_changed)
         self.supervisor.prepare()

@@ -45,6 +45,11 @@ class Serves:
     def ports(self) -> frozenset[int]:
         return frozenset(self._running)
 
+    @property
+    def mcp_ports(self) -> tuple[int, ...]:
+        """The served ports marked MCP (``serve --mcp``), told to the mesh with the node's endpoints."""
+        return tuple(sorted(p for p, e in self.list.entries.items() if e.mcp and p in self._running))
+
     async def start(self) -> None:
         """Every saved serve; one that cannot start is logged and listed with its error."""
         for entry in self.list.entries.values():
@@ -65,9 +70,10 @@ class Serves:
         self._running[entry.port] = listener
         log.info("serving port %d: to %s as %s", entry.port, entry.upstream, entry.name)
 
-    async def put(self, port: int, to: str, name: str | None) -> ServeInfo:
+    async def put(self, port: int, to: str, name: str | None, mcp: bool = False) -> ServeInfo:
         """Serve ``port`` (replacing what it served): listening before this returns, kept across restarts."""
-        entry = ServeEntry(port=port, upstream=check_upstream(to), name=check_name(name or f"{self._ctx.node}-{port}"))
+        entry = ServeEntry(port=port, upstream=check_upstream(to), name=check_name(name or f"{self._ctx.node}-{port}"),
+                           mcp=mcp)
         old = self._running.pop(port, None)
         if old is not None:
             await old.stop()
@@ -89,7 +95,7 @@ class Serves:
 
     def info(self, entry: ServeEntry) -> ServeInfo:
         running = entry.port in self._running
-        return {"port": entry.port, "to": entry.upstream, "name": entry.name,
+        return {"port": entry.port, "to": entry.upstream, "name": entry.name, "mcp": entry.mcp,
                 "listening": [f"[{a}]:{entry.port}" if ":" in a else f"{a}:{entry.port}" for a in self._addresses]
                 if running else [], "error": self._errors.get(entry.port)}
 

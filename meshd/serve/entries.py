@@ -29,6 +29,8 @@ class ServeEntry(BaseModel):
     port: int = Field(ge=1, le=65535)
     upstream: str
     name: str
+    mcp: bool = False
+    """The port serves MCP: the mesh's nodes report processes that are not agents connecting to it."""
 
 
 _LIST: TypeAdapter[list[ServeEntry]] = TypeAdapter(list[ServeEntry])

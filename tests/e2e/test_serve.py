@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Node, 
         for port, name in ((8080, "db-mcp"), (8081, "web"), (8082, "down")):
             to = "http://127.0.0.1:9" if name == "down" else "http://127.0.0.1:9000"
             db.host.run([cmd("meshctl"), "serve", "--socket", str(db.socket), "--port", str(port), "--to", to,
-                         "--name", name])
+                         "--name", name, *(["--mcp"] if name == "db-mcp" else [])])
         yield mesh, db, laptop, requests
 
 
@@ -117,8 +118,8 @@ def raw(node: Node, address: str, port: int, data: bytes, wait: float = 5.0) -> 
     return out.stdout.strip()
 
 
-def flows(mesh: Mesh, **match: Any) -> list[dict[str, Any]]:
-    out = mesh.admin("flows", "--node", "db", "--json")
+def flows(mesh: Mesh, node: str = "db", **match: Any) -> list[dict[str, Any]]:
+    out = mesh.admin("flows", "--node", node, "--json")
     return [f for f in json.loads(out.stdout) if all(f.get(k) == v for k, v in match.items())]
 
 
@@ -166,6 +167,29 @@ def test_nikita_directly_calls_both_tools_and_is_reported_as_shadow_mcp(lab: tup
     assert shadow["verdict"] == "allow" and shadow["agent"] is None and shadow["principal"] == "nikita@acme.com"
     listed = mesh.admin("flows", "--node", "db").stdout
     assert "shadow-mcp" in listed
+
+
+def test_a_plain_process_connecting_to_an_mcp_port_is_reported_by_its_own_node_with_its_local_user(
+        lab: tuple[Mesh, Node, Node, Path]) -> None:
+    mesh, db, laptop, _ = lab
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], 8080), timeout=3).close()"
+
+    def reported() -> list[dict[str, Any]]:
+        laptop.host.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", probe, db.addresses[0]])
+        return flows(mesh, "laptop", kind="shadow-mcp", local_user="nobody")
+
+    # laptop learns from the netmap that db serves MCP on 8080 (meshctl serve --mcp), then watches for it
+    [record, *_] = wait_until(reported, 15, "laptop reporting its user's connection to db's MCP port")
+    assert record["destination"] == db.addresses[0] and record["port"] == 8080
+    assert record["source_node"] == "laptop" and "MCP port of db" in record["rule"]
+    started = datetime.now(UTC)
+    assert mcp_call(laptop, serve_url(db, 8080), "query", "--arg", "sql=as an agent", scope="db:read")["ok"]
+    time.sleep(2)  # the flow log ships every second
+    late = [f for f in flows(mesh, "laptop", kind="shadow-mcp", local_user="root")
+            if datetime.fromisoformat(f["at"]) >= started]
+    assert late == [], "an agent's connection (the client runs as root, in the agent) is no shadow MCP"
+    listed = json.loads(db.host.run([cmd("meshctl"), "serve", "list", "--json", "--socket", str(db.socket)]).stdout)
+    assert [s["port"] for s in listed if s["mcp"]] == [8080]
 
 
 def test_forged_identity_headers_are_removed_before_the_upstream_sees_them(

@@ -48,6 +48,8 @@ table inet idmesh_agents {
   set agent_owner6 { typeof ip6 saddr . meta mark; }
   map agent_in4 { type ipv4_addr : verdict; }
   map agent_in6 { type ipv6_addr : verdict; }
+  set mcp_ports4 { type ipv4_addr . inet_service; }
+  set mcp_ports6 { type ipv6_addr . inet_service; }
   chain classify {
     type route hook output priority mangle; policy accept;
     meta mark set meta mark & 0x000fffff
@@ -66,6 +68,12 @@ table inet idmesh_agents {
     ip6 saddr . meta mark & 0xfff00000 @agent_owner6 accept
     ip saddr @agent_pool4 counter name spoofed drop
     ip6 saddr @agent_pool6 counter name spoofed drop
+  }
+  chain watch {
+    type filter hook output priority mangle + 10; policy accept;
+    meta mark & 0xfff00000 != 0 accept
+    ct state new ip daddr . tcp dport @mcp_ports4 limit rate 20/second burst 40 packets log group 7301 prefix "mcp"
+    ct state new ip6 daddr . tcp dport @mcp_ports6 limit rate 20/second burst 40 packets log group 7301 prefix "mcp"
   }
   chain inbound {
     type filter hook input priority filter; policy accept;
@@ -331,6 +339,18 @@ def test_add_move_populated_remove(rig: Rig, log: list[str]) -> None:
     assert net.slots == {}
     with pytest.raises(NotFound, match="agent a1 does not run on node h1"):
         net.populated("a1")
+
+
+def test_the_peers_mcp_ports_replace_the_watched_sets_in_one_transaction(rig: Rig) -> None:
+    rig.net.start()
+    rig.net.set_mcp_ports([("100.64.0.65", 8080), ("100.64.0.65", 8080), ("100.64.0.1", 9000)],
+                          [("fd00:1::1", 8080)])
+    assert rig.nft.scripts[-1] == (
+        f"flush set inet {TABLE} mcp_ports4\nflush set inet {TABLE} mcp_ports6\n"
+        f"add element inet {TABLE} mcp_ports4 {{ 100.64.0.1 . 9000, 100.64.0.65 . 8080 }}\n"
+        f"add element inet {TABLE} mcp_ports6 {{ fd00:1::1 . 8080 }}\n")
+    rig.net.set_mcp_ports([], [])
+    assert rig.nft.scripts[-1] == f"flush set inet {TABLE} mcp_ports4\nflush set inet {TABLE} mcp_ports6\n"
 
 
 def test_refusals_name_the_agent(rig: Rig) -> None:

@@ -13,8 +13,10 @@ def attr(kind: int, value: bytes) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def message(prefix: str, payload: bytes) -> bytes:
+def message(prefix: str, payload: bytes, uid: int | None = None) -> bytes:
     body = struct.pack("=BBH", 2, 0, 0) + attr(10, prefix.encode() + b"\0") + attr(9, payload)
+    if uid is not None:
+        body += attr(11, struct.pack("!I", uid))
     return struct.pack("=IHHII", 16 + len(body), (4 << 8) | 0, 0, 0, 0) + body
 
 
@@ -37,6 +39,11 @@ def test_one_datagram_can_carry_several_logged_packets() -> None:
         LoggedPacket("deny", "100.64.0.66", "100.64.0.1", "tcp", 5432),
         LoggedPacket("a3", "fd00::2", "fd00:0:0:1::1", "udp", 53),
     ]
+
+
+def test_a_packet_this_host_sends_carries_its_sockets_uid() -> None:
+    data = message("mcp", ipv4_tcp("100.64.0.1", "100.64.0.65", 8080), uid=65534)
+    assert parse_packet_message(data) == [LoggedPacket("mcp", "100.64.0.1", "100.64.0.65", "tcp", 8080, uid=65534)]
 
 
 def test_truncated_or_foreign_messages_are_skipped_not_fatal() -> None:
