@@ -120,9 +120,11 @@ _ProtocolsOpt = Annotated[
 def _destination(value: object) -> Destination:
     """``db``, ``tag:NAME[:PORT]``, ``node:NAME[:PORT]``, or agents: ``'{principal: P, scope: S}:PORT'``."""
     if isinstance(value, str) and value.lstrip().startswith("{"):
-        text, colon, port = value.strip().rpartition("}:") if "}:" in value else (value.strip()[:-1], "", "")
+        text, colon, port = value.strip().rpartition("}:")
+        if not colon:
+            text = value.strip()[:-1] if value.strip().endswith("}") else ""
         try:
-            data = yaml.safe_load(text + "}")
+            data = yaml.safe_load(text + "}") if text else None
         except yaml.YAMLError as exc:
             raise ValueError(f"invalid destination {value!r}: expected agents as '{{principal: P, scope: S}}:PORT'"
                              ) from exc

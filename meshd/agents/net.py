@@ -23,6 +23,14 @@ are translated and policed::
     chain antispoof: postrouting, type filter, priority srcnat + 10 (after the translation)
       saddr . (meta mark & FIELD) in @agent_owner4/6 -> accept
       saddr in @agent_pool4/6 -> counter spoofed, drop
+    chain inbound: input, type filter                (agents as servers)
+      ct state established,related accept
+      daddr vmap @agent_in4/6                        -> goto agent_<n>_in
+      daddr in @agent_pool4/6 -> counter refused, drop   a block address no agent holds
+      agent_<n>_in: socket cgroupv2 level L "<its cgroup>" -> ct mark field := n, accept; else refused, drop
+    chain watch: output, type filter, priority mangle + 10   (shadow MCP)
+      mark field set (an agent) -> accept
+      new TCP to daddr . dport in @mcp_ports4/6 -> log (NFLOG, with the socket's uid)
 
 SNAT cannot happen in the output hook (the kernel refuses it) and the socket
 expression cannot be used in postrouting, hence the mark in between. A
@@ -45,6 +53,18 @@ cannot be revived by a later agent given the same address. Rendering is pure (:f
 :func:`render_add`, :func:`render_remove` in :mod:`meshd.agents.table`); :class:`AgentNet` is the shell
 that runs it through in-process libnftables (no fork/exec per change) and
 drives the cgroups.
+
+An agent may listen on its own address. The node's blocks are made local
+once (a ``local`` route on lo per block, :func:`meshd.kernel.netconf.local_blocks`),
+and the inbound chain gives a connection for an agent's address only to a
+socket in that agent's cgroup: another process listening on the same port,
+on the wildcard or on the very address, receives nothing, from the mesh or
+from the node itself. The accept sets the flow's conntrack mark to the
+agent's, because the SYN-ACK leaves from a request socket that has no
+cgroup: without it the classify chain would not mark it and antispoof
+would drop it. With it the agent's replies are marked like its own
+connections, and its death flushes its inbound flows with the rest. Which
+peers may connect is the policy's (``inet idmesh``).
 
 What the anti-spoofing does not cover:
 

@@ -14,6 +14,7 @@ peer is never reachable under an old policy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
@@ -140,7 +141,10 @@ class DataPlane:
         """The identities after ``work``, and the actors that joined or left (None: rebuilt whole)."""
         if work.full_nodes is not None:
             nodes = {n: node_identity(p) for n, p in work.full_nodes.items()}
-            nodes.setdefault(self.name, self.self_node)
+            # this node's own addresses are its record's, whatever a cached map says (a node enrolled again gets
+            # a new block, and a map cached before it may still be the first one applied)
+            me = nodes.get(self.name, self.self_node)
+            nodes[self.name] = dataclasses.replace(me, ipv4=self.self_node.ipv4, ipv6=self.self_node.ipv6)
             agents = [a for a in work.full_agents or () if a.node in nodes]
             return Identities.build(nodes.values(), agents), None
         ids = self._ids
@@ -179,9 +183,7 @@ class DataPlane:
     def _filter(self, work: Work, ids: Identities, moves: list[tuple[Actor, Change]] | None) -> NodeFilter:
         """Compile afresh for a new policy or a full map; otherwise only set elements move."""
         nf = self.filter
-        me = ids.nodes.get(self.name)
-        if nf is None or moves is None or work.policy is not self._policy or work.served != self._served \
-                or (me is not None and nf.addresses != (me.ipv4, me.ipv6)):
+        if nf is None or moves is None or work.policy is not self._policy or work.served != self._served:
             return compile_node_filter(work.policy, ids, self.name, work.served)
         for actor, change in moves:
             delta = identity_delta(nf, actor, change)

@@ -143,3 +143,22 @@ def test_a_new_policy_recompiles_and_a_new_agent_only_adds_elements() -> None:
     other = load_policy("acls: []\n", "p2.yaml")
     dp.apply(dp.take(other, nodes, {a.id: a}, {}, ()))
     assert firewall.installed.rules == ()
+
+
+def test_the_filter_admits_to_this_nodes_own_addresses_even_when_a_cached_map_names_older_ones() -> None:
+    dp, _device, firewall = plane()
+    stale = peer(5, ("db",)).model_copy(update={"name": "n0"})  # the map cached before this node enrolled again
+    dp.apply(dp.take(POLICY, {"n0": stale, "n1": peer(1, ("ops",))}, {}, {}, ()))
+    assert firewall.installed is not None and firewall.installed.addresses == peer(0, ("db",)).addresses
+
+
+def test_serving_a_port_recompiles_the_filter_for_rules_narrowed_to_requests() -> None:
+    narrowed = load_policy("acls:\n  - from: {tag: ops}\n    to: ['tag:db:8080']\n    http: [{methods: [GET]}]\n",
+                           "p.yaml")
+    dp, _device, firewall = plane()
+    nodes = {"n0": peer(0, ("db",)), "n1": peer(1, ("ops",))}
+    dp.apply(dp.take(narrowed, nodes, {}, {}, ()))
+    assert firewall.installed is not None and firewall.installed.rules == ()
+    dp.served = frozenset({8080})
+    dp.apply(dp.take(narrowed, nodes, {}, {}, ()))
+    assert [str(p) for r in firewall.installed.rules for p in r.ports] == ["8080"]

@@ -9,9 +9,10 @@ feature). Format::
       - {name: db-1, tags: [db], serves: [8080]}   # serves: TCP ports meshd serves (meshctl serve)
     agents:              # authorized: grant | delegation (the default), as the certificate says
       - {id: a1, name: reader, principal: nikita@acme.com, scopes: ["db:read"], node: agents-1}
-    expected:            # every node; a rule per (source set, protocol)
+    expected:            # every node; a rule per (source set, protocol, destination)
       db-1:
         - {from: '{principal: ...}', protocol: tcp, ports: "5432", members: [agent:a1]}
+        - {from: ..., protocol: tcp, ports: "9000", members: [...], to: [agent:a3]}   # to the node's agents
     requests:            # optional: agent births the delegations decide (check_delegation)
       - {principal: nikita@acme.com, node: agents-1, scopes: ["db:write"], ttl: 15m, expect: grant}
 
@@ -96,8 +97,10 @@ def _render(node_filter: NodeFilter, identities: Identities) -> list[dict[str, A
         if rule.ports:
             entry["ports"] = ",".join(str(p) for p in rule.ports)
         entry["members"] = keys
+        if rule.to is not None:  # a rule to this node's agents (agents as servers): which of them
+            entry["to"] = sorted(by_v4[a] for a in node_filter.sets[rule.to].v4)
         out.append(entry)
-    return sorted(out, key=lambda e: (e["from"], e["protocol"]))
+    return sorted(out, key=lambda e: (e["from"], e["protocol"], e.get("to", [])))
 
 
 def _normalise(expected: Any) -> list[dict[str, Any]]:
@@ -107,8 +110,10 @@ def _normalise(expected: Any) -> list[dict[str, Any]]:
         if "ports" in entry:
             entry["ports"] = str(entry["ports"])
         entry["members"] = sorted(entry.get("members") or ())
+        if "to" in entry:
+            entry["to"] = sorted(entry["to"] or ())
         out.append(entry)
-    return sorted(out, key=lambda e: (e["from"], e["protocol"]))
+    return sorted(out, key=lambda e: (e["from"], e["protocol"], e.get("to", [])))
 
 
 def test_golden_directory_holds_scenarios() -> None:
