@@ -27,7 +27,6 @@ grants use): an upstream verifies with whatever JOSE library it has, and
 from __future__ import annotations
 
 import base64
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -42,8 +41,9 @@ from joserfc.jwa import JWSAlgModel
 from joserfc.jwk import OKPKey
 from joserfc.jws import JWSRegistry
 
-from .errors import InvalidCertificate, InvalidToken
-from .identity import load_certificate, load_der_certificate, verify_leaf
+from .errors import InvalidToken
+from .identity import load_certificate
+from .jose import x5c_signer
 
 __all__ = ["ASSERTION_TYPE", "LIFETIME", "MAX_ASSERTION", "sign_assertion", "verify_assertion"]
 
@@ -92,21 +92,9 @@ def verify_assertion(token: str, ca_pem: bytes | str, audience: str, now: dateti
     token = token.strip()
     if len(token) > MAX_ASSERTION or token.count(".") != 2:
         raise InvalidToken("not an idmesh assertion (expected a JWT)")
-    ca = load_certificate(ca_pem)
+    signer = x5c_signer(token, "assertion", ASSERTION_TYPE, _ALG, "node", load_certificate(ca_pem), now)
     try:
-        header = json.loads(base64.urlsafe_b64decode(token.split(".", 1)[0] + "=="))
-        signer_cert = load_der_certificate(base64.b64decode(header["x5c"][0], validate=True))
-    except (ValueError, KeyError, TypeError, IndexError, InvalidCertificate) as exc:
-        raise InvalidToken("not an idmesh assertion: its header carries no signer certificate") from exc
-    if not isinstance(header, dict) or header.get("typ") != ASSERTION_TYPE or header.get("alg") != _ALG:
-        raise InvalidToken(f"not an idmesh assertion: its header must say typ {ASSERTION_TYPE} and alg {_ALG}")
-    try:
-        signer = verify_leaf(signer_cert, ca, now)
-    except InvalidCertificate as exc:
-        raise InvalidToken(f"the assertion's signer certificate is refused: {exc}") from exc
-    if signer.spiffe_id.kind != "node" or not isinstance(signer.public_key, ed25519.Ed25519PublicKey):
-        raise InvalidToken(f"an assertion must be signed by a node's Ed25519 key, not by {signer.spiffe_id}")
-    try:
+        assert isinstance(signer.public_key, ed25519.Ed25519PublicKey)  # x5c_signer checked it
         claims = dict(jwt.decode(token, OKPKey.import_key(signer.public_key), algorithms=[_ALG],
                                  registry=_REGISTRY).claims)
     except (JoseError, ValueError) as exc:

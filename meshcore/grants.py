@@ -36,8 +36,9 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
-from .errors import InvalidCertificate, InvalidInput, InvalidToken
-from .identity import Identity, SpiffeId, load_der_certificate, verify_leaf
+from .errors import InvalidInput, InvalidToken
+from .identity import Identity, SpiffeId
+from .jose import x5c_signer
 from .scopes import Scope, parse_scopes
 
 __all__ = ["GRANT_TYPE", "MAX_GRANT", "Grant", "NodeTarget", "read_grant", "sign_grant"]
@@ -122,23 +123,9 @@ def read_grant(text: str, ca_cert: x509.Certificate, now: datetime) -> Grant:
     text = text.strip()
     if len(text) > MAX_GRANT or text.count(".") != 2:
         raise InvalidToken("not a grant (expected the one line printed by 'meshctl grant create')")
-    try:
-        header = json.loads(_unb64(text.split(".", 1)[0]))
-        chain = header["x5c"]
-        signer_cert = load_der_certificate(base64.b64decode(chain[0], validate=True))
-    except (ValueError, KeyError, TypeError, IndexError, InvalidCertificate) as exc:
-        raise InvalidToken("not a grant: its header carries no signer certificate") from exc
-    if not isinstance(header, dict) or header.get("typ") != GRANT_TYPE or header.get("alg") != _ALG:
-        raise InvalidToken(f"not a grant: header must say typ {GRANT_TYPE} and alg {_ALG}")
-    try:
-        signer = verify_leaf(signer_cert, ca_cert, now)
-    except InvalidCertificate as exc:
-        raise InvalidToken(f"the grant's signer certificate is refused: {exc}") from exc
-    if signer.spiffe_id.kind != "user":
-        raise InvalidToken(f"a grant must be signed by a principal, not by {signer.spiffe_id}")
+    signer = x5c_signer(text, "grant", GRANT_TYPE, _ALG, "user", ca_cert, now)
     public = signer.public_key
-    if not isinstance(public, ed25519.Ed25519PublicKey):
-        raise InvalidToken("the grant's signer certificate has no Ed25519 key")
+    assert isinstance(public, ed25519.Ed25519PublicKey)
     try:
         signed = jws.deserialize_compact(text, OKPKey.import_key(public), registry=_REGISTRY)
         claims = json.loads(signed.payload)
@@ -163,7 +150,3 @@ def read_grant(text: str, ca_cert: x509.Certificate, now: datetime) -> Grant:
     if grant.issued_at > now + CLOCK_SKEW:
         raise InvalidToken(f"grant {grant.id} is issued in the future ({grant.issued_at.isoformat()})")
     return grant
-
-
-def _unb64(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))

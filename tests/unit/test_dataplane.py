@@ -161,4 +161,5 @@ def test_serving_a_port_recompiles_the_filter_for_rules_narrowed_to_requests() -
     assert firewall.installed is not None and firewall.installed.rules == ()
     dp.served = frozenset({8080})
     dp.apply(dp.take(narrowed, nodes, {}, {}, ()))
-    assert [str(p) for r in firewall.installed.rules for p in r.ports] == ["8080"]
+    installed = firewall.installed
+    assert installed is not None and [str(port) for rule in installed.rules for port in rule.ports] == ["8080"]
