@@ -38,7 +38,7 @@ from fnmatch import fnmatchcase
 from functools import lru_cache
 
 from .evaluate import Target, _rule_label, actor_for, decide, flow_targets
-from .fields import Destination, check_method, check_path
+from .fields import Destination
 from .identities import Actor, NodeIdentity
 from .model import Acl, FlowSource, HttpMatch, Policy
 from .plan import plan_policy
@@ -52,15 +52,11 @@ MCP_PATH = "/mcp"
 
 @dataclass(frozen=True)
 class AppRequest:
-    """One HTTP request as the policy sees it: method, path (no query), the MCP tools it calls."""
+    """One HTTP request as the policy sees it: method, path (as sent, no query), the MCP tools it calls."""
 
     method: str
     path: str
     tools: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_method(self.method)
-        check_path(self.path)
 
     def text(self, tool: str | None = None) -> str:
         """``POST /mcp (tools/call query)``: the request, or one of its calls."""

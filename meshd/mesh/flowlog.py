@@ -113,7 +113,9 @@ class FlowLog:
                 continue
             batch = list(self.pending)[:1000]
             try:
-                await self._ship("POST", "/v1/flows", FlowBatch(flows=batch).model_dump(mode="json"))
+                # fields at their defaults are left out: a controller older than a field still takes the batch
+                await self._ship("POST", "/v1/flows", FlowBatch(flows=batch).model_dump(mode="json",
+                                                                                      exclude_defaults=True))
             except IdmeshError as exc:
                 log.debug("flow log not shipped yet: %s", exc)
                 continue

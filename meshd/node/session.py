@@ -170,7 +170,8 @@ class ControllerSession:
 
     async def _stream(self, backoff: Backoff) -> None:
         async with self._client() as http:
-            await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
+            # fields at their defaults (no MCP ports, say) are left out: an older controller still takes it
+            await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
             since = self._version()
             params = {"since": str(since)} if since is not None else {}
             async with http.stream("GET", "/v1/netmap", params=params) as resp:
@@ -225,7 +226,7 @@ class ControllerSession:
         """
         try:
             async with self._client() as http:
-                await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump())
+                await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
         except httpx.HTTPError as exc:
             raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
 

@@ -56,8 +56,6 @@ log = logging.getLogger("meshd.serve")
 MAX_BODY = 4 * 1024 * 1024
 BODY_TIMEOUT = 30.0
 METADATA_PATH = "/.well-known/oauth-protected-resource"
-IDENTITY_HEADERS = ("idmesh-principal", "idmesh-agent", "idmesh-scopes", "idmesh-node", "idmesh-authorized-by",
-                    "idmesh-assertion")
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                          b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 _WALKS = re.compile(r"%2[ef]|%5c|\\|(^|/)\.\.?(/|$)", re.IGNORECASE)
@@ -114,22 +112,22 @@ class ServeProxy:
 
     async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw_path = scope["raw_path"].decode("latin-1")
-        headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in IDENTITY_HEADERS
-                   and not k.startswith(b"idmesh-")]
+        headers = [(k, v) for k, v in scope["headers"] if not k.startswith(b"idmesh-")]  # (h11 lower-cases names)
         host = _header(headers, b"host") or f"{scope['server'][0]}:{self.entry.port}"
         if raw_path == METADATA_PATH or raw_path.startswith(METADATA_PATH + "/"):
             await self._metadata(send, host, raw_path[len(METADATA_PATH):])
             return
-        caller = self._caller(scope)
+        policy, actor, here = self._caller(scope)
+        if not raw_path.startswith("/"):
+            raise _Refusal(400, f"request target {raw_path[:100]!r}: only a path (origin form) is served")
         if _WALKS.search(raw_path):
             raise _Refusal(400, f"path {raw_path[:100]!r} could be read as another path: send it normalized")
         body = await _read_body(receive)
         mcp = self._mcp(headers, scope["method"], body)
         request = AppRequest(scope["method"], raw_path, mcp.tools if mcp else ())
         text = _request_text(request, mcp)
-        policy, actor, here = caller
         if mcp is not None and actor.via != "agent":
-            await self._shadow(scope, policy, actor, text)
+            self._shadow(scope, policy, actor, text)
         decision = decide_request(policy, actor, here, self.entry.port, request)
         if not decision.allowed:
             self._log(scope, actor, "deny", decision.rule_text, "request", text)
@@ -155,7 +153,7 @@ class ServeProxy:
         except InvalidInput as exc:
             raise _Refusal(400, str(exc)) from exc
 
-    async def _shadow(self, scope: dict[str, Any], policy: Policy, actor: Actor, text: str) -> None:
+    def _shadow(self, scope: dict[str, Any], policy: Policy, actor: Actor, text: str) -> None:
         refuse = policy.mcp == "agents-only"
         who = f"node {actor.node}" + (f" ({actor.principal})" if actor.principal else "")
         self._log(scope, actor, "deny" if refuse else "allow", "mcp: agents-only" if refuse else
