@@ -1,7 +1,9 @@
 """The served ports' listeners: one uvicorn server per port on the node's overlay addresses.
 
 HTTP parsing is h11's, through uvicorn, never ours: h11 because it bounds
-the request head (:data:`MAX_HEAD`, a 400 beyond) where httptools does not.
+a request head still arriving (:data:`MAX_HEAD`, a 400 beyond) where
+httptools does not; a head that arrives whole in one read is measured by
+the proxy (a 431).
 uvicorn has no deadline for the head itself (data resets its keep-alive
 timer), so :class:`_GuardedH11` closes a connection whose request head has
 not arrived :data:`HEAD_TIMEOUT` after its first byte: a slowloris client
@@ -28,13 +30,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from meshcore.errors import Conflict
 from meshd.node.localapi import EmbeddedServer
 from meshd.serve.entries import ServeEntry
-from meshd.serve.proxy import ServeContext, ServeProxy
+from meshd.serve.proxy import MAX_HEAD, ServeContext, ServeProxy
 
 __all__ = ["HEAD_TIMEOUT", "MAX_HEAD", "Listener"]
 
 log = logging.getLogger("meshd.serve")
 HEAD_TIMEOUT = 10.0
-MAX_HEAD = 16 * 1024
 IP_FREEBIND = 15
 
 

@@ -49,11 +49,12 @@ from meshcore.wire.api import FlowReport
 from meshd.serve.assertions import Assertions
 from meshd.serve.entries import ServeEntry
 
-__all__ = ["BODY_TIMEOUT", "MAX_BODY", "METADATA_PATH", "ServeContext", "ServeProxy"]
+__all__ = ["BODY_TIMEOUT", "MAX_BODY", "MAX_HEAD", "METADATA_PATH", "ServeContext", "ServeProxy"]
 
 log = logging.getLogger("meshd.serve")
 
 MAX_BODY = 4 * 1024 * 1024
+MAX_HEAD = 16 * 1024
 BODY_TIMEOUT = 30.0
 METADATA_PATH = "/.well-known/oauth-protected-resource"
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -112,6 +113,9 @@ class ServeProxy:
 
     async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw_path = scope["raw_path"].decode("latin-1")
+        head = len(raw_path) + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if head > MAX_HEAD:  # h11 bounds a head still arriving; one that came whole in one read is checked here
+            raise _Refusal(431, f"the request head is larger than {MAX_HEAD} bytes")
         headers = [(k, v) for k, v in scope["headers"] if not k.startswith(b"idmesh-")]  # (h11 lower-cases names)
         host = _header(headers, b"host") or f"{scope['server'][0]}:{self.entry.port}"
         if raw_path == METADATA_PATH or raw_path.startswith(METADATA_PATH + "/"):

@@ -252,7 +252,8 @@ def test_bad_input_gets_one_line_and_changes_nothing(lab: tuple[Mesh, Node, Node
     address = db.addresses[0]
     assert raw(laptop, address, 8081, b"NOT HTTP AT ALL\r\n\r\n").startswith("HTTP/1.1 400")
     huge_head = b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
-    assert raw(laptop, address, 8081, huge_head).startswith("HTTP/1.1 400")
+    # h11 refuses a head still arriving beyond 16 KiB (400), the proxy one that came whole in one read (431)
+    assert raw(laptop, address, 8081, huge_head).split()[1] in ("400", "431")
     big_body = b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n" + b"b" * 5_000_000
     assert raw(laptop, address, 8081, big_body).startswith("HTTP/1.1 413")
     not_json = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n{oops"
