@@ -182,22 +182,24 @@ def check_method(value: object) -> str:
     return text
 
 
+def _path(value: object, glob: bool) -> str:
+    text = _string(value, "path glob" if glob else "path")
+    if not _PATH_CHARS.match(text) or (not glob and "*" in text):
+        example = "/v1/*" if glob else "/v1/items"
+        raise ValueError(f"invalid path {text!r}: expected a path like {example} (starting with '/', no query)")
+    if "***" in text:
+        raise ValueError(f"invalid path {text!r}: use * (within a segment) or ** (across segments)")
+    return text
+
+
 def check_path(value: object) -> str:
     """A request path (a policy test's): starts with ``/``, no query, no glob."""
-    text = _string(value, "path")
-    if not _PATH_CHARS.match(text) or "*" in text:
-        raise ValueError(f"invalid path {text!r}: expected a path like /v1/items (starting with '/', no query)")
-    return text
+    return _path(value, glob=False)
 
 
 def check_path_glob(value: object) -> str:
     """A path glob of an acl's ``http``: ``/v1/*/items``, ``/static/**``."""
-    text = _string(value, "path glob")
-    if not _PATH_CHARS.match(text):
-        raise ValueError(f"invalid path {text!r}: expected a path like /v1/* (starting with '/', no query)")
-    if "***" in text:
-        raise ValueError(f"invalid path {text!r}: use * (within a segment) or ** (across segments)")
-    return text
+    return _path(value, glob=True)
 
 
 def check_tool_name(value: object) -> str:

@@ -3,8 +3,9 @@
 An assertion lives 60 s; one is signed per (caller, audience) and reused
 while more than half its life is left, so a busy caller costs one Ed25519
 signature every 30 s, not one per request. The node's certificate is
-renewed in place: the cache is keyed on the certificate file's change time,
-so a renewal starts a new chain at the next request.
+renewed in place (at two thirds of its life, so the old one is still
+valid): each signing looks at the certificate file's change time, and a
+renewal empties the cache and starts the new chain.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ class Assertions:
 
     def get(self, caller: str, audience: str, claims: Mapping[str, Any]) -> str:
         """The assertion for ``caller`` (an actor key) to ``audience``, signed now or reused."""
-        chain = self._current_chain()
         now = time.monotonic()
         cached = self._cache.get((caller, audience))
         if cached is not None and cached[1] > now:
             return cached[0]
+        chain = self._current_chain()  # only when signing: a cached assertion's chain is still valid
         assert self._key is not None
         token = sign_assertion(self._key, chain, claims, audience, datetime.now(UTC))
         if len(self._cache) >= MAX_CACHED:
