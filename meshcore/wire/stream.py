@@ -108,15 +108,20 @@ class Netmap(Answer):
     domain: str
     prefixes: tuple[str, ...] = Field(description="the overlay, IPv4 then IPv6: routed through the mesh interface")
     nodes: dict[str, PeerNode] = Field(description="every node by name, the receiving node included")
+    controllers: tuple[str, ...] = Field(default=(), description="every controller replica's URL (SPEC §8): "
+                                         "where a node turns when the one it uses stops answering")
 
 
 class NetmapDelta(Answer):
-    """The change from version ``base`` to ``version`` (= base + 1)."""
+    """The change from version ``base`` to ``version`` (> base: the mesh's one change sequence also
+    numbers policy and agent changes, so versions of deltas need not be consecutive)."""
 
     base: int
     version: int
     upsert: tuple[PeerNode, ...] = Field(default=(), description="nodes added or changed, whole")
     remove: tuple[str, ...] = Field(default=(), description="names of nodes that left the mesh")
+    controllers: tuple[str, ...] | None = Field(default=None, description="the controller URLs, when a "
+                                                "replica joined or left (absent: unchanged)")
 
 
 class PolicyDoc(Answer):
