@@ -34,7 +34,7 @@ from .policies import in_force
 from .rows import AgentRow, NodeRow
 from .store import Tx
 
-__all__ = ["agent_update_full", "announce_ended", "end_agent", "end_subtrees_locked", "issue_agent", "list_agents",
+__all__ = ["agent_update_full", "count_ended", "end_agent", "end_subtrees_locked", "issue_agent", "list_agents",
            "revoke_principal"]
 
 
@@ -59,6 +59,7 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
         raise PermissionDenied(str(exc)) from exc
     try:
         with ctx.store.transaction() as tx:
+            tx.lock(f"node {node_name}")  # its births one at a time, on every replica: an address is given once
             row = existing_node(tx, node_name)
             block = ctx.settings.prefixes.block(row.block_index)
             ipv4, ipv6 = _agent_addresses(block, node_name, req.ipv4, req.ipv6)
@@ -98,6 +99,7 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
                              ipv4, ipv6, serial, pem, now, cert.not_valid_after_utc, grant_id=grant_id,
                              grant_signer=grant_signer)
             tx.insert_agent(agent)
+            ctx.hub.record_agents(tx, AgentUpdate(certificates=(pem,)))
             tx.audit(now, str(caller.spiffe_id), "agent.issued", str(sid), principal=req.principal,
                      scopes=agent.scopes, parent=req.parent, name=req.name, addresses=[ipv4, ipv6],
                      serial=serial, not_after=cert.not_valid_after_utc, grant=grant_id,
@@ -106,7 +108,6 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
         _refused(ctx, caller, req, now, str(exc))
         raise
     ctx.metrics.identities_issued.labels("agent").inc()
-    ctx.hub.publish_agents(AgentUpdate(certificates=(pem,)))
     return AgentIssued(agent=_agent_info(ctx, agent, now), certificate=pem)
 
 
@@ -181,13 +182,13 @@ def _end_subtrees(ctx: Context, actor: Identity, now: datetime, roots_of: Callab
     revoked = actor.spiffe_id.kind == "admin"
     with ctx.store.transaction() as tx:
         ended = end_subtrees_locked(ctx, tx, str(actor.spiffe_id), roots_of(tx), now, revoked=revoked)
-    announce_ended(ctx, ended, revoked=revoked)
+    count_ended(ctx, ended, revoked=revoked)
     return AgentsEnded(ended=ended)
 
 
 def end_subtrees_locked(ctx: Context, tx: Tx, actor: str, roots: list[str], now: datetime, *, revoked: bool,
                         why: str | None = None) -> list[str]:
-    """End ``roots`` and every live descendant inside ``tx`` (audited); :func:`announce_ended` after the commit.
+    """End ``roots`` and every live descendant inside ``tx`` (audited); :func:`count_ended` after the commit.
 
     ``revoked``: taken away (by the admin, or with the grant it was born
     from); else retired (its own node says it ended). ``why`` says more.
@@ -205,14 +206,15 @@ def end_subtrees_locked(ctx: Context, tx: Tx, actor: str, roots: list[str], now:
         text = why or reason if ended_id in roots else f"{reason} (parent {'revoked' if revoked else 'ended'})"
         tx.end_agent(ended_id, now, text)
         tx.audit(now, actor, f"agent.{reason}", str(ctx.settings.spiffe_id("agent", ended_id)), reason=text)
+    if ended:  # every connected node, on every replica, stops honouring them when this commits
+        ctx.hub.record_agents(tx, AgentUpdate(revoked=tuple(ended)))
     return ended
 
 
-def announce_ended(ctx: Context, ended: list[str], *, revoked: bool) -> None:
-    """After the commit: every connected node stops honouring them at once."""
+def count_ended(ctx: Context, ended: list[str], *, revoked: bool) -> None:
+    """After the commit: the metric of identities ended."""
     if ended:
         ctx.metrics.identities_ended.labels("revoked" if revoked else "retired").inc(len(ended))
-        ctx.hub.publish_agents(AgentUpdate(revoked=tuple(ended)))
 
 
 def _use_grant(tx: Tx, grant: Grant, node: NodeRow, principal: str, scopes: tuple[Scope, ...],
@@ -223,6 +225,7 @@ def _use_grant(tx: Tx, grant: Grant, node: NodeRow, principal: str, scopes: tupl
     signer certificate, expiry); this checks the controller's own record of
     it (:mod:`controller.grants`).
     """
+    tx.lock(f"grant {grant.id}")  # its uses counted one replica at a time
     row = tx.grant(grant.id)
     if row is None:
         raise PermissionDenied(f"grant {grant.id} is not registered (meshctl grant create registers it)")

@@ -15,9 +15,11 @@ what the controller decides is decided there, never here.
 # annotations at run time, and ``Annotated[..., Depends(admin)]`` names
 # dependencies local to create_app that a string annotation could not find.
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -130,16 +132,34 @@ class AuthenticateFirst:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") not in PUBLIC:
             der = scope.get("extensions", {}).get(TLS_EXTENSION, {}).get("client_cert")
-            try:
-                scope[_IDENTITY] = auth.authenticate(self.ctx, der, _now())
+            try:  # (its revocation check is a query: off the event loop)
+                scope[_IDENTITY] = await asyncio.to_thread(auth.authenticate, self.ctx, der, _now())
             except PermissionDenied as exc:
                 await JSONResponse({"error": str(exc)}, status_code=exc.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+async def _applied_at_once() -> None:
+    return None
+
+
+def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY,
+               settle: Callable[[], Awaitable[None]] = _applied_at_once) -> Any:
+    """The API of ``ctx``; ``settle`` returns once this process has applied the changes it committed
+    (:meth:`controller.follow.Follower.settle`)."""
     app = FastAPI(title="idmesh controller", version="1", docs_url=None, redoc_url=None, responses=ERRORS)
+
+    async def off_loop(concern: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``concern`` in a worker thread (its SQL, signing, YAML parsing and fsync never hold the event
+        loop, which carries every node's stream), then wait until the change it made is applied here."""
+        result = await asyncio.to_thread(concern, *args, **kwargs)
+        await settle()
+        return result
 
     @app.exception_handler(IdmeshError)
     async def _idmesh_error(_: Request, exc: IdmeshError) -> JSONResponse:
@@ -203,103 +223,103 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
     @app.post("/v1/enroll", response_model=EnrollResponse)
     async def enroll(req: EnrollRequest, request: Request) -> EnrollResponse:
         source = request.client.host if request.client else "unknown"
-        return enrollment.enroll(ctx, req, source, _now())
+        return await off_loop(enrollment.enroll, ctx, req, source, _now())
 
     @app.post("/v1/tokens", response_model=TokenCreated)
     async def create_token(req: TokenCreateRequest, who: Admin) -> TokenCreated:
-        return tokens.create_token(ctx, str(who.spiffe_id), req, _now())
+        return await off_loop(tokens.create_token, ctx, str(who.spiffe_id), req, _now())
 
     @app.get("/v1/tokens", response_model=list[TokenInfo])
     async def list_tokens(_: Admin) -> list[TokenInfo]:
-        return tokens.list_tokens(ctx)
+        return await off_loop(tokens.list_tokens, ctx)
 
     @app.delete("/v1/tokens/{token_id}")
     async def delete_token(token_id: str, who: Admin) -> dict[str, str]:
-        tokens.delete_token(ctx, str(who.spiffe_id), token_id, _now())
+        await off_loop(tokens.delete_token, ctx, str(who.spiffe_id), token_id, _now())
         return {"deleted": token_id}
 
     @app.get("/v1/nodes", response_model=list[NodeInfo])
     async def list_nodes(_: Admin) -> list[NodeInfo]:
-        return nodes.list_nodes(ctx)
+        return await off_loop(nodes.list_nodes, ctx)
 
     @app.get("/v1/routes", response_model=list[RouteInfo])
     async def list_routes(_: Admin) -> list[RouteInfo]:
-        return routes.list_routes(ctx)
+        return await off_loop(routes.list_routes, ctx)
 
     @app.delete("/v1/nodes/{name}", response_model=NodeInfo)
     async def remove_node(name: str, who: Admin) -> NodeInfo:
-        return nodes.remove_node(ctx, str(who.spiffe_id), name, _now())
+        return await off_loop(nodes.remove_node, ctx, str(who.spiffe_id), name, _now())
 
     @app.post("/v1/policy", response_model=PolicyInfo)
     async def apply_policy(req: PolicyApply, who: Admin) -> PolicyInfo:
-        return policies.apply_policy(ctx, str(who.spiffe_id), req, _now())
+        return await off_loop(policies.apply_policy, ctx, str(who.spiffe_id), req, _now())
 
     @app.get("/v1/policy", response_model=PolicyInfo)
     async def get_policy(_: Admin, version: Version | None = None) -> PolicyInfo:
-        return policies.show_policy(ctx, version)
+        return await off_loop(policies.show_policy, ctx, version)
 
     @app.get("/v1/policy/history", response_model=list[PolicyInfo])
     async def policy_history(_: Admin) -> list[PolicyInfo]:
-        return policies.policy_history(ctx)
+        return await off_loop(policies.policy_history, ctx)
 
     @app.post("/v1/agents", response_model=AgentIssued)
     async def issue_agent(req: AgentIssueRequest, who: Node) -> AgentIssued:
-        return agents.issue_agent(ctx, who, req, _now())
+        return await off_loop(agents.issue_agent, ctx, who, req, _now())
 
     @app.get("/v1/agents", response_model=list[AgentInfo])
     async def list_agents(who: AdminOrNode) -> list[AgentInfo]:
-        return agents.list_agents(ctx, who, _now())
+        return await off_loop(agents.list_agents, ctx, who, _now())
 
     @app.delete("/v1/agents/{agent_id}", response_model=AgentsEnded)
     async def end_agent(agent_id: str, who: AdminOrNode) -> AgentsEnded:
-        return agents.end_agent(ctx, who, agent_id, _now())
+        return await off_loop(agents.end_agent, ctx, who, agent_id, _now())
 
     @app.post("/v1/agents/revoke", response_model=AgentsEnded)
     async def revoke_principal(req: AgentRevokeRequest, who: Admin) -> AgentsEnded:
-        return agents.revoke_principal(ctx, who, req.principal, _now())
+        return await off_loop(agents.revoke_principal, ctx, who, req.principal, _now())
 
     @app.post("/v1/agents/{agent_id}/svid", response_model=WorkloadSvid)
     async def agent_svid(agent_id: str, who: Node) -> WorkloadSvid:
-        return workload.workload_svid(ctx, who, agent_id, _now())
+        return await off_loop(workload.workload_svid, ctx, who, agent_id, _now())
 
     @app.post("/v1/agents/{agent_id}/jwt", response_model=JwtSvid)
     async def agent_jwt(agent_id: str, req: JwtSvidRequest, who: Node) -> JwtSvid:
-        return workload.jwt_svid(ctx, who, agent_id, req.audience, _now())
+        return await off_loop(workload.jwt_svid, ctx, who, agent_id, req.audience, _now())
 
     @app.get("/v1/jwks")
     @app.get("/.well-known/jwks.json")
     async def jwks() -> dict[str, Any]:
-        return workload.jwks(ctx)
+        return await off_loop(workload.jwks, ctx)
 
     @app.get("/v1/audit", response_model=list[AuditEntry])
     async def audit(_: Admin, since: datetime | None = None, action: str | None = None,
                     principal: str | None = None, node: str | None = None, limit: Limit = 1000) -> list[AuditEntry]:
-        return audit_log.audit_entries(ctx, since, action, principal, node, limit)
+        return await off_loop(audit_log.audit_entries, ctx, since, action, principal, node, limit)
 
     @app.post("/v1/flows")
     async def post_flows(batch: FlowBatch, who: Node) -> dict[str, int]:
-        return {"recorded": flows.record_flows(ctx, who, batch, _now())}
+        return {"recorded": await off_loop(flows.record_flows, ctx, who, batch, _now())}
 
     @app.get("/v1/flows", response_model=list[FlowRecord])
     async def get_flows(_: Admin, denied: bool = False, principal: str | None = None,
                         node_name: Annotated[str | None, Query(alias="node")] = None,
                         limit: Limit = 1000) -> list[FlowRecord]:
-        return flows.find_flows(ctx, denied, principal, node_name, limit)
+        return await off_loop(flows.find_flows, ctx, denied, principal, node_name, limit)
 
     @app.post("/v1/renew", response_model=RenewResponse)
     async def renew(req: RenewRequest, who: Node) -> RenewResponse:
-        return enrollment.renew(ctx, who, req, _now())
+        return await off_loop(enrollment.renew, ctx, who, req, _now())
 
     @app.post("/v1/endpoints", response_model=PeerNode)
     async def endpoints(report: EndpointReport, request: Request, who: Node) -> PeerNode:
         observed = request.client.host if request.client else None
-        return node_reports.report_endpoints(ctx, who, report, observed, _now())
+        return await off_loop(node_reports.report_endpoints, ctx, who, report, observed, _now())
 
     # -- principals (SPEC §6) -----------------------------------------------------------------------------
     @app.post("/v1/login/approve", response_model=PrincipalInfo)
     async def approve_login(req: LoginApprove, request: Request, who: Admin) -> PrincipalInfo:
         source = request.client.host if request.client else "unknown"
-        return logins.approve_login(ctx, who, req, source, _now())
+        return await off_loop(logins.approve_login, ctx, who, req, source, _now())
 
     @app.post("/v1/login", response_model=LoginStarted)
     async def start_login(req: LoginStart, who: Node) -> LoginStarted:
@@ -311,31 +331,31 @@ def create_app(ctx: Context, max_body: int = DEFAULT_MAX_BODY) -> Any:
 
     @app.get("/v1/whoami", response_model=PrincipalInfo)
     async def whoami(who: User) -> PrincipalInfo:
-        return logins.whoami(ctx, who)
+        return await off_loop(logins.whoami, ctx, who)
 
     @app.post("/v1/logout", response_model=GrantsRevoked)
     async def logout(who: User) -> GrantsRevoked:
-        return logins.logout(ctx, who, _now())
+        return await off_loop(logins.logout, ctx, who, _now())
 
     @app.post("/v1/grants", response_model=GrantInfo)
     async def register_grant(req: GrantRegister, who: User) -> GrantInfo:
-        return grants.register_grant(ctx, who, req, _now())
+        return await off_loop(grants.register_grant, ctx, who, req, _now())
 
     @app.get("/v1/grants", response_model=list[GrantInfo])
     async def list_grants(who: AdminOrUser, principal: str | None = None) -> list[GrantInfo]:
-        return grants.list_grants(ctx, who, _now(), principal)
+        return await off_loop(grants.list_grants, ctx, who, _now(), principal)
 
     @app.post("/v1/grants/revoke", response_model=GrantsRevoked)
     async def revoke_principal_grants(req: GrantRevokeRequest, who: Admin) -> GrantsRevoked:
-        return grants.revoke_principal_grants(ctx, who, req.principal, _now())
+        return await off_loop(grants.revoke_principal_grants, ctx, who, req.principal, _now())
 
     @app.delete("/v1/grants/{grant_id}", response_model=GrantsRevoked)
     async def revoke_grant(grant_id: str, who: AdminOrUser) -> GrantsRevoked:
-        return grants.revoke_grant(ctx, who, grant_id, _now())
+        return await off_loop(grants.revoke_grant, ctx, who, grant_id, _now())
 
     @app.post("/v1/probe")
     async def probe(req: ProbeAsk, who: Node) -> dict[str, bool]:
-        return {"sent": stream.ask_probe(ctx, who.spiffe_id.name, req.peer)}
+        return {"sent": await off_loop(stream.ask_probe, ctx, who.spiffe_id.name, req.peer)}
 
     @app.get("/v1/netmap")
     async def netmap(who: Node, request: Request, since: Since | None = None) -> StreamingResponse:

@@ -22,6 +22,12 @@ def _main(argv: Sequence[str] | None) -> int:
         epilog="examples:\n"
         "  mesh-controller init --domain acme.mesh --data /var/lib/idmesh --url https://ctl.acme.internal:8443\n"
         "  mesh-controller serve --data /var/lib/idmesh --listen 0.0.0.0:8443\n\n"
+        "several controllers on one PostgreSQL database (SPEC §8):\n"
+        "  mesh-controller init --domain acme.mesh --data /var/lib/idmesh --url https://ctl-1:8443 \\\n"
+        "      --db postgresql://idmesh@db.acme.internal/idmesh\n"
+        "  scp ctl-1:/var/lib/idmesh/ca.key /root/ca.key   # the mesh CA key, over a channel you trust\n"
+        "  mesh-controller join --data /var/lib/idmesh --url https://ctl-2:8443 \\\n"
+        "      --db postgresql://idmesh@db.acme.internal/idmesh --ca-key /root/ca.key\n\n"
         "The data directory can also be given as IDMESH_DATA.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,7 +46,23 @@ def _main(argv: Sequence[str] | None) -> int:
                       help="IPv6 prefix length of each node's block (default /64)")
     init.add_argument("--node-cert-ttl", type=duration, default="24h", metavar="DURATION",
                       help="lifetime of node certificates (default 24h)")
+    init.add_argument("--db", metavar="URL", help="a PostgreSQL database (postgresql://USER[:PASS]@HOST[:PORT]/DB) "
+                      "holding no mesh yet, for several controllers (mesh-controller join); default: SQLite in DIR")
     init.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    join = sub.add_parser("join", help="add a controller replica to a mesh on PostgreSQL",
+                          description="Make DIR a replica of the mesh in the PostgreSQL database --db: it serves the "
+                          "whole API from the same database, with its own TLS certificate for --url and its own "
+                          "admin.conf. Replicas share the mesh CA's key: --ca-key is the first controller's ca.key "
+                          "(copied over a channel you trust; it is written 0600 and never stored in the database). "
+                          "Nodes learn of the new replica from their netmap stream.",
+                          formatter_class=p.formatter_class)
+    join.add_argument("--data", type=lambda s: env_path("", s), default=env_path("IDMESH_DATA", DEFAULT_DATA),
+                      help="data directory of this replica (env IDMESH_DATA; default %(default)s)")
+    join.add_argument("--db", required=True, metavar="URL", help="the mesh's PostgreSQL database")
+    join.add_argument("--url", required=True, help="how nodes reach this replica, https://HOST:PORT")
+    join.add_argument("--ca-key", required=True, type=Path, metavar="FILE", help="the mesh CA's private key")
+    join.add_argument("--json", action="store_true", help="print the result as JSON")
 
     srv = sub.add_parser("serve", help="run the HTTPS API (mTLS)",
                          description="Serve the controller API over TLS 1.3. Admin calls need the admin "
@@ -64,10 +86,16 @@ def _main(argv: Sequence[str] | None) -> int:
     srv.add_argument("--svid-ttl", type=duration, default="1h", metavar="DURATION",
                      help="longest life of an X509-SVID an agent gets from its node's SPIFFE Workload API; it is "
                      "signed again before it ends, and never outlives the agent (default %(default)s, at least 10s)")
+    srv.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="serve with N processes, to use N cores (PostgreSQL store only; default 1)")
+    srv.add_argument("--flow-retention", type=duration, default="7d", metavar="DURATION",
+                     help="how long flow records are kept (default %(default)s)")
     _oidc_parser(sub, p.formatter_class)
     args = p.parse_args(argv)
     if args.command == "serve" and args.svid_ttl < timedelta(seconds=10):
         p.error("--svid-ttl must be at least 10s")
+    if args.command == "serve" and not 1 <= args.workers <= 64:
+        p.error("--workers must be between 1 and 64")
 
     if args.command == "oidc":
         return _oidc(args)
@@ -75,7 +103,7 @@ def _main(argv: Sequence[str] | None) -> int:
         from .authority import default_url, init_data_dir
 
         result = init_data_dir(args.data, args.domain, args.url or default_url(), datetime.now(UTC),
-                               args.node_block_v4, args.node_block_v6, args.node_cert_ttl)
+                               args.node_block_v4, args.node_block_v6, args.node_cert_ttl, db=args.db)
         if args.json:
             print_json(result)
         else:
@@ -83,15 +111,31 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"  controller URL   {result['url']}")
             print(f"  CA fingerprint   sha256:{result['ca_fingerprint']}")
             print(f"  overlay          {result['prefix_v4']}  {result['prefix_v6']}")
+            print(f"  store            {result['database']}")
             print(f"  admin credential {result['admin_conf']} (keep it secret; meshctl reads it)")
             print(f"next: mesh-controller serve --data {args.data}")
         return 0
 
-    from .server import NatOptions, serve
+    if args.command == "join":
+        from .authority import join_data_dir
+
+        joined = join_data_dir(args.data, args.db, args.url, args.ca_key, datetime.now(UTC))
+        if args.json:
+            print_json(joined)
+        else:
+            print(f"joined mesh {joined['domain']} as {joined['url']}")
+            print(f"  controllers      {'  '.join(joined['controllers'])}")
+            print(f"  CA fingerprint   sha256:{joined['ca_fingerprint']}")
+            print(f"  admin credential {joined['admin_conf']}")
+            print(f"next: mesh-controller serve --data {args.data}")
+        return 0
+
+    from .server import NatOptions, ServeOptions, serve
 
     setup_logging()
     nat = NatOptions(None if args.no_stun else args.stun_listen, args.relay, args.relay_secret_file)
-    serve(args.data, args.listen, args.max_body, args.metrics, nat=nat, svid_ttl=args.svid_ttl)
+    serve(args.data, args.listen, ServeOptions(args.max_body, args.metrics, nat, args.svid_ttl, args.flow_retention,
+                                               args.workers))
     return 0
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
 from idmesh.metrics import Metrics
 from meshcore.addressing import MeshPrefixes
+from meshcore.errors import Conflict, Unavailable
 from meshcore.identity import CertificateAuthority, Identity, Kind, SpiffeId
 from meshcore.policy import Policy
 
@@ -47,6 +49,8 @@ class Settings:
     def read(cls, tx: Tx) -> Settings:
         meta = {k: tx.meta(k) or "" for k in ("domain", "url", "prefix_v4", "prefix_v6", "block_v4",
                                               "block_v6", "node_cert_ttl")}
+        if not meta["domain"]:
+            raise Unavailable("the controller database holds no mesh: run 'mesh-controller init' first")
         prefixes = MeshPrefixes(
             ipaddress.IPv4Network(meta["prefix_v4"]), ipaddress.IPv6Network(meta["prefix_v6"]),
             int(meta["block_v4"]), int(meta["block_v6"]),
@@ -95,16 +99,48 @@ class Context:
     """The longest life of an X509-SVID handed out through a Workload API (``serve --svid-ttl``)."""
     jwt_key: JwtKey | None = None
     """The JWT-SVID key, loaded (or made) the first time it is needed (controller.workload)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    """The event loop serving the API (set by ``serve``): what worker threads hand loop work to."""
+    flow_retention: timedelta = timedelta(days=7)
+    """How long flow records are kept (``serve --flow-retention``)."""
     flow_batches: int = 0
     """Flow batches recorded since start (:func:`controller.flows.record_flows` prunes every hundredth)."""
     """Client certificates already verified, by DER (:data:`controller.auth.VERIFIED_LEAVES`)."""
+
+    def on_loop(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the API's event loop (at once when there is none: a test, a command)."""
+        if self.loop is None or self.loop.is_closed():
+            callback()
+        else:
+            self.loop.call_soon_threadsafe(callback)
 
     @classmethod
     def open(cls, data: Path) -> Context:
         """The controller of the mesh in ``data`` (made by ``mesh-controller init``)."""
         ca = load_authority(data)
-        store = Store.open(DataDir(data).database)
-        with store.transaction() as tx:
-            settings = Settings.read(tx)
-            hub = NetmapHub.load(tx, settings.domain, settings.prefixes)
+        where, own_url = DataDir(data).replica()
+        store = Store.open(where)
+        try:
+            with store.transaction() as tx:
+                settings = Settings.read(tx)
+                _same_mesh(tx, ca, settings, store)
+                if own_url is not None:
+                    settings = replace(settings, url=own_url)
+                hub = NetmapHub.load(tx, settings.domain, settings.prefixes)
+        except BaseException:
+            store.close()
+            raise
         return cls(store, ca, settings, hub, data=data)
+
+
+def _same_mesh(tx: Tx, ca: CertificateAuthority, settings: Settings, store: Store) -> None:
+    """A replica whose CA or domain is not the database's is refused: it would sign for another mesh."""
+    stored = tx.meta("ca_fingerprint")
+    if stored is None:  # a store from before replicas: it learns its CA now
+        tx.set_meta("ca_fingerprint", ca.fingerprint)
+    elif stored != ca.fingerprint:
+        raise Conflict(f"the database {store.description} belongs to the mesh CA sha256:{stored}, not this data "
+                       f"directory's (sha256:{ca.fingerprint}): refusing to serve another mesh")
+    if ca.trust_domain != settings.domain:
+        raise Conflict(f"the database {store.description} is the mesh {settings.domain}, but this data directory's "
+                       f"CA is for {ca.trust_domain}: refusing to serve another mesh")

@@ -52,10 +52,8 @@ def report_endpoints(ctx: Context, ident: Identity, report: EndpointReport, obse
             tx.audit(now, str(ident.spiffe_id), "node.routes", str(ident.spiffe_id),
                      routes=list(routing.get("routes", [])))
         tx.set_node_routing(name, routing)
-        version = ctx.hub.bump(tx)
-        row = existing_node(tx, name)
-    peer = peer_node(row, prefixes)
-    ctx.hub.publish(version, upsert=(peer,))
+        peer = peer_node(existing_node(tx, name), prefixes)
+        ctx.hub.record_delta(tx, upsert=(peer,))
     return peer
 
 

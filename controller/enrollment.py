@@ -39,6 +39,7 @@ def enroll(ctx: Context, req: EnrollRequest, source: str, now: datetime) -> Enro
     public_key = load_csr(req.csr)
     s = ctx.settings
     with ctx.store.transaction() as tx:
+        tx.lock(f"token {token.id}")  # a single-use token spent on two replicas at once: only one enrolls
         row = tx.token(token.id)
         reason = _token_problem(row, req.token, now)
         if reason is None:
@@ -66,12 +67,11 @@ def enroll(ctx: Context, req: EnrollRequest, source: str, now: datetime) -> Enro
                      addresses=list(addresses), wireguard_public_key=req.wireguard_public_key)
             tx.audit(now, actor, "certificate.issued", str(sid), source, serial=serial,
                      not_after=cert.not_valid_after_utc)
-            version = ctx.hub.bump(tx)
+            ctx.hub.record_delta(tx, upsert=(peer_node(node, s.prefixes),))
     if reason is not None:
         _refuse(ctx, source, token.id, reason, now)
         raise InvalidToken(reason)
     ctx.metrics.identities_issued.labels("node").inc()
-    ctx.hub.publish(version, upsert=(peer_node(node, s.prefixes),))
     return EnrollResponse(
         domain=s.domain,
         certificate=cert_pem(cert),

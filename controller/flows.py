@@ -16,10 +16,11 @@ from meshcore.wire.api import FlowBatch, FlowRecord
 
 from .context import Context
 
-__all__ = ["FLOW_RETENTION", "MAX_FLOWS", "find_flows", "record_flows"]
+__all__ = ["FLOW_RETENTION", "MAX_FLOWS", "find_flows", "prune_flows", "record_flows"]
 
 FLOW_RETENTION = timedelta(days=7)
-"""How long a flow record is kept: the log is for asking who connected lately, not an archive."""
+"""How long a flow record is kept by default (``serve --flow-retention``): the log is for asking who
+connected lately, not an archive."""
 MAX_FLOWS = 1_000_000
 """At most this many records (a few hundred MB), whatever their age: every node may post 1,000 a second."""
 PRUNE_EVERY = 100
@@ -29,7 +30,7 @@ PRUNE_EVERY = 100
 def record_flows(ctx: Context, ident: Identity, batch: FlowBatch, now: datetime, *,
                  keep: int = MAX_FLOWS) -> int:
     """Store what the calling node saw; how many records. Every :data:`PRUNE_EVERY` batches, records
-    older than :data:`FLOW_RETENTION` and all but the newest ``keep`` go."""
+    older than the retention and all but the newest ``keep`` go (and hourly: :func:`prune_flows`)."""
     node = ident.spiffe_id.name
     rows = [(f.at, f.verdict, f.principal, f.model_copy(update={"node": node}).model_dump_json())
             for f in batch.flows]
@@ -37,8 +38,14 @@ def record_flows(ctx: Context, ident: Identity, batch: FlowBatch, now: datetime,
     with ctx.store.transaction() as tx:
         tx.insert_flows(node, rows)
         if ctx.flow_batches % PRUNE_EVERY == 0:
-            tx.prune_flows(now - FLOW_RETENTION, keep)
+            tx.prune_flows(now - ctx.flow_retention, keep)
     return len(rows)
+
+
+def prune_flows(ctx: Context, now: datetime, keep: int = MAX_FLOWS) -> int:
+    """Drop the records past the retention (a quiet mesh posts no batches to prune on); how many went."""
+    with ctx.store.transaction() as tx:
+        return tx.prune_flows(now - ctx.flow_retention, keep)
 
 
 def find_flows(ctx: Context, denied: bool, principal: str | None, node: str | None, limit: int) -> list[FlowRecord]:

@@ -28,7 +28,7 @@ from meshcore.grants import read_grant
 from meshcore.identity import Identity
 from meshcore.wire.api import GrantInfo, GrantRegister, GrantsRevoked
 
-from .agents import announce_ended, end_subtrees_locked
+from .agents import count_ended, end_subtrees_locked
 from .context import Context
 from .rows import GrantRow
 from .store import Tx
@@ -70,7 +70,7 @@ def revoke_grant(ctx: Context, caller: Identity, grant_id: str, now: datetime) -
         if row.revoked_at is not None:
             raise Conflict(f"grant {grant_id} was already revoked at {row.revoked_at.isoformat(timespec='seconds')}")
         ended = revoke_grants_locked(ctx, tx, str(caller.spiffe_id), [row], now)
-    announce_ended(ctx, ended, revoked=True)
+    count_ended(ctx, ended, revoked=True)
     return GrantsRevoked(grants=[grant_id], agents=ended)
 
 
@@ -79,7 +79,7 @@ def revoke_principal_grants(ctx: Context, caller: Identity, principal: str, now:
     with ctx.store.transaction() as tx:
         rows = [g for g in tx.grants(principal=principal) if g.revoked_at is None]
         ended = revoke_grants_locked(ctx, tx, str(caller.spiffe_id), rows, now)
-    announce_ended(ctx, ended, revoked=True)
+    count_ended(ctx, ended, revoked=True)
     return GrantsRevoked(grants=[g.id for g in rows], agents=ended)
 
 

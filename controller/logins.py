@@ -33,7 +33,7 @@ from meshcore.errors import InvalidInput, InvalidToken, NotFound, PermissionDeni
 from meshcore.identity import Claims, Identity, cert_pem, load_certificate, load_csr
 from meshcore.wire.api import GrantsRevoked, LoginApprove, LoginPoll, LoginStart, LoginStarted, PrincipalInfo
 
-from .agents import announce_ended
+from .agents import count_ended
 from .certificates import record_certificate, sign_timed
 from .context import Context
 from .grants import revoke_grants_locked
@@ -241,6 +241,7 @@ def approve_login(ctx: Context, caller: Identity, req: LoginApprove, source: str
     ctx.limiter.check(source, now)
     actor = str(caller.spiffe_id)
     with ctx.store.transaction() as tx:
+        tx.lock("login approvals")  # one code approved on two replicas at once: one certificate
         row = tx.pending_login_by_code(_code_hash(req.code), now)
         done = _issue(ctx, tx, row, req.principal, actor, now, via=f"approval by {actor}") if row else None
         if row is not None:
@@ -251,8 +252,8 @@ def approve_login(ctx: Context, caller: Identity, req: LoginApprove, source: str
             tx.audit(now, actor, "login.refused", None, source, reason="no pending login has this code")
         raise InvalidToken(f"no login is waiting for code {req.code!r} (wrong, already used or expired)")
     event = ctx.approvals.get(done.id)
-    if event is not None:
-        event.set()
+    if event is not None:  # a device polling this replica: woken on its loop (this runs in a worker thread)
+        ctx.on_loop(event.set)
     assert done.serial is not None and done.certificate is not None
     return _principal_info(ctx, req.principal, done.node, done.serial, done.certificate)
 
@@ -279,5 +280,5 @@ def logout(ctx: Context, caller: Identity, now: datetime) -> GrantsRevoked:
                  node=caller.claims.node)
         rows = [g for g in tx.grants(signer=caller.serial_hex) if g.revoked_at is None]
         ended = revoke_grants_locked(ctx, tx, actor, rows, now)
-    announce_ended(ctx, ended, revoked=True)
+    count_ended(ctx, ended, revoked=True)
     return GrantsRevoked(grants=[g.id for g in rows], agents=ended)

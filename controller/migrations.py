@@ -167,4 +167,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE nodes ADD COLUMN mcp_ports TEXT NOT NULL DEFAULT '[]';
     """,
+    # 11: several controllers (SPEC §8, issue 14) — the mesh's one ordered change log, which every replica tails
+    # (change_seq numbers it; netmap_version stays the version of the last netmap delta), and the replicas' URLs
+    """
+    CREATE TABLE changes (
+        seq BIGINT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        node TEXT,
+        about TEXT,
+        line TEXT NOT NULL
+    );
+    CREATE TABLE controllers (url TEXT PRIMARY KEY, joined_at TEXT NOT NULL);
+    INSERT INTO controllers(url, joined_at) SELECT value, '' FROM meta WHERE key = 'url';
+    INSERT INTO meta(key, value) SELECT 'change_seq', value FROM meta WHERE key = 'netmap_version';
+    """,
 ]

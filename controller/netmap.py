@@ -1,12 +1,22 @@
 """Fan-out of the netmap: the mesh-wide map, its version, recent deltas, and
 one queue per connected node.
 
-Versions are persisted with the change they describe (``bump`` runs inside
-the registry's transaction), so they only grow, across restarts too. The
-last :data:`HISTORY` deltas are kept in memory: a node reconnecting with a
-version among them gets just the deltas it missed, anyone else a full map.
-A subscriber whose queue overflows (a node too slow to read) is switched to
-a full resync instead of holding the controller's memory hostage: deltas,
+Every change is written to the mesh's change log (the ``changes`` table)
+inside the transaction that makes it (``record_*``), as the very line the
+streams will carry, numbered by one counter whose row stays locked until
+the commit: the log's order is the commit order, on every replica. A hub
+never publishes what it wrote itself; it applies the log, in order, as
+:class:`controller.follow.Follower` reads it (:meth:`NetmapHub.apply`), so
+one replica and five see the same sequence, and a node that moves to
+another replica continues from its ``since``. The netmap version is the
+number of the last delta (policy and agent changes take numbers too, so
+delta versions are increasing, not consecutive).
+
+The last :data:`HISTORY` deltas are kept in memory (and in the log, so a
+replica starting up has them too): a node reconnecting with a version among
+them gets just the deltas it missed, anyone else a full map. A subscriber
+whose queue overflows (a node too slow to read) is switched to a full
+resync instead of holding the controller's memory hostage: deltas,
 policies and agent updates alike, so what an unread stream holds is at most
 :data:`QUEUE_LIMIT` messages (a policy's line is shared by every queue). A
 resync sends the agents whole, and a node reconciles its own agents with
@@ -24,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshcore.addressing import MeshPrefixes
@@ -42,26 +53,36 @@ from meshcore.wire.stream import (
 from .rows import NodeRow, PolicyRow
 from .store import Tx
 
-__all__ = ["KEEPALIVE", "STREAMS_PER_NODE", "NetmapHub", "Outgoing", "Subscription", "peer_node", "policy_doc"]
+__all__ = ["KEEPALIVE", "STREAMS_PER_NODE", "NetmapHub", "Outgoing", "Subscription", "log_change", "log_delta", "peer_node",
+           "policy_doc"]
 
 HISTORY = 4096
 QUEUE_LIMIT = 1024
-_VERSION_KEY = "netmap_version"  # in the store's meta table
+_VERSION_KEY = "netmap_version"  # in the store's meta table: the last delta's number
+CHANGE_KEY = "change_seq"  # the change log's counter
+CHANNEL = "idmesh_changes"
+"""PostgreSQL's NOTIFY channel: a replica that committed a change wakes the others' followers at once."""
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A stream message and its line, serialised once for every subscriber."""
+    """A stream line, serialised once for every subscriber (and once for the change log)."""
 
-    message: StreamMessage
     line: bytes
 
     @classmethod
     def of(cls, message: StreamMessage) -> Outgoing:
-        return cls(message, message.model_dump_json(exclude_none=True).encode() + b"\n")
+        return cls(message.model_dump_json(exclude_none=True).encode() + b"\n")
+
+    @property
+    def message(self) -> StreamMessage:
+        return StreamMessage.model_validate_json(self.line)
 
 
 KEEPALIVE = Outgoing.of(StreamMessage(type="keepalive"))
+PRUNE_EVERY = 1000
+KEEP_CHANGES = 20_000
+"""Changes kept in the log besides the last :data:`HISTORY` deltas: a replica further behind reloads."""
 STREAMS_PER_NODE = 4
 """Open streams one node may hold at once."""
 _OPENED = itertools.count(1)
@@ -80,28 +101,101 @@ class Subscription:
 
 
 class NetmapHub:
-    def __init__(self, domain: str, prefixes: tuple[str, ...], version: int, nodes: dict[str, PeerNode]) -> None:
+    def __init__(self, domain: str, prefixes: tuple[str, ...], version: int, nodes: dict[str, PeerNode],
+                 applied: int = 0, controllers: tuple[str, ...] = ()) -> None:
         self.domain = domain
         self.prefixes = prefixes
         self.version = version
         self.nodes = nodes
+        self.applied = applied
+        """The number of the last change of the log applied here."""
+        self.committed = 0
+        """The number of the last change this process committed (what its callers wait to see applied)."""
+        self.controllers = controllers
         self._history: deque[NetmapDelta] = deque(maxlen=HISTORY)
         self._subscribers: set[Subscription] = set()
         self.policy: PolicyDoc | None = None
         self._policy_out: Outgoing | None = None  # the policy's line, made once per version
+        self.on_commit: Callable[[], None] = lambda: None
+        """Called, in the committing thread, after each change this process wrote (wakes the follower)."""
 
     @classmethod
     def load(cls, tx: Tx, domain: str, prefixes: MeshPrefixes) -> NetmapHub:
-        """The hub as the store left it: its version, every node, the policy in force."""
+        """The hub as the store left it: its version and history, every node, the policy in force.
+
+        The log's number is read first: a change committed while the rest is
+        read is applied again by the follower, which changes nothing (a node
+        upserted twice is the same node, a delta already had is skipped).
+        """
+        applied = int(tx.meta(CHANGE_KEY) or 0)
         version = int(tx.meta(_VERSION_KEY) or 0)
         nodes = {row.name: peer_node(row, prefixes) for row in tx.nodes()}
-        hub = cls(domain, (str(prefixes.v4), str(prefixes.v6)), version, nodes)
+        hub = cls(domain, (str(prefixes.v4), str(prefixes.v6)), version, nodes, applied, tuple(tx.controllers()))
+        for line in tx.recent_deltas(HISTORY):
+            delta = StreamMessage.model_validate_json(line).delta
+            if delta is not None and delta.version <= version:
+                hub._history.append(delta)
         hub.policy = policy_doc(tx.policy())
         return hub
 
+    def reload(self, fresh: NetmapHub) -> None:
+        """Start again from ``fresh``, loaded from the store (the log was pruned past what this hub applied):
+        every stream is sent whole again."""
+        self.version, self.nodes, self.applied, self.controllers = (fresh.version, fresh.nodes, fresh.applied,
+                                                                    fresh.controllers)
+        self._history, self.policy, self._policy_out = fresh._history, fresh.policy, None
+        for sub in self._subscribers:
+            sub.resync = True
+            sub.queue.put_nowait(KEEPALIVE)
+
+    # -- writing: inside the transaction that makes the change --------------------------------------
+    def record_delta(self, tx: Tx, upsert: tuple[PeerNode, ...] = (), remove: tuple[str, ...] = (),
+                     controllers: tuple[str, ...] | None = None) -> int:
+        """Log a change of the map; its number is the new netmap version."""
+        return self._mine(tx, log_delta(tx, upsert, remove, controllers))
+
+    def record_policy(self, tx: Tx, doc: PolicyDoc) -> int:
+        return self._mine(tx, log_change(tx, "policy", StreamMessage(type="policy", policy=doc)))
+
+    def record_agents(self, tx: Tx, update: AgentUpdate) -> int:
+        return self._mine(tx, log_change(tx, "agents", StreamMessage(type="agents", agents=update)))
+
+    def record_for(self, tx: Tx, node: str, message: StreamMessage) -> int:
+        """Log a message for ``node``'s streams alone, whichever replica holds them (a call-me-maybe)."""
+        return self._mine(tx, log_change(tx, "node", message, node))
+
+    def _mine(self, tx: Tx, seq: int) -> int:
+        def committed() -> None:
+            self.committed = max(self.committed, seq)
+            self.on_commit()
+
+        tx.committed.append(committed)
+        return seq
+
+    # -- applying: the log, in order -------------------------------------------------------------------
+    def apply(self, seq: int, kind: str, node: str | None, line: str) -> None:
+        """Apply change ``seq`` of the log, the next after :attr:`applied` (see :class:`controller.follow.Follower`)."""
+        if seq <= self.applied:
+            return
+        self.applied = seq
+        out = Outgoing(line.encode())
+        if kind == "delta":
+            delta = out.message.delta
+            if delta is not None and delta.version > self.version:
+                self._publish(delta, out)
+        elif kind == "policy":
+            doc = out.message.policy
+            if doc is not None:
+                self.publish_policy(doc, out)
+        elif kind == "agents":
+            self._to_everyone(out)
+        elif kind == "node" and node is not None:
+            self._to_node(node, out)
+
     # -- the map ------------------------------------------------------------
     def full(self) -> Netmap:
-        return Netmap(version=self.version, domain=self.domain, prefixes=self.prefixes, nodes=dict(self.nodes))
+        return Netmap(version=self.version, domain=self.domain, prefixes=self.prefixes, nodes=dict(self.nodes),
+                      controllers=self.controllers)
 
     def since(self, version: int) -> list[NetmapDelta] | None:
         """The deltas after ``version``, or None when only a full map will do."""
@@ -111,23 +205,22 @@ class NetmapHub:
             return None
         return [d for d in self._history if d.base >= version]
 
-    def bump(self, tx: Tx) -> int:
-        """Reserve the next version inside the transaction making the change."""
-        stored = int(tx.meta(_VERSION_KEY) or 0)
-        nxt = max(stored, self.version) + 1
-        tx.set_meta(_VERSION_KEY, str(nxt))
-        return nxt
-
     def publish(self, version: int, upsert: tuple[PeerNode, ...] = (), remove: tuple[str, ...] = ()) -> NetmapDelta:
-        """After the commit: update the map and send the delta to every subscriber."""
+        """Update the map and send the delta to every subscriber (what applying a logged delta does)."""
         delta = NetmapDelta(base=self.version, version=version, upsert=upsert, remove=remove)
-        for name in remove:
+        self._publish(delta, Outgoing.of(StreamMessage(type="delta", delta=delta)))
+        return delta
+
+    def _publish(self, delta: NetmapDelta, message: Outgoing) -> None:
+        for name in delta.remove:
             self.nodes.pop(name, None)
-        for node in upsert:
+        for node in delta.upsert:
             self.nodes[node.name] = node
-        self.version = version
+        if delta.controllers is not None:
+            self.controllers = delta.controllers
+        self.version = delta.version
         self._history.append(delta)
-        message = Outgoing.of(StreamMessage(type="delta", delta=delta))
+        remove = delta.remove
         for sub in list(self._subscribers):
             if sub.node in remove:
                 sub.closed = True  # a removed node's stream ends; its certificate is revoked
@@ -136,11 +229,10 @@ class NetmapHub:
                 sub.resync = True
             elif not sub.resync:
                 sub.queue.put_nowait(message)
-        return delta
 
-    def publish_policy(self, doc: PolicyDoc) -> None:
+    def publish_policy(self, doc: PolicyDoc, line: Outgoing | None = None) -> None:
         """A new policy version goes to everyone at once; it is final."""
-        self.policy, self._policy_out = doc, None
+        self.policy, self._policy_out = doc, line
         message = self.policy_message()
         assert message is not None
         self._to_everyone(message)
@@ -157,14 +249,12 @@ class NetmapHub:
         is about. A node too far behind to hear it within a second gets the whole list instead (see above)."""
         self._to_everyone(Outgoing.of(StreamMessage(type="agents", agents=update)))
 
-    def send_to(self, node: str, message: StreamMessage) -> bool:
-        """Queue ``message`` for ``node``'s open streams only (a call-me-maybe); False when it has none."""
+    def _to_node(self, node: str, outgoing: Outgoing) -> None:
+        """Queue ``outgoing`` for ``node``'s open streams on this replica only."""
         subs = [s for s in self._subscribers if s.node == node and not s.closed]
-        outgoing = Outgoing.of(message)
         for sub in subs:
             if sub.queue.qsize() < QUEUE_LIMIT:
                 sub.queue.put_nowait(outgoing)
-        return bool(subs)
 
     def _to_everyone(self, message: Outgoing) -> None:
         """Queue ``message`` for every subscriber; one whose queue is full is resynced instead."""
@@ -198,6 +288,31 @@ class NetmapHub:
     @property
     def connected(self) -> int:
         return len(self._subscribers)
+
+
+def log_delta(tx: Tx, upsert: tuple[PeerNode, ...] = (), remove: tuple[str, ...] = (),
+              controllers: tuple[str, ...] | None = None) -> int:
+    """Log a change of the map in ``tx``; its number is the new netmap version."""
+    seq = tx.next_counter(CHANGE_KEY)
+    base = int(tx.meta(_VERSION_KEY) or 0)  # read under the counter's lock: the last delta committed
+    tx.set_meta(_VERSION_KEY, str(seq))
+    delta = NetmapDelta(base=base, version=seq, upsert=upsert, remove=remove, controllers=controllers)
+    _insert(tx, seq, "delta", StreamMessage(type="delta", delta=delta), None)
+    return seq
+
+
+def log_change(tx: Tx, kind: str, message: StreamMessage, node: str | None = None) -> int:
+    """Log ``message`` (a policy, agents, or for ``node`` alone) in ``tx``; its number in the log."""
+    seq = tx.next_counter(CHANGE_KEY)
+    _insert(tx, seq, kind, message, node)
+    return seq
+
+
+def _insert(tx: Tx, seq: int, kind: str, message: StreamMessage, node: str | None) -> None:
+    tx.insert_change(seq, kind, node, None, Outgoing.of(message).line.decode())
+    tx.notify(CHANNEL)
+    if seq % PRUNE_EVERY == 0:
+        tx.prune_changes(seq - KEEP_CHANGES, HISTORY)
 
 
 def peer_node(row: NodeRow, prefixes: MeshPrefixes) -> PeerNode:

@@ -50,7 +50,7 @@ def list_nodes(ctx: Context) -> list[NodeInfo]:
 
 def remove_node(ctx: Context, actor: str, name: str, now: datetime) -> NodeInfo:
     """Remove a node: its certificates revoked, and its live agents revoked everywhere with it."""
-    from .agents import announce_ended, end_subtrees_locked  # (agents imports this module)
+    from .agents import count_ended, end_subtrees_locked  # (agents imports this module)
 
     with ctx.store.transaction() as tx:
         row = existing_node(tx, name)
@@ -61,7 +61,6 @@ def remove_node(ctx: Context, actor: str, name: str, now: datetime) -> NodeInfo:
         sid = str(ctx.settings.spiffe_id("node", name))
         tx.audit(now, actor, "node.removed", sid, certificates_revoked=revoked)
         tx.audit(now, actor, "certificate.revoked", sid, serial=row.cert_serial, reason="node removed")
-        version = ctx.hub.bump(tx)
-    ctx.hub.publish(version, remove=(name,))
-    announce_ended(ctx, ended, revoked=True)
+        ctx.hub.record_delta(tx, remove=(name,))
+    count_ended(ctx, ended, revoked=True)
     return node_info(ctx.settings, row)

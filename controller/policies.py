@@ -33,6 +33,7 @@ def apply_policy(ctx: Context, actor: str, req: PolicyApply, now: datetime) -> P
         raise InvalidInput(f"{len(failures)} policy test(s) fail, first: {failures[0]}")
     digest = hashlib.sha256(req.text.encode()).hexdigest()
     with ctx.store.transaction() as tx:
+        tx.lock("policy")  # two replicas applying at once: the second sees the first's version
         current = tx.policy()
         if current is not None and current.hash == digest:
             return _policy_info(current, unchanged=True)
@@ -43,9 +44,9 @@ def apply_policy(ctx: Context, actor: str, req: PolicyApply, now: datetime) -> P
             f"v{current.version if current else 0}", f"v{row.version}"))
         tx.audit(now, actor, "policy.applied", f"policy v{row.version}", hash=digest, filename=req.filename,
                  diff=diff[:20000])
-    doc = policy_doc(row)
-    assert doc is not None
-    ctx.hub.publish_policy(doc)
+        doc = policy_doc(row)
+        assert doc is not None
+        ctx.hub.record_policy(tx, doc)
     return _policy_info(row)
 
 

@@ -18,13 +18,16 @@ by :data:`TLS_HANDSHAKE_TIMEOUT` (uvicorn does not pass the event loop's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,12 +37,13 @@ import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from idmesh.metrics import serve_metrics
-from meshcore.errors import InvalidInput, Unavailable
+from meshcore.errors import IdmeshError, InvalidInput, Unavailable
 
-from . import gauges
+from . import flows, gauges
 from .api import TLS_EXTENSION, create_app
 from .authority import DataDir
 from .context import Context, NatSettings
+from .follow import Follower
 from .middleware import DEFAULT_MAX_BODY
 from .stun import start_stun
 
@@ -177,55 +181,123 @@ def _nat_settings(options: NatOptions, api_host: str, url: str) -> tuple[NatSett
     return NatSettings(stun=advertised, relay=relay, relay_secret=secret), stun_bind
 
 
-async def _serve_all(server: uvicorn.Server, sock: socket.socket, stun_bind: tuple[str, int] | None) -> None:
+async def _serve_all(ctx: Context, server: uvicorn.Server, sock: socket.socket, follower: Follower,
+                     stun_bind: tuple[str, int] | None) -> None:
+    ctx.loop = asyncio.get_running_loop()
     transports = await start_stun(*stun_bind) if stun_bind else []
+    tasks = [asyncio.create_task(follower.run(), name="follow"), asyncio.create_task(_prune(ctx), name="prune")]
     try:
         await server.serve(sockets=[sock])
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for transport, _ in transports:
             transport.close()
 
 
-def serve(data: Path, listen: str, max_body: int = DEFAULT_MAX_BODY, metrics: str | None = None,
-          middleware: Sequence[Callable[[Any], Any]] = (), nat: NatOptions | None = None,
-          svid_ttl: timedelta = timedelta(hours=1)) -> None:
-    """Serve the API until SIGTERM; ``middleware`` wraps it in more ASGI layers (the last one outermost)."""
+async def _prune(ctx: Context) -> None:
+    """Flow records past their retention go hourly, whether or not nodes post any."""
+    while True:
+        try:
+            await asyncio.to_thread(flows.prune_flows, ctx, datetime.now(UTC))
+        except IdmeshError as exc:
+            logging.getLogger("idmesh.controller").warning("cannot prune the flow log: %s", exc)
+        await asyncio.sleep(3600)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    max_body: int = DEFAULT_MAX_BODY
+    metrics: str | None = None
+    nat: NatOptions | None = None
+    svid_ttl: timedelta = timedelta(hours=1)
+    flow_retention: timedelta = flows.FLOW_RETENTION
+    workers: int = 1
+
+
+def serve(data: Path, listen: str, options: ServeOptions = ServeOptions(),
+          middleware: Sequence[Callable[[Any], Any]] = ()) -> None:
+    """Serve the API until SIGTERM; ``middleware`` wraps it in more ASGI layers (the last one outermost).
+
+    With ``workers`` > 1 (a PostgreSQL store only) the listening socket is made first and that many
+    processes serve it, each a replica of its own that follows the change log: the kernel spreads the
+    connections, and enrollment and agent issuance use every core. The first process supervises the
+    others and is the one with STUN and metrics.
+    """
     host, port = parse_listen(listen)
-    ctx = Context.open(data)
-    ctx.nat, stun_bind = _nat_settings(nat or NatOptions(), host, ctx.settings.url)
-    ctx.svid_ttl = svid_ttl
-    if metrics:
-        gauges.watch(ctx)
-        serve_metrics(ctx.metrics, metrics)
-    ssl_ctx = server_ssl_context(data)
-    app = create_app(ctx, max_body)
-    for layer in middleware:
-        app = layer(app)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        http=_ClientCertProtocol,
-        ws="none",
-        lifespan="off",
-        log_level="warning",
-        log_config=None,  # its loggers write through ours (idmesh.logs): JSON lines, one per error
-        ssl_context_factory=lambda _config, _default: ssl_ctx,
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
+    where, _ = DataDir(data).replica()
+    if options.workers > 1 and not isinstance(where, str):
+        raise InvalidInput("--workers needs a PostgreSQL store (mesh-controller init --db postgresql://...): "
+                           "SQLite has one writer")
     try:
         sock = _bind(host, port)
     except OSError as exc:
-        ctx.store.close()
         raise Unavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
-    logging.getLogger("idmesh.controller").info(
-        "controller for %s listening on https://%s:%d", ctx.settings.domain, host, port
-    )
+    children = [_fork_worker(data, host, sock, options, middleware) for _ in range(options.workers - 1)]
     try:
+        _worker(data, host, sock, options, middleware, first=True)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _fork_worker(data: Path, host: str, sock: socket.socket, options: ServeOptions,
+                 middleware: Sequence[Callable[[Any], Any]]) -> int:
+    """A worker process (before any thread or connection exists in this one: fork copies neither well)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first process decides when everyone stops
+        _worker(data, host, sock, options, middleware, first=False)
+    except IdmeshError as exc:
+        logging.getLogger("idmesh.controller").error("worker %d: %s", os.getpid(), exc)
+        code = 1
+    except BaseException:
+        logging.getLogger("idmesh.controller").exception("worker %d failed", os.getpid())
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _worker(data: Path, host: str, sock: socket.socket, options: ServeOptions,
+            middleware: Sequence[Callable[[Any], Any]], first: bool) -> None:
+    ctx = Context.open(data)
+    try:
+        ctx.nat, stun_bind = _nat_settings(options.nat or NatOptions(), host, ctx.settings.url)
+        ctx.svid_ttl, ctx.flow_retention = options.svid_ttl, options.flow_retention
+        if options.metrics and first:
+            gauges.watch(ctx)
+            serve_metrics(ctx.metrics, options.metrics)
+        ssl_ctx = server_ssl_context(data)
+        follower = Follower(ctx)
+        app = create_app(ctx, options.max_body, follower.settle)
+        for layer in middleware:
+            app = layer(app)
+        config = uvicorn.Config(
+            app,
+            http=_ClientCertProtocol,
+            ws="none",
+            lifespan="off",
+            log_level="warning",
+            log_config=None,  # its loggers write through ours (idmesh.logs): JSON lines, one per error
+            ssl_context_factory=lambda _config, _default: ssl_ctx,
+            timeout_graceful_shutdown=2,
+        )
+        server = uvicorn.Server(config)
+        if first:
+            logging.getLogger("idmesh.controller").info(
+                "controller for %s listening on %s (%s, %d worker(s))", ctx.settings.domain, ctx.settings.url,
+                ctx.store.description.split(" ", 1)[0], options.workers)
         # uvloop: its TLS and transports are C, about a third of the CPU per enrollment.
         with asyncio.Runner(loop_factory=_Loop) as runner:
-            runner.run(_serve_all(server, sock, stun_bind))
+            runner.run(_serve_all(ctx, server, sock, follower, stun_bind if first else None))
     finally:
         ctx.store.close()
 

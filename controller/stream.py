@@ -55,7 +55,7 @@ async def open_stream(ctx: Context, node: str, since: int | None, clock: Callabl
     sub = ctx.hub.subscribe(node, protocol)
     try:
         backlog = ctx.hub.since(since) if since is not None else None
-        first = _everything(ctx, backlog, clock(), node)
+        first = await _everything(ctx, backlog, clock(), node)
         async for line in _lines(ctx, sub, first, clock):
             yield line
     finally:
@@ -73,14 +73,19 @@ def nat_config(ctx: Context, node: str, now: datetime) -> NatConfig:
     return NatConfig(stun=nat.stun, relay=relay)
 
 
-def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datetime, node: str) -> list[Outgoing]:
-    """What a node needs to be whole: policy first, then the map, then the agents (and its NAT help)."""
+async def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datetime, node: str) -> list[Outgoing]:
+    """What a node needs to be whole: policy first, then the map, then the agents (and its NAT help).
+
+    The policy and the map are the hub's as the node subscribed (the loop changes them, so they are read
+    on it); the agents are read from the store off the loop, and any change of them committed meanwhile
+    is queued for the node as well, which a node applies twice harmlessly."""
     hub = ctx.hub
     policy = hub.policy_message()
     out = [policy] if policy is not None else []
     out += ([Outgoing.of(StreamMessage(type="delta", delta=d)) for d in deltas] if deltas is not None
             else [Outgoing.of(StreamMessage(type="full", full=hub.full()))])
-    out.append(Outgoing.of(StreamMessage(type="agents", agents=agent_update_full(ctx, now))))
+    agents = await asyncio.to_thread(agent_update_full, ctx, now)
+    out.append(Outgoing.of(StreamMessage(type="agents", agents=agents)))
     if ctx.nat.stun or ctx.nat.relay:
         out.append(Outgoing.of(StreamMessage(type="nat", nat=nat_config(ctx, node, now))))
     return out
@@ -96,7 +101,7 @@ async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
             while not sub.queue.empty():
                 sub.queue.get_nowait()
             sub.resync = False
-            for message in _everything(ctx, None, clock(), sub.node):
+            for message in await _everything(ctx, None, clock(), sub.node):
                 yield message.line
             continue
         try:
@@ -114,10 +119,11 @@ async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
 
 
 def ask_probe(ctx: Context, caller: str, peer: str) -> bool:
-    """Call me maybe: ``caller`` is probing ``peer``'s candidates; tell ``peer`` to probe back at once.
-
-    False when ``peer`` has no open stream (it will probe when it connects).
-    """
+    """Call me maybe: ``caller`` is probing ``peer``'s candidates; tell ``peer`` to probe back at once,
+    through the change log, so the replica holding ``peer``'s stream sends it (a peer with no open stream
+    probes when it connects). True: the request is on its way."""
     if peer == caller or peer not in ctx.hub.nodes:
         raise NotFound(f"no node named {peer!r} to probe")
-    return ctx.hub.send_to(peer, StreamMessage(type="probe", probe=ProbeRequest(peer=caller)))
+    with ctx.store.transaction() as tx:
+        ctx.hub.record_for(tx, peer, StreamMessage(type="probe", probe=ProbeRequest(peer=caller)))
+    return True

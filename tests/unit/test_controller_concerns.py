@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from controller import agents, auth, enrollment, policies
 from controller.authority import init_data_dir
 from controller.context import Context
+from controller.follow import apply_pending
 from controller.tokens import create_token
 from meshcore.errors import InvalidToken
 from meshcore.identity import Identity, build_csr
@@ -30,6 +31,7 @@ POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.yaml").read
 def ctx(tmp_path: Path) -> Iterator[Context]:
     init_data_dir(tmp_path / "data", "acme.mesh", "https://127.0.0.1:8443", NOW)
     c = Context.open(tmp_path / "data")
+    c.hub.on_commit = lambda: apply_pending(c)  # what the follower does in a running controller
     yield c
     c.store.close()
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "controller"
 PLUMBING = {"store", "rows", "migrations", "authority", "netmap", "ratelimit", "middleware", "oidc", "stun"}
 CONCERNS = {"auth", "tokens", "enrollment", "nodes", "endpoints", "policies", "routes", "agents", "flows", "audit",
             "gauges", "stream", "certificates", "logins", "grants", "workload"}
-TOP = {"api", "server", "cli"}
+TOP = {"api", "server", "cli", "follow"}
 FORBIDDEN = ("meshd", "deploy", "meshctl")
 
 

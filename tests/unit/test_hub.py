@@ -8,6 +8,7 @@ runs a loop to show that a waiting subscriber is woken.
 from __future__ import annotations
 
 import asyncio
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,12 @@ import pytest
 import controller.netmap as hubmod
 from controller.netmap import NetmapHub, Subscription
 from controller.store import Store
+from meshcore.addressing import MeshPrefixes
 from meshcore.netmap import NodeView
 from meshcore.wire.stream import NetmapDelta, PeerNode, StreamMessage
 
 PREFIXES = ("100.64.0.0/10", "fd7a:1:2::/48")
+MESH = MeshPrefixes(IPv4Network(PREFIXES[0]), IPv6Network(PREFIXES[1]), 26, 64)
 
 
 def node(i: int, port: int = 51820) -> PeerNode:
@@ -90,20 +93,51 @@ def test_after_a_restart_there_is_no_history_but_the_current_version_is_up_to_da
 
 # -- versions ----------------------------------------------------------------------------------
 
-def test_bump_grows_from_the_stored_version_and_is_kept_by_the_store(tmp_path: Path) -> None:
+def _follow(h: NetmapHub, store: Store) -> None:
+    """What a controller's follower does: apply the log after the hub's last change, in order."""
+    with store.transaction() as tx:
+        for seq, kind, node_name, _about, line in tx.changes_after(h.applied, 1000):
+            h.apply(seq, kind, node_name, line)
+
+
+def test_the_change_log_numbers_every_change_and_deltas_chain_across_the_others(tmp_path: Path) -> None:
+    from meshcore.wire.stream import AgentUpdate
+
     store = Store.open(tmp_path / "c.db", create=True)
     try:
         h = hub(0)
+        sub = h.subscribe("n1")
         with store.transaction() as tx:
-            v1 = h.bump(tx)
-        h.publish(v1, upsert=(node(1),))
+            v1 = h.record_delta(tx, upsert=(node(1),))
         with store.transaction() as tx:
-            v2 = h.bump(tx)
-        h.publish(v2, upsert=(node(2),))
-        assert (v1, v2) == (1, 2)
+            h.record_agents(tx, AgentUpdate(revoked=("a1",)))
         with store.transaction() as tx:
-            assert tx.meta("netmap_version") == "2"
-            assert hub(2).bump(tx) == 3  # a restarted controller continues, never reuses a version
+            v3 = h.record_delta(tx, upsert=(node(2),))
+        assert drain(sub) == [] and h.version == 0  # nothing is published before the log is applied
+        _follow(h, store)
+        assert [m.type for m in drain(sub)] == ["delta", "agents", "delta"]
+        assert (v1, v3, h.version, h.applied) == (1, 3, 3, 3)
+        assert h.since(1) == [NetmapDelta(base=1, version=3, upsert=(node(2),))]
+        with store.transaction() as tx:  # another replica (or a restart) starts from the store: same history
+            other = NetmapHub.load(tx, "acme.mesh", MESH)
+        assert other.since(1) == h.since(1) and other.since(0) == h.since(0) and other.applied == 3
+        with store.transaction() as tx:
+            assert other.record_delta(tx, remove=("n1",)) == 4  # never reuses a number
+        _follow(h, store)
+        assert h.version == 4 and "n1" not in h.nodes
+    finally:
+        store.close()
+
+
+def test_a_change_rolled_back_is_never_published(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "c.db", create=True)
+    try:
+        h = hub(0)
+        with pytest.raises(RuntimeError), store.transaction() as tx:
+            h.record_delta(tx, upsert=(node(1),))
+            raise RuntimeError("a later step failed")
+        _follow(h, store)
+        assert h.version == 0 and h.committed == 0 and not h.nodes
     finally:
         store.close()
 
