@@ -6,7 +6,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv openssl wireguard-go wireguard-tools nftables iproute2 iputils-ping iperf3 procps kmod \
-	openssh-server systemd coturn faketime
+	openssh-server systemd coturn faketime postgresql-15
 # The test OpenID provider (tests/oidc, panva's oidc-provider) runs on Node.js >= 20. The machine image has
 # Node.js 20 and npm (NodeSource's nodejs package); only where there is no node at all are Debian's taken
 # (Debian 12's nodejs is 18: too old for oidc-provider 9, the oidc tests then say so).

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meshcore.errors import IdmeshError, PermissionDenied
+from meshcore.errors import IdmeshError
 from meshcore.identity import Identity, cert_pem
 from meshcore.wire import MIN_PROTOCOL, PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
 from meshcore.wire.api import (
@@ -134,7 +134,7 @@ class AuthenticateFirst:
             der = scope.get("extensions", {}).get(TLS_EXTENSION, {}).get("client_cert")
             try:  # (its revocation check is a query: off the event loop)
                 scope[_IDENTITY] = await asyncio.to_thread(auth.authenticate, self.ctx, der, _now())
-            except PermissionDenied as exc:
+            except IdmeshError as exc:  # refused, or the store is unavailable (503)
                 await JSONResponse({"error": str(exc)}, status_code=exc.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

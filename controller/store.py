@@ -665,18 +665,19 @@ class _PostgresStore(Store):
             conninfo = psycopg.conninfo.make_conninfo(url, connect_timeout="5", application_name="idmesh-controller")
         except psycopg.ProgrammingError as exc:
             raise InvalidInput(f"invalid --db URL {redact(url)}: {_pg_reason(exc)}") from exc
+        # check: a connection is tried before it is handed out (one round trip), so after PostgreSQL restarts
+        # no call meets a connection the server already closed
+        try:  # one direct attempt first: it says why (the pool would retry, log, and say only "timed out")
+            psycopg.connect(conninfo).close()
+        except psycopg.Error as exc:
+            raise Unavailable(f"cannot reach the controller database {redact(url)}: {_pg_reason(exc)}") from exc
         pool = ConnectionPool(conninfo, min_size=1, max_size=POOL_SIZE, kwargs={"autocommit": True},
-                              open=False, timeout=10, reconnect_timeout=0)
+                              open=False, timeout=10, check=ConnectionPool.check_connection)
         try:
             pool.open(wait=True, timeout=10)
         except Exception as exc:
             pool.close()
-            reason = _pg_reason(exc)
-            try:  # the pool says only that it timed out: one direct attempt says why
-                psycopg.connect(conninfo).close()
-            except psycopg.Error as direct:
-                reason = _pg_reason(direct)
-            raise Unavailable(f"cannot reach the controller database {redact(url)}: {reason}") from exc
+            raise Unavailable(f"cannot reach the controller database {redact(url)}: {_pg_reason(exc)}") from exc
         store = cls(pool, url, conninfo)
         try:
             store._migrate()

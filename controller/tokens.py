@@ -23,7 +23,9 @@ def create_token(ctx: Context, actor: str, req: TokenCreateRequest, now: datetim
     if req.owner and req.tags:
         # As in Tailscale: a tagged node belongs to the mesh, not to a person.
         raise InvalidInput("a node is either owned by a principal (--owner) or tagged (--tag), not both")
-    token = new_token(ctx.settings.url, ctx.ca.fingerprint)
+    # every replica, this one first: a node enrolls through any that answers, and keeps the list
+    urls = (ctx.settings.url, *(u for u in ctx.hub.controllers if u != ctx.settings.url))
+    token = new_token(ctx.settings.url, ctx.ca.fingerprint, urls=urls)
     line = token.encode()
     row = TokenRow(token.id, token_hash(line), sorted(set(req.tags)), req.owner, req.reusable, now,
                    now + timedelta(seconds=req.ttl_seconds), 0, actor)

@@ -15,6 +15,7 @@ errors (cryptography, sqlite, ssl, httpx) are mapped at the boundary with
     │   └── Outdated                a peer speaks a protocol this one no longer serves
     ├── PermissionDenied            credential missing or not allowed (5)
     ├── Unavailable                 the controller or a daemon cannot be reached (6)
+    │   └── Unreachable             not even connected: the request never left, another replica may take it
     └── Exhausted                   the overlay address space is full (7)
 
 ``status`` is the HTTP status the API answers with for that error class.
@@ -37,6 +38,7 @@ __all__ = [
     "PolicyError",
     "RateLimited",
     "Unavailable",
+    "Unreachable",
     "error_for_status",
 ]
 
@@ -101,6 +103,15 @@ class RateLimited(PermissionDenied):
 class Unavailable(IdmeshError):
     exit_code = 6
     status = 503
+
+
+class Unreachable(Unavailable):
+    """No connection to that controller could be made (refused, no route, handshake failed or timed out).
+
+    The request was never sent, so it is safe to send it to another
+    controller replica (SPEC §8); an error after the request left is
+    plain :class:`Unavailable`, as the controller may have acted on it.
+    """
 
 
 class Exhausted(IdmeshError):

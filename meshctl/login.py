@@ -89,7 +89,8 @@ def _login(args: argparse.Namespace) -> int:
         if login["mode"] == "oidc":  # the embedded mode's poll waits at the controller itself
             time.sleep(interval)
     me = Principal.save(user_state(), key_pem(key), polled["certificate"], contact["ca"],
-                        principal=polled["principal"], controller=contact["url"], domain=contact["domain"],
+                        principal=polled["principal"], controller=contact["url"],
+                        controllers=tuple(contact.get("urls") or ()), domain=contact["domain"],
                         device=answer["device"], not_after=datetime.fromisoformat(polled["not_after"]))
     if args.json:
         print_json(_describe(me))

@@ -6,7 +6,7 @@ directory of the user's own (0700)::
     principal.key   the Ed25519 key, made here by meshctl login (0600)
     principal.crt   the principal certificate: spiffe://<domain>/user/<domain>/<local>
     ca.crt          the mesh CA, as the node trusts it
-    login.json      principal, controller URL, trust domain, device, expiry
+    login.json      principal, controller URL(s), trust domain, device, expiry
 
 With it meshctl speaks to the controller directly (mTLS with the principal
 certificate) to register and revoke grants and to log out; nothing here
@@ -53,6 +53,8 @@ class Principal:
     domain: str
     device: str
     not_after: datetime
+    controllers: tuple[str, ...] = ()
+    """Every controller replica's URL, in the order to try (SPEC §8); empty (an older login): ``controller``."""
 
     @property
     def key_file(self) -> Path:
@@ -87,11 +89,14 @@ class Principal:
         directory = directory or user_state()
         try:
             doc = json.loads((directory / "login.json").read_text())
+            listed = doc.get("controllers", [])
+            if not isinstance(listed, list) or not all(isinstance(url, str) for url in listed):
+                raise ValueError("controllers is not a list of URLs")
             me = cls(directory, doc["principal"], doc["controller"], doc["domain"], doc["device"],
-                     datetime.fromisoformat(doc["not_after"]))
+                     datetime.fromisoformat(doc["not_after"]), tuple(listed))
         except FileNotFoundError as exc:
             raise NotFound(f"not logged in (no {directory / 'login.json'}): run meshctl login") from exc
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidInput(f"{directory / 'login.json'} is damaged: run meshctl login again") from exc
         if valid and datetime.now(UTC) >= me.not_after:
             raise PermissionDenied(f"the login of {me.principal} expired at {me.not_after.isoformat(timespec='seconds')}:"
@@ -103,7 +108,7 @@ class Principal:
         from idmesh.client import ControllerClient, client_ssl_context
 
         ctx = client_ssl_context(self.ca_file.read_text(), cert_file=self.cert_file, key_file=self.key_file)
-        return ControllerClient(self.controller, ctx)
+        return ControllerClient(self.controllers or self.controller, ctx)
 
     def forget(self) -> None:
         for path in (self.key_file, self.cert_file, self.ca_file, self.directory / "login.json"):

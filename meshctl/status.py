@@ -10,7 +10,7 @@ from idmesh.cli import print_json
 from .connect import meshd, socket_option
 from .output import ago, table
 
-__all__ = ["register"]
+__all__ = ["controller_line", "register"]
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,8 +29,7 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     me, ctl = status["self"], status["controller"]
     print(f"{me['name']}  {' '.join(me['addresses'])}  {me['owner'] or ','.join('tag:' + t for t in me['tags'])}")
-    state = "connected" if ctl["connected"] else f"disconnected ({ctl.get('last_error') or 'connecting'})"
-    print(f"controller {ctl['url']}: {state}, netmap version {ctl['netmap_version']}")
+    print(controller_line(ctl))
     offset = ctl.get("clock_offset_seconds")
     if offset is not None and abs(offset) > 31:  # CLOCK_SKEW and the 1 s of a Date header (not imported: startup)
         print(f"warning: the controller's clock is {abs(offset):.0f} s {'ahead of' if offset > 0 else 'behind'} "
@@ -44,6 +43,18 @@ def _status(args: argparse.Namespace) -> int:
           ["PEER", "ADDRESSES", "PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX", "LAST PROBE"])
     _routing(status.get("routing") or {})
     return 0
+
+
+def controller_line(ctl: dict[str, Any]) -> str:
+    """``controller https://ctl-2:8443 (2 of 3): connected, netmap version 42``; the place in the list only
+    when there are several replicas (an older meshd names none: then it is one)."""
+    url, urls = ctl["url"], ctl.get("urls") or [ctl["url"]]
+    if url not in urls:  # a replica that left the mesh, streamed from until it fails
+        place = f" (not among the {len(urls)} listed)"
+    else:
+        place = f" ({urls.index(url) + 1} of {len(urls)})" if len(urls) > 1 else ""
+    state = "connected" if ctl["connected"] else f"disconnected ({ctl.get('last_error') or 'connecting'})"
+    return f"controller {url}{place}: {state}, netmap version {ctl['netmap_version']}"
 
 
 def _routing(routing: dict[str, Any]) -> None:

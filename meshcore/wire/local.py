@@ -81,6 +81,8 @@ class ControllerContact(TypedDict):
     """How a principal reaches the controller itself (grants, logout): its URL, trust domain and CA (PEM)."""
 
     url: str
+    urls: NotRequired[list[str]]
+    """Every controller replica's URL in the order to try (SPEC §8); absent from an older meshd: only ``url``."""
     domain: str
     ca: str
 
@@ -143,6 +145,9 @@ class PolicyInForce(TypedDict):
 
 class ControllerLink(TypedDict):
     url: str
+    """The controller streamed from, or (disconnected) the one tried next."""
+    urls: NotRequired[list[str]]
+    """Every controller replica's URL in the order tried (SPEC §8); absent from an older meshd: only ``url``."""
     connected: bool
     protocol: int | None
     """The wire protocol spoken on the stream (None: not connected yet)."""

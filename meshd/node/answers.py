@@ -99,6 +99,7 @@ def status(node: Node) -> Status:
                    "local": len(node.supervisor.local) if node.supervisor else 0},
         "controller": {
             "url": node.session.url,
+            "urls": list(node.session.urls),
             "connected": node.session.connected,
             "protocol": node.session.protocol,
             "netmap_version": view.version if view else None,

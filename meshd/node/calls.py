@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from meshcore.errors import Unavailable
+from meshcore.errors import Unavailable, Unreachable
 
 __all__ = ["ControllerCalls"]
 
@@ -96,7 +96,8 @@ class ControllerCalls:
         self._idle: list[_Connection] = []
 
     async def request(self, method: str, path: str, body: object = None) -> tuple[int, bytes]:
-        """The answer's status and body; Unavailable when the controller cannot be reached or answer."""
+        """The answer's status and body; Unavailable when the controller cannot be reached or answer
+        (:class:`~meshcore.errors.Unreachable` when no connection could be made: nothing was sent)."""
         payload = b"" if body is None else json.dumps(body).encode()
         request = (f"{method} {path} HTTP/1.1\r\n{self._head}Content-Type: application/json\r\n"
                    f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
@@ -115,9 +116,10 @@ class ControllerCalls:
                     continue  # closed while idle: the request never reached the controller
                 raise Unavailable(f"controller {self.url}: {exc}") from exc
             except (OSError, TimeoutError, httptools.HttpParserError) as exc:
-                if conn is not None:
-                    conn.close()
-                raise Unavailable(f"controller {self.url}: {_reason(exc, connected=conn is not None)}") from exc
+                if conn is None:  # not connected: the request was never sent, another replica may take it
+                    raise Unreachable(f"controller {self.url}: {_reason(exc, connected=False)}") from exc
+                conn.close()
+                raise Unavailable(f"controller {self.url}: {_reason(exc, connected=True)}") from exc
             if reusable and len(self._idle) < KEEP_IDLE:
                 self._idle.append(conn)
             else:

@@ -106,10 +106,11 @@ class Daemon:
                              underlay_changed=lambda why: self.session.reconnect(why))
         self.firewall = NftFirewall(settings.interface, flow_log=settings.flow_log)
         self.session = ControllerSession(
-            self.state, self.record.controller, version=lambda: self.mesh.version,
+            self.state, self.record.urls, version=lambda: self.mesh.version,
             on_full=self.mesh.on_full, on_delta=self.mesh.on_delta, on_policy=self.mesh.on_policy,
             on_agents=self._on_agents, endpoints=self._endpoint_report,
             on_nat=self.nat.set_config, on_probe=lambda probe: self.nat.probe_requested(probe.peer),
+            on_controllers=self._controllers_changed,
         )
         self.api = LocalApi(settings.socket, self)
         self._principals = dict(settings.principal_map)
@@ -147,6 +148,14 @@ class Daemon:
                 self._spawn(self.supervisor.revoked(update.revoked))
             if update.full:  # a (re)connected or resynced stream: revocations it missed are not in it
                 self._spawn(self.supervisor.reconcile())
+
+    def _controllers_changed(self, urls: tuple[str, ...]) -> None:
+        """The controller replicas changed: node.json keeps them, so a restarted meshd can reach any of them."""
+        self.record = self.record.with_controllers(urls)
+        try:
+            self.state.write_record(self.record)
+        except IdmeshError as exc:  # the session knows them still; only a restart would forget them
+            log.warning("the controller replicas are not kept: %s", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self._tasks.spawn(coro)
@@ -315,8 +324,8 @@ class Daemon:
         assert isinstance(started, dict)
         self._logins[str(started["id"])] = caller.uid
         return {"login": started, "device": self.name,
-                "controller": {"url": self.record.controller, "domain": self.record.domain,
-                               "ca": self.state.ca_cert.read_text()}}
+                "controller": {"url": self.session.url, "urls": list(self.session.urls),
+                               "domain": self.record.domain, "ca": self.state.ca_cert.read_text()}}
 
     async def poll_login(self, caller: Caller, login_id: str) -> dict[str, Any]:
         """One poll of a login, by the user who started it (a login is nobody else's to finish)."""
@@ -380,12 +389,17 @@ class Daemon:
             self.name, s.interface, self.record.addresses, self._route_private, self.offer,
             self.record.mesh_prefixes, mark_mask=agentnet.table.field.mask,
             agent_marks=lambda: {a: slot.mark for a, slot in agentnet.slots.items()},
-            set_route_interfaces=agentnet.set_route_interfaces, bypass=controller_bypass(self.record.controller),
+            set_route_interfaces=agentnet.set_route_interfaces, bypass=self._controllers_bypass(),
             wireguard=s.wireguard, mesh_endpoints=self._mesh_endpoints)
         if s.flow_log:
             self.flowlog = FlowLog(lambda address: self.mesh.whois(address, recent=True), self.session.call)
             assert self._loop is not None
             self.flowlog.start(self._loop)
+
+    def _controllers_bypass(self) -> tuple[str, ...]:
+        """Every controller replica's addresses (those known at start; a replica learnt later counts from the
+        next start), kept out of this node's own exit routes."""
+        return tuple(sorted({prefix for url in self.session.urls for prefix in controller_bypass(url)}))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -446,6 +460,7 @@ class Daemon:
             await asyncio.to_thread(self.agentnet.close)
         if self.discovery is not None:
             await self.discovery.stop()
+        self.session.close()
         self.mesh.write_snapshot(force=True)
         await asyncio.to_thread(device.close)
         await asyncio.to_thread(self.firewall.close)

@@ -3,7 +3,9 @@
 Keys are generated here, in memory, and written only after the controller
 has accepted the enrollment, so a refused token changes nothing on disk.
 The controller's CA is trusted only if its fingerprint is the one the token
-pins; the identity key is proven by the CSR's signature.
+pins; the identity key is proven by the CSR's signature. A token naming
+several controller replicas is tried at each in turn, and the record keeps
+them all (SPEC §8).
 """
 
 from __future__ import annotations
@@ -46,19 +48,20 @@ def enroll(token_line: str, state: StateDir, name: str | None = None, force: boo
                        "use --force to enroll again with new keys")
     state.ensure()
 
-    ca_pem = fetch_ca(token.url, token.ca_fingerprint)
+    ca_pem = fetch_ca(token.urls, token.ca_fingerprint)
     node_key = ed25519.Ed25519PrivateKey.generate()
     wg_private = generate_private_key()
     wg_public = public_key_of(wg_private)
     request = EnrollRequest(token=token_line.strip(), csr=build_csr(node_key), wireguard_public_key=wg_public,
                             name=name)
-    with ControllerClient(token.url, client_ssl_context(ca_pem)) as client:
+    with ControllerClient(token.urls, client_ssl_context(ca_pem)) as client:
         answer = EnrollResponse.model_validate(client.request("POST", "/v1/enroll", request.model_dump()))
     record = NodeRecord(
         name=answer.node.name,
         domain=answer.domain,
         spiffe_id=answer.node.spiffe_id,
         controller=token.url,
+        controllers=token.urls,
         ca_fingerprint=token.ca_fingerprint,
         owner=answer.node.owner,
         tags=tuple(answer.node.tags),

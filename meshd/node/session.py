@@ -1,10 +1,16 @@
 """meshd's link to the controller: the netmap stream, endpoint reports and
-certificate renewal, with reconnection.
+certificate renewal, with reconnection and failover between replicas.
 
 The protocol logic (what a message does to the view) is in
 :class:`meshcore.netmap.NodeView`; this module only moves bytes and waits.
 A lost connection changes nothing on the data plane: the interface keeps
 its peers until the controller says otherwise.
+
+With several controller replicas (SPEC §8) a stream that ends or cannot
+open moves to the next replica after the delay :class:`meshcore.failover.Failover`
+says; every full map, and a delta when it changed, tells the list anew.
+A request that could not even connect goes to the next replica; one that
+was sent is not sent again elsewhere.
 """
 
 from __future__ import annotations
@@ -13,10 +19,9 @@ import asyncio
 import email.utils
 import json
 import logging
-import random
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import httpx
@@ -26,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from idmesh.client import answer_error, client_ssl_context
 from idmesh.local import error_of_answer
-from meshcore.errors import IdmeshError, Unavailable
+from meshcore.errors import IdmeshError, Unavailable, Unreachable
+from meshcore.failover import Failover, tried_in_order, usable_urls
 from meshcore.identity import CLOCK_SKEW, build_csr
 from meshcore.netmap import ResyncNeeded
 from meshcore.wire import PROTOCOL, PROTOCOL_HEADER, SUPPORTED_HEADER
@@ -45,7 +51,7 @@ from meshcore.wire.stream import (
 from meshd.node.calls import ControllerCalls
 from meshd.node.state import StateDir, write_private
 
-__all__ = ["Backoff", "ControllerSession"]
+__all__ = ["ControllerSession"]
 
 log = logging.getLogger("meshd.node.session")
 
@@ -63,32 +69,25 @@ def clock_offset(date: str | None, now: datetime) -> float | None:
     return (theirs - now).total_seconds() if theirs.tzinfo is not None else None
 
 
-@dataclass
-class Backoff:
-    """Jittered exponential back-off: base·2ⁿ capped, times a factor in [0.5, 1.5)."""
-
-    base: float = 0.5
-    cap: float = 30.0
-    attempt: int = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2 ** self.attempt)
-        self.attempt += 1
-        return float(delay * (0.5 + random.random()))
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class ControllerSession:
-    def __init__(self, state: StateDir, url: str, version: Callable[[], int | None],
+    """The link to the controller at ``url``: one URL, or every replica's in the order to try.
+
+    ``on_controllers`` hears the replicas' URLs whenever the controller's
+    list changes, to keep them across restarts.
+    """
+
+    def __init__(self, state: StateDir, url: str | Sequence[str], version: Callable[[], int | None],
                  on_full: Callable[[Netmap], None], on_delta: Callable[[NetmapDelta], None],
                  on_policy: Callable[[PolicyDoc], None], on_agents: Callable[[AgentUpdate], None],
                  endpoints: Callable[[], Awaitable[EndpointReport]],
                  on_nat: Callable[[NatConfig], None] = lambda _: None,
-                 on_probe: Callable[[ProbeRequest], None] = lambda _: None) -> None:
+                 on_probe: Callable[[ProbeRequest], None] = lambda _: None,
+                 on_controllers: Callable[[tuple[str, ...]], None] = lambda _: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.state = state
-        self.url = url.rstrip("/")
+        self._failover = Failover([url] if isinstance(url, str) else url)
+        self._on_controllers = on_controllers
+        self._clock = clock
         self._version = version
         self._on_full = on_full
         self._on_delta = on_delta
@@ -103,17 +102,36 @@ class ControllerSession:
         self.clock_offset: float | None = None  # the controller's clock minus ours, seconds (its Date header)
         self._ca = state.ca_cert.read_text()
         self._ssl = self._context()
-        self._calls: ControllerCalls | None = None
+        self._calls: dict[str, ControllerCalls] = {}  # kept connections, by controller URL
         self._streaming: asyncio.Future[None] | None = None
         self._reconnecting: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The controller streamed from, or the one to be tried next while there is no stream."""
+        return self._failover.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every controller replica's URL, in the order to try."""
+        return self._failover.urls
 
     def _context(self) -> ssl.SSLContext:
         return client_ssl_context(self._ca, cert_file=self.state.node_cert, key_file=self.state.node_key)
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self, url: str | None = None) -> httpx.AsyncClient:
         timeout = httpx.Timeout(10.0, read=READ_TIMEOUT)
-        return httpx.AsyncClient(base_url=self.url, verify=self._ssl, timeout=timeout, trust_env=False,
+        return httpx.AsyncClient(base_url=url or self.url, verify=self._ssl, timeout=timeout, trust_env=False,
                                  headers={PROTOCOL_HEADER: str(PROTOCOL)})
+
+    def _learn(self, urls: Sequence[str]) -> None:
+        """The controller's list of replicas; an empty one (or one of nothing usable) leaves ours as it is."""
+        if not self._failover.learn(usable_urls(urls)):
+            return
+        log.info("controller replicas: %s", " ".join(self.urls))
+        for gone in [url for url in self._calls if url not in self.urls and url != self.url]:
+            self._calls.pop(gone).close()
+        self._on_controllers(self.urls)
 
     def reconnect(self, why: str) -> None:
         """Drop the stream and connect again now: the underlay changed (a NAT forgot this node, say).
@@ -127,11 +145,10 @@ class ControllerSession:
             self._streaming.cancel()
 
     async def run(self) -> None:
-        """Stay connected forever; every failure is logged once and retried."""
-        backoff = Backoff()
+        """Stay connected forever; every failure is logged once and retried, at the next replica if any."""
         while True:
             delay: float | None = None
-            self._streaming = asyncio.ensure_future(self._stream(backoff))
+            self._streaming = asyncio.ensure_future(self._stream())
             try:
                 await self._streaming
                 self.last_error = "the controller closed the stream"
@@ -142,8 +159,13 @@ class ControllerSession:
                     raise  # meshd is stopping
                 self.last_error, self._reconnecting, delay = self._reconnecting, None, 0.0
             self.connected = False
-            delay = backoff.next() if delay is None else delay
-            log.warning("controller %s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
+            failed = self.url
+            if delay is None:  # (a reconnect() stays with the same controller, at once)
+                delay = self._failover.failed(self._clock())
+            if self.url == failed:
+                log.warning("controller %s: %s; reconnecting in %.1f s", failed, self.last_error, delay)
+            else:
+                log.warning("controller %s: %s; trying %s in %.1f s", failed, self.last_error, self.url, delay)
             await asyncio.sleep(delay)
 
     def _check_clock(self, date: str | None) -> None:
@@ -168,7 +190,7 @@ class ControllerSession:
             return None
         return f"the controller's clock is {abs(offset):.0f} s {'ahead of' if offset > 0 else 'behind'} this node's"
 
-    async def _stream(self, backoff: Backoff) -> None:
+    async def _stream(self) -> None:
         async with self._client() as http:
             # fields at their defaults (no MCP ports, say) are left out: an older controller still takes it
             await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
@@ -182,7 +204,7 @@ class ControllerSession:
                 self._check_clock(resp.headers.get("date"))
                 self.connected = True
                 self.last_error = None
-                backoff.reset()
+                self._failover.connected(self._clock())
                 log.info("connected to controller %s (protocol %d, it supports %s)", self.url, self.protocol,
                          resp.headers.get(SUPPORTED_HEADER, "2"))
                 skipped: set[str] = set()
@@ -193,8 +215,11 @@ class ControllerSession:
     def _dispatch(self, message: StreamMessage, skipped: set[str]) -> None:
         """One stream message to its handler; a type this node does not know (a newer controller's) is skipped."""
         if message.type == "full" and message.full is not None:
+            self._learn(message.full.controllers)
             self._on_full(message.full)
         elif message.type == "delta" and message.delta is not None:
+            if message.delta.controllers is not None:
+                self._learn(message.delta.controllers)
             self._on_delta(message.delta)
         elif message.type == "policy" and message.policy is not None:
             self._on_policy(message.policy)
@@ -211,13 +236,37 @@ class ControllerSession:
 
     async def call(self, method: str, path: str, body: object = None) -> object:
         """One request to the controller with the node certificate, on a kept-alive
-        connection: an agent's birth must not pay for a TLS handshake (:mod:`meshd.node.calls`)."""
-        if self._calls is None:
-            self._calls = ControllerCalls(self.url, self._ssl, {PROTOCOL_HEADER: str(PROTOCOL)})
-        status, data = await self._calls.request(method, path, body)
-        if status >= 400:
-            raise error_of_answer(status, data, "controller")
-        return json.loads(data)
+        connection: an agent's birth must not pay for a TLS handshake (:mod:`meshd.node.calls`).
+
+        It goes to the replica streamed from; only when no connection can be made
+        to that one does it go to the next (nothing was sent, so nothing is done twice).
+        """
+        refused: Unreachable | None = None
+        for url in tried_in_order(self.urls, self.url):
+            if url not in self._calls:
+                self._calls[url] = ControllerCalls(url, self._ssl, {PROTOCOL_HEADER: str(PROTOCOL)})
+            try:
+                status, data = await self._calls[url].request(method, path, body)
+            except Unreachable as exc:
+                refused = refused or exc  # the error of the one streamed from says the most
+                continue
+            if status >= 400:
+                raise error_of_answer(status, data, "controller")
+            return json.loads(data)
+        assert refused is not None
+        raise refused
+
+    async def _post_anywhere(self, path: str, body: object) -> object:
+        """POST to the replica streamed from, or to the next ones while none can be connected to."""
+        refused: httpx.HTTPError | None = None
+        for url in tried_in_order(self.urls, self.url):
+            async with self._client(url) as http:
+                try:
+                    return await self._post(http, path, body)
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not connected: nothing was sent
+                    refused = refused or exc
+        assert refused is not None
+        raise refused
 
     async def report_endpoints(self) -> None:
         """Tell the controller where we are now (e.g. after an address change); Unavailable when it cannot be reached.
@@ -225,8 +274,7 @@ class ControllerSession:
         (The stream reports again when it reconnects, so a report lost here is only late.)
         """
         try:
-            async with self._client() as http:
-                await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
+            await self._post_anywhere("/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
         except httpx.HTTPError as exc:
             raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
 
@@ -246,17 +294,19 @@ class ControllerSession:
     async def renew(self) -> None:
         key = serialization.load_pem_private_key(self.state.node_key.read_bytes(), password=None)
         assert isinstance(key, ed25519.Ed25519PrivateKey)
-        async with self._client() as http:
-            answer = RenewResponse.model_validate(
-                await self._post(http, "/v1/renew", RenewRequest(csr=build_csr(key)).model_dump())
-            )
+        answer = RenewResponse.model_validate(
+            await self._post_anywhere("/v1/renew", RenewRequest(csr=build_csr(key)).model_dump()))
         write_private(self.state.node_cert, answer.certificate, 0o644)
         self._ssl = self._context()
-        if self._calls is not None:  # the kept connections still present the old certificate
-            self._calls.close()
-            self._calls = None
+        self.close()  # the kept connections still present the old certificate
         cert = x509.load_pem_x509_certificate(answer.certificate.encode())
         log.info("node certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())
+
+    def close(self) -> None:
+        """Close the connections kept for calls (the certificate changed, or meshd stops)."""
+        for calls in self._calls.values():
+            calls.close()
+        self._calls.clear()
 
     @staticmethod
     async def _post(http: httpx.AsyncClient, path: str, body: object) -> object:

@@ -7,6 +7,7 @@ Layout (the directory 0700, keys 0600)::
     ca.crt      the mesh CA, pinned by the enrollment token's fingerprint
     wg.key      WireGuard private key (base64, as ``wg genkey`` writes it)
     node.json   what the controller said about this node (name, block, ...)
+                and every controller replica's URL, kept up to date from the netmap
 
 Files are written to a temporary name and renamed into place, keys created
 with mode 0600 from the start, so a crash never leaves a half-written file
@@ -16,6 +17,7 @@ and a key is never readable by others, not even for a moment.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,13 +34,20 @@ __all__ = ["NodeRecord", "StateDir", "write_private"]
 
 
 class NodeRecord(BaseModel):
-    """What the controller said about this node at enrollment (node.json)."""
+    """What the controller said about this node at enrollment (node.json), and where the controllers are now.
+
+    An older meshd reads ``controller`` and ignores ``controllers``; a
+    record it wrote has no ``controllers``, and :attr:`urls` is then just
+    its ``controller``.
+    """
 
     model_config = ConfigDict(frozen=True)
     name: str
     domain: str
     spiffe_id: str
-    controller: str = Field(description="the controller URL from the token")
+    controller: str = Field(description="the first controller URL to try (the token's at enrollment)")
+    controllers: tuple[str, ...] = Field(default=(), description="every controller replica's URL in the order to "
+                                         "try, ``controller`` first (SPEC §8); empty: only ``controller``")
     ca_fingerprint: str
     owner: str | None
     tags: tuple[str, ...]
@@ -47,6 +56,16 @@ class NodeRecord(BaseModel):
     mesh_prefixes: tuple[str, str]
     wireguard_public_key: str
     enrolled_at: datetime
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.controllers or (self.controller,)
+
+    def with_controllers(self, urls: Sequence[str]) -> NodeRecord:
+        """This record naming ``urls`` (not empty); ``controller`` becomes their first, for an older meshd."""
+        if not urls:
+            raise ValueError("a node record names at least one controller")
+        return self.model_copy(update={"controller": urls[0], "controllers": tuple(urls)})
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,13 @@ class StateDir:
             write_private(self.wg_key, wg_private + "\n")
             write_private(self.ca_cert, ca_pem, 0o644)
             write_private(self.node_cert, cert_pem, 0o644)
+        except OSError as exc:
+            raise PermissionDenied(f"cannot write to the state directory {self.path}: {exc.strerror or exc}") from exc
+        self.write_record(record)
+
+    def write_record(self, record: NodeRecord) -> None:
+        """Replace node.json whole (a crash leaves the old one or the new one)."""
+        try:
             write_private(self.record, record.model_dump_json(indent=2) + "\n", 0o644)
         except OSError as exc:
             raise PermissionDenied(f"cannot write to the state directory {self.path}: {exc.strerror or exc}") from exc

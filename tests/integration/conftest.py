@@ -2,7 +2,9 @@
 
 Each test gets its own data directory and port; the controller runs as a
 subprocess (``mesh-controller serve``) exactly as a user starts it, and is
-killed by PID when the test ends, passing or failing.
+killed by PID when the test ends, passing or failing. Every test that
+takes the ``controller`` fixture runs twice: on SQLite and on PostgreSQL
+(a database of its own in the session's cluster, tests/pg.py).
 """
 
 from __future__ import annotations
@@ -10,16 +12,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests import pg
+from tests.pg import Cluster
+from tests.prerequisites import require
 
 BIN = Path(sys.executable).parent
 
@@ -65,6 +73,8 @@ class Controller:
     env: dict[str, str] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
     stun: int = field(default_factory=free_udp_pair)
+    db: str | None = None
+    """The PostgreSQL database's URL (None: SQLite in ``data``)."""
 
     def start(self) -> None:
         with self.log.open("ab") as logf:
@@ -99,14 +109,26 @@ class Controller:
     def token(self, *args: str) -> str:
         return cli("meshctl", "token", "create", *args, env=self.env, check=True).stdout.strip()
 
+    def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` (``?`` placeholders) read straight from the store, whichever engine it is."""
+        if self.db is None:
+            with closing(sqlite3.connect(self.data / "controller.db")) as db:
+                return db.execute(sql, args).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.db) as conn:
+            return [tuple(r) for r in conn.execute(sql.replace("%", "%%").replace("?", "%s"), args).fetchall()]
+
 
 @contextmanager
-def running_controller(data: Path, log: Path) -> Iterator[Controller]:
-    """A new mesh in ``data`` (acme.mesh) and its controller on a free loopback port, killed on the way out."""
+def running_controller(data: Path, log: Path, db: str | None = None) -> Iterator[Controller]:
+    """A new mesh in ``data`` (acme.mesh; its store SQLite there, or the PostgreSQL database ``db``) and its
+    controller on a free loopback port, killed on the way out."""
     port = free_port()
     url = f"https://127.0.0.1:{port}"
-    cli("mesh-controller", "init", "--domain", "acme.mesh", "--data", str(data), "--url", url, check=True)
-    c = Controller(data, port, url, log, env={"IDMESH_ADMIN": str(data / "admin.conf")})
+    cli("mesh-controller", "init", "--domain", "acme.mesh", "--data", str(data), "--url", url,
+        *(("--db", db) if db else ()), check=True)
+    c = Controller(data, port, url, log, env={"IDMESH_ADMIN": str(data / "admin.conf")}, db=db)
     c.start()
     try:
         yield c
@@ -114,9 +136,28 @@ def running_controller(data: Path, log: Path) -> Iterator[Controller]:
         c.stop(signal.SIGKILL)
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    require("PostgreSQL 15 for the controller's store", pg.missing())
+    cluster = Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None (SQLite in the data directory) or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    cluster: Cluster = request.getfixturevalue("pg_cluster")
+    return cluster.new_database()
+
+
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[Controller]:
-    with running_controller(tmp_path / "ctl", tmp_path / "controller.log") as c:
+def controller(tmp_path: Path, store_url: str | None) -> Iterator[Controller]:
+    with running_controller(tmp_path / "ctl", tmp_path / "controller.log", store_url) as c:
         yield c
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import sqlite3
 import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -83,8 +82,7 @@ def test_requests_beyond_the_delegation_are_refused_and_audited(node: Node, cont
                                                                 ask: dict[str, object], reason: str) -> None:
     resp = node.ask(**ask)  # type: ignore[arg-type]
     assert resp.status_code == 403 and reason in resp.json()["error"], resp.text
-    with sqlite3.connect(controller.data / "controller.db") as db:
-        refused = db.execute("SELECT detail FROM audit WHERE action = 'agent.refused'").fetchall()
+    refused = controller.query("SELECT detail FROM audit WHERE action = 'agent.refused'")
     assert len(refused) == 1 and reason in refused[0][0]
 
 
@@ -110,8 +108,7 @@ def test_revoking_a_principal_ends_all_its_agents_and_a_node_retires_only_its_ow
     assert out.stdout.startswith("revoked 2 agent(s)")
     listed = json.loads(cli("meshctl", "agent", "list", "--mesh", "--json", env=controller.env, check=True).stdout)
     assert listed == []
-    with sqlite3.connect(controller.data / "controller.db") as db:
-        actions = [r[0] for r in db.execute("SELECT action FROM audit WHERE action LIKE 'agent.%'")]
+    actions = [r[0] for r in controller.query("SELECT action FROM audit WHERE action LIKE 'agent.%'")]
     assert actions.count("agent.issued") == 3 and actions.count("agent.retired") == 1
     assert actions.count("agent.revoked") == 2
 
@@ -159,7 +156,6 @@ def test_removing_a_node_revokes_its_agents_everywhere(node: Node, controller: C
         {"type": u["type"], "revoked": u["agents"]["revoked"]} for u in updates if u["type"] == "agents"]
     listed = json.loads(cli("meshctl", "agent", "list", "--mesh", "--json", env=controller.env, check=True).stdout)
     assert listed == []
-    with sqlite3.connect(controller.data / "controller.db") as db:
-        reasons = [r[0] for r in db.execute("SELECT detail FROM audit WHERE action = 'agent.revoked'")]
+    reasons = [r[0] for r in controller.query("SELECT detail FROM audit WHERE action = 'agent.revoked'")]
     assert len(reasons) == 1 and "its node agents-1 was removed" in reasons[0]
     watcher.http.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import sqlite3
 import ssl
 import subprocess
 import time
@@ -50,8 +49,7 @@ def test_a_tampered_secret_is_refused_and_audited(controller: Controller, tmp_pa
                          "meshd", 2)
     assert err == "meshd: error: enrollment token is not valid for this mesh"
     assert nodes(controller) == [] and not (tmp_path / "s" / "node.key").exists()
-    with sqlite3.connect(controller.data / "controller.db") as db:
-        (refusals,) = db.execute("SELECT count(*) FROM audit WHERE action = 'token.refused'").fetchone()
+    [(refusals,)] = controller.query("SELECT count(*) FROM audit WHERE action = 'token.refused'")
     assert refusals == 1
 
 

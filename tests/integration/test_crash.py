@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -59,11 +58,11 @@ def test_kill_9_during_an_enrollment_burst(controller: Controller, tmp_path: Pat
             t.join()
 
     assert len(before_restart) >= 20 and len(certified) > len(before_restart)
-    with sqlite3.connect(controller.data / "controller.db") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        registry = {name: idx for name, idx in db.execute("SELECT name, block_index FROM nodes")}
-        issued = {r[0] for r in db.execute("SELECT node FROM certificates WHERE kind = 'node'")}
-        enrolled_audits = db.execute("SELECT count(*) FROM audit WHERE action = 'node.enrolled'").fetchone()[0]
+    if controller.db is None:
+        assert controller.query("PRAGMA integrity_check") == [("ok",)]
+    registry = {name: idx for name, idx in controller.query("SELECT name, block_index FROM nodes")}
+    issued = {r[0] for r in controller.query("SELECT node FROM certificates WHERE kind = 'node'")}
+    [(enrolled_audits,)] = controller.query("SELECT count(*) FROM audit WHERE action = 'node.enrolled'")
     # every node that got a certificate is in the registry, and its certificate is recorded
     assert set(certified) <= set(registry)
     assert set(certified) <= issued

@@ -106,15 +106,13 @@ def test_token_json_output_is_for_scripts(controller: Controller) -> None:
 
 
 def test_every_identity_event_is_audited(controller: Controller, tmp_path: Path) -> None:
-    import sqlite3
-
+    
     token = controller.token("--tag", "db")
     assert enroll(controller, token, tmp_path / "a", "--name", "db-1").returncode == 0
     enroll(controller, token, tmp_path / "b", "--name", "db-2")
     cli("meshctl", "nodes", "remove", "db-1", env=controller.env, check=True)
-    with sqlite3.connect(controller.data / "controller.db") as db:
-        actions = [r[0] for r in db.execute("SELECT action FROM audit ORDER BY id")]
-        details = " ".join(r[0] for r in db.execute("SELECT detail FROM audit"))
+    actions = [r[0] for r in controller.query("SELECT action FROM audit ORDER BY id")]
+    details = " ".join(r[0] for r in controller.query("SELECT detail FROM audit"))
     for action in ("ca.created", "token.created", "token.used", "node.enrolled", "certificate.issued",
                    "token.refused", "node.removed", "certificate.revoked"):
         assert action in actions

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,8 +70,15 @@ def test_a_full_disk_fails_enrollment_in_one_line_spends_nothing_and_passes(smal
 
 
 def test_a_database_another_process_holds_locked_makes_calls_wait_not_fail(controller: Controller) -> None:
-    holder = sqlite3.connect(controller.data / "controller.db", isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder: Any
+    if controller.db is None:
+        holder = sqlite3.connect(controller.data / "controller.db", isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")
+    else:  # another replica (or a DBA) holding the tables a token's creation writes
+        import psycopg
+
+        holder = psycopg.connect(controller.db)
+        holder.execute("LOCK TABLE tokens, audit IN ACCESS EXCLUSIVE MODE")
     released = threading.Timer(2.0, lambda: holder.execute("ROLLBACK"))
     released.start()
     t0 = time.monotonic()

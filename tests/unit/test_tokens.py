@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -151,7 +152,7 @@ def test_invalid_token_is_invalid_input() -> None:
     ],
     ids=["url", "url-slash", "fingerprint", "id", "secret"],
 )
-def test_tampering_any_field_makes_the_token_worthless(change: dict[str, str]) -> None:
+def test_tampering_any_field_makes_the_token_worthless(change: dict[str, Any]) -> None:
     token = new_token(URL, FINGERPRINT)
     stored = token_hash(token.encode())
     tampered = dataclasses.replace(token, **change).encode()
@@ -190,3 +191,79 @@ def test_repr_never_shows_the_secret() -> None:
 def test_equal_tokens_compare_equal() -> None:
     token = new_token(URL, FINGERPRINT)
     assert EnrollmentToken(token.url, token.ca_fingerprint, token.id, token.secret) == token
+
+
+# -- several controller replicas (SPEC §8) -------------------------------------------------------------------------
+URLS = (URL, "https://ctl-2.acme.mesh:8443", "https://10.0.0.3:8443")
+
+
+def body_of(line: str) -> dict[str, object]:
+    body = line[len(PREFIX) :]
+    doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_a_token_for_several_controllers_round_trips_with_every_url_in_order() -> None:
+    token = new_token(URL, FINGERPRINT, URLS)
+    parsed = parse_token(token.encode())
+    assert parsed == token
+    assert parsed.url == URL and parsed.urls == URLS
+
+
+def test_a_multi_controller_token_keeps_the_first_url_in_u_for_an_older_meshd() -> None:
+    doc = body_of(new_token(URL, FINGERPRINT, URLS).encode())
+    assert doc["u"] == URL and doc["us"] == list(URLS)
+
+
+def test_a_single_controller_token_is_encoded_as_before_without_us() -> None:
+    for token in (new_token(URL, FINGERPRINT), new_token(URL, FINGERPRINT, [URL])):
+        assert "us" not in body_of(token.encode())
+        assert token.urls == (URL,)
+
+
+def test_an_old_single_url_token_parses_with_its_url_as_the_whole_list() -> None:
+    old = parse_token(line_of(fields()))  # what every earlier controller wrote: no "us"
+    assert old.urls == (old.url,) == (URL,)
+
+
+def test_the_token_url_always_leads_the_list_once() -> None:
+    token = new_token(URL, FINGERPRINT, [URLS[1], URL, URLS[1], URLS[2]])
+    assert token.urls == URLS[:1] + (URLS[1], URLS[2])
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        "https://ctl-2.acme.mesh:8443",  # a string, not a list
+        {"0": URL},
+        [],
+        [URL, 12345],
+        [URL, None],
+        [URLS[1], URL],  # "u" not first
+        [URL, URLS[1], URLS[1]],  # a duplicate
+    ],
+    ids=["string", "object", "empty", "number", "null", "u-not-first", "duplicate"],
+)
+def test_a_malformed_controller_list_is_refused_as_damaged(listed: object) -> None:
+    with pytest.raises(InvalidToken, match="damaged: its list of controller URLs is malformed"):
+        parse_token(line_of(fields(us=listed)))
+
+
+def test_every_listed_controller_url_must_be_https_to_a_host() -> None:
+    with pytest.raises(InvalidToken, match="names no https controller URL"):
+        parse_token(line_of(fields(us=[URL, "http://ctl-2.acme.mesh:8443"])))
+    with pytest.raises(InvalidToken, match="names no valid controller URL"):
+        parse_token(line_of(fields(us=[URL, "https://ctl-2:99999"])))
+
+
+def test_changing_the_controller_list_makes_the_token_worthless() -> None:
+    token = new_token(URL, FINGERPRINT, URLS)
+    stored = token_hash(token.encode())
+    for urls in (URLS[:2], (*URLS, "https://evil.example:8443"), (URL, URLS[2], URLS[1])):
+        assert not hash_matches(dataclasses.replace(token, urls=urls).encode(), stored)
+
+
+def test_repr_of_a_multi_controller_token_names_them_and_never_the_secret() -> None:
+    token = new_token(URL, FINGERPRINT, URLS)
+    assert all(url in repr(token) for url in URLS) and token.secret not in repr(token)
