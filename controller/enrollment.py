@@ -39,8 +39,10 @@ def enroll(ctx: Context, req: EnrollRequest, source: str, now: datetime) -> Enro
     public_key = load_csr(req.csr)
     s = ctx.settings
     with ctx.store.transaction() as tx:
-        tx.lock(f"token {token.id}")  # a single-use token spent on two replicas at once: only one enrolls
         row = tx.token(token.id)
+        if row is not None and not row.reusable:  # spent on two replicas at once, it enrolls one node
+            tx.lock(f"token {token.id}")
+            row = tx.token(token.id)
         reason = _token_problem(row, req.token, now)
         if reason is None:
             assert row is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from .stun import start_stun
 __all__ = ["parse_listen", "serve", "server_ssl_context"]
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 HEADER_TIMEOUT = 10.0
 """Seconds a request's headers may take to arrive, whole."""
 PER_SOURCE = 512
@@ -249,11 +251,17 @@ def serve(data: Path, listen: str, options: ServeOptions = ServeOptions(),
 def _fork_worker(data: Path, host: str, sock: socket.socket, options: ServeOptions,
                  middleware: Sequence[Callable[[Any], Any]]) -> int:
     """A worker process (before any thread or connection exists in this one: fork copies neither well)."""
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 0
     try:
+        # It ends with the first process however that one ends (uvicorn re-raises SIGTERM after its shutdown,
+        # which kills the first process before any cleanup of its own could run; kill -9 does too).
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            return os._exit(0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first process decides when everyone stops
         _worker(data, host, sock, options, middleware, first=False)
     except IdmeshError as exc:

@@ -266,3 +266,32 @@ def test_every_replica_is_named_in_the_map_and_in_the_second_admin_conf(replicas
     conf = AdminCredential.load(second.data / "admin.conf")
     assert conf.url == second.url
     assert json.loads((second.data / "admin.conf").read_text())["urls"] == [first.url, second.url]
+
+
+def test_workers_serve_one_port_and_end_with_their_first_process(tmp_path: Path, pg_cluster: Cluster) -> None:
+    with running_controller(tmp_path / "ctl", tmp_path / "ctl.log", pg_cluster.new_database()) as first:
+        first.stop()
+        first.extra = ["--workers", "2"]
+        first.start()
+        assert first.proc is not None
+        workers = [int(p) for p in Path(f"/proc/{first.proc.pid}/task/{first.proc.pid}/children").read_text().split()]
+        assert len(workers) == 1  # the first process serves too
+        states = [enrolled(first, tmp_path / f"n{i}", f"n{i}") for i in range(6)]
+        (tmp_path / "p.yaml").write_text(POLICY)
+        clients = [node_client(s, first.url) for s in states]
+        try:
+            streams = [Lines(c) for c in clients]  # spread over both processes by the kernel
+            for s in streams:
+                s.wait("full map", lambda m: m["type"] == "full")
+            cli("meshctl", "policy", "apply", str(tmp_path / "p.yaml"), env=first.env, check=True)
+            for s in streams:  # whichever process holds the stream, the change reached it
+                s.wait("the policy", lambda m: m["type"] == "policy", timeout=3)
+                s.close()
+        finally:
+            for c in clients:
+                c.close()
+        first.stop(signal.SIGKILL)  # no cleanup of its own at all
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{w}").exists() for w in workers)
