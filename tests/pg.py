@@ -76,6 +76,10 @@ class Cluster:
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
+    def socket_url(self, database: str) -> str:
+        """The URL through the cluster's Unix socket: reachable from inside any network namespace."""
+        return f"postgresql://postgres@/{database}?host={self.root}&port={self.port}"
+
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=400"
         if not self.durable:
@@ -95,8 +99,8 @@ class Cluster:
     def postmaster_pid(self) -> int:
         return int((self.data / "postmaster.pid").read_text().split()[0])
 
-    def new_database(self) -> str:
-        """A fresh, empty database; its URL."""
+    def new_database(self, socket: bool = False) -> str:
+        """A fresh, empty database; its URL (over TCP on loopback, or ``socket``: :meth:`socket_url`)."""
         import psycopg
 
         name = f"idmesh_{os.getpid()}_{next(_NAMES)}"
@@ -105,7 +109,7 @@ class Cluster:
             try:
                 with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f'CREATE DATABASE "{name}"')
-                return self.url(name)
+                return self.socket_url(name) if socket else self.url(name)
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise

@@ -82,6 +82,8 @@ class Mesh:
     nodes: dict[str, Node] = field(default_factory=dict)
     serve: list[str] = field(default_factory=lambda: [cmd("mesh-controller"), "serve"])
     """How the controller is started (a test may start another version's: :mod:`tests.compat`)."""
+    db: str | None = None
+    """The controller's PostgreSQL database (None: SQLite in its data directory)."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -91,7 +93,7 @@ class Mesh:
         """Create the mesh; ``policy`` (default: tag:e2e nodes may reach each other) is applied at once."""
         self.url = f"https://{self.controller_host.underlay4}:8443"
         self.controller_host.run([cmd("mesh-controller"), "init", "--domain", "acme.mesh", "--data",
-                                  str(self.tmp / "ctl"), "--url", self.url])
+                                  str(self.tmp / "ctl"), "--url", self.url, *(("--db", self.db) if self.db else ())])
         self.start_controller()
         if policy is not None:
             self.apply_policy(policy)
@@ -242,7 +244,15 @@ def audited(mesh: Mesh, action: str, target: str = "%") -> tuple[float, str]:
     import sqlite3
     from datetime import datetime
 
-    with sqlite3.connect(f"file:{mesh.tmp / 'ctl' / 'controller.db'}?mode=ro", uri=True) as store:
-        at, found = store.execute("SELECT at, target FROM audit WHERE action = ? AND target LIKE ? "
-                                  "ORDER BY id DESC LIMIT 1", (action, target)).fetchone()
+    query = "SELECT at, target FROM audit WHERE action = ? AND target LIKE ? ORDER BY id DESC LIMIT 1"
+    if mesh.db is not None:
+        import psycopg
+
+        with psycopg.connect(mesh.db) as conn:
+            row = conn.execute(query.replace("?", "%s"), (action, target)).fetchone()
+        assert row is not None, f"no audit row {action} {target}"
+        at, found = row
+    else:
+        with sqlite3.connect(f"file:{mesh.tmp / 'ctl' / 'controller.db'}?mode=ro", uri=True) as store:
+            at, found = store.execute(query, (action, target)).fetchone()
     return datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp(), str(found)

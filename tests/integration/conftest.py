@@ -25,9 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests import pg
 from tests.pg import Cluster
-from tests.prerequisites import require
 
 BIN = Path(sys.executable).parent
 
@@ -134,16 +132,6 @@ def running_controller(data: Path, log: Path, db: str | None = None) -> Iterator
         yield c
     finally:
         c.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[Cluster]:
-    require("PostgreSQL 15 for the controller's store", pg.missing())
-    cluster = Cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
