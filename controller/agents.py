@@ -29,12 +29,13 @@ from meshcore.wire.stream import AgentUpdate
 
 from .certificates import record_certificate, sign_timed
 from .context import Context
+from .netmap import AgentFacts
 from .nodes import existing_node
 from .policies import in_force
 from .rows import AgentRow, NodeRow
 from .store import Tx
 
-__all__ = ["agent_update_full", "count_ended", "end_agent", "end_subtrees_locked", "issue_agent", "list_agents",
+__all__ = ["agent_update_for", "count_ended", "end_agent", "end_subtrees_locked", "issue_agent", "list_agents",
            "revoke_principal"]
 
 
@@ -99,7 +100,7 @@ def issue_agent(ctx: Context, caller: Identity, req: AgentIssueRequest, now: dat
                              ipv4, ipv6, serial, pem, now, cert.not_valid_after_utc, grant_id=grant_id,
                              grant_signer=grant_signer)
             tx.insert_agent(agent)
-            ctx.hub.record_agents(tx, AgentUpdate(certificates=(pem,)))
+            ctx.hub.record_agents(tx, AgentUpdate(certificates=(pem,)), born=(AgentFacts.of(agent),))
             tx.audit(now, str(caller.spiffe_id), "agent.issued", str(sid), principal=req.principal,
                      scopes=agent.scopes, parent=req.parent, name=req.name, addresses=[ipv4, ipv6],
                      serial=serial, not_after=cert.not_valid_after_utc, grant=grant_id,
@@ -171,10 +172,11 @@ def list_agents(ctx: Context, caller: Identity, now: datetime) -> list[AgentInfo
         return [_agent_info(ctx, a, now) for a in tx.live_agents(now, node=node)]
 
 
-def agent_update_full(ctx: Context, now: datetime) -> AgentUpdate:
-    """Every live agent certificate, for a node's stream to start from."""
+def agent_update_for(ctx: Context, agent_ids: list[str], now: datetime) -> AgentUpdate:
+    """The certificates of ``agent_ids`` still live: what a node's stream starts from (the agents it needs,
+    :meth:`meshcore.policy.audience.LiveAgents.of_node`)."""
     with ctx.store.transaction() as tx:
-        return AgentUpdate(full=True, certificates=tuple(a.certificate for a in tx.live_agents(now)))
+        return AgentUpdate(full=True, certificates=tuple(tx.live_certificates(agent_ids, now)))
 
 
 def _end_subtrees(ctx: Context, actor: Identity, now: datetime, roots_of: Callable[[Tx], list[str]]) -> AgentsEnded:

@@ -44,7 +44,7 @@ from meshcore.identity import (
     new_ca,
 )
 
-from .store import Store
+from .store import Store, is_postgres
 
 __all__ = ["DataDir", "JwtKey", "default_url", "init_data_dir", "load_authority", "parse_url"]
 
@@ -196,6 +196,9 @@ def init_data_dir(
     dd = DataDir(data)
     parse_url(url)
     prefixes = MeshPrefixes(CGNAT, random_ula48(), block_v4, block_v6)
+    if db is not None and not is_postgres(db):
+        raise InvalidInput(f"--db {db!r}: expected a PostgreSQL URL, postgresql://USER@HOST/DB (without --db: "
+                           "SQLite in the data directory)")
     _prepare(data, dd.ca_key, dd.ca_cert, dd.database, dd.conf)
     ca = new_ca(domain, ed25519.Ed25519PrivateKey.generate(), now)
     files, certificates = _credentials(ca, domain, url, [url], now)
@@ -257,6 +260,9 @@ def join_data_dir(data: Path, db: str, url: str, ca_key_file: Path, now: datetim
     """
     from .netmap import log_delta
 
+    if not is_postgres(db):
+        raise InvalidInput(f"--db {db!r}: a replica joins a PostgreSQL database (postgresql://...); an SQLite "
+                           "store serves one controller")
     dd = DataDir(data)
     parse_url(url)
     _prepare(data, dd.ca_key, dd.ca_cert, dd.database, dd.conf)

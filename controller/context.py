@@ -22,7 +22,6 @@ from idmesh.metrics import Metrics
 from meshcore.addressing import MeshPrefixes
 from meshcore.errors import Conflict, Unavailable
 from meshcore.identity import CertificateAuthority, Identity, Kind, SpiffeId
-from meshcore.policy import Policy
 
 from .authority import DataDir, JwtKey, load_authority
 from .netmap import NetmapHub
@@ -75,8 +74,6 @@ class NatSettings:
 class Context:
     """The controller's state: durable (store, CA, settings) and in memory (the rest).
 
-    ``parsed_policy`` is the policy in force as (hash, parsed), kept by
-    :func:`controller.policies.in_force`; nothing else writes it.
     ``provider`` is the identity provider as (its configuration, the
     client), kept by :func:`controller.logins.identity_provider`;
     ``approvals`` wakes a device waiting on a login the moment it is approved.
@@ -88,7 +85,6 @@ class Context:
     hub: NetmapHub
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     metrics: Metrics = field(default_factory=Metrics)
-    parsed_policy: tuple[str, Policy] | None = None
     provider: tuple[str, OidcProvider] | None = None
     nat: NatSettings = field(default_factory=NatSettings)
     approvals: dict[str, asyncio.Event] = field(default_factory=dict)

@@ -24,6 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from datetime import UTC, datetime
+
+from meshcore.policy import Policy, load_policy
+from meshcore.wire.stream import StreamMessage
 
 from .context import Context
 from .netmap import CHANNEL, NetmapHub
@@ -83,6 +87,7 @@ class Follower:
                 except TimeoutError:
                     pass
                 self._wake.clear()
+                hub.expire(datetime.now(UTC))
                 try:
                     more = await self._catch_up()
                     if failing:
@@ -120,16 +125,25 @@ class Follower:
             self._stopping.wait(POLL_SECONDS)  # PostgreSQL away: the poll covers until it is back
 
 
-_Found = tuple[int, list[tuple[int, str, str | None, str | None, str]], NetmapHub | None]
+_Row = tuple[int, str, str | None, str | None, str, Policy | None]
+_Found = tuple[int, list[_Row], NetmapHub | None]
 
 
 def _read(ctx: Context, after: int) -> _Found:
-    """The changes after ``after`` (or, when the log was pruned past them, the hub loaded again)."""
+    """The changes after ``after``, a policy's text parsed here, off the loop (or, when the log was pruned
+    past them, the hub loaded again)."""
     with ctx.store.transaction() as tx:
         rows = tx.changes_after(after, BATCH)
         if rows and rows[0][0] != after + 1:  # this replica was away too long
             return after, [], NetmapHub.load(tx, ctx.settings.domain, ctx.settings.prefixes)
-        return after, rows, None
+    return after, [(*row, _parsed(row[1], row[4])) for row in rows], None
+
+
+def _parsed(kind: str, line: str) -> Policy | None:
+    if kind != "policy":
+        return None
+    doc = StreamMessage.model_validate_json(line).policy
+    return load_policy(doc.text, doc.filename) if doc is not None else None
 
 
 def _apply(ctx: Context, found: _Found) -> bool:
@@ -139,10 +153,10 @@ def _apply(ctx: Context, found: _Found) -> bool:
     if fresh is not None:
         log.warning("the change log no longer holds change %d; the map is read again", after + 1)
         hub.reload(fresh)
-    for seq, kind, node, _about, line in rows:
+    for seq, kind, node, about, line, parsed in rows:
         if seq > hub.applied + 1:
             break  # a reload happened meanwhile: read again from where it left off
-        hub.apply(seq, kind, node, line)
+        hub.apply(seq, kind, node, line, about, parsed)
     return len(rows) == BATCH
 
 

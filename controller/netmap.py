@@ -32,12 +32,18 @@ change, so the map a restart rebuilds is the one that was streamed before.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
+import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from meshcore.addressing import MeshPrefixes
+from meshcore.policy import Authorized, Policy, load_policy
+from meshcore.policy.audience import Audience, AudienceNode, LiveAgents, Reach, Resend
 from meshcore.wire import PROTOCOL
 from meshcore.wire.stream import (
     AgentUpdate,
@@ -50,8 +56,8 @@ from meshcore.wire.stream import (
     StreamMessage,
 )
 
-from .rows import NodeRow, PolicyRow
-from .store import Tx
+from .rows import AgentRow, NodeRow, PolicyRow
+from .store import Tx, iso
 
 __all__ = ["KEEPALIVE", "STREAMS_PER_NODE", "NetmapHub", "Outgoing", "Subscription", "log_change", "log_delta", "peer_node",
            "policy_doc"]
@@ -80,6 +86,8 @@ class Outgoing:
 
 
 KEEPALIVE = Outgoing.of(StreamMessage(type="keepalive"))
+_NO_POLICY = load_policy("acls: []\n", "(no policy)")
+"""Before any policy: no rule admits an agent anywhere but its own node."""
 PRUNE_EVERY = 1000
 KEEP_CHANGES = 20_000
 """Changes kept in the log besides the last :data:`HISTORY` deltas: a replica further behind reloads."""
@@ -95,6 +103,8 @@ class Subscription:
     """The wire protocol agreed with the node when its stream opened."""
     queue: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     resync: bool = False
+    agents_stale: bool = False
+    """The agents its node must hold changed (a policy, a node): its stream sends them whole again."""
     closed: bool = False
     opened: int = 0
     """Its place in the order streams opened (the oldest of a node's goes first)."""
@@ -114,14 +124,21 @@ class NetmapHub:
         self.controllers = controllers
         self._history: deque[NetmapDelta] = deque(maxlen=HISTORY)
         self._subscribers: set[Subscription] = set()
+        self._by_node: dict[str, set[Subscription]] = {}
         self.policy: PolicyDoc | None = None
+        self.parsed: Policy | None = None
+        """The policy in force, parsed (once per version, off the event loop: controller.follow)."""
         self._policy_out: Outgoing | None = None  # the policy's line, made once per version
+        self.live = LiveAgents(Audience(_NO_POLICY))
+        """Every live agent and the nodes it must reach (targeted distribution: meshcore.policy.audience)."""
+        self._expiry: list[tuple[str, str]] = []  # (not_after as iso(), agent id), a heap
         self.on_commit: Callable[[], None] = lambda: None
         """Called, in the committing thread, after each change this process wrote (wakes the follower)."""
 
     @classmethod
-    def load(cls, tx: Tx, domain: str, prefixes: MeshPrefixes) -> NetmapHub:
-        """The hub as the store left it: its version and history, every node, the policy in force.
+    def load(cls, tx: Tx, domain: str, prefixes: MeshPrefixes, now: datetime | None = None) -> NetmapHub:
+        """The hub as the store left it: its version and history, every node, the policy in force, the live
+        agents.
 
         The log's number is read first: a change committed while the rest is
         read is applied again by the follower, which changes nothing (a node
@@ -136,6 +153,9 @@ class NetmapHub:
             if delta is not None and delta.version <= version:
                 hub._history.append(delta)
         hub.policy = policy_doc(tx.policy())
+        hub._adopt(load_policy(hub.policy.text, hub.policy.filename) if hub.policy is not None else None)
+        for row in tx.live_agents(now or datetime.now(UTC)):
+            hub._born(AgentFacts.of(row))
         return hub
 
     def reload(self, fresh: NetmapHub) -> None:
@@ -144,6 +164,7 @@ class NetmapHub:
         self.version, self.nodes, self.applied, self.controllers = (fresh.version, fresh.nodes, fresh.applied,
                                                                     fresh.controllers)
         self._history, self.policy, self._policy_out = fresh._history, fresh.policy, None
+        self.parsed, self.live, self._expiry = fresh.parsed, fresh.live, fresh._expiry
         for sub in self._subscribers:
             sub.resync = True
             sub.queue.put_nowait(KEEPALIVE)
@@ -157,8 +178,11 @@ class NetmapHub:
     def record_policy(self, tx: Tx, doc: PolicyDoc) -> int:
         return self._mine(tx, log_change(tx, "policy", StreamMessage(type="policy", policy=doc)))
 
-    def record_agents(self, tx: Tx, update: AgentUpdate) -> int:
-        return self._mine(tx, log_change(tx, "agents", StreamMessage(type="agents", agents=update)))
+    def record_agents(self, tx: Tx, update: AgentUpdate, born: Sequence[AgentFacts] = ()) -> int:
+        """Log agent births (``born`` says who each is: where it goes is worked out from that, on every
+        replica, without reading its certificate) and deaths (``update.revoked``)."""
+        about = json.dumps({"born": [f.doc() for f in born], "ended": list(update.revoked)})
+        return self._mine(tx, log_change(tx, "agents", StreamMessage(type="agents", agents=update), about=about))
 
     def record_for(self, tx: Tx, node: str, message: StreamMessage) -> int:
         """Log a message for ``node``'s streams alone, whichever replica holds them (a call-me-maybe)."""
@@ -173,8 +197,10 @@ class NetmapHub:
         return seq
 
     # -- applying: the log, in order -------------------------------------------------------------------
-    def apply(self, seq: int, kind: str, node: str | None, line: str) -> None:
-        """Apply change ``seq`` of the log, the next after :attr:`applied` (see :class:`controller.follow.Follower`)."""
+    def apply(self, seq: int, kind: str, node: str | None, line: str, about: str | None = None,
+              parsed: Policy | None = None) -> None:
+        """Apply change ``seq`` of the log, the next after :attr:`applied` (see :class:`controller.follow.Follower`,
+        which parses a policy's text, ``parsed``, off the event loop)."""
         if seq <= self.applied:
             return
         self.applied = seq
@@ -186,9 +212,9 @@ class NetmapHub:
         elif kind == "policy":
             doc = out.message.policy
             if doc is not None:
-                self.publish_policy(doc, out)
+                self.publish_policy(doc, out, parsed)
         elif kind == "agents":
-            self._to_everyone(out)
+            self._agents(out, json.loads(about or "{}"))
         elif kind == "node" and node is not None:
             self._to_node(node, out)
 
@@ -218,6 +244,11 @@ class NetmapHub:
             self.nodes[node.name] = node
         if delta.controllers is not None:
             self.controllers = delta.controllers
+        resends = [r for node in delta.upsert
+                   for r in self.live.node_changed(AudienceNode(node.name, node.owner, frozenset(node.tags)))]
+        for name in delta.remove:
+            self.live.forget_node(name)
+        self._resend(resends)
         self.version = delta.version
         self._history.append(delta)
         remove = delta.remove
@@ -230,12 +261,14 @@ class NetmapHub:
             elif not sub.resync:
                 sub.queue.put_nowait(message)
 
-    def publish_policy(self, doc: PolicyDoc, line: Outgoing | None = None) -> None:
-        """A new policy version goes to everyone at once; it is final."""
+    def publish_policy(self, doc: PolicyDoc, line: Outgoing | None = None, parsed: Policy | None = None) -> None:
+        """A new policy version goes to everyone at once; it is final. The nodes that now need agents they
+        may not hold get their agents whole after it."""
         self.policy, self._policy_out = doc, line
         message = self.policy_message()
         assert message is not None
         self._to_everyone(message)
+        self._resend(self._adopt(parsed or load_policy(doc.text, doc.filename)))
 
     def policy_message(self) -> Outgoing | None:
         """The policy in force as its stream line, serialised once for every stream that opens (a policy
@@ -244,10 +277,47 @@ class NetmapHub:
             self._policy_out = Outgoing.of(StreamMessage(type="policy", policy=self.policy))
         return self._policy_out
 
-    def publish_agents(self, update: AgentUpdate) -> None:
-        """Agent births and deaths go to every connected node at once: a revocation is what 'within a second'
-        is about. A node too far behind to hear it within a second gets the whole list instead (see above)."""
-        self._to_everyone(Outgoing.of(StreamMessage(type="agents", agents=update)))
+    # -- agents: each birth and death to the nodes some rule could admit it to --------------------------
+    def _agents(self, out: Outgoing, about: dict[str, Any]) -> None:
+        """Agent births and deaths go at once to every node that needs them: a revocation is what 'within a
+        second' is about. A node too far behind to hear it within a second gets the whole list instead."""
+        reaches = [self._born(AgentFacts.from_doc(doc)) for doc in about.get("born", ())]
+        reaches += [r for agent_id in about.get("ended", ()) if (r := self.live.remove(agent_id)) is not None]
+        if any(r.nodes is None for r in reaches):
+            self._to_everyone(out)
+            return
+        names = {r.home for r in reaches}.union(*(r.nodes for r in reaches if r.nodes is not None))
+        self._to_subs([s for name in names for s in self._by_node.get(name, ())], out)
+
+    def _born(self, facts: AgentFacts) -> Reach:
+        heapq.heappush(self._expiry, (facts.not_after, facts.id))
+        return self.live.add(facts.id, facts.principal, facts.scopes, facts.node, facts.name,
+                             authorized=facts.authorized)
+
+    def _adopt(self, parsed: Policy | None) -> list[Resend]:
+        """``parsed`` is in force: who needs which agent is worked out again."""
+        self.parsed = parsed
+        nodes = [AudienceNode(n.name, n.owner, frozenset(n.tags)) for n in self.nodes.values()]
+        return self.live.rebase(Audience(parsed or _NO_POLICY, nodes))
+
+    def _resend(self, resends: list[Resend]) -> None:
+        """Streams whose node now needs agents it may not hold send its agents whole."""
+        for resend in resends:
+            subs = self._subscribers if resend.nodes is None else [
+                s for name in resend.nodes for s in self._by_node.get(name, ())]
+            for sub in subs:
+                if not sub.agents_stale:
+                    sub.agents_stale = True
+                    sub.queue.put_nowait(KEEPALIVE)  # wakes its stream
+
+    def expire(self, now: datetime) -> int:
+        """Forget the agents whose certificates ended (nodes drop them on their own clock): the index holds
+        live agents only. How many went."""
+        gone, stamp = 0, iso(now)
+        while self._expiry and self._expiry[0][0] <= stamp:
+            _, agent_id = heapq.heappop(self._expiry)
+            gone += self.live.remove(agent_id) is not None
+        return gone
 
     def _to_node(self, node: str, outgoing: Outgoing) -> None:
         """Queue ``outgoing`` for ``node``'s open streams on this replica only."""
@@ -257,8 +327,11 @@ class NetmapHub:
                 sub.queue.put_nowait(outgoing)
 
     def _to_everyone(self, message: Outgoing) -> None:
-        """Queue ``message`` for every subscriber; one whose queue is full is resynced instead."""
-        for sub in list(self._subscribers):
+        self._to_subs(list(self._subscribers), message)
+
+    def _to_subs(self, subs: Iterable[Subscription], message: Outgoing) -> None:
+        """Queue ``message`` for ``subs``; one whose queue is full is resynced instead."""
+        for sub in subs:
             if sub.queue.qsize() >= QUEUE_LIMIT:
                 sub.resync = True
             elif not sub.resync:
@@ -275,10 +348,16 @@ class NetmapHub:
             old.queue.put_nowait(KEEPALIVE)  # wakes it to see it is closed
         sub = Subscription(node, protocol, opened=next(_OPENED))
         self._subscribers.add(sub)
+        self._by_node.setdefault(node, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+        mine = self._by_node.get(sub.node)
+        if mine is not None:
+            mine.discard(sub)
+            if not mine:
+                del self._by_node[sub.node]
 
     def backlogs(self) -> list[tuple[str, int]]:
         """Each stream's queue length. Read from the metrics thread while the event loop changes the set:
@@ -301,18 +380,45 @@ def log_delta(tx: Tx, upsert: tuple[PeerNode, ...] = (), remove: tuple[str, ...]
     return seq
 
 
-def log_change(tx: Tx, kind: str, message: StreamMessage, node: str | None = None) -> int:
+def log_change(tx: Tx, kind: str, message: StreamMessage, node: str | None = None, about: str | None = None) -> int:
     """Log ``message`` (a policy, agents, or for ``node`` alone) in ``tx``; its number in the log."""
     seq = tx.next_counter(CHANGE_KEY)
-    _insert(tx, seq, kind, message, node)
+    _insert(tx, seq, kind, message, node, about)
     return seq
 
 
-def _insert(tx: Tx, seq: int, kind: str, message: StreamMessage, node: str | None) -> None:
-    tx.insert_change(seq, kind, node, None, Outgoing.of(message).line.decode())
-    tx.notify(CHANNEL)
+def _insert(tx: Tx, seq: int, kind: str, message: StreamMessage, node: str | None, about: str | None = None) -> None:
+    tx.insert_change(seq, kind, node, about, Outgoing.of(message).line.decode())  # (its trigger NOTIFYs CHANNEL)
     if seq % PRUNE_EVERY == 0:
         tx.prune_changes(seq - KEEP_CHANGES, HISTORY)
+
+
+@dataclass(frozen=True)
+class AgentFacts:
+    """Who an agent is, as far as where it must go depends on it (logged with its birth)."""
+
+    id: str
+    principal: str
+    scopes: tuple[str, ...]
+    node: str
+    name: str
+    authorized: Authorized
+    not_after: str
+    """iso() of its certificate's end."""
+
+    @classmethod
+    def of(cls, row: AgentRow) -> AgentFacts:
+        return cls(row.id, row.principal, tuple(row.scopes), row.node, row.name,
+                   "grant" if row.grant_id else "delegation", iso(row.not_after))
+
+    def doc(self) -> dict[str, Any]:
+        return {"id": self.id, "principal": self.principal, "scopes": list(self.scopes), "node": self.node,
+                "name": self.name, "authorized": self.authorized, "not_after": self.not_after}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> AgentFacts:
+        return cls(doc["id"], doc["principal"], tuple(doc["scopes"]), doc["node"], doc["name"], doc["authorized"],
+                   doc["not_after"])
 
 
 def peer_node(row: NodeRow, prefixes: MeshPrefixes) -> PeerNode:

@@ -51,13 +51,9 @@ def apply_policy(ctx: Context, actor: str, req: PolicyApply, now: datetime) -> P
 
 
 def in_force(ctx: Context) -> Policy | None:
-    """The policy in force, parsed once per version (issuing an agent must not re-read YAML)."""
-    doc = ctx.hub.policy
-    if doc is None:
-        return None
-    if ctx.parsed_policy is None or ctx.parsed_policy[0] != doc.hash:
-        ctx.parsed_policy = (doc.hash, load_policy(doc.text, doc.filename))
-    return ctx.parsed_policy[1]
+    """The policy in force, parsed once per version as the hub applies it (issuing an agent must not re-read
+    YAML)."""
+    return ctx.hub.parsed
 
 
 def show_policy(ctx: Context, version: int | None = None) -> PolicyInfo:

@@ -27,6 +27,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,10 +86,6 @@ class Dialect:
         """The statement that takes ``key``'s lock until the commit (None: the engine needs none)."""
         return None  # BEGIN IMMEDIATE: one writer at a time already
 
-    def notify(self, channel: str) -> str | None:
-        """The statement that wakes ``channel``'s listeners at the commit (None: nobody else to wake)."""
-        return None
-
     def next_block(self) -> str | None:
         """The statement that takes the next never-used block number, from 1 (None: the meta counter)."""
         return None
@@ -119,9 +116,6 @@ class _Postgres(Dialect):
     def lock(self, key: str) -> str | None:
         return f"SELECT pg_advisory_xact_lock({zlib.crc32(key.encode()) - 2**31})"
 
-    def notify(self, channel: str) -> str | None:
-        return f"NOTIFY {channel}"
-
     def next_block(self) -> str | None:
         return "SELECT nextval('idmesh_next_block')"
 
@@ -139,6 +133,7 @@ class Tx:
         self.dialect = dialect
         self.committed: list[Callable[[], None]] = []
         """What to do once this transaction has committed (never if it rolls back)."""
+        self._audits: list[tuple[Any, ...]] = []
 
     def execute(self, statement: str, args: Sequence[Any] = ()) -> _Cursor:
         """Run one statement, written in the SQL both engines speak."""
@@ -158,11 +153,6 @@ class Tx:
         if statement is not None:
             self._conn.execute(statement)
 
-    def notify(self, channel: str) -> None:
-        """Wake the other processes listening on ``channel`` when this transaction commits."""
-        statement = self.dialect.notify(channel)
-        if statement is not None:
-            self._conn.execute(statement)
 
     # meta -----------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -331,6 +321,16 @@ class Tx:
         sql = f"SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?{where} ORDER BY issued_at"
         return [_agent_row(r) for r in self.execute(sql, [iso(now), *args])]
 
+    def live_certificates(self, agent_ids: Sequence[str], now: datetime) -> list[str]:
+        """The certificates of those of ``agent_ids`` still live, in the order given."""
+        found: dict[str, str] = {}
+        for start in range(0, len(agent_ids), 500):
+            chunk = agent_ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update(self.execute(f"SELECT id, certificate FROM agents WHERE id IN ({marks}) AND ended_at IS NULL "
+                                      "AND not_after > ?", [*chunk, iso(now)]).fetchall())
+        return [found[a] for a in agent_ids if a in found]
+
     def address_held(self, node: str, ipv4: str, ipv6: str, now: datetime) -> bool:
         """Whether a live agent of ``node`` holds either address (the partial indexes of step 9 answer it)."""
         sql = ("SELECT EXISTS (SELECT 1 FROM agents WHERE node = ? AND ipv4 = ? AND ended_at IS NULL AND not_after > ?)"
@@ -467,13 +467,22 @@ class Tx:
     # audit ----------------------------------------------------------------
     def audit(self, at: datetime, actor: str, action: str, target: str | None = None,
               source: str | None = None, **detail: Any) -> None:
-        self.execute(
-            "INSERT INTO audit(at, actor, action, target, source, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (iso(at), actor, action, target, source, json.dumps(detail, sort_keys=True, default=str)),
-        )
+        """Record an event; written with the transaction's other events, in order, just before it commits
+        (one statement for all of them: an enrollment audits three)."""
+        self._audits.append((iso(at), actor, action, target, source, json.dumps(detail, sort_keys=True, default=str)))
+
+    def flush(self) -> None:
+        """Write what is still held (the events): the last step before COMMIT."""
+        for start in range(0, len(self._audits), 1000):  # (SQLite takes at most 32766 values in one statement)
+            chunk = self._audits[start:start + 1000]
+            rows = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+            self.execute(f"INSERT INTO audit(at, actor, action, target, source, detail) VALUES {rows}",
+                         [value for row in chunk for value in row])
+        self._audits.clear()
 
     def audit_rows(self, since: datetime | None = None, action: str | None = None, principal: str | None = None,
                    node_id: str | None = None, limit: int = 1000) -> list[AuditRow]:
+        self.flush()
         """The newest ``limit`` rows matching every filter given, oldest first.
 
         ``principal`` matches the identity tuple recorded in the row; ``node_id``
@@ -625,6 +634,7 @@ class _SqliteStore(Store):
                 self._rollback()
                 raise
             try:
+                tx.flush()
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 # A failed COMMIT (disk full, say) leaves the transaction open: end it, or every later
@@ -643,6 +653,8 @@ class _SqliteStore(Store):
 
 POOL_SIZE = 8
 """Connections one controller process keeps to PostgreSQL (the API's worker threads share them)."""
+IDLE_CHECK = 1.0
+"""Seconds a pooled connection may rest before it is tried again on its next use."""
 
 
 def _pg_reason(exc: BaseException) -> str:
@@ -683,8 +695,17 @@ class _PostgresStore(Store):
             psycopg.connect(conninfo).close()
         except psycopg.Error as exc:
             raise Unavailable(f"cannot reach the controller database {redact(url)}: {_pg_reason(exc)}") from exc
+        last_used: dict[int, float] = {}
+
+        def check(conn: Any) -> None:
+            """A connection idle for a while is tried before it is handed out (one round trip), so after
+            PostgreSQL restarted no call meets a connection the server closed; a busy one is not."""
+            if time.monotonic() - last_used.get(id(conn), 0.0) > IDLE_CHECK:
+                ConnectionPool.check_connection(conn)
+            last_used[id(conn)] = time.monotonic()
+
         pool = ConnectionPool(conninfo, min_size=1, max_size=POOL_SIZE, kwargs={"autocommit": True},
-                              open=False, timeout=10, check=ConnectionPool.check_connection)
+                              open=False, timeout=10, check=check)
         try:
             pool.open(wait=True, timeout=10)
         except Exception as exc:
@@ -715,6 +736,12 @@ class _PostgresStore(Store):
             _migrate(0 if row is None else int(row[0]), apply)
             if conn.execute("SELECT to_regclass('idmesh_next_block')").fetchone()[0] is None:
                 conn.execute("CREATE SEQUENCE idmesh_next_block")  # see Tx.allocate_block
+            # A change logged wakes every replica's follower when it commits (LISTEN idmesh_changes): a trigger,
+            # so the writer pays no statement for it.
+            conn.execute("CREATE OR REPLACE FUNCTION idmesh_changed() RETURNS trigger LANGUAGE plpgsql AS "
+                         "$$ BEGIN NOTIFY idmesh_changes; RETURN NULL; END $$")
+            conn.execute("CREATE OR REPLACE TRIGGER changes_notify AFTER INSERT ON changes "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION idmesh_changed()")
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
@@ -724,6 +751,7 @@ class _PostgresStore(Store):
             with self._pool.connection() as conn, conn.transaction():
                 tx = Tx(conn, self.dialect)
                 yield tx
+                tx.flush()
         except psycopg.OperationalError as exc:
             raise Unavailable(f"controller database is unavailable: {_pg_reason(exc)}") from exc
         except Exception as exc:

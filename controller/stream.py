@@ -19,7 +19,7 @@ from meshcore.turn import turn_credentials
 from meshcore.wire import MIN_PROTOCOL, PROTOCOL, negotiate
 from meshcore.wire.stream import NatConfig, NetmapDelta, ProbeRequest, RelayCredentials, StreamMessage
 
-from .agents import agent_update_full
+from .agents import agent_update_for
 from .context import Context
 from .netmap import KEEPALIVE, Outgoing, Subscription
 
@@ -84,11 +84,16 @@ async def _everything(ctx: Context, deltas: list[NetmapDelta] | None, now: datet
     out = [policy] if policy is not None else []
     out += ([Outgoing.of(StreamMessage(type="delta", delta=d)) for d in deltas] if deltas is not None
             else [Outgoing.of(StreamMessage(type="full", full=hub.full()))])
-    agents = await asyncio.to_thread(agent_update_full, ctx, now)
-    out.append(Outgoing.of(StreamMessage(type="agents", agents=agents)))
+    out.append(await _agents_of(ctx, node, now))
     if ctx.nat.stun or ctx.nat.relay:
         out.append(Outgoing.of(StreamMessage(type="nat", nat=nat_config(ctx, node, now))))
     return out
+
+
+async def _agents_of(ctx: Context, node: str, now: datetime) -> Outgoing:
+    """The live agents ``node`` needs, whole: which on the loop (the hub's index), their certificates off it."""
+    wanted = ctx.hub.live.of_node(node)
+    return Outgoing.of(StreamMessage(type="agents", agents=await asyncio.to_thread(agent_update_for, ctx, wanted, now)))
 
 
 async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
@@ -103,6 +108,10 @@ async def _lines(ctx: Context, sub: Subscription, first: list[Outgoing],
             sub.resync = False
             for message in await _everything(ctx, None, clock(), sub.node):
                 yield message.line
+            continue
+        if sub.agents_stale:  # the policy or a node changed what it needs
+            sub.agents_stale = False
+            yield (await _agents_of(ctx, sub.node, clock())).line
             continue
         try:
             async with asyncio.timeout(KEEPALIVE_SECONDS):

@@ -295,3 +295,16 @@ def test_workers_serve_one_port_and_end_with_their_first_process(tmp_path: Path,
         while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_workers_on_sqlite_and_a_join_to_sqlite_are_refused_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "ctl"
+    cli("mesh-controller", "init", "--domain", "acme.mesh", "--data", str(data), "--url", "https://127.0.0.1:5",
+        check=True)
+    refused = cli("mesh-controller", "serve", "--data", str(data), "--workers", "2", "--listen",
+                  f"127.0.0.1:{free_port()}")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--workers needs a PostgreSQL store" in refused.stderr
+    bad = cli("mesh-controller", "join", "--data", str(tmp_path / "j"), "--db", str(data / "controller.db"),
+              "--url", "https://127.0.0.1:6", "--ca-key", str(data / "ca.key"))
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -6,6 +6,7 @@ import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -46,10 +47,11 @@ def enroll(ctx: Context, token: str, name: str, now: datetime) -> Identity:
     return auth.authenticate(ctx, der, now)
 
 
-def agent(ctx: Context, node: Identity, slot: int, now: datetime, ttl: int, parent: str | None = None) -> str:
+def agent(ctx: Context, node: Identity, slot: int, now: datetime, ttl: int, parent: str | None = None,
+          scopes: tuple[str, ...] = ("web:deploy",)) -> str:
     v4, v6 = ctx.settings.prefixes.block(0).agent_address(slot)
     req = AgentIssueRequest(csr=build_csr(ed25519.Ed25519PrivateKey.generate()), name="helper",
-                            principal="nikita@acme.com", scopes=["web:deploy"], ttl_seconds=ttl, parent=parent,
+                            principal="nikita@acme.com", scopes=list(scopes), ttl_seconds=ttl, parent=parent,
                             ipv4=str(v4), ipv6=str(v6))
     return agents.issue_agent(ctx, node, req, now).agent.id
 
@@ -71,11 +73,48 @@ def test_a_sub_agent_ends_no_later_than_its_parent_and_with_it(ctx: Context) -> 
     child = agent(ctx, node, 4, NOW + timedelta(seconds=60), ttl=3000, parent=parent)
     live = {a.id: a.expires for a in agents.list_agents(ctx, node, NOW + timedelta(seconds=61))}
     assert live == {parent: NOW + timedelta(seconds=600), child: NOW + timedelta(seconds=600)}
-    sub = ctx.hub.subscribe("agents-2")
+    sub = ctx.hub.subscribe("agents-1")
     assert agents.end_agent(ctx, node, parent, NOW + timedelta(seconds=120)).ended == [parent, child]
     update = sub.queue.get_nowait().message.agents
     assert update is not None and update.revoked == (parent, child)
     assert agents.list_agents(ctx, node, NOW + timedelta(seconds=121)) == []
+
+
+def test_an_agent_goes_only_to_the_nodes_a_rule_could_admit_it_to(ctx: Context) -> None:
+    """Targeted distribution: the seed policy lets Nikita's read agents reach tag:db, nothing else."""
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY), NOW)
+    home = enroll(ctx, create_token(ctx, ADMIN, TokenCreateRequest(tags=["agents"]), NOW).token, "agents-1", NOW)
+    for name, tag in (("db-1", "db"), ("web-1", "web")):
+        enroll(ctx, create_token(ctx, ADMIN, TokenCreateRequest(tags=[tag]), NOW).token, name, NOW)
+    subs = {name: ctx.hub.subscribe(name) for name in ("agents-1", "db-1", "web-1")}
+    born = agent(ctx, home, 3, NOW, ttl=600, scopes=("db:read",))
+    got = {name: [m.type for m in _drain(sub)] for name, sub in subs.items()}
+    assert got == {"agents-1": ["agents"], "db-1": ["agents"], "web-1": []}
+    agents.end_agent(ctx, home, born, NOW + timedelta(seconds=1))
+    got = {name: [m.agents.revoked for m in _drain(sub) if m.agents] for name, sub in subs.items()}
+    assert got == {"agents-1": [(born,)], "db-1": [(born,)], "web-1": []}
+    assert ctx.hub.live.of_node("web-1") == [] and len(ctx.hub.live) == 0
+
+
+def test_a_policy_that_widens_an_agents_reach_sends_it_to_the_new_nodes_whole(ctx: Context) -> None:
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY), NOW)
+    home = enroll(ctx, create_token(ctx, ADMIN, TokenCreateRequest(tags=["agents"]), NOW).token, "agents-1", NOW)
+    enroll(ctx, create_token(ctx, ADMIN, TokenCreateRequest(tags=["web"]), NOW).token, "web-1", NOW)
+    web = ctx.hub.subscribe("web-1")
+    born = agent(ctx, home, 3, NOW, ttl=600)
+    assert _drain(web) == []
+    wider = POLICY.replace("acls:\n", "acls:\n  - from: {principal: nikita@acme.com, via: agent}\n"
+                                       "    to: [\"tag:web:443\"]\n", 1)
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=wider), NOW)
+    assert web.agents_stale  # its stream sends the agents it needs whole (controller.stream)
+    assert ctx.hub.live.of_node("web-1") == [born]
+
+
+def _drain(sub: Any) -> list[Any]:
+    out = []
+    while not sub.queue.empty():
+        out.append(sub.queue.get_nowait().message)
+    return out
 
 
 def test_the_policy_in_force_is_parsed_once_per_version(ctx: Context) -> None:
@@ -156,6 +195,23 @@ def test_the_flow_log_keeps_a_week_and_at_most_its_cap(ctx: Context, monkeypatch
     flows.record_flows(ctx, db, batch(NOW, 10), NOW, keep=12)  # the third: the old ones go, then all but 12
     kept = flows.find_flows(ctx, False, None, None, 1000)
     assert len(kept) == 12 and all(f.at == NOW for f in kept)
+
+
+def test_a_shorter_flow_retention_is_kept_even_when_no_batch_arrives(ctx: Context) -> None:
+    """``serve --flow-retention 1h``: the hourly prune takes what is older, with no batch to prune on."""
+    from controller import flows
+    from meshcore.wire.api import FlowBatch
+
+    token = create_token(ctx, ADMIN, TokenCreateRequest(tags=["db"]), NOW).token
+    db = enroll(ctx, token, "db", NOW)
+    one = {"verdict": "deny", "rule": "default deny", "source": "100.64.0.9", "destination": "100.64.0.65",
+           "protocol": "tcp", "port": 5432}
+    for age in (timedelta(hours=2), timedelta(minutes=30)):
+        flows.record_flows(ctx, db, FlowBatch.model_validate({"flows": [{**one, "at": (NOW - age).isoformat()}]}),
+                           NOW)
+    ctx.flow_retention = timedelta(hours=1)
+    assert flows.prune_flows(ctx, NOW) == 1
+    assert [f.at for f in flows.find_flows(ctx, False, None, None, 10)] == [NOW - timedelta(minutes=30)]
 
 
 def test_the_openapi_document_names_every_error_an_operation_may_answer(ctx: Context) -> None:

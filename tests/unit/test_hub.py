@@ -8,17 +8,18 @@ runs a loop to show that a waiting subscriber is woken.
 from __future__ import annotations
 
 import asyncio
+import json
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
 
 import controller.netmap as hubmod
-from controller.netmap import NetmapHub, Subscription
+from controller.netmap import AgentFacts, NetmapHub, Outgoing, Subscription
 from controller.store import Store
 from meshcore.addressing import MeshPrefixes
 from meshcore.netmap import NodeView
-from meshcore.wire.stream import NetmapDelta, PeerNode, StreamMessage
+from meshcore.wire.stream import AgentUpdate, NetmapDelta, PeerNode, StreamMessage
 
 PREFIXES = ("100.64.0.0/10", "fd7a:1:2::/48")
 MESH = MeshPrefixes(IPv4Network(PREFIXES[0]), IPv6Network(PREFIXES[1]), 26, 64)
@@ -38,6 +39,16 @@ def drain(sub: Subscription) -> list[StreamMessage]:
     while not sub.queue.empty():
         out.append(sub.queue.get_nowait().message)
     return out
+
+
+def facts(agent_id: str, on: str) -> AgentFacts:
+    return AgentFacts(agent_id, "nikita@acme.com", ("db:read",), on, "t", "delegation", "2099-01-01T00:00:00.000000Z")
+
+
+def birth(h: NetmapHub, agent_id: str, on: str) -> None:
+    """Apply the birth of an agent on node ``on`` as the follower would (no policy: only its node needs it)."""
+    line = Outgoing.of(StreamMessage(type="agents", agents=AgentUpdate())).line.decode()
+    h.apply(h.applied + 1, "agents", None, line, json.dumps({"born": [facts(agent_id, on).doc()], "ended": []}))
 
 
 def publish_moves(h: NetmapHub, count: int) -> list[NetmapDelta]:
@@ -96,13 +107,11 @@ def test_after_a_restart_there_is_no_history_but_the_current_version_is_up_to_da
 def _follow(h: NetmapHub, store: Store) -> None:
     """What a controller's follower does: apply the log after the hub's last change, in order."""
     with store.transaction() as tx:
-        for seq, kind, node_name, _about, line in tx.changes_after(h.applied, 1000):
-            h.apply(seq, kind, node_name, line)
+        for seq, kind, node_name, about, line in tx.changes_after(h.applied, 1000):
+            h.apply(seq, kind, node_name, line, about)
 
 
 def test_the_change_log_numbers_every_change_and_deltas_chain_across_the_others(tmp_path: Path) -> None:
-    from meshcore.wire.stream import AgentUpdate
-
     store = Store.open(tmp_path / "c.db", create=True)
     try:
         h = hub(0)
@@ -110,7 +119,7 @@ def test_the_change_log_numbers_every_change_and_deltas_chain_across_the_others(
         with store.transaction() as tx:
             v1 = h.record_delta(tx, upsert=(node(1),))
         with store.transaction() as tx:
-            h.record_agents(tx, AgentUpdate(revoked=("a1",)))
+            h.record_agents(tx, AgentUpdate(), born=(facts("a1", "n1"),))
         with store.transaction() as tx:
             v3 = h.record_delta(tx, upsert=(node(2),))
         assert drain(sub) == [] and h.version == 0  # nothing is published before the log is applied
@@ -199,13 +208,14 @@ def test_a_subscriber_that_does_not_read_is_switched_to_a_resync(monkeypatch: py
 def test_agent_updates_and_policies_to_a_subscriber_that_does_not_read_are_bounded_too(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Before, they bypassed the limit: a node that stopped reading grew the controller's memory without bound."""
-    from meshcore.wire.stream import AgentUpdate, PolicyDoc
+    from meshcore.wire.stream import PolicyDoc
 
     monkeypatch.setattr(hubmod, "QUEUE_LIMIT", 3)
     h = hub(10, node(1))
     slow, fast = h.subscribe("n1"), h.subscribe("n2")
     for i in range(50):
-        h.publish_agents(AgentUpdate(revoked=(f"a{i}",)))
+        birth(h, f"a{i}", "n1")
+        birth(h, f"b{i}", "n2")
         h.publish_policy(PolicyDoc(version=i + 1, hash=f"{i:064d}", filename="p.yaml", text="acls: []\n"))
         drain(fast)
     assert slow.resync and slow.queue.qsize() == 3  # resynced: its stream sends everything whole instead
@@ -232,7 +242,7 @@ def test_the_policy_is_serialised_once_however_many_streams_open() -> None:
     async def run() -> None:
         h = hub(10, node(1))
         assert h.policy_message() is None
-        h.publish_policy(PolicyDoc(version=1, hash="0" * 64, filename="p.yaml", text="acls: []\n" * 100_000))
+        h.publish_policy(PolicyDoc(version=1, hash="0" * 64, filename="p.yaml", text="acls: []\n" + "# padding\n" * 100_000))
         first = h.policy_message()
         assert first is not None and h.policy_message() is first and first.line.startswith(b'{"type":"policy"')
         h.publish_policy(PolicyDoc(version=2, hash="1" * 64, filename="p.yaml", text="acls: []\n"))
