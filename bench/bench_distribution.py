@@ -49,7 +49,7 @@ import sys
 import time
 import tracemalloc
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,10 @@ import uvloop
 import yaml
 from common import command_line
 
+from controller.netmap import NetmapHub, Outgoing, Subscription
 from meshcore.policy import Policy, load_policy
 from meshcore.policy.audience import Audience, AudienceNode, LiveAgents, Reach
+from meshcore.wire.stream import AgentUpdate, PeerNode, PolicyDoc, StreamMessage
 
 TEAMS = 15
 SCOPES = ["db:read", "db:read", "db:write", "web:read", "web:deploy", "logs:write", "billing:read", "task:call",
@@ -186,6 +188,107 @@ def births(rng: random.Random, mesh: Mesh, start: int, count: int) -> list[Birth
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+class CountingHub(NetmapHub):
+    """The controller's real hub, counting the queue puts its fan-out makes."""
+
+    puts = 0
+
+    def _to_subs(self, subs: Iterable[Subscription], message: Outgoing) -> None:
+        subs = list(subs)
+        self.puts += len(subs)
+        super()._to_subs(subs, message)
+
+
+def real_hub(mesh: Mesh, policy_text: str) -> tuple[CountingHub, list[Subscription]]:
+    """A NetmapHub with every node of ``mesh`` in its map, the policy in force, one subscriber per node."""
+    nodes = {n.name: PeerNode(name=n.name, wireguard_public_key=f"{i:043d}=", addresses=("100.64.0.1", "fd00::1"),
+                              blocks=("100.64.0.0/26", "fd00::/64"), owner=n.owner, tags=tuple(sorted(n.tags)))
+             for i, n in enumerate(mesh.nodes)}
+    hub = CountingHub("bench.mesh", ("100.64.0.0/10", "fd00::/48"), 0, nodes)
+    hub.publish_policy(PolicyDoc(version=1, hash="0" * 64, filename="bench.yaml", text=policy_text))
+    return hub, [hub.subscribe(n.name) for n in mesh.nodes]
+
+
+def simulate_hub(mesh: Mesh, args: argparse.Namespace) -> dict[str, Any]:
+    """The same births and deaths as :func:`simulate`, through the controller's own hub: each is the change
+    log's agents line applied by ``NetmapHub.apply`` (the index, the audience, the queue puts)."""
+    rng = random.Random(args.seed + 1)
+    hub, subs = real_hub(mesh, mesh.policy_text)
+    for sub in subs:
+        sub.queue.get_nowait()  # the policy
+    line = Outgoing.of(StreamMessage(type="agents", agents=AgentUpdate())).line.decode()
+    deaths: list[tuple[float, str]] = []
+    now, seq, events, busy, drain = 0.0, hub.applied, 0, 0.0, 0.0
+    per_birth: list[float] = []
+    for start in range(0, args.agents, 50_000):
+        batch = births(rng, mesh, start, min(50_000, args.agents - start))
+        begin = time.perf_counter()
+        for born in batch:
+            now += rng.expovariate(args.rate)
+            ended = []
+            while deaths and deaths[0][0] <= now:
+                ended.append(heapq.heappop(deaths)[1])
+            if ended:
+                seq += 1
+                hub.apply(seq, "agents", None, line, json.dumps({"born": [], "ended": ended}))
+            facts = {"id": born.id, "principal": born.principal, "scopes": list(born.scopes), "node": born.node,
+                     "name": "a", "authorized": "delegation", "not_after": "2099-01-01T00:00:00.000000Z"}
+            puts = hub.puts
+            seq += 1
+            hub.apply(seq, "agents", None, line, json.dumps({"born": [facts], "ended": []}))
+            per_birth.append(hub.puts - puts)
+            heapq.heappush(deaths, (now + born.lifetime, born.id))
+            events += 1
+            if events % args.drain == 0:
+                busy += time.perf_counter() - begin
+                t = time.perf_counter()
+                for sub in subs:
+                    while not sub.queue.empty():
+                        sub.queue.get_nowait()
+                    sub.resync = False
+                drain += time.perf_counter() - t
+                begin = time.perf_counter()
+        busy += time.perf_counter() - begin
+    return {"births_s": args.agents / busy, "busy_s": busy, "drain_s": drain,
+            "deliveries_per_birth_mean": statistics.fmean(per_birth), "deliveries_per_birth_p99": pct(per_birth, 99),
+            "live_at_end": len(hub.live)}
+
+
+def hub_memory(mesh: Mesh, count: int, seed: int) -> dict[str, float]:
+    """Bytes the controller's hub holds per node (its map entry, audience entry, a subscriber) and per live
+    agent (index, audience signature, expiry entry), by tracemalloc."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    hub, subs = real_hub(mesh, mesh.policy_text)
+    per_node = (tracemalloc.get_traced_memory()[0] - before) / len(mesh.nodes)
+    line = Outgoing.of(StreamMessage(type="agents", agents=AgentUpdate())).line.decode()
+    sample = births(random.Random(seed + 5), mesh, 0, count)
+    for i, born in enumerate(sample[: count // 10]):  # warm the audience's memo (per policy, not per agent)
+        hub.apply(hub.applied + 1, "agents", None, line, json.dumps({"born": [{
+            "id": f"w{i}", "principal": born.principal, "scopes": list(born.scopes), "node": born.node,
+            "name": "a", "authorized": "delegation", "not_after": "2099-01-01T00:00:00.000000Z"}], "ended": []}))
+    for sub in subs:
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.resync = False
+    before = tracemalloc.get_traced_memory()[0]
+    for born in sample:
+        hub.apply(hub.applied + 1, "agents", None, line, json.dumps({"born": [{
+            "id": born.id, "principal": born.principal, "scopes": list(born.scopes), "node": born.node,
+            "name": "a", "authorized": "delegation", "not_after": "2099-01-01T00:00:00.000000Z"}], "ended": []}))
+        if hub.applied % 1000 == 0:
+            for sub in subs:  # (the queued lines are the streams', not the index's: drained as readers would)
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+    for sub in subs:
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+    per_agent = (tracemalloc.get_traced_memory()[0] - before) / count
+    tracemalloc.stop()
+    return {"bytes_per_node": per_node, "bytes_per_live_agent": per_agent, "agents": count}
 
 
 def simulate(mesh: Mesh, audience: Audience, args: argparse.Namespace) -> dict[str, Any]:
@@ -372,6 +475,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="births per simulated second")
     parser.add_argument("--drain", type=int, default=10_000, help="events between two drains of every queue")
     parser.add_argument("--broadcast", type=int, default=1_000, help="births in the broadcast sample")
+    parser.add_argument("--hub-agents", type=int, default=200_000,
+                        help="births also run through the controller's real hub (NetmapHub.apply)")
     parser.add_argument("--changes", type=int, default=50, help="fan-out changes timed")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -411,6 +516,15 @@ def main() -> None:
         f"{sim['busy_s']:.1f} s busy, readers' drains {sim['drain_s']:.1f} s apart)")
     say(f"  of which LiveAgents      {sim['audience_s']:.1f} s: {sim['audience_s'] / (sim['births'] + sim['deaths']) * 1e6:.1f}"
         f" µs per birth or death (add/remove); the rest is deliver() and the simulation's heap of deaths")
+    hub_agents = min(args.agents, args.hub_agents)
+    real = simulate_hub(mesh, argparse.Namespace(**{**vars(args), "agents": hub_agents}))
+    say(f"through the controller's hub  {real['births_s']:10.0f} births/s   ({hub_agents} births and their deaths as "
+        f"change-log lines through NetmapHub.apply: index, audience, queue puts; deliveries per birth mean "
+        f"{real['deliveries_per_birth_mean']:.1f}, p99 {real['deliveries_per_birth_p99']:.0f})")
+    held = hub_memory(mesh, 50_000, args.seed)
+    say(f"controller hub memory          {held['bytes_per_node']:.0f} B per node (map, audience, a subscriber), "
+        f"{held['bytes_per_live_agent']:.0f} B per live agent (index, expiry; no certificate), tracemalloc, "
+        f"{held['agents']} agents")
     bcast = broadcast_sample(mesh, args)
     say(f"births/s broadcast         {bcast:10.0f}   (every birth to all {len(mesh.nodes)} subscribers, "
         f"{args.broadcast} births)")
@@ -454,6 +568,7 @@ def main() -> None:
                                      "max": max(per_birth), "broadcast": len(mesh.nodes)},
             "deliveries_per_death_mean": statistics.fmean(per_death) if per_death else 0.0,
             "births_to_every_node": everyone, "policy_change": change, "memory": memory, "fan_out": fan,
+            "through_the_hub": real, "hub_memory": held,
         }, indent=2))
 
 

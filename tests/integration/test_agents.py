@@ -143,7 +143,11 @@ def test_an_address_is_one_address_however_it_is_spelled(node: Node) -> None:
 
 
 def test_removing_a_node_revokes_its_agents_everywhere(node: Node, controller: Controller, tmp_path: Path) -> None:
-    token = controller.token("--tag", "agents")
+    """Everywhere: on every node that holds the agent (a rule admits Nikita's agents to the watcher)."""
+    (tmp_path / "watch.yaml").write_text(POLICY.replace("acls: []", "acls:\n  - from: {principal: nikita@acme.com, "
+                                                        "via: agent}\n    to: [\"tag:watch:443\"]"))
+    cli("meshctl", "policy", "apply", str(tmp_path / "watch.yaml"), env=controller.env, check=True)
+    token = controller.token("--tag", "watch")
     cli("meshd", "enroll", token, "--name", "watcher", "--state", str(tmp_path / "w"), check=True)
     watcher = Node(controller, tmp_path / "w")
     agent = node.ask().json()["agent"]
