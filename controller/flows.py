@@ -14,7 +14,9 @@ from datetime import datetime, timedelta
 from meshcore.identity import Identity
 from meshcore.wire.api import FlowBatch, FlowRecord
 
+from .agents import authorized_by
 from .context import Context
+from .store import Tx
 
 __all__ = ["FLOW_RETENTION", "MAX_FLOWS", "find_flows", "prune_flows", "record_flows"]
 
@@ -32,14 +34,30 @@ def record_flows(ctx: Context, ident: Identity, batch: FlowBatch, now: datetime,
     """Store what the calling node saw; how many records. Every :data:`PRUNE_EVERY` batches, records
     older than the retention and all but the newest ``keep`` go (and hourly: :func:`prune_flows`)."""
     node = ident.spiffe_id.name
-    rows = [(f.at, f.verdict, f.principal, f.model_copy(update={"node": node}).model_dump_json())
-            for f in batch.flows]
     ctx.flow_batches += 1
     with ctx.store.transaction() as tx:
-        tx.insert_flows(node, rows)
+        records = [_named(ctx, tx, f, now) for f in batch.flows]
+        tx.insert_flows(node, [(f.at, f.verdict, f.principal, f.model_copy(update={"node": node}).model_dump_json())
+                               for f in records])
         if ctx.flow_batches % PRUNE_EVERY == 0:
             tx.prune_flows(now - ctx.flow_retention, keep)
-    return len(rows)
+    return len(records)
+
+
+def _named(ctx: Context, tx: Tx, flow: FlowRecord, now: datetime) -> FlowRecord:
+    """``flow`` with its sender named from the registry when the node that saw it could not: an agent no rule
+    admits to that node was never sent there (targeted distribution); the controller knows every agent."""
+    if flow.agent is not None:
+        return flow
+    try:
+        block = ctx.settings.prefixes.block_of(flow.source)
+    except ValueError:  # not an address (a node's word): left as it is
+        return flow
+    row = tx.live_agent_at(block, flow.source, now) if block is not None else None
+    if row is None:
+        return flow
+    return flow.model_copy(update={"principal": row.principal, "agent": row.id, "scopes": list(row.scopes),
+                                   "authorized_by": authorized_by(row), "source_node": row.node})
 
 
 def prune_flows(ctx: Context, now: datetime, keep: int = MAX_FLOWS) -> int:

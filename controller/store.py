@@ -321,6 +321,16 @@ class Tx:
         sql = f"SELECT * FROM agents WHERE ended_at IS NULL AND not_after > ?{where} ORDER BY issued_at"
         return [_agent_row(r) for r in self.execute(sql, [iso(now), *args])]
 
+    def live_agent_at(self, block_index: int, address: str, now: datetime) -> AgentRow | None:
+        """The live agent holding ``address``, of the node of block ``block_index`` (the partial indexes of
+        step 9 answer it)."""
+        node = "(SELECT name FROM nodes WHERE block_index = ?)"
+        r = self.execute(f"SELECT * FROM agents WHERE node = {node} AND ipv4 = ? AND ended_at IS NULL AND not_after > ?"
+                         f" UNION ALL SELECT * FROM agents WHERE node = {node} AND ipv6 = ? AND ended_at IS NULL AND "
+                         "not_after > ? LIMIT 1",
+                         (block_index, address, iso(now), block_index, address, iso(now))).fetchone()
+        return None if r is None else _agent_row(r)
+
     def live_certificates(self, agent_ids: Sequence[str], now: datetime) -> list[str]:
         """The certificates of those of ``agent_ids`` still live, in the order given."""
         found: dict[str, str] = {}

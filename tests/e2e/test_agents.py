@@ -232,7 +232,8 @@ def test_a_denied_agent_connection_appears_in_the_flow_log(lab: tuple[Mesh, Node
         flows = json.loads(mesh.admin("flows", "--denied", "--principal", "nikita@acme.com", "--json").stdout)
         return [f for f in flows if f["scopes"] == ["db:write"] and f["port"] == 5432]
 
-    flow = wait_until(logged, 15, "the denied connection in the flow log", mesh.logs)[0]
+    flow = wait_until(logged, 15, "the denied connection in the flow log",
+                      lambda: mesh.admin("flows", "--json").stdout + mesh.logs())[0]
     assert flow["verdict"] == "deny" and flow["rule"].startswith("default deny")
     assert flow["node"] == "db" and flow["source_node"] == "agents" and flow["agent"]
     assert flow["destination"] == db.addresses[0] and flow["protocol"] == "tcp"

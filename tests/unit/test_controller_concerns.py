@@ -110,6 +110,24 @@ def test_a_policy_that_widens_an_agents_reach_sends_it_to_the_new_nodes_whole(ct
     assert ctx.hub.live.of_node("web-1") == [born]
 
 
+def test_a_denied_flow_from_an_agent_its_receiver_was_never_sent_is_named_by_the_controller(ctx: Context) -> None:
+    from controller import flows
+    from meshcore.wire.api import FlowBatch
+
+    policies.apply_policy(ctx, ADMIN, PolicyApply(text=POLICY), NOW)
+    home = enroll(ctx, create_token(ctx, ADMIN, TokenCreateRequest(tags=["agents"]), NOW).token, "agents-1", NOW)
+    web = enroll(ctx, create_token(ctx, ADMIN, TokenCreateRequest(tags=["web"]), NOW).token, "web-1", NOW)
+    born = agent(ctx, home, 3, NOW, ttl=600)  # web:deploy: no rule admits it to web-1, which never holds it
+    address = str(ctx.settings.prefixes.block(0).agent_address(3)[0])
+    seen = {"at": NOW.isoformat(), "verdict": "deny", "rule": "default deny", "source": address,
+            "destination": "100.64.0.65", "protocol": "tcp", "port": 443}
+    flows.record_flows(ctx, web, FlowBatch.model_validate({"flows": [seen, {**seen, "source": "100.64.0.1"}]}), NOW)
+    named, node = flows.find_flows(ctx, False, None, None, 10)
+    assert (named.agent, named.principal, named.source_node, named.scopes) == (born, "nikita@acme.com", "agents-1",
+                                                                                ["web:deploy"])
+    assert node.agent is None and node.principal is None  # the node itself: no agent to name
+
+
 def _drain(sub: Any) -> list[Any]:
     out = []
     while not sub.queue.empty():
