@@ -26,10 +26,13 @@ directly, so after 5 s they go through coturn, which runs next to the
 controller (``--relay``, ``--relay-secret-file``); the act shows
 ``meshctl status`` with PATH ``relay`` and the policy deciding over it. The
 two join right after act 2 (in the background), so their paths settle while
-acts 3-10 run. Everything is removed on exit, on failure and on Ctrl-C (the
+acts 3-10 run. The controller's store is PostgreSQL 15 (a cluster made in
+the demo's directory, durable); at the end a second controller joins the
+database, the first is killed with ``-9``, and every node moves to the
+second on its own. Everything is removed on exit, on failure and on Ctrl-C (the
 nodes are stopped at once while coturn still answers, then the network's
-close stops the rest by PID and deletes the namespaces); ``--keep`` leaves
-the mesh up and prints how to explore and tear it down.
+close stops the rest by PID and deletes the namespaces, then the cluster);
+``--keep`` leaves the mesh up and prints how to explore and tear it down.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from tests.e2e.coturn import Coturn
 from tests.e2e.mesh import Mesh, Node, cmd, revoke_and_time, tcp_server, wait_until
 from tests.e2e.natlab import Home, add_home
 from tests.e2e.netns import Host, HostCommandError, Network
+from tests.pg import Cluster, stop_cluster
 
 HERE = Path(__file__).resolve().parent
 POLICY = (HERE.parent / "examples" / "policy.yaml").read_text()
@@ -310,7 +314,24 @@ def relayed(mesh: Mesh, homes: list[Home], homed: dict[str, Node], coturn: Cotur
                    "principal=nikita@acme.com,via=agent,scope=db:read")], branch)
 
 
-def explore_hints(net: Network, nodes: dict[str, Node], work: Path) -> str:
+def failover(mesh: Mesh, db: Node) -> Path:
+    """Replica 2 joins (the CA key copied to it, the database shared), serves; replica 1 dies; the nodes stream
+    from replica 2 and a change made there still reaches them. Returns the admin.conf that still answers."""
+    second = mesh.join(8444)
+    second.start("--stun-listen", f"0.0.0.0:{3482}")
+    print(f"  replica 2 at {second.url}; db knows both: {' '.join(db.status()['controller']['urls'])}")
+    mesh.kill_controller()
+    t0 = time.monotonic()
+    wait_until(lambda: all(n.status()["controller"]["url"] == second.url and n.status()["controller"]["connected"]
+                           for n in mesh.nodes.values()), 30, "every node streaming from replica 2", mesh.logs)
+    print(f"  replica 1 killed; all {len(mesh.nodes)} nodes stream from replica 2 after "
+          f"{time.monotonic() - t0:.1f} s")
+    status = db.host.run([cmd("meshctl"), "status", "--socket", str(db.socket)]).stdout
+    print("  db: " + next(line for line in status.splitlines() if line.startswith("controller")))
+    return second.data / "admin.conf"
+
+
+def explore_hints(net: Network, nodes: dict[str, Node], admin_conf: Path) -> str:
     """What to type next, each line as it runs from the host's own shell.
 
     The mesh lives in namespaces: a command typed in the host's namespace
@@ -320,7 +341,8 @@ def explore_hints(net: Network, nodes: dict[str, Node], work: Path) -> str:
     the command into the controller's. tests/e2e/test_demo.py runs every line.
     """
     meshctl = cmd("meshctl")
-    admin = f"ip netns exec {net['h1'].netns} env IDMESH_ADMIN={work}/ctl/admin.conf {meshctl}"
+    admin = f"ip netns exec {net['h1'].netns} env IDMESH_ADMIN={admin_conf} {meshctl}"
+    work = admin_conf.parent.parent
     return (f"\nthe mesh is up. Explore, e.g.:\n"
             f"  {admin} nodes list\n"
             f"  {admin} audit --limit 5\n"
@@ -359,6 +381,8 @@ def main() -> None:
     mesh: Mesh | None = None
     background = ThreadPoolExecutor(1)
     joining: Future[dict[str, Node]] | None = None
+    work.chmod(0o711)  # PostgreSQL's user must reach work/pg; every file of the mesh in it keeps its own mode
+    database = background.submit(Cluster, durable=True, root=work / "pg")  # made while the network is
     try:
         net.build()
         internet = net.add_segment("internet", "203.0.113.1/24", [(net["h5"], "203.0.113.2/24")])
@@ -371,7 +395,8 @@ def main() -> None:
         mesh = Mesh(net, work, net["h1"], serve=[cmd("mesh-controller"), "serve", "--relay",
                                                  f"turn:{coturn.address}:{TURN_PORT}", "--relay-secret-file",
                                                  str(secret)])
-        say("1. the controller: CA (Ed25519), registry (SQLite), HTTPS API with mTLS")
+        say("1. the controller: CA (Ed25519), registry (PostgreSQL 15), HTTPS API with mTLS")
+        mesh.db = database.result().new_database(socket=True)
         mesh.init(policy=None)
         print(f"  controller in namespace {net['h1'].netns} at {mesh.url}; next to it coturn, the TURN relay "
               f"for nodes no direct path reaches, at {coturn.address}:{TURN_PORT}")
@@ -408,14 +433,16 @@ def main() -> None:
         show(nodes["agents"].host.run([cmd("meshctl"), "status", "--socket", str(nodes["agents"].socket)]))
         say("11. a relayed peer: laptop-hotel and db-branch are each behind a symmetric NAT")
         relayed(mesh, homes, joining.result(), coturn)
+        say("12. a second controller joins the database; the first is killed (-9) and every node moves on its own")
+        admin = failover(mesh, nodes["db"])
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         if args.keep:
             kept = True
-            print(explore_hints(net, nodes, work))
+            print(explore_hints(net, nodes, admin))
     except KeyboardInterrupt:
         print("\ndemo: interrupted, cleaning up")
         code = 130  # as a shell reports a command stopped by Ctrl-C
-    except (AssertionError, HostCommandError, subprocess.SubprocessError) as exc:
+    except (AssertionError, HostCommandError, subprocess.SubprocessError, RuntimeError) as exc:
         print(f"\ndemo: a step failed, cleaning up:\n{exc}", file=sys.stderr)
         code = 1
     finally:
@@ -428,6 +455,8 @@ def main() -> None:
                 finally:
                     net.close()
             finally:
+                wait_futures([database], 60)
+                stop_cluster(work / "pg")
                 shutil.rmtree(work, ignore_errors=True)
     sys.exit(code)
 

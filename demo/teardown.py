@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.netns import _ip, _kill_pids, netns_pids, reap_stale
+from tests.pg import stop_cluster
 
 
 def stop_nodes(prefix: str) -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     prefix, work = sys.argv[1], Path(sys.argv[2])
     stop_nodes(prefix)
     removed = reap_stale(prefix)  # the demo process is gone, so its namespaces count as stale
+    stop_cluster(work / "pg")  # the controllers' PostgreSQL, which runs outside the namespaces
     shutil.rmtree(work, ignore_errors=True)
     print(f"removed {len(removed)} namespace(s) and {work}")
 

@@ -46,10 +46,13 @@ def _free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, durable: bool = False) -> None:
-        """``durable``: fsync on, as in production (benchmarks); off for tests (see above)."""
+    def __init__(self, durable: bool = False, root: Path | None = None) -> None:
+        """``durable``: fsync on, as in production (benchmarks, the demo); off for tests (see above).
+        ``root``: where it lives (a new directory; default a temporary one)."""
         self.durable = durable
-        self.root = Path(tempfile.mkdtemp(prefix="idmesh-pg-"))
+        if root is not None:
+            root.mkdir(mode=0o700)
+        self.root = root or Path(tempfile.mkdtemp(prefix="idmesh-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
         self.log = self.root / "postgres.log"
@@ -116,8 +119,16 @@ class Cluster:
                 time.sleep(0.2)
 
     def close(self) -> None:
-        try:
-            self.stop("immediate")
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
-        shutil.rmtree(self.root, ignore_errors=True)
+        stop_cluster(self.root)
+
+
+def stop_cluster(root: Path) -> None:
+    """Stop the cluster made in ``root`` (if it runs) and remove it: also one a finished process left (the demo's
+    ``--keep``)."""
+    data = root / "data"
+    if (data / "postmaster.pid").exists():
+        command = [str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "-t", "60", "stop"]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, capture_output=True, timeout=120, check=False)
+    shutil.rmtree(root, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,10 @@ class Mesh:
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.controller_host.run([cmd("meshctl"), *args], env=self.env, check=check)
 
+    def join(self, port: int) -> Replica:
+        """A second controller on the controller's host, joined to the mesh's database (not started)."""
+        return Replica(self, port)
+
     def enroll(self, host: Host, name: str | None = None, *token_flags: str, force: bool = False) -> Node:
         name = name or host.name
         token = self.admin("token", "create", *(token_flags or ("--tag", "e2e"))).stdout.strip()
@@ -170,6 +175,40 @@ class Mesh:
         for path in sorted(self.tmp.glob("*.log")):
             out.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-30:]))
         return "\n".join(out)
+
+
+class Replica:
+    """Another controller, joined to the mesh's PostgreSQL database (:meth:`Mesh.join`)."""
+
+    def __init__(self, mesh: Mesh, port: int) -> None:
+        self.mesh, self.port = mesh, port
+        self.data = mesh.tmp / f"ctl-{port}"
+        self.url = f"https://{mesh.controller_host.underlay4}:{port}"
+        key = mesh.tmp / "copied-ca.key"
+        shutil.copy(mesh.tmp / "ctl" / "ca.key", key)
+        assert mesh.db is not None
+        mesh.controller_host.run([cmd("mesh-controller"), "join", "--data", str(self.data), "--db", mesh.db,
+                                  "--url", self.url, "--ca-key", str(key)])
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def start(self, *extra: str) -> None:
+        """Serve as the mesh's first controller does (its ``serve`` options), and ``extra`` (a STUN port
+        of its own: the first one's is taken)."""
+        with (self.mesh.tmp / f"controller-{self.port}.log").open("a") as log:
+            self.proc = self.mesh.controller_host.popen(
+                [*self.mesh.serve, "--data", str(self.data), "--listen", f"0.0.0.0:{self.port}", *(extra or
+                 ("--no-stun",))], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.admin("nodes", "list", check=False).returncode == 0, 20, "replica 2 up",
+                   on_fail=self.mesh.logs)
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.mesh.controller_host.run([cmd("meshctl"), *args], check=check,
+                                             env={**self.mesh.env, "IDMESH_ADMIN": str(self.data / "admin.conf")})
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 def ping(host: Host, address: str, count: int = 1) -> bool:

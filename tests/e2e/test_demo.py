@@ -26,7 +26,7 @@ def test_the_demo_runs_and_every_line_it_prints_to_explore_with_works_from_the_h
     try:
         assert done.returncode == 0, out
         for act in ("5. access matrix", "6. revocation", "8. SPIFFE", "9. identity at the application layer",
-                    "11. a relayed peer", "demo finished"):
+                    "11. a relayed peer", "12. a second controller", "stream from replica 2", "demo finished"):
             assert act in out, out
         assert "agent | X509-SVID spiffe://acme.mesh/agent/" in out and "not an agent | refused" in out, out
         hints = out.split("Explore, e.g.:", 1)[1].split("tear it down with:", 1)[0]

@@ -12,9 +12,7 @@ figures of record come from bench/bench_failover.py.
 
 from __future__ import annotations
 
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.mesh import Mesh, Node, cmd, firewall_holds, revoke_and_time, wait_for, wait_until
+from tests.e2e.mesh import Mesh, Node, Replica, cmd, firewall_holds, revoke_and_time, wait_for, wait_until
 from tests.e2e.netns import Network
 from tests.pg import Cluster
 
@@ -40,44 +38,12 @@ acls:
 """
 
 
-class Replica:
-    """A second controller, joined to the mesh's database."""
-
-    def __init__(self, mesh: Mesh, port: int) -> None:
-        self.mesh, self.port = mesh, port
-        self.data = mesh.tmp / f"ctl-{port}"
-        self.url = f"https://{mesh.controller_host.underlay4}:{port}"
-        key = mesh.tmp / "copied-ca.key"
-        shutil.copy(mesh.tmp / "ctl" / "ca.key", key)
-        assert mesh.db is not None
-        mesh.controller_host.run([cmd("mesh-controller"), "join", "--data", str(self.data), "--db", mesh.db,
-                                  "--url", self.url, "--ca-key", str(key)])
-        self.proc: subprocess.Popen[Any] | None = None
-
-    def start(self) -> None:
-        with (self.mesh.tmp / f"controller-{self.port}.log").open("a") as log:
-            self.proc = self.mesh.controller_host.popen(
-                [cmd("mesh-controller"), "serve", "--data", str(self.data), "--listen", f"0.0.0.0:{self.port}",
-                 "--no-stun"], stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.admin("nodes", "list", check=False).returncode == 0, 20, "replica 2 up",
-                   on_fail=self.mesh.logs)
-
-    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.mesh.controller_host.run([cmd("meshctl"), *args], check=check,
-                                             env={**self.mesh.env, "IDMESH_ADMIN": str(self.data / "admin.conf")})
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def replicated(network: Any, tmp_path: Path, pg_cluster: Cluster) -> Iterator[tuple[Mesh, Replica]]:
     net: Network = network(4)
     mesh = Mesh(net, tmp_path, net["h1"], db=pg_cluster.new_database(socket=True))
     mesh.init(policy=POLICY)
-    second = Replica(mesh, 8444)
+    second = mesh.join(8444)
     try:
         second.start()
         yield mesh, second
