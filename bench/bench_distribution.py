@@ -216,8 +216,6 @@ def simulate_hub(mesh: Mesh, args: argparse.Namespace) -> dict[str, Any]:
     log's agents line applied by ``NetmapHub.apply`` (the index, the audience, the queue puts)."""
     rng = random.Random(args.seed + 1)
     hub, subs = real_hub(mesh, mesh.policy_text)
-    for sub in subs:
-        sub.queue.get_nowait()  # the policy
     line = Outgoing.of(StreamMessage(type="agents", agents=AgentUpdate())).line.decode()
     deaths: list[tuple[float, str]] = []
     now, seq, events, busy, drain = 0.0, hub.applied, 0, 0.0, 0.0

@@ -169,8 +169,11 @@ class Fanout:
 
 async def open_stream(node: SimNode, port: int) -> Stream:
     assert node.ctx is not None
+    # each node from a loopback address of its own, 256 to an address: the controller takes at most 512
+    # connections from one address (controller.server.PER_SOURCE), and nodes are separate hosts
+    source = f"127.1.{node.index // 256 % 256}.{node.index % 256}"
     reader, writer = await asyncio.open_connection(HOST, port, ssl=node.ctx, server_hostname=HOST,
-                                                   limit=16 * 1024 * 1024)
+                                                   limit=16 * 1024 * 1024, local_addr=(source, 0))
     writer.write(b"GET /v1/netmap HTTP/1.1\r\nHost: %s\r\nAccept: application/x-ndjson\r\n\r\n" % HOST.encode())
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
