@@ -7,8 +7,8 @@ node, the parent's principal, scopes within the parent's and an end no
 later than the parent's, so a parent can never hand out more than it holds.
 A permission refusal is audited, in a transaction of its own since the
 refused one left nothing behind. Ending an agent ends its whole subtree in
-one transaction, and each birth and death goes to every connected node at
-once.
+one transaction, and each birth and death goes at once to every node some
+rule could admit the agent to (controller.netmap, meshcore.policy.audience).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def end_subtrees_locked(ctx: Context, tx: Tx, actor: str, roots: list[str], now:
         text = why or reason if ended_id in roots else f"{reason} (parent {'revoked' if revoked else 'ended'})"
         tx.end_agent(ended_id, now, text)
         tx.audit(now, actor, f"agent.{reason}", str(ctx.settings.spiffe_id("agent", ended_id)), reason=text)
-    if ended:  # every connected node, on every replica, stops honouring them when this commits
+    if ended:  # every node that holds them, on every replica, stops honouring them when this commits
         ctx.hub.record_agents(tx, AgentUpdate(revoked=tuple(ended)))
     return ended
 

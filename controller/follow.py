@@ -74,10 +74,8 @@ class Follower:
         self._loop = asyncio.get_running_loop()
         hub = self._ctx.hub
         hub.on_commit = self.poke
-        listener = None
-        if self._ctx.store.listen(CHANNEL) is not None:
-            listener = threading.Thread(target=self._listen, name="idmesh-listen", daemon=True)
-            listener.start()
+        if self._ctx.store.shared:  # (a daemon thread: it ends with the process, or at the next notification)
+            threading.Thread(target=self._listen, name="idmesh-listen", daemon=True).start()
         failing = False
         try:
             while True:
@@ -115,10 +113,7 @@ class Follower:
     def _listen(self) -> None:
         """PostgreSQL notifications, in a thread; a lost connection is made again."""
         while not self._stopping.is_set():
-            notes = self._ctx.store.listen(CHANNEL)
-            if notes is None:
-                return
-            for _ in notes:
+            for _ in self._ctx.store.listen(CHANNEL):
                 if self._stopping.is_set():
                     return
                 self.poke()

@@ -564,9 +564,13 @@ class Store:
     def transaction(self) -> Iterator[Tx]:
         raise NotImplementedError
 
-    def listen(self, channel: str) -> Iterator[None] | None:
-        """Notifications on ``channel`` from other processes, one item each (None: this engine has none)."""
-        return None
+    shared = False
+    """Whether other processes (replicas, workers) write to it too, and wake each other (:meth:`listen`)."""
+
+    def listen(self, channel: str) -> Iterator[None]:
+        """Notifications on ``channel`` from other processes, one item each (an engine that is not
+        :attr:`shared` has none)."""
+        return iter(())
 
 
     def close(self) -> None:
@@ -772,7 +776,9 @@ class _PostgresStore(Store):
             raise
         _run(tx.committed)
 
-    def listen(self, channel: str) -> Iterator[None] | None:
+    shared = True
+
+    def listen(self, channel: str) -> Iterator[None]:
         """Yield once per NOTIFY on ``channel``, on a connection of its own (blocks: run it in a thread).
         Ends when the connection is lost, so the caller can start again (PostgreSQL restarted)."""
         import psycopg
