@@ -300,6 +300,30 @@ def join_data_dir(data: Path, db: str, url: str, ca_key_file: Path, now: datetim
             "admin_conf": str(dd.admin_conf)}
 
 
+def leave(data: Path, now: datetime) -> dict[str, Any]:
+    """Take the replica in ``data`` out of the mesh's list of controllers (nodes learn it from their stream and
+    stop trying it); its data directory is left as it is, for ``serve`` to refuse nothing if it comes back."""
+    from .netmap import log_delta
+
+    where, url = DataDir(data).replica()
+    if not isinstance(where, str) or url is None:
+        raise InvalidInput(f"{data} is a controller of its own (SQLite): there is no list of replicas to leave")
+    store = Store.open(where)
+    try:
+        with store.transaction() as tx:
+            if url not in tx.controllers():
+                raise InvalidInput(f"{url} is not among the mesh's controllers ({', '.join(tx.controllers())})")
+            if len(tx.controllers()) == 1:
+                raise InvalidInput(f"{url} is the mesh's only controller: nodes would have none left")
+            tx.remove_controller(url)
+            remaining = tx.controllers()
+            log_delta(tx, controllers=tuple(remaining))
+            tx.audit(now, "mesh-controller leave", "controller.left", url)
+    finally:
+        store.close()
+    return {"url": url, "controllers": remaining}
+
+
 def _read_ca_key(path: Path) -> ed25519.Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)

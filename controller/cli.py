@@ -64,6 +64,15 @@ def _main(argv: Sequence[str] | None) -> int:
     join.add_argument("--ca-key", required=True, type=Path, metavar="FILE", help="the mesh CA's private key")
     join.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    gone = sub.add_parser("leave", help="take a replica out of the mesh's list of controllers",
+                          description="Remove this replica's URL from the list every node, token and admin.conf "
+                          "made from now on carries (nodes learn it from their stream and stop trying it). Stop its "
+                          "'serve' after: nodes still streaming from it move on then. The last controller cannot "
+                          "leave.", formatter_class=p.formatter_class)
+    gone.add_argument("--data", type=lambda s: env_path("", s), default=env_path("IDMESH_DATA", DEFAULT_DATA),
+                      help="data directory of the replica (env IDMESH_DATA; default %(default)s)")
+    gone.add_argument("--json", action="store_true", help="print the result as JSON")
+
     srv = sub.add_parser("serve", help="run the HTTPS API (mTLS)",
                          description="Serve the controller API over TLS 1.3. Admin calls need the admin "
                          "credential, node calls a node certificate; enrollment needs a token.",
@@ -128,6 +137,17 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"  CA fingerprint   sha256:{joined['ca_fingerprint']}")
             print(f"  admin credential {joined['admin_conf']}")
             print(f"next: mesh-controller serve --data {args.data}")
+        return 0
+
+    if args.command == "leave":
+        from .authority import leave
+
+        left = leave(args.data, datetime.now(UTC))
+        if args.json:
+            print_json(left)
+        else:
+            print(f"{left['url']} left the mesh's controllers; they are now: {'  '.join(left['controllers'])}")
+            print(f"next: stop its 'mesh-controller serve --data {args.data}'")
         return 0
 
     from .server import NatOptions, ServeOptions, serve

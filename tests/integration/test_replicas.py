@@ -26,6 +26,7 @@ import pytest
 
 from idmesh.client import AdminCredential, client_ssl_context
 from meshcore.errors import IdmeshError
+from meshcore.tokens import parse_token
 from meshd.node.enroll import enroll
 from meshd.node.state import StateDir
 from tests.pg import Cluster
@@ -308,3 +309,20 @@ def test_workers_on_sqlite_and_a_join_to_sqlite_are_refused_in_one_line(tmp_path
     bad = cli("mesh-controller", "join", "--data", str(tmp_path / "j"), "--db", str(data / "controller.db"),
               "--url", "https://127.0.0.1:6", "--ca-key", str(data / "ca.key"))
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_replica_that_leaves_is_dropped_from_every_node_s_list(replicas: tuple[Controller, Controller],
+                                                                 tmp_path: Path) -> None:
+    first, second = replicas
+    state = enrolled(first, tmp_path / "n1", "n1")
+    with node_client(state, first.url) as client:
+        stream = Lines(client)
+        stream.wait("full map", lambda m: m["type"] == "full")
+        left = cli("mesh-controller", "leave", "--data", str(second.data), check=True)
+        assert f"{second.url} left" in left.stdout
+        stream.wait("the list without replica 2", lambda m: m["type"] == "delta"
+                    and m["delta"].get("controllers") == [first.url])
+        stream.close()
+    assert parse_token(first.token()).urls == (first.url,)  # tokens made from now on name only the first
+    alone = cli("mesh-controller", "leave", "--data", str(first.data))
+    assert alone.returncode != 0 and "only controller" in alone.stderr and len(alone.stderr.splitlines()) == 1
