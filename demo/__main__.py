@@ -294,13 +294,19 @@ def join_homes(mesh: Mesh, homes: list[Home]) -> dict[str, Node]:
     return joined
 
 
+def views(*nodes: Node) -> str:
+    """Each node's view of the others (path, endpoint, probes), for a failure to show what each end believed."""
+    names = {n.name for n in nodes}
+    return "".join(f"{n.name}: {json.dumps([p for p in n.status()['peers'] if p['name'] in names])}\n" for n in nodes)
+
+
 def relayed(mesh: Mesh, homes: list[Home], homed: dict[str, Node], coturn: Coturn) -> None:
     hotel, branch = homed["laptop-hotel"], homed["db-branch"]
     for home, node in zip(homes, (hotel, branch), strict=True):
         print(f"  {node.name} at {home.hosts[0].underlay4}, behind router {home.router.wan} "
               f"(nftables 'masquerade random' + only replies let in)")
     wait_until(lambda: path_to(hotel, branch.name) == "relay" and path_to(branch, hotel.name) == "relay", 40,
-               "laptop-hotel and db-branch through the relay", mesh.logs)
+               "laptop-hotel and db-branch through the relay", lambda: views(hotel, branch) + mesh.logs())
     seen = [next(p for p in node.status()["peers"] if p["name"] == other.name)  # each end's view of the other
             for node, other in ((hotel, branch), (branch, hotel))]
     nat, probe = (" / ".join(sorted({str(one[key]) for one in seen})) for key in ("nat", "last_probe"))
