@@ -97,6 +97,10 @@ class ControllerSession:
         self._on_nat = on_nat
         self._on_probe = on_probe
         self.connected = False
+        self._reporting = asyncio.Lock()
+        """Endpoint reports go one at a time, each built as it is sent: the controller answers each before the
+        next leaves, so the last it stores is the newest (two sent at once, a relayed address and a STUN round,
+        could commit in the other order there and leave a stale one in the map)."""
         self.protocol: int | None = None  # what the controller agreed to speak on the stream
         self.last_error: str | None = None
         self.clock_offset: float | None = None  # the controller's clock minus ours, seconds (its Date header)
@@ -193,7 +197,8 @@ class ControllerSession:
     async def _stream(self) -> None:
         async with self._client() as http:
             # fields at their defaults (no MCP ports, say) are left out: an older controller still takes it
-            await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
+            async with self._reporting:
+                await self._post(http, "/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
             since = self._version()
             params = {"since": str(since)} if since is not None else {}
             async with http.stream("GET", "/v1/netmap", params=params) as resp:
@@ -274,7 +279,9 @@ class ControllerSession:
         (The stream reports again when it reconnects, so a report lost here is only late.)
         """
         try:
-            await self._post_anywhere("/v1/endpoints", (await self._endpoints()).model_dump(exclude_defaults=True))
+            async with self._reporting:
+                await self._post_anywhere("/v1/endpoints",
+                                          (await self._endpoints()).model_dump(exclude_defaults=True))
         except httpx.HTTPError as exc:
             raise Unavailable(f"controller {self.url}: {_describe(exc)}") from exc
 

@@ -188,3 +188,32 @@ def test_a_call_that_cannot_connect_to_the_replica_in_use_goes_to_the_next(tmp_p
             assert live.asked == ["POST /v1/agents", "DELETE /v1/agents/a"]
 
     asyncio.run(main())
+
+
+def test_endpoint_reports_go_one_at_a_time_each_built_as_it_is_sent(tmp_path: Path) -> None:
+    """Two reports at once (a relayed address and a STUN round): sent in turn, so the controller stores the
+    newest last (before, both were in flight and a stale one could commit second and stay in the map)."""
+    data, state = mesh(tmp_path)
+    steps: list[str] = []
+
+    async def report() -> EndpointReport:
+        steps.append("built")
+        await asyncio.sleep(0.05)  # while this one is being built, the other one waits
+        return EndpointReport(listen_port=51820)
+
+    async def main() -> None:
+        async with Replica(data).running() as one:
+            session = ControllerSession(state, [one.url], lambda: None, on_full=print, on_delta=print,
+                                        on_policy=print, on_agents=print, endpoints=report)
+            try:
+                async def sent() -> None:
+                    await session.report_endpoints()
+                    steps.append("answered")
+
+                await asyncio.gather(sent(), sent())
+            finally:
+                session.close()
+            assert one.asked == ["POST /v1/endpoints", "POST /v1/endpoints"]
+
+    asyncio.run(main())
+    assert steps == ["built", "answered", "built", "answered"]
