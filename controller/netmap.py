@@ -321,9 +321,8 @@ class NetmapHub:
 
     def _to_node(self, node: str, outgoing: Outgoing) -> None:
         """Queue ``outgoing`` for ``node``'s open streams on this replica only."""
-        subs = [s for s in self._subscribers if s.node == node and not s.closed]
-        for sub in subs:
-            if sub.queue.qsize() < QUEUE_LIMIT:
+        for sub in self._by_node.get(node, ()):
+            if not sub.closed and sub.queue.qsize() < QUEUE_LIMIT:
                 sub.queue.put_nowait(outgoing)
 
     def _to_everyone(self, message: Outgoing) -> None:

@@ -674,7 +674,7 @@ IDLE_CHECK = 1.0
 def _pg_reason(exc: BaseException) -> str:
     """psycopg's message, first line only, without the URL's password."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", text)
+    return redact(text)
 
 
 def redact(url: str) -> str:
